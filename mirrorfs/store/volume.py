@@ -1,45 +1,448 @@
 """The volume: a directory holding the block file, the SAM log and node-local state.
 
-INTERFACE STUB: the implementation lands shortly; the signatures below are the contract.
+Directory layout::
 
-Layout of the block file (block numbers, block size B):
-  0                superblock of the volume (magic, version, uuid, geometry, bitmap location,
-                   room for checkpoints); owned by this module
-  1                the client superblock: reserved for the filesystem layer (``CLIENT_SUPER``)
-  2 .. 2+nb-1      block allocation bitmap (1 bit per block, 1 = in use)
-  rest             allocated through ``Volume.allocator``
+    DIR/blocks      the block file (fixed size, sparse when created); nothing node-specific
+    DIR/log/        the SAM log segments (mirrorfs.store.samlog)
+    DIR/node.json   node-local state (mirrorfs.store.nodestate)
+    DIR/lock        flock'ed by the process that has the volume open
 
-Write path (the one choke point): ``Volume.write`` records full-block images into the open
-transaction (an in-memory overlay that ``Volume.read`` consults). ``Volume.commit`` seals the
-open transaction: it is appended to the SAM log and fsynced (write-ahead), and only then are
-its blocks written in place. Nothing else writes the block file.
+Block file layout (block size B)::
+
+    0               volume superblock (``VolumeSuper``)
+    1               client superblock, reserved for the filesystem layer (``CLIENT_SUPER``)
+    2 .. 2+nb-1     block allocation bitmap, one bit per block (``ExtentAllocator``)
+    the rest        handed out by ``Volume.allocator``
+
+Write path, the one choke point: ``Volume.write`` records full-block images into the open
+transaction (a ``BlockOverlay`` that ``Volume.read`` consults). ``Volume.commit`` seals it:
+the transaction is appended to the SAM log and the log is fsynced (write-ahead), and only
+then are its blocks written in place by ``_write_in_place``, the only code that writes the
+block file (log replay uses it too). A checkpoint fsyncs the block file, records the
+checkpointed sequence number in node.json and retires log segments nobody needs any more.
+
+Concurrency: a Volume is used from one trio thread. ``write``/``hint``/``commit`` never
+await, so a filesystem operation (which never awaits either) always lands whole in one
+transaction.
 """
 
 from __future__ import annotations
 
-from mirrorfs.store.txn import Hint
+import fcntl
+import logging
+import os
+import struct
+import time
+import uuid as uuidlib
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mirrorfs.store.allocator import ExtentAllocator
+from mirrorfs.store.device import BlockFile
+from mirrorfs.store.errors import VolumeError, VolumeFailed, VolumeLocked
+from mirrorfs.store.nodestate import NodeState
+from mirrorfs.store.overlay import BlockOverlay
+from mirrorfs.store.samlog import SamLog
+from mirrorfs.store.txn import Hint, Transaction
+
+log = logging.getLogger(__name__)
 
 CLIENT_SUPER = 1
+BITMAP_START = 2
+MIN_BLOCKS = 64
+BLOCK_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 65536)
+
+BLOCK_FILE = "blocks"
+LOG_DIR = "log"
+LOCK_FILE = "lock"
+
+
+@dataclass(slots=True)
+class VolumeSuper:
+    """Block 0. ``save_area_*`` is room for block-level checkpoints (copy-on-first-write)."""
+
+    MAGIC = b"MIRRORFS"
+    VERSION = 1
+    # magic, version, flags, uuid, block size, block count, bitmap start, bitmap blocks,
+    # client super, save area start, save area blocks, crc32
+    STRUCT = struct.Struct("<8sHH16sIQQQQQQI")
+
+    uuid: bytes
+    block_size: int
+    block_count: int
+    bitmap_blocks: int
+    save_area_start: int = 0
+    save_area_blocks: int = 0
+
+    def pack(self) -> bytes:
+        fields = (
+            self.MAGIC,
+            self.VERSION,
+            0,
+            self.uuid,
+            self.block_size,
+            self.block_count,
+            BITMAP_START,
+            self.bitmap_blocks,
+            CLIENT_SUPER,
+            self.save_area_start,
+            self.save_area_blocks,
+        )
+        head = self.STRUCT.pack(*fields, 0)[:-4]
+        raw = head + struct.pack("<I", zlib.crc32(head))
+        return raw + bytes(self.block_size - len(raw))
+
+    @classmethod
+    def unpack(cls, buf: bytes, where: str) -> VolumeSuper:
+        if len(buf) < cls.STRUCT.size:
+            raise VolumeError(f"{where}: superblock is truncated")
+        f = cls.STRUCT.unpack_from(buf)
+        if f[0] != cls.MAGIC:
+            raise VolumeError(f"{where}: not a mirrorfs volume (bad superblock magic)")
+        if zlib.crc32(buf[: cls.STRUCT.size - 4]) != f[-1]:
+            raise VolumeError(f"{where}: damaged superblock (checksum mismatch)")
+        if f[1] != cls.VERSION:
+            raise VolumeError(f"{where}: unsupported volume version {f[1]}")
+        if f[6] != BITMAP_START or f[8] != CLIENT_SUPER:
+            raise VolumeError(f"{where}: damaged superblock (bad layout)")
+        return cls(f[3], f[4], f[5], f[7], f[9], f[10])
+
+
+def bitmap_blocks_for(block_count: int, block_size: int) -> int:
+    bits = block_size * 8
+    return (block_count + bits - 1) // bits
+
+
+@dataclass(slots=True)
+class RecoveryReport:
+    replayed: int = 0
+    first_seq: int = 0
+    last_seq: int = 0
+    log_note: str = ""
+
+    def describe(self) -> str:
+        parts = []
+        if self.replayed:
+            parts.append(
+                f"replayed {self.replayed} transaction(s) seq {self.first_seq}..{self.last_seq}"
+            )
+        if self.log_note:
+            parts.append(self.log_note)
+        return "; ".join(parts) if parts else "clean"
 
 
 class Volume:
-    block_size: int
-    block_count: int
-    uuid: bytes  # 16 bytes
-    read_only: bool
+    """An open volume. Create with ``Volume.create``, open with ``Volume.open``."""
 
+    def __init__(self) -> None:  # use Volume.open
+        self.path = ""
+        self.read_only = False
+        self.failed: str | None = None
+        self.state: NodeState
+        self.sb: VolumeSuper
+        self.device: BlockFile
+        self.samlog: SamLog
+        self.allocator: ExtentAllocator
+        self.recovery = RecoveryReport()
+        self.checkpoint_bytes = 256 << 20
+        self.checkpoint_seconds = 30.0
+        self._lock_fd = -1
+        self._overlay: BlockOverlay
+        self._hints: list[Hint] = []
+        self._last_seq = 0
+        self._last_checkpoint = time.monotonic()
+        self._log_bytes_since_checkpoint = 0
+        # Called with each committed Transaction (the shipper hooks in here).
+        self.on_commit: list[Callable[[Transaction], None]] = []
+        # Lowest sequence number some consumer (a target) still needs from the log.
+        self.retain_from: Callable[[], int | None] = lambda: None
+
+    # -- geometry
+    @property
+    def block_size(self) -> int:
+        return self.sb.block_size
+
+    @property
+    def block_count(self) -> int:
+        return self.sb.block_count
+
+    @property
+    def uuid(self) -> bytes:
+        return self.sb.uuid
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the last committed transaction."""
+        return self._last_seq
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._overlay.nbytes
+
+    # -- creation
+    @classmethod
+    def create(
+        cls, path: str, size_bytes: int, *, block_size: int = 4096, force: bool = False
+    ) -> None:
+        """Make a new volume directory at ``path`` (refuses an existing volume unless force)."""
+        if block_size not in BLOCK_SIZES:
+            raise VolumeError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}")
+        block_count = size_bytes // block_size
+        if block_count < MIN_BLOCKS:
+            raise VolumeError(f"volume size must be at least {MIN_BLOCKS * block_size} bytes")
+        path = os.path.abspath(path)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise VolumeError(f"{path}: exists and is not a directory")
+        existing = os.path.isdir(path) and os.listdir(path)
+        if existing:
+            if not force:
+                what = "a volume" if os.path.exists(os.path.join(path, BLOCK_FILE)) else "files"
+                raise VolumeError(f"{path}: already holds {what} (use --force to overwrite)")
+            cls._wipe(path)
+        os.makedirs(path, exist_ok=True)
+        lock_fd = cls._lock(path)
+        try:
+            vuuid = uuidlib.uuid4().bytes
+            BlockFile.create(os.path.join(path, BLOCK_FILE), block_count * block_size)
+            SamLog.create(os.path.join(path, LOG_DIR), volume_uuid=vuuid, block_size=block_size)
+            state = NodeState(volume_uuid=vuuid.hex(), block_size=block_size)
+            state.save(path)
+            sb = VolumeSuper(
+                vuuid, block_size, block_count, bitmap_blocks_for(block_count, block_size)
+            )
+            vol = cls._open_locked(path, lock_fd, read_only=False, fresh=sb)
+            vol.write(0, sb.pack())
+            ExtentAllocator.format(
+                vol, BITMAP_START, block_count, used=[(0, BITMAP_START + sb.bitmap_blocks)]
+            )
+            vol.commit()
+            vol._load_allocator()
+            vol.close()
+            lock_fd = -1  # closed by vol.close()
+        finally:
+            if lock_fd >= 0:
+                os.close(lock_fd)
+
+    @staticmethod
+    def _wipe(path: str) -> None:
+        import shutil
+
+        for name in os.listdir(path):
+            p = os.path.join(path, name)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p)
+            else:
+                os.unlink(p)
+
+    # -- opening
+    @staticmethod
+    def _lock(path: str) -> int:
+        fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise VolumeLocked(f"{path}: volume is in use by another process (mounted?)")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    @classmethod
+    def open(cls, path: str, *, read_only: bool = False, repair_log: bool = False) -> Volume:
+        """Lock and open the volume at ``path``, replaying committed log transactions."""
+        path = os.path.abspath(path)
+        if not os.path.isdir(path):
+            raise VolumeError(f"{path}: no such volume directory")
+        if not os.path.exists(os.path.join(path, "node.json")):
+            raise VolumeError(f"{path}: not a mirrorfs volume")
+        lock_fd = cls._lock(path)
+        try:
+            return cls._open_locked(path, lock_fd, read_only=read_only, repair_log=repair_log)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def _open_locked(
+        cls,
+        path: str,
+        lock_fd: int,
+        *,
+        read_only: bool,
+        fresh: VolumeSuper | None = None,
+        repair_log: bool = False,
+    ) -> Volume:
+        vol = cls()
+        vol.path = path
+        vol.read_only = read_only
+        vol.state = NodeState.load(path)
+        vuuid = bytes.fromhex(vol.state.volume_uuid)
+        bs = vol.state.block_size
+        vol.samlog = SamLog.open(
+            os.path.join(path, LOG_DIR), volume_uuid=vuuid, block_size=bs, repair=repair_log
+        )
+        report = getattr(vol.samlog, "recovery_report", None)
+        if report is not None and getattr(report, "describe", None):
+            note = report.describe()
+            if note and note != "clean":
+                vol.recovery.log_note = note
+        vol._overlay = BlockOverlay(bs)
+        block_file = os.path.join(path, BLOCK_FILE)
+        size = os.path.getsize(block_file) if os.path.exists(block_file) else -1
+        if size <= 0 or size % bs:
+            raise VolumeError(f"{block_file}: missing or has a bad size")
+        vol.device = BlockFile(block_file, bs, size // bs)
+        vol._lock_fd = lock_fd
+        vol._last_seq = max(vol.state.checkpointed_seq, vol.samlog.last_seq)
+        if fresh is not None:
+            vol.sb = fresh
+            return vol
+        vol._replay()
+        vol.sb = VolumeSuper.unpack(vol.device.read(0, 1), block_file)
+        if vol.sb.uuid != vuuid or vol.sb.block_size != bs:
+            raise VolumeError(f"{path}: block file belongs to another volume than node.json")
+        if vol.sb.block_count != vol.device.block_count:
+            raise VolumeError(f"{block_file}: size does not match the superblock")
+        vol._load_allocator()
+        if vol.recovery.replayed or vol.recovery.log_note:
+            log.warning("%s: recovery: %s", path, vol.recovery.describe())
+        return vol
+
+    def _load_allocator(self) -> None:
+        self.allocator = ExtentAllocator(self, BITMAP_START, self.sb.block_count)
+
+    def _replay(self) -> None:
+        """Write in place every logged transaction past the checkpoint (idempotent)."""
+        start = self.state.checkpointed_seq + 1
+        if self.samlog.last_seq < start:
+            return
+        rep = self.recovery
+        for txn in self.samlog.scan(start):
+            self._write_in_place(txn.runs)
+            if not rep.replayed:
+                rep.first_seq = txn.seq
+            rep.replayed += 1
+            rep.last_seq = txn.seq
+        if rep.replayed:
+            self.device.sync()
+            self.state.checkpointed_seq = rep.last_seq
+            self.state.save(self.path)
+
+    # -- the choke point
     def read(self, block: int, count: int = 1) -> bytes:
         """Current content of ``count`` blocks from ``block``, open transaction included."""
-        raise NotImplementedError
+        if self._overlay:
+            hit = self._overlay.covers(block, count)
+            if hit is not None:
+                return hit
+            return self._overlay.patch(block, count, self.device.read(block, count))
+        return self.device.read(block, count)
 
     def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
-        """Write full blocks (len(data) a multiple of block_size) into the open transaction."""
-        raise NotImplementedError
+        """Record full blocks at ``block`` in the open transaction. THE write choke point."""
+        if self.failed:
+            raise VolumeFailed(f"volume is read-only after an I/O failure: {self.failed}")
+        n = len(data)
+        if n == 0 or n % self.block_size:
+            raise ValueError(f"write of {n} bytes is not a whole number of blocks")
+        if block < 0 or block + n // self.block_size > self.block_count:
+            raise ValueError(f"write of blocks {block}+{n // self.block_size} outside the volume")
+        self._overlay.put(block, data)
 
     def hint(self, hint: Hint) -> None:
         """Attach a file-system hint to the open transaction."""
-        raise NotImplementedError
+        self._hints.append(hint)
 
     def commit(self, *, sync: bool = True) -> int | None:
-        """Seal the open transaction; return its sequence number (None when it was empty)."""
-        raise NotImplementedError
+        """Seal the open transaction: log it, fsync the log, then write it in place.
+
+        Returns its sequence number, or None if there was nothing to commit. The log is
+        always fsynced before the in-place write (write-ahead), whatever ``sync`` says; the
+        parameter is kept for callers that want to state their intent.
+        """
+        if not self._overlay and not self._hints:
+            self._maybe_checkpoint()
+            return None
+        if self.failed:
+            raise VolumeFailed(f"volume is read-only after an I/O failure: {self.failed}")
+        txn = Transaction(
+            seq=self._last_seq + 1,
+            epoch=self.state.epoch,
+            timestamp_ns=time.time_ns(),
+            runs=self._overlay.runs(),
+            hints=self._hints,
+        )
+        try:
+            nbytes = self.samlog.append(txn)
+            self.samlog.sync()
+        except OSError as exc:
+            self._fail(f"cannot append to the SAM log: {exc.strerror or exc}")
+        self._last_seq = txn.seq
+        try:
+            self._write_in_place(txn.runs)
+        except OSError as exc:
+            # The transaction is durable in the log; recovery will write it in place.
+            self._fail(f"cannot write the block file: {exc.strerror or exc}")
+        self._overlay.clear()
+        self._hints = []
+        self._log_bytes_since_checkpoint += nbytes
+        for callback in self.on_commit:
+            callback(txn)
+        self._maybe_checkpoint()
+        return txn.seq
+
+    def _fail(self, why: str) -> None:
+        # Reads keep seeing the open transaction (the fs caches agree with it); every later
+        # change is refused. Remounting recovers to the last committed transaction.
+        self.failed = why
+        log.error("%s: %s; the volume is now read-only", self.path, why)
+        raise VolumeFailed(why)
+
+    def _write_in_place(self, runs: list[tuple[int, bytes]]) -> None:
+        """The only code that writes the block file."""
+        for start, data in runs:
+            self.device.write(start, data)
+
+    # -- checkpoints
+    def _maybe_checkpoint(self) -> None:
+        if self.failed or self.read_only:
+            return
+        if self.state.checkpointed_seq == self._last_seq:
+            return
+        if (
+            self._log_bytes_since_checkpoint >= self.checkpoint_bytes
+            or time.monotonic() - self._last_checkpoint >= self.checkpoint_seconds
+        ):
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """Make the block file durable up to the last commit and retire log segments."""
+        if self.failed:
+            return
+        if self.state.checkpointed_seq != self._last_seq:
+            self.device.sync()
+            self.state.checkpointed_seq = self._last_seq
+            self.state.save(self.path)
+        self._last_checkpoint = time.monotonic()
+        self._log_bytes_since_checkpoint = 0
+        keep = self.retain_from()
+        upto = self.state.checkpointed_seq
+        if keep is not None:
+            upto = min(upto, keep - 1)
+        if upto > 0:
+            self.samlog.retire(upto)
+
+    def close(self) -> None:
+        """Commit what is open, checkpoint, release the lock."""
+        if self._lock_fd < 0:
+            return
+        try:
+            if not self.failed:
+                self.commit()
+                self.checkpoint()
+        finally:
+            self.samlog.close()
+            self.device.close()
+            os.close(self._lock_fd)
+            self._lock_fd = -1

@@ -1,0 +1,84 @@
+"""Node-local state of a volume directory (``node.json``): never part of the block file.
+
+Two nodes holding the same volume at the same sequence number have byte-identical block
+files; everything that differs between them (node id, role, epoch history, positions) lives
+here. The file is small and replaced atomically (write, fsync, rename, fsync the directory).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import logging
+import os
+import uuid as uuidlib
+from dataclasses import asdict, dataclass, field
+
+from mirrorfs.store.errors import VolumeError
+
+log = logging.getLogger(__name__)
+
+NODE_FILE = "node.json"
+FORMAT = 1
+
+
+class Role(enum.StrEnum):
+    SOURCE = "source"
+    TARGET = "target"
+
+
+@dataclass(slots=True)
+class NodeState:
+    """What this node knows about its copy of the volume."""
+
+    volume_uuid: str  # hex
+    block_size: int
+    node_id: str = field(default_factory=lambda: uuidlib.uuid4().hex[:16])
+    role: str = Role.SOURCE.value
+    # (epoch, first sequence number of that epoch), oldest first
+    epochs: list[list[int]] = field(default_factory=lambda: [[1, 1]])
+    # every transaction up to here is in the block file and fsynced
+    checkpointed_seq: int = 0
+
+    @property
+    def epoch(self) -> int:
+        return self.epochs[-1][0]
+
+    def save(self, directory: str) -> None:
+        path = os.path.join(directory, NODE_FILE)
+        tmp = path + ".tmp"
+        data = json.dumps({"format": FORMAT, **asdict(self)}, indent=1).encode() + b"\n"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    @classmethod
+    def load(cls, directory: str) -> NodeState:
+        path = os.path.join(directory, NODE_FILE)
+        try:
+            with open(path, "rb") as f:
+                raw = json.loads(f.read())
+        except FileNotFoundError:
+            raise VolumeError(f"{directory}: not a mirrorfs volume ({NODE_FILE} is missing)")
+        except (OSError, ValueError) as exc:
+            raise VolumeError(f"{path}: unreadable node state: {exc}")
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise VolumeError(f"{path}: unknown node state format")
+        raw.pop("format")
+        try:
+            state = cls(**raw)
+            int(state.volume_uuid, 16)
+            if state.role not in {r.value for r in Role} or not state.epochs:
+                raise ValueError("bad role or epochs")
+        except (TypeError, ValueError) as exc:
+            raise VolumeError(f"{path}: damaged node state: {exc}")
+        return state
