@@ -39,6 +39,10 @@ class NodeState:
     epochs: list[list[int]] = field(default_factory=lambda: [[1, 1]])
     # every transaction up to here is in the block file and fsynced
     checkpointed_seq: int = 0
+    # "" when the block file is consistent; "full" while an initial sync is filling it (the
+    # replica becomes consistent once it has applied ``consistent_at``)
+    sync_state: str = ""
+    consistent_at: int = 0
 
     @property
     def epoch(self) -> int:

@@ -38,10 +38,11 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mirrorfs.store import record
 from mirrorfs.store.allocator import ExtentAllocator
 from mirrorfs.store.device import BlockFile
-from mirrorfs.store.errors import VolumeError, VolumeFailed, VolumeLocked
-from mirrorfs.store.nodestate import NodeState
+from mirrorfs.store.errors import LogError, VolumeError, VolumeFailed, VolumeLocked
+from mirrorfs.store.nodestate import NodeState, Role
 from mirrorfs.store.overlay import BlockOverlay
 from mirrorfs.store.samlog import SamLog
 from mirrorfs.store.txn import Hint, Transaction
@@ -185,7 +186,11 @@ class Volume:
     def create(
         cls, path: str, size_bytes: int, *, block_size: int = 4096, force: bool = False
     ) -> None:
-        """Make a new volume directory at ``path`` (refuses an existing volume unless force)."""
+        """Make a new volume directory at ``path`` (refuses an existing volume unless force).
+
+        Every block of a new volume reads as zeros (a fresh sparse file); formatting relies
+        on that instead of writing zero blocks.
+        """
         if block_size not in BLOCK_SIZES:
             raise VolumeError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}")
         block_count = size_bytes // block_size
@@ -403,6 +408,145 @@ class Volume:
         """The only code that writes the block file."""
         for start, data in runs:
             self.device.write(start, data)
+
+    # -- the target side: receive shipped records, apply them in order
+    @property
+    def received_seq(self) -> int:
+        """Last sequence number durable in this node's log (>= ``last_seq`` = applied)."""
+        return max(self.samlog.last_seq, self._last_seq)
+
+    @property
+    def consistent(self) -> bool:
+        """False while an initial sync is filling the block file."""
+        st = self.state
+        return not st.sync_state and self._last_seq >= st.consistent_at
+
+    def receive(self, seq: int, record_bytes: bytes) -> Transaction:
+        """Validate a record shipped by the source, append it to the log and fsync it.
+
+        The transaction is not applied yet (``apply``); it is durable here, so it can be
+        acknowledged as received. Raises LogError when it does not follow what this node has.
+        """
+        if self.failed:
+            raise VolumeFailed(f"volume is read-only after an I/O failure: {self.failed}")
+        txn = record.decode_txn(record_bytes, block_size=self.block_size)
+        expect = self.received_seq + 1
+        if txn.seq != seq or seq != expect:
+            raise LogError(f"out of sequence: got seq {txn.seq}, expected {expect}", seq=txn.seq)
+        if txn.epoch < self.state.epoch:
+            raise LogError(
+                f"seq {seq} belongs to epoch {txn.epoch}, older than this node's epoch "
+                f"{self.state.epoch}",
+                seq=seq,
+            )
+        for start, data in txn.runs:
+            if start + len(data) // self.block_size > self.block_count:
+                raise LogError(f"seq {seq} writes past the end of the volume", seq=seq)
+        try:
+            self.samlog.append_encoded(seq, record_bytes)
+            self.samlog.sync()
+        except OSError as exc:
+            self._fail(f"cannot append to the SAM log: {exc.strerror or exc}")
+        self._log_bytes_since_checkpoint += len(record_bytes)
+        return txn
+
+    def apply(self, txn: Transaction) -> None:
+        """Write a received transaction in place (the next one in order)."""
+        if txn.seq != self._last_seq + 1:
+            raise LogError(f"apply out of order: seq {txn.seq} after {self._last_seq}")
+        if self._overlay or self._hints:
+            raise VolumeError("cannot apply shipped transactions over local changes")
+        try:
+            self._write_in_place(txn.runs)
+        except OSError as exc:
+            self._fail(f"cannot write the block file: {exc.strerror or exc}")
+        self._last_seq = txn.seq
+        st = self.state
+        if st.sync_state and txn.seq >= st.consistent_at and st.consistent_at:
+            # The initial sync is complete once the transactions that overlapped the copy
+            # are applied: make the block file durable and say so.
+            st.sync_state = ""
+            self.checkpoint()
+            log.info("%s: replica is consistent at seq %d", self.path, txn.seq)
+        else:
+            self._maybe_checkpoint()
+
+    def write_sync_blocks(self, start: int, data: bytes) -> None:
+        """Store block content copied by an initial sync (only while ``sync_state`` is set).
+
+        These blocks are not transactions: the replica is marked inconsistent until the
+        transactions that follow the copy are applied, and a crash restarts the sync.
+        """
+        if not self.state.sync_state:
+            raise VolumeError("initial-sync blocks outside of an initial sync")
+        n = len(data) // self.block_size
+        if n == 0 or len(data) % self.block_size or start + n > self.block_count or start < 0:
+            raise VolumeError(f"bad initial-sync run {start}+{len(data)} bytes")
+        self._write_in_place([(start, data)])
+
+    def finish_sync_copy(self, consistent_at: int) -> None:
+        """The copy is complete; the replica is consistent once ``consistent_at`` is applied."""
+        self.state.consistent_at = consistent_at
+        if self._last_seq >= consistent_at:
+            self.state.sync_state = ""
+        self.device.sync()
+        self.state.save(self.path)
+
+    @classmethod
+    def create_replica(
+        cls,
+        path: str,
+        *,
+        volume_uuid: bytes,
+        block_size: int,
+        block_count: int,
+        start_seq: int,
+        epochs: list[list[int]],
+    ) -> Volume:
+        """Make an empty replica directory for an initial sync and open it.
+
+        The block file starts all zeros; the source sends every block that is not. The log
+        starts at ``start_seq + 1``, the first transaction that follows the copy.
+        """
+        path = os.path.abspath(path)
+        if os.path.isdir(path) and os.listdir(path):
+            cls._wipe(path)
+        os.makedirs(path, exist_ok=True)
+        lock_fd = cls._lock(path)
+        try:
+            BlockFile.create(os.path.join(path, BLOCK_FILE), block_count * block_size)
+            logdir = os.path.join(path, LOG_DIR)
+            SamLog.create(logdir, volume_uuid=volume_uuid, block_size=block_size)
+            with SamLog.open(logdir, volume_uuid=volume_uuid, block_size=block_size) as slog:
+                slog.reset(start_seq + 1)
+            state = NodeState(
+                volume_uuid=volume_uuid.hex(),
+                block_size=block_size,
+                role=Role.TARGET.value,
+                epochs=[list(e) for e in epochs],
+                checkpointed_seq=start_seq,
+                sync_state="full",
+                consistent_at=0,
+            )
+            state.save(path)
+            vol = cls._open_locked(
+                path,
+                lock_fd,
+                read_only=False,
+                fresh=VolumeSuper(
+                    volume_uuid, block_size, block_count, bitmap_blocks_for(block_count, block_size)
+                ),
+            )
+            vol._last_seq = start_seq
+            return vol
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    def reload_geometry(self) -> None:
+        """Re-read the superblock and the allocator after blocks arrived from elsewhere."""
+        self.sb = VolumeSuper.unpack(self.device.read(0, 1), self.device.path)
+        self._load_allocator()
 
     # -- checkpoints
     def _maybe_checkpoint(self) -> None:
