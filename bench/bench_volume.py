@@ -1,0 +1,826 @@
+"""Single-node volume benchmark: a plain directory, a FUSE passthrough, and mirrorfs.
+
+Runs the same workloads, in one run, on
+  (a) a plain local directory,
+  (b) bench/passthrough.py (pyfuse3) over a local directory,
+  (c) a mirrorfs volume mounted with ``python -m mirrorfs mount``,
+all inside one work directory (so on one disk), and prints one table:
+
+  seq write   one file of --size bytes in 1 MiB write() calls, then fsync; MB/s
+  seq read    the same file read back in 1 MiB read() calls after dropping caches; MB/s
+  create      --files files of 100 bytes each in one directory; files/s
+  delete      unlink of those files; files/s
+  cp -a       ``cp -a`` of Python's standard library (site-packages excluded); entries/s, MB/s
+  peak RSS    VmHWM of the FUSE server process, read just before each unmount; MB
+
+with the ratio mirrorfs / passthrough and the targets (>= 0.7x on sequential write and
+read, >= 0.5x on creation, peak RSS < 300 MB). MB = 10**6 bytes.
+
+Usage: python bench/bench_volume.py [--quick] [--size 1G] [--files 10000] [--workdir DIR]
+Run it as root for cold-cache reads (echo 3 > /proc/sys/vm/drop_caches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(BENCH_DIR)
+PASSTHROUGH = os.path.join(BENCH_DIR, "passthrough.py")
+
+MB = 1_000_000
+MiB = 1 << 20
+CHUNK = MiB
+POOL_BYTES = 64 * MiB  # random data cycled through by the writer; lz4 finds nothing in it
+SMALL_FILE = b"x" * 99 + b"\n"  # 100 bytes
+QUICK_TREE = ("asyncio", "email", "json", "xml")  # a part of the stdlib, for --quick
+
+TARGET_RATIO_SEQ = 0.7
+TARGET_RATIO_CREATE = 0.5
+TARGET_RSS_MB = 300.0
+
+MOUNT_TIMEOUT = 120.0
+UMOUNT_TIMEOUT = 600.0
+
+
+class BenchError(Exception):
+    """A benchmark step failed; the message is one line for the report."""
+
+
+# ---- measurements ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Figures:
+    """What one target measured. Seconds are None when the step did not run."""
+
+    write_s: float | None = None
+    read_s: float | None = None
+    create_s: float | None = None
+    delete_s: float | None = None
+    cp_s: float | None = None
+    peak_rss_kib: int | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Tree:
+    """The source tree of the cp -a workload."""
+
+    root: str
+    entries: list[str]  # top-level names that cp -a copies
+    count: int  # files, directories and symlinks, the top-level entries included
+    size: int  # bytes in regular files
+
+
+def parse_size(text: str) -> int:
+    """'1G', '64M', '512K' or a byte count -> bytes (binary units)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def human_size(n: int) -> str:
+    """Bytes -> '1 GiB', '64 MiB', ... for labels."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            value = n / scale
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{n} B"
+
+
+def seq_write(path: str, size: int, pool: bytes) -> float:
+    """Write *size* bytes to a new file in 1 MiB writes, fsync, close; return seconds."""
+    view = memoryview(pool)
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        offset = 0
+        while offset < size:
+            n = min(CHUNK, size - offset)
+            at = offset % len(pool)
+            chunk = view[at : at + n]
+            done = 0
+            while done < n:
+                done += os.write(fd, chunk[done:])
+            offset += n
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - start
+
+
+def seq_read(path: str, size: int) -> float:
+    """Read the file in 1 MiB reads through a fresh open; return seconds."""
+    buf = bytearray(CHUNK)
+    total = 0
+    start = time.perf_counter()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while n := os.readv(fd, [buf]):
+            total += n
+    finally:
+        os.close(fd)
+    elapsed = time.perf_counter() - start
+    if total != size:
+        raise BenchError(f"seq read: read {total} bytes, expected {size}")
+    return elapsed
+
+
+def check_content(path: str, size: int, pool: bytes) -> None:
+    """Compare the first, a middle and the last chunk with what was written (untimed)."""
+    chunks = max(1, (size + CHUNK - 1) // CHUNK)
+    with open(path, "rb") as f:
+        for index in sorted({0, chunks // 2, chunks - 1}):
+            offset = index * CHUNK
+            n = min(CHUNK, size - offset)
+            at = offset % len(pool)
+            f.seek(offset)
+            if f.read(n) != pool[at : at + n]:
+                raise BenchError(f"seq read: wrong data in the 1 MiB chunk at offset {offset}")
+
+
+def create_files(directory: str, count: int) -> float:
+    """Create *count* files of 100 bytes in *directory*; return seconds."""
+    start = time.perf_counter()
+    for i in range(count):
+        fd = os.open(os.path.join(directory, f"f{i:06d}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            os.write(fd, SMALL_FILE)
+        finally:
+            os.close(fd)
+    return time.perf_counter() - start
+
+
+def delete_files(directory: str, count: int) -> float:
+    """Unlink the files that create_files made; return seconds."""
+    start = time.perf_counter()
+    for i in range(count):
+        os.unlink(os.path.join(directory, f"f{i:06d}"))
+    return time.perf_counter() - start
+
+
+def scan_tree(root: str, entries: list[str]) -> Tree:
+    """Count what cp -a will copy, and read every file once so that no target reads cold."""
+    count = size = 0
+    buf = bytearray(CHUNK)
+
+    def visit(path: str) -> None:
+        nonlocal count, size
+        st = os.lstat(path)
+        count += 1
+        if os.path.isdir(path) and not os.path.islink(path):
+            for name in os.listdir(path):
+                visit(os.path.join(path, name))
+        elif os.path.isfile(path) and not os.path.islink(path):
+            size += st.st_size
+            with open(path, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
+
+    for name in entries:
+        visit(os.path.join(root, name))
+    return Tree(root, entries, count, size)
+
+
+def copy_tree(tree: Tree, dest: str) -> float:
+    """``cp -a`` the tree's entries into *dest*; return seconds; check the entry count."""
+    os.mkdir(dest)
+    argv = ["cp", "-a", *(os.path.join(tree.root, e) for e in tree.entries), dest + "/"]
+    start = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise BenchError(f"cp -a failed ({proc.returncode}): {_first_line(proc.stderr)}")
+    copied = sum(len(dirs) + len(files) for _, dirs, files in os.walk(dest))
+    if copied != tree.count:
+        raise BenchError(f"cp -a: {copied} entries in the copy, {tree.count} in the source")
+    return elapsed
+
+
+# ---- caches ---------------------------------------------------------------------------------
+
+
+def can_drop_caches() -> bool:
+    """True when this process may write /proc/sys/vm/drop_caches."""
+    return os.access("/proc/sys/vm/drop_caches", os.W_OK)
+
+
+def drop_caches(files: list[str]) -> None:
+    """sync, then drop the page, dentry and inode caches; without root, fadvise *files*."""
+    os.sync()
+    if can_drop_caches():
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return
+    for path in files:
+        with contextlib.suppress(OSError):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+# ---- mounts and processes -------------------------------------------------------------------
+
+
+def is_mounted(path: str) -> bool:
+    """True if *path* is a mount point, also when its FUSE server is gone (ENOTCONN)."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == real:
+                return True
+    return False
+
+
+def read_hwm_kib(pid: int) -> int | None:
+    """VmHWM (peak resident set) of *pid* in KiB, or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def pid_alive(pid: int) -> bool:
+    """True if *pid* exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def lazy_unmount(mountpoint: str) -> None:
+    """Last resort: detach the mount even if its server is stuck or dead."""
+    if is_mounted(mountpoint):
+        log.warning("lazy unmount of %s", mountpoint)
+        subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
+
+
+def log_tail(path: str, lines: int = 8) -> str:
+    """The last lines of a log file, indented, for error reports."""
+    try:
+        with open(path, errors="replace") as f:
+            tail = f.readlines()[-lines:]
+    except OSError:
+        return ""
+    return "".join("      | " + line for line in tail).rstrip()
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+# ---- targets --------------------------------------------------------------------------------
+
+
+class Target:
+    """A place to run the workloads: set up, (re)mount, and tear down."""
+
+    name = "?"
+
+    def __init__(self, workdir: str) -> None:
+        self.workdir = workdir
+        self.peak_rss_kib: int | None = None
+        self.log_path: str | None = None
+
+    @property
+    def root(self) -> str:
+        """Directory where the workloads run."""
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        """Create the target's directories and mount it."""
+
+    def remount(self, files: list[str]) -> None:
+        """Make the next read cold: unmount, drop caches, mount again."""
+        drop_caches(files)
+
+    def teardown(self) -> None:
+        """Unmount and stop every process that this target started."""
+
+    def backing_files(self, relpath: str) -> list[str]:
+        """Local files that hold *relpath*'s data (for fadvise without root)."""
+        return [os.path.join(self.root, relpath)]
+
+    def _note_rss(self, pid: int | None) -> None:
+        hwm = read_hwm_kib(pid) if pid else None
+        if hwm is not None:
+            self.peak_rss_kib = max(self.peak_rss_kib or 0, hwm)
+
+
+class PlainTarget(Target):
+    """(a) A plain directory on the local filesystem."""
+
+    name = "plain"
+
+    @property
+    def root(self) -> str:
+        return os.path.join(self.workdir, "plain")
+
+    def setup(self) -> None:
+        os.mkdir(self.root)
+
+
+class PassthroughTarget(Target):
+    """(b) bench/passthrough.py over a local directory, run as our child process."""
+
+    name = "passthrough"
+
+    def __init__(self, workdir: str) -> None:
+        super().__init__(workdir)
+        self.source = os.path.join(workdir, "pt-src")
+        self.mountpoint = os.path.join(workdir, "pt-mnt")
+        self.log_path = os.path.join(workdir, "passthrough.log")
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def root(self) -> str:
+        return self.mountpoint
+
+    def setup(self) -> None:
+        os.mkdir(self.source)
+        os.mkdir(self.mountpoint)
+        self._mount()
+
+    def _mount(self) -> None:
+        assert self.log_path is not None
+        with open(self.log_path, "ab") as logf:
+            # Own session: a Ctrl-C on the terminal reaches the benchmark, which unmounts.
+            self._proc = subprocess.Popen(
+                [sys.executable, PASSTHROUGH, self.source, self.mountpoint],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + MOUNT_TIMEOUT
+        while not is_mounted(self.mountpoint):
+            if self._proc.poll() is not None:
+                raise BenchError(f"passthrough exited with {self._proc.returncode} before mounting")
+            if time.monotonic() > deadline:
+                raise BenchError("passthrough did not mount in time")
+            time.sleep(0.05)
+
+    def _unmount(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            lazy_unmount(self.mountpoint)
+            return
+        try:
+            if proc.poll() is None:
+                self._note_rss(proc.pid)
+                subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    log.warning("passthrough (pid %d) still running: SIGTERM", proc.pid)
+                    proc.send_signal(signal.SIGTERM)
+                    try:
+                        proc.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+        finally:
+            lazy_unmount(self.mountpoint)
+
+    def remount(self, files: list[str]) -> None:
+        self._unmount()
+        drop_caches(files)
+        self._mount()
+
+    def teardown(self) -> None:
+        self._unmount()
+
+    def backing_files(self, relpath: str) -> list[str]:
+        return [os.path.join(self.source, relpath)]
+
+
+class MirrorfsTarget(Target):
+    """(c) A mirrorfs volume, driven through its CLI (mkfs, mount, umount)."""
+
+    name = "mirrorfs"
+
+    def __init__(self, workdir: str, volume_size: int, mkfs_args: list[str]) -> None:
+        super().__init__(workdir)
+        self.volume = os.path.join(workdir, "mfs-vol")
+        self.mountpoint = os.path.join(workdir, "mfs-mnt")
+        self.log_path = os.path.join(workdir, "mirrorfs.log")
+        self.volume_size = volume_size
+        self.mkfs_args = mkfs_args
+        self._pid: int | None = None
+
+    @property
+    def root(self) -> str:
+        return self.mountpoint
+
+    def _cli(self, *args: str, timeout: float) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_DIR, env.get("PYTHONPATH")]))
+        assert self.log_path is not None
+        with open(self.log_path, "ab") as logf:
+            logf.write(f"\n$ mirrorfs {' '.join(args)}\n".encode())
+            logf.flush()
+            # Output to a file, not a pipe: a daemonized mount would hold a pipe open.
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "-m", "mirrorfs", *args],
+                    cwd=REPO_DIR,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout,
+                )
+            except subprocess.TimeoutExpired:
+                raise BenchError(f"mirrorfs {args[0]} did not finish in {timeout:.0f} s")
+        if proc.returncode != 0:
+            with open(self.log_path, errors="replace") as f:
+                last = _first_line(f.read())
+            raise BenchError(f"mirrorfs {args[0]} exited with {proc.returncode}: {last}")
+
+    def setup(self) -> None:
+        os.mkdir(self.mountpoint)
+        gib = -(-self.volume_size // (1 << 30))
+        self._cli("mkfs", self.volume, "--size", f"{gib}G", *self.mkfs_args, timeout=600)
+        self._mount()
+
+    def _mount(self) -> None:
+        self._cli("mount", self.volume, self.mountpoint, timeout=MOUNT_TIMEOUT)
+        pid_file = os.path.join(self.volume, "mount.pid")
+        deadline = time.monotonic() + 10
+        while self._pid is None:
+            with contextlib.suppress(OSError, ValueError), open(pid_file) as f:
+                self._pid = int(f.read().split()[0])
+            if self._pid is None and time.monotonic() > deadline:
+                raise BenchError(f"mirrorfs mount returned but {pid_file} has no pid")
+            time.sleep(0.05)
+        if not is_mounted(self.mountpoint):
+            raise BenchError("mirrorfs mount returned but the mountpoint is not mounted")
+
+    def _our_pid(self) -> int | None:
+        """The mount process we started, if it is still the same process."""
+        if self._pid is None or not pid_alive(self._pid):
+            return None
+        try:
+            with open(f"/proc/{self._pid}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            return None
+        # Never signal a recycled pid: the process must name our volume or mountpoint.
+        ours = os.fsencode(self.volume) in cmdline or os.fsencode(self.mountpoint) in cmdline
+        return self._pid if ours else None
+
+    def _unmount(self) -> None:
+        pid = self._our_pid()
+        self._note_rss(pid)
+        try:
+            if is_mounted(self.mountpoint):
+                self._cli("umount", self.mountpoint, timeout=UMOUNT_TIMEOUT)
+        finally:
+            pid = self._our_pid()
+            if pid is not None:
+                log.warning("mirrorfs mount process %d still running after umount: SIGTERM", pid)
+                os.kill(pid, signal.SIGTERM)
+                deadline = time.monotonic() + 30
+                while pid_alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                if self._our_pid() is not None:
+                    os.kill(pid, signal.SIGKILL)
+            self._pid = None
+            lazy_unmount(self.mountpoint)
+
+    def remount(self, files: list[str]) -> None:
+        self._unmount()
+        drop_caches(files)
+        self._mount()
+
+    def teardown(self) -> None:
+        self._unmount()
+
+    def backing_files(self, relpath: str) -> list[str]:
+        return [os.path.join(self.volume, "blocks")]
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+def run_target(target: Target, size: int, files: int, pool: bytes, tree: Tree) -> Figures:
+    """Run every workload on *target*; errors end the target's run and are recorded."""
+    figures = Figures()
+
+    def step(label: str, fn: Callable[[], float | None]) -> float | None:
+        log.info("%s: %s", target.name, label)
+        return fn()
+
+    try:
+        target.setup()
+        big = os.path.join(target.root, "big")
+        figures.write_s = step("sequential write", lambda: seq_write(big, size, pool))
+        target.remount(target.backing_files("big"))
+        figures.read_s = step("sequential read", lambda: seq_read(big, size))
+        check_content(big, size, pool)
+        os.sync()
+        small = os.path.join(target.root, "small")
+        os.mkdir(small)
+        figures.create_s = step(f"create {files} files", lambda: create_files(small, files))
+        os.sync()
+        figures.delete_s = step(f"delete {files} files", lambda: delete_files(small, files))
+        os.rmdir(small)
+        os.sync()
+        figures.cp_s = step("cp -a", lambda: copy_tree(tree, os.path.join(target.root, "tree")))
+    except (BenchError, OSError, subprocess.SubprocessError) as exc:
+        figures.errors.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        try:
+            target.teardown()
+        except (BenchError, OSError, subprocess.SubprocessError) as exc:
+            figures.errors.append(f"teardown: {type(exc).__name__}: {exc}")
+        figures.peak_rss_kib = target.peak_rss_kib
+    return figures
+
+
+def _rate(amount: float, seconds: float | None) -> float | None:
+    return amount / seconds if seconds else None
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def render_table(
+    figures: dict[str, Figures], size: int, files: int, tree: Tree, tree_label: str
+) -> str:
+    """The result table, one row per workload, with the mirrorfs/passthrough ratio."""
+    names = ["plain", "passthrough", "mirrorfs"]
+    rows: list[tuple[str, str, dict[str, float | None], tuple[str, float] | None]] = []
+
+    def add(
+        label: str,
+        unit: str,
+        get: Callable[[Figures], float | None],
+        target: tuple[str, float] | None = None,
+    ) -> None:
+        rows.append(
+            (label, unit, {n: get(figures[n]) if n in figures else None for n in names}, target)
+        )
+
+    add(
+        f"seq write {human_size(size)} + fsync",
+        "MB/s",
+        lambda f: _rate(size / MB, f.write_s),
+        (">=", TARGET_RATIO_SEQ),
+    )
+    add(
+        f"seq read {human_size(size)}, cold",
+        "MB/s",
+        lambda f: _rate(size / MB, f.read_s),
+        (">=", TARGET_RATIO_SEQ),
+    )
+    add(
+        f"create {files} x 100 B files",
+        "files/s",
+        lambda f: _rate(files, f.create_s),
+        (">=", TARGET_RATIO_CREATE),
+    )
+    add(f"delete {files} files", "files/s", lambda f: _rate(files, f.delete_s))
+    add(
+        f"cp -a {tree_label} ({tree.count} entries)",
+        "entries/s",
+        lambda f: _rate(tree.count, f.cp_s),
+    )
+    add(
+        f"cp -a {tree_label} ({tree.size / MB:.0f} MB)",
+        "MB/s",
+        lambda f: _rate(tree.size / MB, f.cp_s),
+    )
+    add(
+        "peak RSS of the FUSE process",
+        "MB",
+        lambda f: f.peak_rss_kib * 1024 / MB if f.peak_rss_kib else None,
+    )
+
+    header = ("workload", "unit", *names, "mfs/pt", "target", "")
+    lines = [header]
+    for label, unit, values, target in rows:
+        pt, mfs = values["passthrough"], values["mirrorfs"]
+        is_rss = unit == "MB"
+        ratio = mfs / pt if (mfs and pt and not is_rss) else None
+        if is_rss:
+            goal = f"< {TARGET_RSS_MB:.0f} MB"
+            verdict = "n/a" if mfs is None else ("PASS" if mfs < TARGET_RSS_MB else "FAIL")
+        elif target is not None:
+            goal = f"{target[0]} {target[1]:.1f}x"
+            verdict = "n/a" if ratio is None else ("PASS" if ratio >= target[1] else "FAIL")
+        else:
+            goal = verdict = ""
+        lines.append(
+            (
+                label,
+                unit,
+                *(_fmt(values[n]) for n in names),
+                "" if ratio is None else f"{ratio:.2f}x",
+                goal,
+                verdict,
+            )
+        )
+    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
+    out = []
+    for i, row in enumerate(lines):
+        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        cells += [cell.rjust(w) for cell, w in zip(row[2:6], widths[2:6], strict=True)]
+        cells += [row[6].ljust(widths[6]), row[7]]
+        out.append("  ".join(cells).rstrip())
+        if i == 0:
+            out.append("-" * len(out[0]))
+    return "\n".join(out)
+
+
+def describe_environment(workdir: str) -> list[str]:
+    """Lines about the machine, the work directory and the cache policy."""
+    fstype = "?"
+    real = os.path.realpath(workdir)
+    best = ""
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            point = left.split()[4].encode().decode("unicode_escape")
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best):
+                best, fstype = point, f"{right.split()[0]} on {right.split()[1]}"
+    try:
+        import pyfuse3
+
+        pyfuse3_version = pyfuse3.__version__
+    except ImportError:
+        pyfuse3_version = "not importable"
+    return [
+        f"host: Linux {platform.release()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, pyfuse3 {pyfuse3_version}",
+        f"workdir: {workdir} ({fstype})",
+    ]
+
+
+def cache_note(root: bool) -> str:
+    """How the cold read was made cold, for the report."""
+    if root:
+        return (
+            "before the read: sync + echo 3 > /proc/sys/vm/drop_caches; FUSE targets "
+            "unmounted before and mounted again after (fresh server, fresh open)"
+        )
+    return (
+        "before the read: NOT root, so no drop_caches: sync + posix_fadvise(DONTNEED) on "
+        "the backing file; FUSE targets unmounted and mounted again (fresh open)"
+    )
+
+
+def stdlib_tree(quick: bool, tree_arg: str | None) -> tuple[str, list[str], str]:
+    """The cp -a source: (root, top-level entries, label)."""
+    if tree_arg:
+        root = os.path.abspath(tree_arg)
+        return os.path.dirname(root), [os.path.basename(root)], os.path.basename(root)
+    root = os.path.dirname(os.__file__)
+    if quick:
+        entries = [e for e in QUICK_TREE if os.path.exists(os.path.join(root, e))]
+        return root, entries, "stdlib subset"
+    entries = sorted(e for e in os.listdir(root) if e != "site-packages")
+    return root, entries, "stdlib"
+
+
+@contextlib.contextmanager
+def work_directory(parent: str | None, keep: bool) -> Iterator[str]:
+    """A fresh directory for this run, removed afterwards unless *keep*."""
+    path = tempfile.mkdtemp(prefix="mirrorfs-bench-", dir=parent)
+    try:
+        yield path
+    finally:
+        if keep:
+            print(f"kept {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options, run every target, print the table; 1 if any target failed."""
+    parser = argparse.ArgumentParser(
+        description="Benchmark mirrorfs against a plain directory and a FUSE passthrough."
+    )
+    parser.add_argument("--size", default=None, help="sequential file size (default 1G)")
+    parser.add_argument("--files", type=int, default=None, help="small files (default 10000)")
+    parser.add_argument(
+        "--workdir",
+        default=None,
+        help="parent of the run's temp directory (default: system temp dir)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: 64M file, 500 files, a small part of the stdlib",
+    )
+    parser.add_argument(
+        "--targets",
+        default="plain,passthrough,mirrorfs",
+        help="comma-separated subset of plain,passthrough,mirrorfs",
+    )
+    parser.add_argument("--tree", default=None, help="directory to cp -a instead of the stdlib")
+    parser.add_argument(
+        "--mkfs-arg",
+        action="append",
+        default=[],
+        help="extra argument for 'mirrorfs mkfs' (repeatable)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s: %(message)s",
+    )
+
+    size = parse_size(args.size or ("64M" if args.quick else "1G"))
+    files = args.files if args.files is not None else (500 if args.quick else 10000)
+    wanted = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(wanted) - {"plain", "passthrough", "mirrorfs"}
+    if unknown or not wanted:
+        print(f"bench_volume: unknown targets: {', '.join(sorted(unknown))}", file=sys.stderr)
+        return 2
+    if size <= 0 or files < 0:
+        print("bench_volume: --size must be > 0 and --files >= 0", file=sys.stderr)
+        return 2
+
+    tree_root, tree_entries, tree_label = stdlib_tree(args.quick, args.tree)
+    tree = scan_tree(tree_root, tree_entries)
+    pool = os.urandom(min(POOL_BYTES, max(size, CHUNK)))
+    # Room for the big file, the tree and metadata; at least the documented 4G.
+    volume_size = max(4 << 30, int(size * 1.25 + tree.size * 1.5) + (1 << 30))
+
+    results: dict[str, Figures] = {}
+    logs: dict[str, str | None] = {}
+    load_start = os.getloadavg()[0]
+    with work_directory(args.workdir, args.keep) as workdir:
+        env_lines = describe_environment(workdir)
+        for name in wanted:
+            if name == "plain":
+                target: Target = PlainTarget(workdir)
+            elif name == "passthrough":
+                target = PassthroughTarget(workdir)
+            else:
+                target = MirrorfsTarget(workdir, volume_size, args.mkfs_arg)
+            print(f"running {name} ...", file=sys.stderr, flush=True)
+            results[name] = run_target(target, size, files, pool, tree)
+            logs[name] = target.log_path
+            for err in results[name].errors:
+                print(f"  {name}: {err}", file=sys.stderr)
+                if target.log_path:
+                    print(log_tail(target.log_path), file=sys.stderr)
+
+    print()
+    print("mirrorfs single-node benchmark" + (" (--quick)" if args.quick else ""))
+    for line in env_lines:
+        print(line)
+    # FUSE servers are CPU-bound Python: other busy processes lower every FUSE figure.
+    print(
+        f"load average (1 min): {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end, "
+        f"on {os.cpu_count()} CPUs"
+    )
+    print(cache_note(can_drop_caches()))
+    shown = ", ".join(tree_entries) if len(tree_entries) < 8 else "all but site-packages"
+    print(f"cp -a source: {tree_root} [{shown}]")
+    print("passthrough: bench/passthrough.py, writeback cache off, entry/attr timeout 300 s")
+    print("MB = 10^6 bytes; mfs/pt = mirrorfs / passthrough; peak RSS = VmHWM before unmount")
+    print()
+    print(render_table(results, size, files, tree, tree_label))
+    failed = {n: f.errors for n, f in results.items() if f.errors}
+    for name, errors in failed.items():
+        for err in errors:
+            print(f"error ({name}): {err}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
