@@ -80,6 +80,8 @@ MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 1 << 20
 # Below this many payload bytes compression cannot pay for itself.
 _MIN_COMPRESS = 64
+# Payloads larger than this are sampled before lz4 is tried on all of them.
+_SAMPLE = 64 << 10
 _U64 = 1 << 64
 
 HEADER = struct.Struct("<4sBBHIIQQQII")
@@ -197,18 +199,44 @@ def check_block_size(block_size: int) -> None:
 # ---------------------------------------------------------------------------- encoding
 
 
-def _frame(
+def _worth_compressing(parts: list, raw_length: int) -> bool:
+    """Guess from a sample whether lz4 will save space, without compressing everything.
+
+    Random or already-compressed file data is common; trying lz4 on tens of MiB of it costs
+    more than the write itself. Small payloads (metadata) are simply tried whole.
+    """
+    if raw_length <= _SAMPLE:
+        return True
+    # Take slices spread over the payload by size: a transaction is usually a little
+    # metadata (very compressible) and a lot of file data, which decides the outcome.
+    step = raw_length // 8
+    sample = []
+    pos = 0
+    next_at = 0
+    for p in parts:
+        n = len(p)
+        while next_at < pos + n and len(sample) < 8:
+            off = next_at - pos
+            sample.append(bytes(p[off : off + _SAMPLE // 8]))
+            next_at += step
+        pos += n
+    joined = b"".join(sample)
+    return len(lz4.block.compress(joined, store_size=False)) < 0.9 * len(joined)
+
+
+def _frame_parts(
     rtype: RecordType, seq: int, epoch: int, timestamp_ns: int, parts: list, compress: bool
-) -> bytes:
-    """Header + payload parts -> record bytes (one join; the crc is chained over the parts)."""
+) -> list:
+    """Header + payload parts -> the record as a list of buffers (the crc is chained)."""
     raw_length = sum(len(p) for p in parts)
     if raw_length > MAX_PAYLOAD:
         raise ValueError(f"record payload of {raw_length} bytes exceeds {MAX_PAYLOAD}")
     flags, stored = 0, parts
-    if compress and raw_length >= _MIN_COMPRESS:
+    if compress and raw_length >= _MIN_COMPRESS and _worth_compressing(parts, raw_length):
         joined = b"".join(parts)
         packed = lz4.block.compress(joined, store_size=False)
-        flags, stored = (RecordFlag.LZ4, [packed]) if len(packed) < raw_length else (0, [joined])
+        if len(packed) < raw_length:
+            flags, stored = RecordFlag.LZ4, [packed]
     length = sum(len(p) for p in stored)
     head = HEADER.pack(
         MAGIC, VERSION, rtype, flags, length, raw_length, seq, epoch, timestamp_ns, 0, 0
@@ -217,16 +245,27 @@ def _frame(
     crc = hcrc
     for part in stored:
         crc = zlib.crc32(part, crc)
-    return b"".join([head, struct.pack("<II", hcrc, crc), *stored])
+    return [head, struct.pack("<II", hcrc, crc), *stored]
+
+
+def _frame(
+    rtype: RecordType, seq: int, epoch: int, timestamp_ns: int, parts: list, compress: bool
+) -> bytes:
+    return b"".join(_frame_parts(rtype, seq, epoch, timestamp_ns, parts, compress))
 
 
 def encode_txn(txn: Transaction, *, block_size: int, compress: bool = True) -> bytes:
-    """Encode ``txn`` as one TXN record.
+    """Encode ``txn`` as one TXN record (bytes); see ``encode_txn_parts``."""
+    return b"".join(encode_txn_parts(txn, block_size=block_size, compress=compress))
 
-    Block data is not copied run by run into a buffer: the parts are joined once (or handed to
-    lz4 once), so encoding tens of MiB costs a memcpy and a crc32. Raises ValueError for a
-    transaction that cannot be represented (bad seq, run not a multiple of the block size,
-    name too long, payload over MAX_PAYLOAD).
+
+def encode_txn_parts(txn: Transaction, *, block_size: int, compress: bool = True) -> list:
+    """Encode ``txn`` as one TXN record, returned as a list of buffers for os.writev.
+
+    Block data is not copied: the runs' buffers are returned as they are (or handed to lz4
+    once, when a sample says it pays), so encoding tens of MiB costs a crc32. Raises
+    ValueError for a transaction that cannot be represented (bad seq, run not a multiple of
+    the block size, name too long, payload over MAX_PAYLOAD).
     """
     check_block_size(block_size)
     if not (1 <= txn.seq < _U64 and 0 <= txn.epoch < _U64 and 0 <= txn.timestamp_ns < _U64):
@@ -253,7 +292,7 @@ def encode_txn(txn: Transaction, *, block_size: int, compress: bool = True) -> b
         heads.append(RUN.pack(first, n, 0))
     parts.append(b"".join(heads))
     parts.extend(data for _, data in txn.runs)
-    return _frame(RecordType.TXN, txn.seq, txn.epoch, txn.timestamp_ns, parts, compress)
+    return _frame_parts(RecordType.TXN, txn.seq, txn.epoch, txn.timestamp_ns, parts, compress)
 
 
 def encode_seal(seal: Seal, *, epoch: int = 0, timestamp_ns: int = 0) -> bytes:

@@ -133,11 +133,20 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+def _pwrite_all(fd: int, data: bytes | list, offset: int) -> None:
+    """Write ``data`` (one buffer or a list of buffers, without joining them) at ``offset``."""
+    bufs = [memoryview(b).cast("B") for b in (data if isinstance(data, list) else [data])]
+    bufs = [b for b in bufs if b.nbytes]
+    while bufs:
+        n = os.pwritev(fd, bufs[:512], offset)  # IOV_MAX is 1024 on Linux
+        offset += n
+        while n and bufs:
+            if n >= bufs[0].nbytes:
+                n -= bufs[0].nbytes
+                bufs.pop(0)
+            else:
+                bufs[0] = bufs[0][n:]
+                n = 0
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -436,8 +445,8 @@ class SamLog:
         ``txn.seq`` must be ``last_seq + 1``, except in a log that never held a record.
         """
         self._check_seq(txn.seq)
-        data = record.encode_txn(txn, block_size=self.block_size, compress=self.compress)
-        return self._append(txn.seq, txn.epoch, data)
+        parts = record.encode_txn_parts(txn, block_size=self.block_size, compress=self.compress)
+        return self._append(txn.seq, txn.epoch, parts)
 
     def append_encoded(self, seq: int, record_bytes: bytes) -> int:
         """Append a record encoded elsewhere (by a receiver) after validating it completely."""
@@ -459,13 +468,12 @@ class SamLog:
         if seq < 1 or (last and seq != last + 1):
             raise LogError(f"out-of-sequence append: seq {seq} after {last}", seq=seq)
 
-    def _append(self, seq: int, epoch: int, data: bytes) -> int:
+    def _append(self, seq: int, epoch: int, data: bytes | list) -> int:
+        size = len(data) if isinstance(data, bytes) else sum(len(b) for b in data)
         seg = self._segments[-1]
         if self.last_seq == 0 and seg.first_seq != seq:
             self.reset(seq)
-        elif seg.sealed or (
-            seg.last_seq >= seg.first_seq and seg.size + len(data) > self.segment_bytes
-        ):
+        elif seg.sealed or (seg.last_seq >= seg.first_seq and seg.size + size > self.segment_bytes):
             self._roll()
         seg = self._segments[-1]
         try:
@@ -477,10 +485,10 @@ class SamLog:
                 self._failed = True
                 log.exception("SAM log %s: cannot undo a failed append", self.directory)
             raise
-        seg.size += len(data)
+        seg.size += size
         seg.last_seq, self._epoch = seq, epoch
         self._appended += 1
-        return len(data)
+        return size
 
     def _write_seal(self, fd: int, seg: _Segment) -> None:
         seal = record.Seal(seg.first_seq, seg.last_seq, seg.size, self.volume_uuid)

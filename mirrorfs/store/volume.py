@@ -151,6 +151,10 @@ class Volume:
         self._lock_fd = -1
         self._overlay: BlockOverlay
         self._hints: list[Hint] = []
+        # Sealed transactions whose log append / in-place write is still running (oldest
+        # first); reads see them until ``finish`` drops them.
+        self._sealed: list[tuple[Transaction, BlockOverlay]] = []
+        self._sealed_seq = 0
         self._last_seq = 0
         self._last_checkpoint = time.monotonic()
         self._log_bytes_since_checkpoint = 0
@@ -179,7 +183,8 @@ class Volume:
 
     @property
     def pending_bytes(self) -> int:
-        return self._overlay.nbytes
+        """Bytes in the open transaction plus those sealed but not yet persisted."""
+        return self._overlay.nbytes + sum(o.nbytes for _, o in self._sealed)
 
     # -- creation
     @classmethod
@@ -341,8 +346,12 @@ class Volume:
             hit = self._overlay.covers(block, count)
             if hit is not None:
                 return hit
+        if not self._sealed:
             return self._overlay.patch(block, count, self.device.read(block, count))
-        return self.device.read(block, count)
+        data = self.device.read(block, count)
+        for _, layer in self._sealed:  # oldest first, so newer layers win
+            data = layer.patch(block, count, data)
+        return self._overlay.patch(block, count, data)
 
     def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
         """Record full blocks at ``block`` in the open transaction. THE write choke point."""
@@ -364,38 +373,70 @@ class Volume:
 
         Returns its sequence number, or None if there was nothing to commit. The log is
         always fsynced before the in-place write (write-ahead), whatever ``sync`` says; the
-        parameter is kept for callers that want to state their intent.
+        parameter is kept for callers that want to state their intent. This is ``seal``,
+        ``persist`` and ``finish`` in a row; the mount runs ``persist`` in a worker thread.
+        """
+        txn = self.seal()
+        if txn is None:
+            self._maybe_checkpoint()
+            return None
+        self.persist(txn)
+        self.finish(txn)
+        return txn.seq
+
+    def seal(self) -> Transaction | None:
+        """Close the open transaction and give it its sequence number (no I/O).
+
+        Its blocks stay visible to ``read`` until ``finish``; new writes go to a fresh open
+        transaction. Returns None when there is nothing to commit.
         """
         if not self._overlay and not self._hints:
-            self._maybe_checkpoint()
             return None
         if self.failed:
             raise VolumeFailed(f"volume is read-only after an I/O failure: {self.failed}")
+        self._sealed_seq = max(self._sealed_seq, self._last_seq) + 1
         txn = Transaction(
-            seq=self._last_seq + 1,
+            seq=self._sealed_seq,
             epoch=self.state.epoch,
             timestamp_ns=time.time_ns(),
             runs=self._overlay.runs(),
             hints=self._hints,
         )
+        self._sealed.append((txn, self._overlay))
+        self._overlay = BlockOverlay(self.block_size)
+        self._hints = []
+        return txn
+
+    def persist(self, txn: Transaction) -> int:
+        """Append a sealed transaction to the log, fsync it, write it in place.
+
+        Safe to run in a worker thread while the trio thread keeps reading and writing the
+        volume, as long as persists run one at a time and in seal order (the caller holds a
+        lock) and nothing else touches the log meanwhile. Returns the record size.
+        """
+        if self.failed:
+            raise VolumeFailed(f"volume is read-only after an I/O failure: {self.failed}")
         try:
             nbytes = self.samlog.append(txn)
             self.samlog.sync()
         except OSError as exc:
             self._fail(f"cannot append to the SAM log: {exc.strerror or exc}")
-        self._last_seq = txn.seq
         try:
             self._write_in_place(txn.runs)
         except OSError as exc:
             # The transaction is durable in the log; recovery will write it in place.
             self._fail(f"cannot write the block file: {exc.strerror or exc}")
-        self._overlay.clear()
-        self._hints = []
         self._log_bytes_since_checkpoint += nbytes
+        return nbytes
+
+    def finish(self, txn: Transaction) -> None:
+        """Back in the volume's thread after ``persist``: publish the commit."""
+        done, _ = self._sealed.pop(0)
+        assert done is txn, "transactions finished out of order"
+        self._last_seq = txn.seq
         for callback in self.on_commit:
             callback(txn)
         self._maybe_checkpoint()
-        return txn.seq
 
     def _fail(self, why: str) -> None:
         # Reads keep seeing the open transaction (the fs caches agree with it); every later
@@ -454,7 +495,7 @@ class Volume:
         """Write a received transaction in place (the next one in order)."""
         if txn.seq != self._last_seq + 1:
             raise LogError(f"apply out of order: seq {txn.seq} after {self._last_seq}")
-        if self._overlay or self._hints:
+        if self._overlay or self._hints or self._sealed:
             raise VolumeError("cannot apply shipped transactions over local changes")
         try:
             self._write_in_place(txn.runs)
@@ -550,7 +591,8 @@ class Volume:
 
     # -- checkpoints
     def _maybe_checkpoint(self) -> None:
-        if self.failed or self.read_only:
+        # Not while a persist may be running in a worker thread: it owns the log then.
+        if self.failed or self.read_only or self._sealed:
             return
         if self.state.checkpointed_seq == self._last_seq:
             return
@@ -561,8 +603,11 @@ class Volume:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        """Make the block file durable up to the last commit and retire log segments."""
-        if self.failed:
+        """Make the block file durable up to the last commit and retire log segments.
+
+        Must not run while a ``persist`` is in flight in another thread (it owns the log).
+        """
+        if self.failed or self._sealed:
             return
         if self.state.checkpointed_seq != self._last_seq:
             self.device.sync()
