@@ -1,0 +1,424 @@
+"""The pyfuse3 adapter: each handler calls the Filesystem and converts at the boundary.
+
+Nothing here knows about blocks or inodes on disk. The adapter only
+
+- turns ``Attr``/``StatFs`` into pyfuse3's ``EntryAttributes``/``StatvfsData``,
+- keeps the file handle table (fh -> inode, open flags),
+- maps every failure to a ``FUSEError`` (see ``_boundary``), because in pyfuse3 any other
+  exception that escapes a handler ends ``pyfuse3.main`` and leaves the mountpoint dead,
+- commits the volume where POSIX asks for durability (fsync, fsyncdir) and when the open
+  transaction grows past a bound (so memory stays bounded between group commits).
+
+Concurrency: no handler awaits anything. Each one runs between two checkpoints of the trio
+loop, so a handler is atomic with respect to the group-commit task and to other handlers;
+the Filesystem relies on that (its calls are synchronous and not reentrant).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from mirrorfs.fs.filesystem import MAX_FILE_SIZE, Attr, Filesystem, FsError, SetAttr
+from mirrorfs.store.errors import NoSpace, VolumeFailed
+
+log = logging.getLogger(__name__)
+
+#: Commit inline from ``write`` when the open transaction holds more than this.
+DEFAULT_COMMIT_BOUND = 16 << 20
+
+_F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
+
+_ACCMODE_WRITE = (os.O_WRONLY, os.O_RDWR)
+
+
+def _boundary(*, modifies: bool = False) -> Callable[[_F], _F]:
+    """Wrap a handler so that only ``FUSEError`` can leave it.
+
+    ``modifies`` handlers answer EROFS on a read-only or failsafe mount before touching
+    anything. The error mapping is the single place where domain errors become errnos.
+    """
+
+    def decorate(fn: _F) -> _F:
+        name = fn.__name__
+
+        @functools.wraps(fn)
+        async def handler(self: Operations, *args: Any) -> Any:
+            if modifies:
+                self._check_writable()
+            try:
+                return await fn(self, *args)
+            except pyfuse3.FUSEError:
+                raise
+            except FsError as exc:
+                raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            except NoSpace:
+                raise pyfuse3.FUSEError(errno.ENOSPC) from None
+            except VolumeFailed as exc:
+                self.enter_failsafe(f"{name}: {exc}")
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            except Exception as exc:
+                # A bug, not a user error: keep the traceback, answer EIO, keep serving.
+                log.exception("unexpected error in %s(%s)", name, _brief(args))
+                if modifies:
+                    # The change may be half done in the open transaction: never commit it.
+                    self.enter_failsafe(f"{name}: {exc!r}", discard_open_transaction=True)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+
+        return handler  # type: ignore[return-value]
+
+    return decorate
+
+
+def _brief(args: tuple) -> str:
+    """Handler arguments for a log line, without megabytes of write data."""
+    return ", ".join(
+        f"<{len(a)} bytes>" if isinstance(a, bytes) and len(a) > 64 else repr(a) for a in args
+    )
+
+
+@dataclass(slots=True)
+class _Handle:
+    ino: int
+    flags: int
+
+
+class Operations(pyfuse3.Operations):
+    """pyfuse3 request handlers over a ``Filesystem`` on a ``Volume``."""
+
+    # Writes go through to the filesystem as they happen (no kernel write-back cache): the
+    # group commit and fsync then see every byte that write(2) returned for.
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        fs: Filesystem,
+        volume: Any,
+        *,
+        read_only: bool = False,
+        entry_timeout: float = 2.0,
+        attr_timeout: float = 2.0,
+        commit_bound: int = DEFAULT_COMMIT_BOUND,
+    ) -> None:
+        super().__init__()
+        self.fs = fs
+        self.volume = volume
+        self.read_only = read_only
+        #: Set after the store failed to persist a change: reads go on, writes get EROFS.
+        self.failsafe = False
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.commit_bound = commit_bound
+        self._handles: dict[int, _Handle] = {}
+        self._dir_handles: dict[int, int] = {}
+        self._next_fh = 1
+
+    # -- state
+
+    def enter_failsafe(self, reason: str, *, discard_open_transaction: bool = False) -> None:
+        """Switch the mount to read-only after a fault (S3QL's failsafe).
+
+        ``discard_open_transaction``: a change failed half-way, so the open transaction may
+        hold half of it. The volume is then marked failed, which makes it refuse to commit
+        (also at close): the volume stays at its last committed, consistent transaction,
+        losing only changes nobody fsynced.
+        """
+        if not self.failsafe:
+            log.error("the mount is now read-only (failsafe): %s", reason)
+        self.failsafe = True
+        if discard_open_transaction and getattr(self.volume, "failed", "") is None:
+            self.volume.failed = f"a change failed half-way: {reason}"
+
+    def _check_writable(self) -> None:
+        if self.read_only or self.failsafe:
+            raise pyfuse3.FUSEError(errno.EROFS)
+        failed = getattr(self.volume, "failed", None)
+        if failed:  # the volume noticed a failure outside a handler (e.g. at checkpoint)
+            self.enter_failsafe(str(failed))
+            raise pyfuse3.FUSEError(errno.EROFS)
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    def _handle(self, fh: int) -> _Handle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+
+    def commit(self) -> None:
+        """Commit the open transaction durably (fsync/fsyncdir and the write bound)."""
+        if self.read_only:
+            return
+        if self.failsafe:
+            # The change cannot be made durable any more: say so to whoever asked.
+            raise pyfuse3.FUSEError(errno.EIO)
+        self.volume.commit(sync=True)
+
+    # -- conversions
+
+    def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = attr.ino
+        entry.generation = attr.generation
+        entry.entry_timeout = self.entry_timeout
+        entry.attr_timeout = self.attr_timeout
+        entry.st_mode = attr.mode
+        entry.st_nlink = attr.nlink
+        entry.st_uid = attr.uid
+        entry.st_gid = attr.gid
+        entry.st_rdev = attr.rdev
+        entry.st_size = attr.size
+        entry.st_blksize = attr.blksize
+        entry.st_blocks = attr.blocks
+        entry.st_atime_ns = attr.atime_ns
+        entry.st_mtime_ns = attr.mtime_ns
+        entry.st_ctime_ns = attr.ctime_ns
+        return entry
+
+    # -- lookups and attributes
+
+    @_boundary()
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(self.fs.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # pyfuse3: forget must not raise at all (there is no request to answer).
+        for ino, nlookup in inode_list:
+            try:
+                self.fs.forget(ino, nlookup)
+            except VolumeFailed as exc:
+                self.enter_failsafe(f"forget: {exc}")
+            except Exception:
+                log.exception("forget(%d, %d) failed", ino, nlookup)
+
+    @_boundary()
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        return self._entry(self.fs.getattr(inode))
+
+    @_boundary(modifies=True)
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        changes = SetAttr()
+        if fields.update_size:
+            if attr.st_size > MAX_FILE_SIZE:
+                raise pyfuse3.FUSEError(errno.EFBIG)
+            changes.size = attr.st_size
+        if fields.update_mode:
+            changes.mode = attr.st_mode
+        if fields.update_uid:
+            changes.uid = attr.st_uid
+        if fields.update_gid:
+            changes.gid = attr.st_gid
+        # pyfuse3 already turned UTIME_NOW into a concrete timestamp.
+        if fields.update_atime:
+            changes.atime_ns = attr.st_atime_ns
+        if fields.update_mtime:
+            changes.mtime_ns = attr.st_mtime_ns
+        return self._entry(self.fs.setattr(inode, changes))
+
+    @_boundary()
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.readlink(inode)
+
+    # -- namespace
+
+    @_boundary(modifies=True)
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        # Owner: the caller (setgid-directory inheritance is the filesystem's business).
+        return self._entry(self.fs.mknod(parent_inode, name, mode, rdev, ctx.uid, ctx.gid))
+
+    @_boundary(modifies=True)
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(self.fs.mkdir(parent_inode, name, mode, ctx.uid, ctx.gid))
+
+    @_boundary(modifies=True)
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(self.fs.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @_boundary(modifies=True)
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        return self._entry(self.fs.link(inode, new_parent_inode, new_name))
+
+    @_boundary(modifies=True)
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.unlink(parent_inode, name)
+
+    @_boundary(modifies=True)
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.rmdir(parent_inode, name)
+
+    @_boundary(modifies=True)
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    # -- files
+
+    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
+        # keep_cache: on a read-write source every change passes through this kernel, so the
+        # page cache stays valid across opens; a read-only mount may be a replica whose
+        # blocks change underneath, so it drops the cache on each open.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=not self.read_only)
+
+    @_boundary()
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        writable = (flags & os.O_ACCMODE) in _ACCMODE_WRITE
+        if writable or flags & os.O_TRUNC:
+            self._check_writable()
+        # Without atomic_o_trunc the kernel truncates through setattr; honour the flag
+        # anyway should a kernel pass it on.
+        if flags & os.O_TRUNC and writable and self.fs.getattr(inode).size != 0:
+            self.fs.setattr(inode, SetAttr(size=0))
+        self.fs.open(inode)
+        fh = self._new_fh()
+        self._handles[fh] = _Handle(inode, flags)
+        return self._file_info(fh)
+
+    @_boundary(modifies=True)
+    async def create(
+        self,
+        parent_inode: int,
+        name: bytes,
+        mode: int,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        attr = self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)  # +1 ref, +1 handle
+        fh = self._new_fh()
+        self._handles[fh] = _Handle(attr.ino, flags)
+        return self._file_info(fh), self._entry(attr)
+
+    @_boundary()
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.fs.read(self._handle(fh).ino, off, size)
+
+    @_boundary(modifies=True)
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handle(fh)
+        if handle.flags & os.O_APPEND:
+            offset: int | None = None  # the filesystem writes at its own EOF
+        else:
+            if off + len(buf) > MAX_FILE_SIZE:
+                raise pyfuse3.FUSEError(errno.EFBIG)
+            offset = off
+        written = self.fs.write(handle.ino, offset, buf)
+        if self.volume.pending_bytes > self.commit_bound:
+            # Bound the memory of the open transaction; the write itself already succeeded
+            # in it, so a commit failure switches to failsafe (via _boundary) and says EIO.
+            self.volume.commit(sync=True)
+        return written
+
+    @_boundary()
+    async def flush(self, fh: int) -> None:
+        # close(2): durability is fsync's job; the group commit follows within an interval.
+        self._handle(fh)
+
+    @_boundary()
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is not None:
+            self.fs.release(handle.ino)
+
+    @_boundary()
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self._handle(fh)
+        self.commit()
+
+    # -- directories
+
+    @_boundary()
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        fh = self._new_fh()
+        self._dir_handles[fh] = inode
+        return fh
+
+    @_boundary()
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        try:
+            ino = self._dir_handles[fh]
+        except KeyError:
+            raise pyfuse3.FUSEError(errno.EBADF) from None
+        for name, attr, next_cookie in self.fs.readdir(ino, start_id):
+            if not pyfuse3.readdir_reply(token, name, self._entry(attr), next_cookie):
+                break  # the kernel's buffer is full: this entry was not taken
+            if name not in (b".", b".."):
+                # readdirplus: an accepted entry counts as a lookup for the kernel.
+                self.fs.add_ref(attr.ino)
+
+    @_boundary()
+    async def releasedir(self, fh: int) -> None:
+        self._dir_handles.pop(fh, None)
+
+    @_boundary()
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.commit()
+
+    # -- xattrs (pyfuse3 itself handles XATTR_CREATE / XATTR_REPLACE via getxattr)
+
+    @_boundary(modifies=True)
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        self.fs.setxattr(inode, name, value)
+
+    @_boundary()
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.fs.getxattr(inode, name)
+
+    @_boundary()
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        return self.fs.listxattr(inode)
+
+    @_boundary(modifies=True)
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.fs.removexattr(inode, name)
+
+    # -- filesystem
+
+    @_boundary()
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        st = self.fs.statfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = st.block_size
+        data.f_frsize = st.block_size
+        data.f_blocks = st.blocks
+        data.f_bfree = st.blocks_free
+        data.f_bavail = st.blocks_avail
+        data.f_files = st.files
+        data.f_ffree = st.files_free
+        data.f_favail = st.files_free
+        data.f_namemax = st.name_max
+        return data
