@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import pyfuse3
 import pytest
+import trio
 
 from mirrorfs.fs.filesystem import MAX_FILE_SIZE, Attr, FsError
 from mirrorfs.fuse.operations import Operations
@@ -167,22 +168,48 @@ async def test_adapter_efbig_before_the_filesystem():
     assert not [c for c in fs.calls if c[0] in ("setattr", "write")]
 
 
-async def test_adapter_write_append_commit_bound_and_fsync():
-    ops, fs, vol = make_ops(commit_bound=100)
-    fi = await ops.open(5, os.O_WRONLY | os.O_APPEND, CTX)
-    assert await ops.write(fi.fh, 12345, b"abc") == 3
-    assert fs.calls[-1] == ("write", 5, None, b"abc")
-    vol.pending_bytes = 101
-    fi2 = await ops.open(5, os.O_WRONLY, CTX)
-    assert await ops.write(fi2.fh, 7, b"xy") == 2
-    assert fs.calls[-1] == ("write", 5, 7, b"xy")
-    assert vol.commits == 1
-    await ops.fsync(fi2.fh, True)
-    assert vol.commits == 2
-    await ops.release(fi.fh)
-    await ops.release(fi2.fh)
-    assert [c for c in fs.calls if c[0] == "release"] == [("release", 5), ("release", 5)]
-    assert await fuse_errno(ops.read(fi.fh, 0, 1)) == errno.EBADF
+async def test_adapter_write_append_commit_bound_and_fsync(tmp_path):
+    """On a real volume: O_APPEND writes at EOF, the size bound seals, fsync makes durable."""
+    from mirrorfs.fs.filesystem import Filesystem
+    from mirrorfs.store.volume import Volume
+
+    path = str(tmp_path / "vol")
+    Volume.create(path, 16 << 20)
+    vol = Volume.open(path)
+    Filesystem.format(vol, inode_count=64)
+    fs = Filesystem(vol)
+    ops = Operations(fs, vol, commit_bound=64 << 10)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ops.committer.run)
+            fi, attr = await ops.create(1, b"f", 0o100644, os.O_WRONLY | os.O_APPEND, CTX)
+            assert await ops.write(fi.fh, 12345, b"abc") == 3  # O_APPEND: at EOF, not 12345
+            assert fs.getattr(attr.st_ino).size == 3
+            fi2 = await ops.open(attr.st_ino, os.O_WRONLY, CTX)
+            before = vol.last_seq
+            big = os.urandom(256 << 10)  # past the in-flight bound: sealed and persisted
+            assert await ops.write(fi2.fh, 4096, big) == len(big)
+            await ops.fsync(fi2.fh, True)
+            assert vol.last_seq > before and vol.pending_bytes == 0
+            seqs = [t.seq for t in vol.samlog.scan(before + 1)]
+            assert seqs == list(range(before + 1, vol.last_seq + 1))
+            assert fs.read(attr.st_ino, 4096, len(big)) == big
+            await ops.release(fi.fh)
+            await ops.release(fi2.fh)
+            assert await fuse_errno(ops.read(fi.fh, 0, 1)) == errno.EBADF
+            nursery.cancel_scope.cancel()
+    finally:
+        fs.close()
+        vol.close()
+    # what fsync returned for is in the log and in place after a reopen
+    vol = Volume.open(path)
+    try:
+        fs = Filesystem(vol)
+        ino = fs.lookup(1, b"f").ino
+        assert fs.read(ino, 0, 3) == b"abc"
+        assert fs.read(ino, 4096, len(big)) == big
+    finally:
+        vol.close()
 
 
 async def test_adapter_readdir_counts_accepted_entries(monkeypatch):

@@ -184,3 +184,26 @@ def test_checkpoint_retires_log_segments(vol_path):
         assert vol.state.checkpointed_seq == vol.last_seq
     finally:
         vol.close()
+
+
+def test_sealed_transactions_stay_visible_until_finished(vol_path):
+    vol = Volume.open(vol_path)
+    try:
+        blk = vol.allocator.allocate_one()
+        vol.write(blk, b"1" * 4096)
+        t1 = vol.seal()
+        vol.write(blk, b"2" * 4096)
+        t2 = vol.seal()
+        assert t1.seq + 1 == t2.seq and vol.in_flight_seq == t2.seq
+        assert vol.read(blk) == b"2" * 4096  # the newest sealed layer wins
+        vol.persist(t1)
+        vol.finish(t1)
+        assert vol.last_seq == t1.seq and vol.read(blk) == b"2" * 4096
+        vol.write(blk, b"3" * 4096)  # open transaction over a sealed one
+        assert vol.read(blk) == b"3" * 4096
+        vol.close()  # drains t2, commits the open one
+        vol = Volume.open(vol_path)
+        assert vol.read(blk) == b"3" * 4096
+        assert vol.last_seq == t2.seq + 1  # t2 drained, then the open one committed
+    finally:
+        vol.close()

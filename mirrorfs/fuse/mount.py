@@ -141,6 +141,7 @@ async def _serve(
     async with trio.open_nursery() as nursery:
         await nursery.start(_watch_signals, name="signals")
         if not cfg.read_only:
+            await nursery.start(ops.committer.run, name="persister")
             nursery.start_soon(_group_commit, ops, volume, cfg.commit_interval, name="group-commit")
         nursery.start_soon(_announce_ready, mountpoint, on_ready, name="ready")
         try:
@@ -161,15 +162,15 @@ async def _watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_I
 async def _group_commit(ops: Operations, volume: Volume, interval: float) -> None:
     """Seal the open transaction every ``interval`` seconds when it holds anything.
 
-    The commit runs inline, between two awaits, so no handler can add to the transaction
-    while it is being sealed.
+    Sealing runs inline, between two awaits, so no handler can add to the transaction while
+    it is being sealed; the persister task writes it out (see fuse/committer.py).
     """
     while True:
         await trio.sleep(interval)
-        if ops.failsafe or not volume.pending_bytes:
+        if ops.failsafe or not volume.open_bytes:
             continue
         try:
-            volume.commit(sync=True)
+            ops.committer.seal()
         except VolumeFailed as exc:
             ops.enter_failsafe(f"group commit: {exc}")
         except Exception as exc:

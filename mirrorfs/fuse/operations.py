@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from mirrorfs.fs.filesystem import MAX_FILE_SIZE, Attr, Filesystem, FsError, SetAttr
+from mirrorfs.fuse.committer import Committer
 from mirrorfs.store.errors import NoSpace, VolumeFailed
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class Operations(pyfuse3.Operations):
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
         self.commit_bound = commit_bound
+        self.committer = Committer(volume, max_in_flight_bytes=4 * commit_bound)
         self._handles: dict[int, _Handle] = {}
         self._dir_handles: dict[int, int] = {}
         self._next_fh = 1
@@ -155,14 +157,14 @@ class Operations(pyfuse3.Operations):
         except KeyError:
             raise pyfuse3.FUSEError(errno.EBADF) from None
 
-    def commit(self) -> None:
-        """Commit the open transaction durably (fsync/fsyncdir and the write bound)."""
+    async def commit(self) -> None:
+        """Make everything written so far durable (fsync, fsyncdir)."""
         if self.read_only:
             return
         if self.failsafe:
             # The change cannot be made durable any more: say so to whoever asked.
             raise pyfuse3.FUSEError(errno.EIO)
-        self.volume.commit(sync=True)
+        await self.committer.commit()
 
     # -- conversions
 
@@ -335,10 +337,10 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EFBIG)
             offset = off
         written = self.fs.write(handle.ino, offset, buf)
-        if self.volume.pending_bytes > self.commit_bound:
-            # Bound the memory of the open transaction; the write itself already succeeded
-            # in it, so a commit failure switches to failsafe (via _boundary) and says EIO.
-            self.volume.commit(sync=True)
+        # Bound the memory of the open transaction and of those being persisted; the write
+        # itself already succeeded, so a commit failure switches to failsafe (via _boundary)
+        # and says EIO.
+        await self.committer.throttle()
         return written
 
     @_boundary()
@@ -355,7 +357,7 @@ class Operations(pyfuse3.Operations):
     @_boundary()
     async def fsync(self, fh: int, datasync: bool) -> None:
         self._handle(fh)
-        self.commit()
+        await self.commit()
 
     # -- directories
 
@@ -384,7 +386,7 @@ class Operations(pyfuse3.Operations):
 
     @_boundary()
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.commit()
+        await self.commit()
 
     # -- xattrs (pyfuse3 itself handles XATTR_CREATE / XATTR_REPLACE via getxattr)
 

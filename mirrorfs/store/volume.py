@@ -155,6 +155,7 @@ class Volume:
         # first); reads see them until ``finish`` drops them.
         self._sealed: list[tuple[Transaction, BlockOverlay]] = []
         self._sealed_seq = 0
+        self._persisted_seq = 0
         self._last_seq = 0
         self._last_checkpoint = time.monotonic()
         self._log_bytes_since_checkpoint = 0
@@ -180,6 +181,16 @@ class Volume:
     def last_seq(self) -> int:
         """Sequence number of the last committed transaction."""
         return self._last_seq
+
+    @property
+    def open_bytes(self) -> int:
+        """Bytes of block data in the open (not yet sealed) transaction."""
+        return self._overlay.nbytes
+
+    @property
+    def in_flight_seq(self) -> int | None:
+        """The newest sealed transaction not finished yet, if any."""
+        return self._sealed[-1][0].seq if self._sealed else None
 
     @property
     def pending_bytes(self) -> int:
@@ -376,6 +387,7 @@ class Volume:
         parameter is kept for callers that want to state their intent. This is ``seal``,
         ``persist`` and ``finish`` in a row; the mount runs ``persist`` in a worker thread.
         """
+        self.drain()
         txn = self.seal()
         if txn is None:
             self._maybe_checkpoint()
@@ -383,6 +395,17 @@ class Volume:
         self.persist(txn)
         self.finish(txn)
         return txn.seq
+
+    def drain(self) -> None:
+        """Persist and finish, here and now, every sealed transaction still pending.
+
+        For shutdown and the synchronous ``commit``: the mount's worker has stopped by then.
+        """
+        while self._sealed:
+            txn = self._sealed[0][0]
+            if txn.seq > self._persisted_seq:
+                self.persist(txn)
+            self.finish(txn)
 
     def seal(self) -> Transaction | None:
         """Close the open transaction and give it its sequence number (no I/O).
@@ -427,6 +450,7 @@ class Volume:
             # The transaction is durable in the log; recovery will write it in place.
             self._fail(f"cannot write the block file: {exc.strerror or exc}")
         self._log_bytes_since_checkpoint += nbytes
+        self._persisted_seq = txn.seq
         return nbytes
 
     def finish(self, txn: Transaction) -> None:
@@ -628,7 +652,7 @@ class Volume:
             return
         try:
             if not self.failed:
-                self.commit()
+                self.commit()  # drains sealed transactions first
                 self.checkpoint()
         finally:
             self.samlog.close()
