@@ -1,0 +1,559 @@
+"""The replica daemon: one trio nursery that follows a source and serves a read-only mount.
+
+Tasks of the nursery (one process, one trio loop, one thread)::
+
+    control      DIR/control.sock (status)                       mirrorfs.node.control
+    listener     TCP on --listen, a Receiver session per source   mirrorfs.repl.receiver
+    invalidator  kernel cache invalidations, from a worker thread
+    fuse         pyfuse3.main() of the read-only mount (with --mount, once consistent)
+
+Cache coherence of the mount. The receiver applies a transaction between two awaits and
+calls ``_on_applied`` in the same step, which drops the Filesystem's own caches of the
+inodes and directories that the transaction's hints name (``Filesystem.invalidate``). A FUSE
+handler, served by the same loop, thus never sees new blocks through old caches. The
+kernel's caches are dropped afterwards by the invalidator task: ``invalidate_entry`` and
+``invalidate_inode`` in a ``trio.to_thread`` worker, never inside a request handler (they
+wait for related requests, which only our loop can finish: a deadlock).
+
+An initial sync starts by wiping DIR (``Volume.create_replica``), which removes the
+node-local files that live there too; ``_on_created`` puts back the control socket, the log
+file and the pid file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from mirrorfs.node.control import ControlServer, socket_path
+from mirrorfs.repl.auth import check_listen_policy
+from mirrorfs.repl.receiver import Receiver
+from mirrorfs.store.nodestate import NODE_FILE, NodeState, Role
+from mirrorfs.store.txn import HintKind, Transaction
+from mirrorfs.store.volume import Volume
+
+log = logging.getLogger(__name__)
+
+PID_FILE = "replica.pid"
+LOG_FILE = "mirrorfs.log"  # the same name as mirrorfs.cli.LOG_FILE
+# What a directory may hold besides a volume and still count as empty: our own files, and
+# the leftovers of an initial sync that never completed.
+_NODE_LOCAL = {"control.sock", LOG_FILE, PID_FILE, "lock", "blocks", "log", NODE_FILE + ".tmp"}
+
+
+class ReplicaError(Exception):
+    """The replica cannot start (one-line message for the user)."""
+
+
+@dataclass(slots=True)
+class ReplicaConfig:
+    """What ``mirrorfs replica`` was asked to do."""
+
+    volume_dir: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    mountpoint: str | None = None
+    secret: bytes | None = None
+    insecure: bool = False
+    #: Extra FUSE options for the read-only mount (e.g. ``allow_other``).
+    mount_options: Sequence[str] = field(default_factory=tuple)
+    write_pid_file: bool = True
+
+
+def prepare_dir(volume_dir: str) -> str:
+    """Absolute DIR, created if missing; ReplicaError if it holds something not ours."""
+    path = os.path.abspath(volume_dir)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise ReplicaError(f"{parent}: no such directory")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ReplicaError(f"{path} exists and is not a directory")
+    os.makedirs(path, exist_ok=True)
+    if not os.path.exists(os.path.join(path, NODE_FILE)):
+        foreign = sorted(set(os.listdir(path)) - _NODE_LOCAL)
+        if foreign:
+            # An initial sync wipes DIR: never do that to files we did not make.
+            raise ReplicaError(
+                f"{path} is not empty and holds no mirrorfs volume (found {foreign[0]!r})"
+            )
+    return path
+
+
+def open_replica_volume(path: str) -> Volume | None:
+    """The replica volume in ``path``, or None when it needs an initial sync."""
+    if not os.path.exists(os.path.join(path, NODE_FILE)):
+        return None
+    state = NodeState.load(path)
+    if state.sync_state:
+        log.info("%s: an initial sync never completed; it restarts with the next source", path)
+        return None
+    if state.role == Role.SOURCE.value:
+        raise ReplicaError(
+            f"{path} holds the source of volume {state.volume_uuid}; a replica needs a target "
+            "volume (an empty directory, or a demoted source)"
+        )
+    return Volume.open(path)
+
+
+class ReplicaNode:
+    """The replica daemon's state; ``run`` serves until cancelled."""
+
+    def __init__(self, cfg: ReplicaConfig) -> None:
+        self.cfg = cfg
+        self.path = os.path.abspath(cfg.volume_dir)
+        self.port = cfg.port
+        self.receiver: Receiver | None = None
+        self.control: ControlServer | None = None
+        self.fs: Any = None  # the Filesystem of the live mount
+        self.mounted = False
+        self.mount_error = ""
+        self._mount_wanted = False  # a mount task is running or failed for good
+        self._nursery: trio.Nursery | None = None
+        self._inval_inodes: set[int] = set()
+        self._inval_entries: dict[tuple[int, bytes], None] = {}  # ordered set
+        self._nudge_send, self._nudge_receive = trio.open_memory_channel[None](1)
+        self._fuse_lock = trio.Lock()
+        self._log_ident: tuple[int, int] | None = None
+
+    # ------------------------------------------------------------------------------- run
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[ReplicaNode] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled; ``started`` with this node once it listens."""
+        cfg = self.cfg
+        check_listen_policy(cfg.host, cfg.secret, cfg.insecure)
+        if cfg.mountpoint:
+            from mirrorfs.fuse.mount import MountError, check_mountpoint
+
+            try:
+                check_mountpoint(cfg.mountpoint)
+            except MountError as exc:
+                raise ReplicaError(str(exc)) from None
+        path = prepare_dir(self.path)
+        self._remember_log_file()
+        control = ControlServer(socket_path(path), {"status": self._cmd_status})
+        control.bind()  # refuses when another daemon serves this directory
+        self.control = control
+        volume: Volume | None = None
+        try:
+            volume = open_replica_volume(path)
+            self.receiver = Receiver(
+                path,
+                volume,
+                secret=cfg.secret,
+                on_applied=self._on_applied,
+                on_consistent=self._on_consistent,
+                on_created=self._on_created,
+            )
+            try:
+                listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
+            except OSError as exc:
+                raise ReplicaError(
+                    f"cannot listen on {cfg.host or '*'}:{cfg.port}: {exc.strerror or exc}"
+                ) from None
+            self.port = listeners[0].socket.getsockname()[1]
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(control.serve)
+                nursery.start_soon(self._invalidator, name="invalidator")
+                await nursery.start(trio.serve_listeners, self.receiver.serve, listeners)
+                self._write_pid_file()
+                log.info(
+                    "replica of %s listening on %s:%d (%s)",
+                    path,
+                    cfg.host or "*",
+                    self.port,
+                    "consistent" if volume and volume.consistent else "waiting for a source",
+                )
+                if volume is not None and volume.consistent:
+                    self._on_consistent(volume)
+                task_status.started(self)
+        finally:
+            self._nursery = None
+            control.close()
+            self._remove_pid_file()
+            vol = self.receiver.volume if self.receiver else volume
+            if vol is not None:
+                vol.close()
+                log.info("volume closed")
+
+    # ---------------------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": "target", "volume_dir": self.path}
+        out["listen"] = f"{self.cfg.host or '*'}:{self.port}"
+        if self.receiver is not None:
+            out.update(self.receiver.status())
+        out["mountpoint"] = self.cfg.mountpoint or ""
+        out["mounted"] = self.mounted
+        out["mount_error"] = self.mount_error
+        return out
+
+    async def _cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"status": self.status()}
+
+    # ------------------------------------------------------------------- receiver events
+
+    def _on_created(self, volume: Volume) -> None:
+        """An initial sync wiped DIR: put back the node-local files."""
+        if self.control is not None:
+            self.control.rebind_if_gone()
+        self._reopen_log_file()
+        self._write_pid_file()
+
+    def _on_consistent(self, volume: Volume) -> None:
+        if not volume.consistent:
+            return
+        if self.cfg.mountpoint and not self._mount_wanted and self._nursery is not None:
+            self._mount_wanted = True
+            self._nursery.start_soon(self._mount, volume, name="fuse")
+
+    def _on_applied(self, txn: Transaction) -> None:
+        # Runs right after the apply, in the same step of the loop (no await in between).
+        fs = self.fs
+        if fs is None:
+            if self.receiver is not None and self.receiver.volume is not None:
+                self._on_consistent(self.receiver.volume)  # a mount that could not start yet
+            return
+        invalidate = getattr(fs, "invalidate", None)
+        if invalidate is not None:
+            invalidate(txn.hints)
+        for h in txn.hints:
+            if h.kind in (HintKind.ENTRY_ADDED, HintKind.ENTRY_REMOVED):
+                self._inval_entries[(h.parent, h.name)] = None
+                self._inval_inodes.add(h.parent)
+            else:
+                self._inval_inodes.add(h.ino)
+        if self._inval_inodes or self._inval_entries:
+            with contextlib.suppress(trio.WouldBlock):
+                self._nudge_send.send_nowait(None)
+
+    # ---------------------------------------------------------------------------- mount
+
+    async def _mount(self, volume: Volume) -> None:
+        import pyfuse3
+
+        from mirrorfs.fs.filesystem import Filesystem
+        from mirrorfs.fuse.mount import MountConfig, fuse_options
+        from mirrorfs.fuse.operations import Operations
+
+        cfg = self.cfg
+        assert cfg.mountpoint
+        mountpoint = os.path.abspath(cfg.mountpoint)
+        try:
+            fs = Filesystem(volume, read_only=True)
+        except Exception as exc:
+            # E.g. the source never made a filesystem: try again after the next transaction.
+            self.mount_error = f"cannot mount {mountpoint}: no filesystem: {exc}"
+            log.error("%s (replication goes on)", self.mount_error)
+            self._mount_wanted = False
+            return
+        try:
+            ops = Operations(fs, volume, read_only=True)
+            options = fuse_options(
+                MountConfig(self.path, mountpoint, read_only=True, options=cfg.mount_options)
+            )
+            pyfuse3.init(ops, mountpoint, options)
+        except Exception as exc:
+            self.mount_error = f"cannot mount {mountpoint}: {exc}"
+            log.error("%s (replication goes on)", self.mount_error)
+            return
+        # From here to pyfuse3.main() there is no await: no transaction lands in between.
+        self.fs, self.mounted, self.mount_error = fs, True, ""
+        log.info("replica mounted read-only at %s (seq %d)", mountpoint, volume.last_seq)
+        try:
+            await pyfuse3.main()
+            log.warning("%s was unmounted from outside; replication goes on", mountpoint)
+        finally:
+            self.fs, self.mounted = None, False
+            with trio.CancelScope(shield=True):
+                async with self._fuse_lock:  # no invalidation in flight any more
+                    pyfuse3.close(unmount=True)
+            fs.close()
+            log.info("unmounted %s", mountpoint)
+
+    async def _invalidator(self) -> None:
+        """Drop the kernel's caches of what applied transactions changed."""
+        async for _ in self._nudge_receive:
+            # Held while a worker thread talks to the kernel: the mount task takes it before
+            # pyfuse3.close() destroys the session under that thread's feet.
+            async with self._fuse_lock:
+                entries, self._inval_entries = self._inval_entries, {}
+                inodes, self._inval_inodes = self._inval_inodes, set()
+                if self.mounted:
+                    await trio.to_thread.run_sync(_invalidate, list(entries), sorted(inodes))
+
+    # ------------------------------------------------------------------ node-local files
+
+    def _write_pid_file(self) -> None:
+        if not self.cfg.write_pid_file:
+            return
+        path = os.path.join(self.path, PID_FILE)
+        with open(f"{path}.tmp", "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.replace(f"{path}.tmp", path)
+
+    def _remove_pid_file(self) -> None:
+        if self.cfg.write_pid_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.path, PID_FILE))
+
+    def _remember_log_file(self) -> None:
+        try:
+            st = os.stat(os.path.join(self.path, LOG_FILE))
+        except OSError:
+            return
+        self._log_ident = (st.st_dev, st.st_ino)
+
+    def _reopen_log_file(self) -> None:
+        """Write the log to a new DIR/mirrorfs.log after the old one was wiped away."""
+        log_path = os.path.join(self.path, LOG_FILE)
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler) and handler.baseFilename == log_path:
+                handler.close()  # reopened (appending) by the next record
+        if self._log_ident is None:
+            return
+        for fd in (1, 2):  # a detached daemon's stdout and stderr are the log file too
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == self._log_ident and st.st_nlink == 0:
+                new = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                os.dup2(new, fd)
+                os.close(new)
+        self._remember_log_file()
+
+
+def _invalidate(entries: list[tuple[int, bytes]], inodes: list[int]) -> None:
+    """Kernel cache invalidations (a worker thread: they block until related requests end).
+
+    ``invalidate_entry`` rather than ``invalidate_entry_async``: we are in a thread of our
+    own already, and pyfuse3's async queue is served by a thread that outlives neither
+    ``pyfuse3.main()`` nor, safely, ``pyfuse3.close()``.
+    """
+    import pyfuse3
+
+    for parent, name in entries:
+        try:
+            pyfuse3.invalidate_entry(parent, name)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel never looked it up
+                log.warning("invalidate_entry(%d, %r): %s", parent, name, exc.strerror or exc)
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it
+                log.warning("invalidate_inode(%d): %s", ino, exc.strerror or exc)
+
+
+async def run_replica(
+    cfg: ReplicaConfig, *, task_status: trio.TaskStatus[ReplicaNode] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the replica daemon until cancelled; ``started`` (with the node) once listening.
+
+    Raises ReplicaError, ListenPolicyError, ControlError, StoreError (one-line messages)
+    when it cannot start.
+    """
+    await ReplicaNode(cfg).run(task_status=task_status)
+
+
+def main_replica(cfg: ReplicaConfig, *, on_ready: Callable[[], None] | None = None) -> int:
+    """Run the daemon in this process until SIGTERM/SIGINT; ``on_ready`` once listening."""
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                await nursery.start(run_replica, cfg)
+                if on_ready is not None:
+                    on_ready()
+                async for signum in signals:
+                    log.info("received %s: shutting down", signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+
+    try:
+        trio.run(main)
+    except BaseExceptionGroup as group:
+        raise _sole(group) from None
+    return 0
+
+
+def _sole(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (trio's strict groups)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+# ------------------------------------------------------------------------- command line
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[v6addr]:PORT`` or ``:PORT`` (every interface) -> (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"invalid listen address {text!r} (expected HOST:PORT)")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"invalid listen address {text!r} (write IPv6 as [ADDR]:PORT)")
+    return host, int(port_text)
+
+
+def _listen_arg(text: str) -> tuple[str, int]:
+    import argparse
+
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_replica_arguments(p: Any) -> None:
+    """Arguments of ``mirrorfs replica`` on the argparse subparser ``p`` (sets func)."""
+    import argparse
+
+    p.add_argument("dir", metavar="DIR", help="replica volume directory (created if missing)")
+    p.add_argument(
+        "--listen", required=True, type=_listen_arg, metavar="HOST:PORT", help="TCP address"
+    )
+    p.add_argument("--mount", metavar="MNT", default=None, help="mount the replica read-only")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPTS",
+        help="FUSE options of the read-only mount, comma-separated (e.g. allow_other)",
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--secret-file", metavar="FILE", help="shared secret (mode 0600)")
+    group.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback address without a secret"
+    )
+    p.add_argument("--foreground", action="store_true", help="do not detach")
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_replica)
+
+
+def cmd_replica(args: Any) -> int:
+    """``mirrorfs replica``: returns once the daemon listens (or, --foreground, at exit)."""
+    from mirrorfs.cli import CliError
+    from mirrorfs.fuse.mount import MountError
+    from mirrorfs.node.control import ControlError
+    from mirrorfs.repl.wire import ReplError
+
+    try:
+        if args.foreground:
+            return _replica_foreground(args)
+        return _replica_detached(args)
+    except (ReplicaError, ReplError, ControlError, MountError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def _replica_config(args: Any) -> ReplicaConfig:
+    from mirrorfs.repl.auth import load_secret
+
+    host, port = args.listen
+    secret = load_secret(args.secret_file) if args.secret_file else None
+    check_listen_policy(host, secret, args.insecure)
+    return ReplicaConfig(
+        volume_dir=os.path.abspath(args.dir),
+        host=host,
+        port=port,
+        mountpoint=os.path.abspath(args.mount) if args.mount else None,
+        secret=secret,
+        insecure=args.insecure,
+        mount_options=tuple(args.options),
+    )
+
+
+def _replica_detached(args: Any) -> int:
+    """Start ``replica --foreground`` in a new session; wait until it says it listens."""
+    import subprocess
+    import sys
+
+    from mirrorfs.cli import LOG_FILE as CLI_LOG_FILE
+    from mirrorfs.cli import CliError, _child_env
+
+    cfg = _replica_config(args)  # fail here, with the user's terminal, when we can
+    volume_dir = prepare_dir(cfg.volume_dir)
+    host, port = args.listen
+    extra: list[str] = []
+    if cfg.mountpoint:
+        extra += ["--mount", cfg.mountpoint]
+    for opt in args.options:
+        extra += ["-o", opt]
+    if args.secret_file:
+        extra += ["--secret-file", os.path.abspath(args.secret_file)]
+    if args.insecure:
+        extra.append("--insecure")
+    if getattr(args, "debug", False):
+        extra.append("--debug")
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    read_fd, write_fd = os.pipe()
+    cmd = [sys.executable, "-m", "mirrorfs", "replica", volume_dir, "--listen", listen]
+    cmd += ["--foreground", "--ready-fd", str(write_fd), *extra]
+    log_path = os.path.join(volume_dir, CLI_LOG_FILE)
+    try:
+        with open(log_path, "ab") as logf:
+            child = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=logf,
+                pass_fds=(write_fd,),
+                start_new_session=True,
+                cwd="/",
+                env=_child_env(),
+            )
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode(errors="replace").strip()
+    if message == "ok":
+        return 0
+    if message.startswith("error: "):
+        raise CliError(message[len("error: ") :])
+    status = child.wait()
+    raise CliError(f"the replica process exited with status {status} (see {log_path})")
+
+
+def _replica_foreground(args: Any) -> int:
+    from mirrorfs.cli import _describe, _setup_logging
+
+    volume_dir = os.path.abspath(args.dir)
+    log_file = os.path.join(volume_dir, LOG_FILE) if os.path.isdir(volume_dir) else None
+    # A detached child (--ready-fd) has its stderr on the log file already.
+    debug = getattr(args, "debug", False)
+    _setup_logging(debug, log_file=log_file, stderr=args.ready_fd is None, level=logging.INFO)
+    ready_fd = args.ready_fd
+
+    def report(message: str) -> None:
+        nonlocal ready_fd
+        if ready_fd is not None:
+            try:
+                os.write(ready_fd, message.encode() + b"\n")
+                os.close(ready_fd)
+            except OSError:
+                pass  # the parent is gone: nobody to tell
+            ready_fd = None
+
+    try:
+        main_replica(_replica_config(args), on_ready=lambda: report("ok"))
+    except BaseException as exc:
+        report(f"error: {_describe(exc)}")
+        raise
+    report("error: the replica ended before it was ready")
+    return 0

@@ -1,0 +1,655 @@
+"""The source side of replication: one ``Shipper`` per target.
+
+A shipper connects to its target (``trio.open_tcp_stream``, backoff 0.1 s doubling to 5 s),
+runs ``handshake_source``, then, per CONTRACTS.md "Replication session":
+
+- an initial sync if the target is empty: SYNC_BEGIN(S), the non-zero blocks of the block
+  file in chunks of at most 1 MiB (holes skipped with SEEK_DATA/SEEK_HOLE, zero chunks
+  skipped, lz4 when it helps), SYNC_END(T); the log is pinned from S+1 meanwhile;
+- then TXN frames in sequence order from the target's received_seq + 1, read verbatim from
+  the SAM log, with at most ``window_bytes`` of TXN records not yet acknowledged as received.
+
+Several shippers can serve one volume (fan-out), each at its own pace.
+
+Concurrency (one trio thread):
+
+- The commit path never waits for a shipper. ``Volume.commit`` calls ``_on_commit``
+  synchronously: it notes the commit time and sets an Event, nothing else. Retention
+  (``install_retention``) runs inside ``Volume.checkpoint``, also synchronously: it reads the
+  shippers' positions and the log directory, and may drop a pin; it never awaits.
+- Per connection, three tasks: the sender (sync, TXN stream, VERIFY_REQ), the reader (ACK,
+  PING, ERROR_STATE, VERIFY_REPLY) and a control task (PING/PONG), so that the reader never
+  blocks on a send and ACKs keep being read while the sender waits for socket space.
+- Block file reads for the initial sync happen between awaits, so each chunk is a state at a
+  transaction boundary; the target replays S+1..T over the fuzzy copy (physical redo is
+  idempotent) and is consistent at T.
+- Everything the sender reads from the log is pinned (received_seq + 1 <= next seq), so a
+  checkpoint that runs while the sender awaits cannot retire it, unless retention dropped
+  the pin, in which case the target is out-of-sync anyway.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import trio
+
+from mirrorfs.repl.lag import CommitTracker, RateMeter, install_retention, lag_seconds
+from mirrorfs.repl.stream import (
+    ConnectionClosed,
+    FramedStream,
+    HandshakeRefused,
+    HandshakeTimeout,
+    handshake_source,
+)
+from mirrorfs.repl.verify import Range, VerifyChannel, VerifyError
+from mirrorfs.repl.wire import (
+    Ack,
+    ErrorState,
+    Message,
+    PeerState,
+    Ping,
+    Pong,
+    ProtocolError,
+    Refuse,
+    RefuseReason,
+    ReplError,
+    SyncBegin,
+    SyncBlocks,
+    SyncEnd,
+    SyncKind,
+    Txn,
+    VerifyReply,
+)
+from mirrorfs.store.errors import LogError, StoreError
+from mirrorfs.store.txn import Transaction
+from mirrorfs.store.volume import Volume
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MIN = 0.1
+BACKOFF_MAX = 5.0
+SYNC_CHUNK = 1 << 20
+KEEPALIVE = 5.0
+SILENCE = 30.0
+PROBE_INTERVAL = 30.0  # how often an out-of-sync or diverged target is looked at again
+
+
+class ShipperState(enum.StrEnum):
+    """What a shipper is doing (``status()["state"]``; ``reason`` says why for the last three)."""
+
+    CONNECTING = "connecting"
+    INITIAL_SYNC = "initial-sync"
+    STREAMING = "streaming"
+    OUT_OF_SYNC = "out-of-sync"
+    FENCED = "fenced"
+    ERROR = "error"
+
+
+_ROUTINE = (ShipperState.CONNECTING, ShipperState.INITIAL_SYNC, ShipperState.STREAMING)
+
+
+class _OutOfSync(ReplError):
+    """The target needs transactions this log no longer holds (or diverged from it)."""
+
+
+class _Fenced(ReplError):
+    """The target belongs to a newer epoch: this source is stale."""
+
+
+@dataclass(slots=True)
+class SyncProgress:
+    """Initial sync progress: blocks scanned (sent or skipped) out of the volume's."""
+
+    start_seq: int
+    blocks_total: int
+    blocks_done: int = 0
+    blocks_sent: int = 0
+    bytes_sent: int = 0
+
+    def as_dict(self) -> dict:
+        pct = 100.0 * self.blocks_done / self.blocks_total if self.blocks_total else 100.0
+        return {
+            "start_seq": self.start_seq,
+            "blocks_total": self.blocks_total,
+            "blocks_done": self.blocks_done,
+            "blocks_sent": self.blocks_sent,
+            "bytes_sent": self.bytes_sent,
+            "percent": round(pct, 1),
+        }
+
+
+@dataclass(slots=True)
+class _Session:
+    """One connection's state."""
+
+    fs: FramedStream
+    inflight: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, record bytes)
+    unacked: int = 0
+    last_sent: int = 0  # highest seq sent (or the sync's start seq)
+    peer_error: str = ""  # what ERROR_STATE said
+    pong_due: list[int] = field(default_factory=list)
+    log_reader: Iterator[tuple[int, bytes]] | None = None
+    reader_next: int = 0
+    control_wake: trio.Event = field(default_factory=trio.Event)
+
+
+class Shipper:
+    """Ships one volume's transactions to one target, until cancelled."""
+
+    def __init__(
+        self,
+        volume: Volume,
+        address: tuple[str, int],
+        *,
+        secret: bytes | None,
+        node_id: str,
+        window_bytes: int = 8 << 20,
+        max_log_bytes: int | None = None,
+        allow_initial_sync: bool = True,
+        probe_interval: float = PROBE_INTERVAL,
+        keepalive: float = KEEPALIVE,
+        silence: float = SILENCE,
+    ) -> None:
+        self.volume = volume
+        self.address = address
+        self.secret = secret
+        self.node_id = node_id
+        self.window_bytes = window_bytes
+        self.max_log_bytes = max_log_bytes
+        self.allow_initial_sync = allow_initial_sync
+        self.probe_interval = probe_interval
+        self.keepalive = keepalive
+        self.silence = silence
+        self.state = ShipperState.CONNECTING
+        self.reason = ""
+        self.target_node_id = ""
+        # The target's positions, None until a handshake told them (an unknown target pins
+        # nothing); kept across connections, so a known target keeps pinning while away.
+        self.received_seq: int | None = None
+        self.applied_seq: int | None = None
+        self.sync: SyncProgress | None = None
+        self.connections = 0
+        self._bytes_sent_before = 0  # wire bytes of finished connections
+        self._session: _Session | None = None
+        self._sync_pin: int | None = None
+        self._pin_dropped = ""  # why retention stopped pinning for this target
+        self._tracker = CommitTracker()
+        self._acked = RateMeter()
+        self._wake = trio.Event()  # the sender looks again (commit, ack, verify, pin drop)
+        self._retry = trio.Event()
+        self._session_scope: trio.CancelScope | None = None
+        self._verify = VerifyChannel(self.label)
+
+    @property
+    def label(self) -> str:
+        return f"{self.address[0]}:{self.address[1]}"
+
+    # ------------------------------------------------------------------ hooks (sync)
+
+    def _on_commit(self, txn: Transaction) -> None:
+        # Runs inside Volume.commit(): O(1), no I/O, never awaits.
+        self._tracker.note(txn)
+        self._wake.set()
+
+    def retain_seq(self) -> int | None:
+        """Lowest seq this target still needs from the log, None if it pins nothing."""
+        # An out-of-sync target needs what the log no longer holds: pinning the rest would
+        # only make the log grow without bound.
+        if self._pin_dropped or self.state in (ShipperState.FENCED, ShipperState.OUT_OF_SYNC):
+            return None
+        if self._sync_pin is not None:
+            return self._sync_pin
+        if self.received_seq is None:
+            return None
+        return self.received_seq + 1
+
+    def drop_pin(self, reason: str) -> None:
+        """Stop pinning the log for this target; it becomes out-of-sync.
+
+        Called from retention inside ``Volume.checkpoint`` (synchronously, in the commit path):
+        it only flags, wakes the sender and cancels the connection.
+        """
+        self._pin_dropped = reason
+        self._out_of_sync(reason)
+        if self._session_scope is not None:
+            self._session_scope.cancel()
+        self._wake.set()
+
+    def retry(self) -> None:
+        """Look at an out-of-sync, diverged or fenced target again now."""
+        self._retry.set()
+
+    def _set_state(self, state: ShipperState, reason: str = "") -> None:
+        # out-of-sync, error and fenced log their reasons themselves, at warning level
+        if state is not self.state and state in _ROUTINE:
+            log.info("target %s: %s%s", self.label, state.value, f" ({reason})" if reason else "")
+        self.state = state
+        self.reason = reason
+
+    # ------------------------------------------------------------------ status
+
+    @property
+    def bytes_sent(self) -> int:
+        s = self._session
+        return self._bytes_sent_before + (s.fs.bytes_sent if s is not None else 0)
+
+    def status(self) -> dict:
+        """This target's state, positions, lag and throughput, as plain JSON-able data."""
+        vol = self.volume
+        last = vol.last_seq
+        applied = self.applied_seq
+        lag_txns = lag_bytes = lag_secs = None
+        if applied is not None:
+            lag_txns = max(0, last - applied)
+            lag_bytes = self._tracker.bytes_after(applied) if lag_txns else 0
+            lag_secs = round(lag_seconds(self._tracker, vol, applied), 3)
+        return {
+            "address": self.label,
+            "state": self.state.value,
+            "reason": self.reason,
+            "target_node_id": self.target_node_id,
+            "source_seq": last,
+            "received_seq": self.received_seq,
+            "applied_seq": applied,
+            "lag_txns": lag_txns,
+            "lag_bytes": lag_bytes,
+            "lag_seconds": lag_secs,
+            "throughput_bps": round(self._acked.rate(), 1),
+            "bytes_sent": self.bytes_sent,
+            "unacked_bytes": self._session.unacked if self._session is not None else 0,
+            "window_bytes": self.window_bytes,
+            "initial_sync": self.sync.as_dict() if self.sync is not None else None,
+            "pinning": self.retain_seq() is not None,
+            "connections": self.connections,
+        }
+
+    # ------------------------------------------------------------------ verify
+
+    async def verify_round(
+        self, ranges: list[Range], *, timeout: float = 60.0
+    ) -> tuple[int, list[bytes], list[bytes]]:
+        """Digests of ``ranges`` on both sides at one seq: ``(seq, source, target)``."""
+        if self.state is not ShipperState.STREAMING:
+            raise VerifyError(f"target {self.label} is {self.state.value}, not streaming")
+        return await self._verify.request(ranges, timeout=timeout, wake=self._wake.set)
+
+    # ------------------------------------------------------------------ main loop
+
+    async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        """Ship to the target until cancelled (reconnecting with backoff)."""
+        self.volume.on_commit.append(self._on_commit)
+        try:
+            task_status.started()
+            delay = BACKOFF_MIN
+            while True:
+                if self.state in (ShipperState.FENCED, ShipperState.OUT_OF_SYNC):
+                    await self._wait_for_change()
+                elif self.state is ShipperState.ERROR:
+                    self._set_state(ShipperState.CONNECTING, self.reason)
+                streamed = await self._connect_once()
+                if streamed:
+                    delay = BACKOFF_MIN
+                if self.state not in (ShipperState.FENCED, ShipperState.OUT_OF_SYNC):
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, BACKOFF_MAX)
+        finally:
+            self.volume.on_commit.remove(self._on_commit)
+            self._verify.fail_all("the shipper stopped")
+
+    async def _wait_for_change(self) -> None:
+        # No point hammering a target we cannot serve: look again when asked to (retry()),
+        # and an out-of-sync one now and then too (it may have been wiped and want an initial
+        # sync). A fenced source waits for an explicit retry: a newer epoch does not go away.
+        if self.state is ShipperState.FENCED:
+            await self._retry.wait()
+        else:
+            with trio.move_on_after(self.probe_interval):
+                await self._retry.wait()
+        if self._retry.is_set():
+            self._retry = trio.Event()  # consumed (a retry() during backoff is not lost)
+
+    async def _connect_once(self) -> bool:
+        """One connection attempt and session; True if it got as far as shipping."""
+        vol = self.volume
+        try:
+            stream = await trio.open_tcp_stream(*self.address)
+        except OSError as exc:
+            self._note_failure(f"cannot connect: {exc.strerror or exc}")
+            return False
+        fs = FramedStream(stream)
+        self.connections += 1
+        streamed = False
+        try:
+            peer = await handshake_source(
+                fs,
+                secret=self.secret,
+                volume_uuid=vol.uuid,
+                node_id=self.node_id,
+                epochs=[(e[0], e[1]) for e in vol.state.epochs],
+                last_seq=vol.last_seq,
+                allow_initial_sync=self.allow_initial_sync,
+            )
+            self.target_node_id = peer.node_id
+            session = _Session(fs)
+            self._session = session
+            if peer.empty:
+                next_seq = 0
+                self.received_seq = self.applied_seq = None
+            else:
+                next_seq = self._position(peer.received_seq, peer.applied_seq)
+            streamed = True
+            await self._session_tasks(session, next_seq)
+        except HandshakeRefused as exc:
+            if exc.reason is RefuseReason.FENCED:
+                self._fence(str(exc))
+            else:
+                self._note_failure(str(exc))
+        except _Fenced as exc:
+            self._fence(str(exc))
+        except _OutOfSync as exc:
+            self._out_of_sync(str(exc))
+        except (ConnectionClosed, ProtocolError, HandshakeTimeout, OSError) as exc:
+            s = self._session
+            why = s.peer_error if s is not None and s.peer_error else str(exc)
+            self._note_failure(why)
+        except (ReplError, StoreError) as exc:
+            log.exception("target %s: shipping failed", self.label)
+            self._note_failure(str(exc))
+        finally:
+            self._end_session(fs)
+            with trio.CancelScope(shield=True):
+                await fs.aclose()
+        return streamed
+
+    def _position(self, received: int, applied: int) -> int:
+        """Adopt the target's handshake positions; the next seq to ship (synchronous)."""
+        vol = self.volume
+        if received > vol.last_seq or applied > received:
+            raise _OutOfSync(
+                f"the target has received seq {received} (applied {applied}) but this source "
+                f"is at seq {vol.last_seq}: it diverged (failback/resync needed)"
+            )
+        self.received_seq, self.applied_seq = received, applied
+        self._tracker.forget_upto(applied)
+        next_seq = received + 1
+        if not self._in_log(next_seq):
+            raise _OutOfSync(self._missing(next_seq))
+        # Streaming from now on as far as retention is concerned: the caller awaits before
+        # the sender starts, and a checkpoint meanwhile must already see this pin.
+        self._pin_dropped = ""
+        self._set_state(ShipperState.STREAMING)
+        return next_seq
+
+    def _in_log(self, seq: int) -> bool:
+        slog = self.volume.samlog
+        if seq == self.volume.last_seq + 1:
+            return True
+        return slog.first_seq != 0 and slog.first_seq <= seq <= slog.last_seq
+
+    def _missing(self, seq: int) -> str:
+        slog = self.volume.samlog
+        held = f"{slog.first_seq}..{slog.last_seq}" if slog.first_seq else "nothing"
+        return f"the target needs seq {seq} but the log holds {held} (resync needed)"
+
+    def _out_of_sync(self, why: str) -> None:
+        # Logged when the reason changes, not at every probe.
+        if (self.state, self.reason) != (ShipperState.OUT_OF_SYNC, why):
+            log.warning("target %s is out-of-sync: %s", self.label, why)
+        self._set_state(ShipperState.OUT_OF_SYNC, why)
+
+    def _note_failure(self, why: str) -> None:
+        if self.state is ShipperState.OUT_OF_SYNC and self._pin_dropped:
+            return  # retention already said why
+        if (self.state, self.reason) != (ShipperState.ERROR, why):
+            log.warning("target %s: %s", self.label, why)
+        self._set_state(ShipperState.ERROR, why)
+
+    def _fence(self, why: str) -> None:
+        log.error("target %s: stopped shipping: %s", self.label, why)
+        self._set_state(ShipperState.FENCED, why)
+
+    def _end_session(self, fs: FramedStream) -> None:
+        self._bytes_sent_before += fs.bytes_sent
+        s = self._session
+        self._session = None
+        if s is not None:
+            self._verify.fail_all(f"connection to {self.label} lost during verify")
+            if s.log_reader is not None:
+                s.log_reader.close()  # type: ignore[attr-defined]
+        if self.received_seq is None:
+            # An initial sync that did not finish restarts (with a new pin) next time.
+            self._sync_pin = None
+            self.sync = None
+
+    async def _session_tasks(self, s: _Session, next_seq: int) -> None:
+        """Run sender, reader and control tasks; the first failure ends all three."""
+        failure: list[BaseException] = []
+
+        async def guard(fn: Callable, *args: object) -> None:
+            try:
+                await fn(*args)
+            except (ReplError, StoreError, OSError) as exc:
+                failure.append(exc)
+                nursery.cancel_scope.cancel()
+            except Exception as exc:  # a bug: end this connection, keep the shipper alive
+                log.exception("target %s: unexpected error in %s", self.label, fn.__name__)
+                failure.append(ReplError(f"internal error: {exc!r}"))
+                nursery.cancel_scope.cancel()
+
+        with trio.CancelScope() as scope:
+            self._session_scope = scope
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(guard, self._read_loop, s)
+                    nursery.start_soon(guard, self._control_loop, s)
+                    nursery.start_soon(guard, self._send_loop, s, next_seq)
+            finally:
+                self._session_scope = None
+        if failure:
+            raise failure[0]
+        if self._pin_dropped:
+            raise _OutOfSync(self._pin_dropped)
+
+    # ------------------------------------------------------------------ sender
+
+    async def _send_loop(self, s: _Session, next_seq: int) -> None:
+        if next_seq == 0:
+            next_seq = await self._initial_sync(s)
+        else:
+            s.last_sent = next_seq - 1
+        self._set_state(ShipperState.STREAMING)
+        vol = self.volume
+        pending: tuple[int, bytes] | None = None
+        while True:
+            # Everything from here to the next await runs without commits in between.
+            if pending is None and next_seq <= vol.last_seq:
+                pending = self._read_record(s, next_seq)
+            if pending is not None:
+                seq, rec = pending
+                if not s.unacked or s.unacked + len(rec) <= self.window_bytes:
+                    s.inflight.append((seq, len(rec)))
+                    s.unacked += len(rec)
+                    s.last_sent = seq
+                    self._tracker.set_size(seq, len(rec))
+                    pending = None
+                    next_seq = seq + 1
+                    await s.fs.send(Txn(seq, rec))
+                    continue
+            elif self._verify.wanted:
+                # Caught up: every transaction up to last_seq is sent, and the digests are
+                # computed before the next await, so they are of exactly that seq.
+                req = self._verify.next_request(vol)
+                if req is not None:
+                    await s.fs.send(req)
+                continue
+            # Nothing to do until a commit, an ACK (window) or a verify request.
+            self._wake = trio.Event()
+            await self._wake.wait()
+
+    def _read_record(self, s: _Session, seq: int) -> tuple[int, bytes] | None:
+        """Record ``seq`` from the log (synchronous); None if it is not committed yet."""
+        try:
+            if s.log_reader is None or s.reader_next != seq:
+                if s.log_reader is not None:
+                    s.log_reader.close()  # type: ignore[attr-defined]
+                s.log_reader = self.volume.samlog.scan_encoded(seq)
+            got = next(s.log_reader, None)
+        except LogError as exc:
+            s.log_reader = None
+            if not self._in_log(seq):
+                raise _OutOfSync(self._missing(seq))
+            raise LogError(f"cannot read seq {seq} from the log to ship it: {exc}", seq=seq)
+        if got is None:
+            s.log_reader = None
+            return None
+        s.reader_next = got[0] + 1
+        return got
+
+    async def _initial_sync(self, s: _Session) -> int:
+        """Copy the block file's non-zero blocks; return the first seq to stream (S+1)."""
+        vol = self.volume
+        bs, count = vol.block_size, vol.block_count
+        start = vol.last_seq
+        # Pinned before the first await, so no checkpoint can retire S+1 from under us.
+        self._sync_pin = start + 1
+        self._pin_dropped = ""
+        self.sync = progress = SyncProgress(start, count)
+        self._set_state(ShipperState.INITIAL_SYNC)
+        log.info("target %s: initial sync of %d blocks from seq %d", self.label, count, start)
+        await s.fs.send(SyncBegin(SyncKind.FULL, bs, count, start))
+        s.last_sent = start
+        per_chunk = max(1, SYNC_CHUNK // bs)
+        zeros = bytes(per_chunk * bs)
+        for first, end in _data_runs(vol.device.fd, bs, count):
+            progress.blocks_done = first
+            block = first
+            while block < end:
+                n = min(per_chunk, end - block)
+                raw = vol.device.read(block, n)  # committed state, between two awaits
+                block += n
+                if raw == zeros[: len(raw)]:
+                    progress.blocks_done = block
+                    await trio.lowlevel.checkpoint()  # let FUSE requests and commits in
+                    continue
+                msg = SyncBlocks.pack(block - n, raw, bs)
+                await s.fs.send(msg)
+                progress.blocks_done = block
+                progress.blocks_sent += n
+                progress.bytes_sent += len(msg.data)
+        progress.blocks_done = count
+        end_seq = vol.last_seq  # every block read reflects a state <= this seq
+        await s.fs.send(SyncEnd(end_seq))
+        log.info(
+            "target %s: initial sync copied %d blocks (%d bytes on the wire), consistent at "
+            "seq %d once applied",
+            self.label,
+            progress.blocks_sent,
+            progress.bytes_sent,
+            end_seq,
+        )
+        return start + 1
+
+    # ------------------------------------------------------------------ reader / control
+
+    async def _read_loop(self, s: _Session) -> None:
+        while True:
+            with trio.move_on_after(self.silence):
+                msg = await s.fs.receive()
+                self._handle(s, msg)
+                continue
+            raise ConnectionClosed(f"target silent for {self.silence:g} s")
+
+    def _handle(self, s: _Session, msg: Message) -> None:
+        if isinstance(msg, Ack):
+            self._on_ack(s, msg)
+        elif isinstance(msg, Ping):
+            s.pong_due.append(msg.timestamp_ns)
+            s.control_wake.set()
+        elif isinstance(msg, Pong):
+            pass
+        elif isinstance(msg, VerifyReply):
+            self._verify.on_reply(msg)
+        elif isinstance(msg, ErrorState):
+            if msg.state is PeerState.OK:
+                s.peer_error = ""
+            else:
+                s.peer_error = f"target reports {msg.state.name.lower()}: {msg.text}"
+                log.warning("target %s: %s", self.label, s.peer_error)
+        elif isinstance(msg, Refuse):
+            text = f"refused by the target: {msg.text or msg.reason.name.lower()}"
+            if msg.reason is RefuseReason.FENCED:
+                raise _Fenced(text)
+            raise ConnectionClosed(text)
+        else:
+            raise ProtocolError(f"unexpected {msg.TYPE.name} from target {self.label}")
+
+    def _on_ack(self, s: _Session, ack: Ack) -> None:
+        # ACKs come in order, so positions only move forward; the window opens as they do.
+        if ack.applied_seq > ack.received_seq or ack.received_seq > s.last_sent:
+            raise ProtocolError(
+                f"ACK received={ack.received_seq} applied={ack.applied_seq} but the last "
+                f"seq sent is {s.last_sent}"
+            )
+        acked = 0
+        while s.inflight and s.inflight[0][0] <= ack.received_seq:
+            acked += s.inflight.popleft()[1]
+        if acked:
+            s.unacked -= acked
+            self._acked.add(acked)
+        if self.received_seq is None or ack.received_seq > self.received_seq:
+            self.received_seq = ack.received_seq
+        if self.applied_seq is None or ack.applied_seq > self.applied_seq:
+            self.applied_seq = ack.applied_seq
+            self._tracker.forget_upto(ack.applied_seq)
+        if self._sync_pin is not None and self.received_seq >= self._sync_pin - 1:
+            self._sync_pin = None  # the target has the copy; its position pins from now on
+        self._wake.set()
+
+    async def _control_loop(self, s: _Session) -> None:
+        """PONG what the target PINGed; PING when a direction has been idle."""
+        sent, received = s.fs.bytes_sent, s.fs.bytes_received
+        next_tick = trio.current_time() + self.keepalive
+        while True:
+            s.control_wake = trio.Event()
+            with trio.move_on_at(next_tick):
+                await s.control_wake.wait()
+            while s.pong_due:
+                await s.fs.send(Pong(s.pong_due.pop(0)))
+            if trio.current_time() >= next_tick:
+                if s.fs.bytes_sent == sent or s.fs.bytes_received == received:
+                    await s.fs.send(Ping(time.time_ns()))
+                sent, received = s.fs.bytes_sent, s.fs.bytes_received
+                next_tick = trio.current_time() + self.keepalive
+
+
+def _data_runs(fd: int, block_size: int, block_count: int) -> Iterator[tuple[int, int]]:
+    """``(first, end)`` block runs that may hold data (holes skipped via SEEK_DATA/HOLE)."""
+    size = block_size * block_count
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return  # only a hole from pos to the end
+            if exc.errno == errno.EINVAL:
+                yield pos // block_size, block_count  # no SEEK_DATA support: all data
+                return
+            raise
+        first = data // block_size
+        end = min(block_count, -(-hole // block_size))
+        if end > first:
+            yield first, end
+        pos = end * block_size
+
+
+__all__ = ["Shipper", "ShipperState", "SyncProgress", "install_retention"]
