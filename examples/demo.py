@@ -1,4 +1,4 @@
-"""The mirrorfs demo: a volume made, mounted, filled with a real tree, remounted and checked.
+"""The mirrorfs demo: a source mirrored to a replica that is mounted read-only as it follows.
 
 Run it through ``bash examples/bootstrap.sh demo`` (which installs what it needs), as root.
 Everything happens under a temporary directory that is removed at the end; every mount the
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import filecmp
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -53,30 +54,60 @@ def tree_digest(root: str) -> tuple[int, int, str]:
     return files, size, h.hexdigest()
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(what: str, cond, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"demo: timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def status(volume: str) -> dict:
+    res = subprocess.run([*MIRRORFS, "status", volume, "--json"], capture_output=True, text=True)
+    return json.loads(res.stdout) if res.returncode == 0 else {}
+
+
 def main() -> int:
     if os.geteuid() != 0:
-        print("demo: run as root (FUSE mounts with allow_other)", file=sys.stderr)
+        print("demo: run as root (FUSE mounts)", file=sys.stderr)
         return 1
     work = tempfile.mkdtemp(prefix="mirrorfs-demo-")
-    vol = os.path.join(work, "vol")
-    mnt = os.path.join(work, "mnt")
+    src, rep = os.path.join(work, "source"), os.path.join(work, "replica")
+    mnt, rmnt = os.path.join(work, "mnt"), os.path.join(work, "replica-mnt")
     os.mkdir(mnt)
+    os.mkdir(rmnt)
+    port = free_port()
     mounted = False
-    src = os.path.join(os.path.dirname(os.__file__), "json")
-    src_email = os.path.join(os.path.dirname(os.__file__), "email")
+    replica_pid = 0
+    stdlib = os.path.dirname(os.__file__)
     try:
-        step("make a 1 GiB volume (sparse block file, SAM log, node state)")
-        run("mkfs", vol, "--size", "1G")
-        print("  volume directory:", sorted(os.listdir(vol)))
+        step("make a 1 GiB source volume (sparse block file, SAM log, node state)")
+        run("mkfs", src, "--size", "1G")
+        print("  volume directory:", sorted(os.listdir(src)))
 
-        step("mount it read-write")
-        run("mount", vol, mnt)
+        step("start a replica (target) that will mount its copy read-only")
+        run("replica", rep, "--listen", f"127.0.0.1:{port}", "--mount", rmnt)
+        with open(os.path.join(rep, "replica.pid")) as f:
+            replica_pid = int(f.read())
+
+        step("mount the source read-write, mirroring to the replica")
+        run("mount", src, mnt, "--mirror", f"127.0.0.1:{port}")
         mounted = True
+        wait_until("the initial sync", lambda: os.path.ismount(rmnt))
+        print(f"  replica mounted read-only at {rmnt}")
 
-        step("write a real tree: two packages of Python's standard library and 64 MiB")
+        step("write a real tree on the source: two stdlib packages, 64 MiB, links")
         t0 = time.monotonic()
-        shutil.copytree(src, os.path.join(mnt, "json"), symlinks=True)
-        shutil.copytree(src_email, os.path.join(mnt, "email"), symlinks=True)
+        shutil.copytree(os.path.join(stdlib, "json"), os.path.join(mnt, "json"), symlinks=True)
+        shutil.copytree(os.path.join(stdlib, "email"), os.path.join(mnt, "email"), symlinks=True)
         with open(os.path.join(mnt, "big.bin"), "wb") as f:
             chunk = os.urandom(1 << 20)
             for _ in range(64):
@@ -85,44 +116,95 @@ def main() -> int:
             os.fsync(f.fileno())
         os.symlink("json/__init__.py", os.path.join(mnt, "link-to-json"))
         os.link(os.path.join(mnt, "big.bin"), os.path.join(mnt, "big-hardlink.bin"))
-        print(f"  copied in {time.monotonic() - t0:.2f}s")
-        before = tree_digest(mnt)
-        print(f"  {before[0]} files, {before[1]} bytes, sha256 {before[2][:16]}...")
-        st = os.statvfs(mnt)
-        used = (st.f_blocks - st.f_bfree) * st.f_frsize
-        print(f"  statfs: {used / 2**20:.1f} MiB used, {st.f_files - st.f_ffree} inodes used")
+        print(f"  written in {time.monotonic() - t0:.2f}s")
 
-        step("unmount (waits until everything is committed)")
+        step("status of the source right after the writes: lag per target")
+        run("status", src)
+        wait_until(
+            "the replica to catch up",
+            lambda: all(t.get("lag_txns") == 0 for t in status(src).get("targets", [{}])),
+        )
+        step("status once the replica has caught up")
+        run("status", src)
+
+        step("read the same files on the replica's read-only mount")
+        here, there = tree_digest(mnt), tree_digest(rmnt)
+        print(f"  source : {here[0]} files, {here[1]} bytes, sha256 {here[2][:16]}...")
+        print(f"  replica: {there[0]} files, {there[1]} bytes, sha256 {there[2][:16]}...")
+        if here != there:
+            raise SystemExit("demo: the replica's tree differs from the source's")
+        print("  symlink on the replica ->", os.readlink(os.path.join(rmnt, "link-to-json")))
+        try:
+            open(os.path.join(rmnt, "nope"), "w").close()
+        except OSError as exc:
+            print(f"  writing on the replica: {exc.strerror} (read-only, as it should be)")
+
+        step("a change on the source shows up on the replica within the lag")
+        t0 = time.monotonic()
+        os.rename(os.path.join(mnt, "json"), os.path.join(mnt, "json-renamed"))
+        with open(os.path.join(mnt, "hello.txt"), "w") as f:
+            f.write("hello from the source\n")
+            f.flush()
+            os.fsync(f.fileno())
+        wait_until(
+            "the rename on the replica",
+            lambda: (
+                os.path.exists(os.path.join(rmnt, "json-renamed"))
+                and os.path.exists(os.path.join(rmnt, "hello.txt"))
+            ),
+        )
+        print(
+            f"  visible on the replica after {time.monotonic() - t0:.3f}s:",
+            sorted(os.listdir(rmnt)),
+        )
+
+        step("verify: block-range checksums of source and replica at one sequence number")
+        run("verify", src)
+
+        step("unmount the source; the replica's block file is byte-identical")
         run("umount", mnt)
         mounted = False
-        print("  SAM log segments:", sorted(os.listdir(os.path.join(vol, "log"))))
-
-        step("check the volume offline")
-        run("fsck", vol)
-
-        step("remount and compare with the originals")
-        run("mount", vol, mnt)
-        mounted = True
-        after = tree_digest(mnt)
-        if after != before:
-            raise SystemExit("demo: the tree differs after remount")
-        cmp = filecmp.dircmp(src, os.path.join(mnt, "json"), ignore=["__pycache__"])
-        if cmp.diff_files or cmp.left_only or cmp.right_only:
-            raise SystemExit("demo: json/ differs from the original")
-        print(f"  identical: {after[0]} files, sha256 {after[2][:16]}...")
-        print("  symlink ->", os.readlink(os.path.join(mnt, "link-to-json")))
-        print("  hard link count of big.bin:", os.stat(os.path.join(mnt, "big.bin")).st_nlink)
-        run("umount", mnt)
-        mounted = False
-        run("fsck", vol)
-        step("done: the volume survived unmount, remount and fsck")
+        committed = status(src).get("checkpointed_seq")
+        wait_until(
+            "the replica to apply everything", lambda: status(rep).get("applied_seq") == committed
+        )
+        same = filecmp.cmp(os.path.join(src, "blocks"), os.path.join(rep, "blocks"), shallow=False)
+        print(
+            f"  source and replica block files at seq {committed}: "
+            f"{'byte-identical' if same else 'DIFFERENT'}"
+        )
+        if not same:
+            raise SystemExit("demo: block files differ")
+        run("fsck", src)
+        step("done")
         return 0
     finally:
         if mounted:
             subprocess.run([*MIRRORFS, "umount", mnt], capture_output=True)
-            if os.path.ismount(mnt):
-                subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+        if replica_pid:
+            stop_process(replica_pid)
+        for m in (mnt, rmnt):
+            if os.path.ismount(m):
+                subprocess.run(["fusermount3", "-u", "-z", m], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def stop_process(pid: int, timeout: float = 30.0) -> None:
+    """SIGTERM the daemon this demo started, then SIGKILL it if it does not exit."""
+    import signal
+
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
 
 
 if __name__ == "__main__":

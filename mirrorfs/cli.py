@@ -71,6 +71,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _address_arg(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"bad address {text!r}: expected HOST:PORT")
+    return text
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -137,8 +144,33 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="group-commit interval (default %(default)s)",
     )
+    p.add_argument(
+        "--mirror",
+        dest="mirrors",
+        action="append",
+        default=[],
+        type=_address_arg,
+        metavar="HOST:PORT",
+        help="ship the volume's transactions to this target (repeatable)",
+    )
+    p.add_argument("--secret-file", metavar="FILE", help="shared secret for the targets")
+    p.add_argument(
+        "--max-log",
+        type=_size_arg,
+        default=None,
+        metavar="SIZE",
+        help="log kept for lagging targets before they go out-of-sync (e.g. 1G)",
+    )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
+
+    from mirrorfs.node import commands, replica
+
+    p = sub.add_parser(
+        "replica", parents=[common], help="run a target: receive, apply, mount read-only"
+    )
+    replica.add_replica_arguments(p)
+    commands.add_arguments(sub, common)
 
     p = sub.add_parser("umount", parents=[common], help="unmount and wait for the final commit")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
@@ -217,6 +249,12 @@ def _passthrough_mount_args(args: argparse.Namespace) -> list[str]:
     for opt in args.options:
         extra += ["-o", opt]
     extra += ["--commit-interval", repr(args.commit_interval)]
+    for address in args.mirrors:
+        extra += ["--mirror", address]
+    if args.secret_file:
+        extra += ["--secret-file", os.path.abspath(args.secret_file)]
+    if args.max_log:
+        extra += ["--max-log", str(args.max_log)]
     if args.debug:
         extra.append("--debug")
     return extra
@@ -308,6 +346,7 @@ def _mount_foreground(args: argparse.Namespace) -> int:
         read_only=args.read_only,
         options=args.options,
         commit_interval=args.commit_interval,
+        services=[] if args.read_only else [_source_service(args)],
     )
     try:
         run(cfg, on_ready=lambda: report("ok"))
@@ -316,6 +355,23 @@ def _mount_foreground(args: argparse.Namespace) -> int:
         raise
     report("error: the mount ended before it was ready")
     return 0
+
+
+def _source_service(args: argparse.Namespace):
+    """The source node (shippers, control socket) for a read-write mount."""
+    from mirrorfs.node.source import SourceConfig, SourceNode, parse_address
+    from mirrorfs.repl.auth import load_secret
+
+    cfg = SourceConfig(
+        mirrors=[parse_address(a) for a in args.mirrors],
+        secret=load_secret(args.secret_file) if args.secret_file else None,
+        max_log_bytes=args.max_log,
+    )
+
+    def make(volume, mountpoint):
+        return SourceNode(volume, cfg, mountpoint=mountpoint).run
+
+    return make
 
 
 # -- umount
@@ -416,6 +472,12 @@ def _is_mount_error(exc: BaseException) -> bool:
     return isinstance(exc, MountError)
 
 
+def _node_errors() -> type[Exception]:
+    from mirrorfs.node.commands import CommandError
+
+    return CommandError
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
@@ -425,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
-    except (CliError, StoreError, OSError) as exc:
+    except (CliError, StoreError, OSError, _node_errors()) as exc:
         print(f"{PROG}: error: {_describe(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

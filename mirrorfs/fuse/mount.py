@@ -15,8 +15,9 @@ the pid file before ``volume.close`` unlocks means a new mount never sees a stal
 
 Tasks in the nursery (one trio loop, one thread): ``pyfuse3.main`` (the request handlers),
 ``group-commit`` (seals the open transaction every ``commit_interval`` with sync=True),
-``signals`` (SIGTERM/SIGINT/SIGHUP -> ``pyfuse3.terminate``) and ``ready`` (reports the
-mount as live once a stat through it succeeds).
+``signals`` (SIGTERM/SIGINT/SIGHUP -> ``pyfuse3.terminate``), ``ready`` (reports the
+mount as live once a stat through it succeeds), ``persister`` (fuse/committer.py) and the
+services of ``MountConfig.services`` (the source's shippers and control socket).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -62,6 +63,10 @@ class MountConfig:
     commit_interval: float = 0.5
     commit_bound: int = DEFAULT_COMMIT_BOUND
     write_pid_file: bool = True
+    #: Services started next to the FUSE session of a read-write mount (the node layer
+    #: passes the source's replication here): each is called with the volume and the
+    #: mountpoint and returns a trio task function taking ``task_status``.
+    services: Sequence[Callable[[Volume, str], Callable[..., Awaitable[None]]]] = ()
 
 
 def fuse_options(cfg: MountConfig) -> set[str]:
@@ -143,6 +148,8 @@ async def _serve(
         if not cfg.read_only:
             await nursery.start(ops.committer.run, name="persister")
             nursery.start_soon(_group_commit, ops, volume, cfg.commit_interval, name="group-commit")
+            for make_service in cfg.services:
+                await nursery.start(make_service(volume, mountpoint))
         nursery.start_soon(_announce_ready, mountpoint, on_ready, name="ready")
         try:
             await pyfuse3.main()

@@ -1,0 +1,165 @@
+"""The source node's services in the mount process: shippers, retention, control socket.
+
+They run in the mount's trio nursery next to ``pyfuse3.main``: one ``Shipper`` task per
+target (fan-out, each at its own pace), the control socket (``status``, ``mirror-add``,
+``mirror-remove``, ``verify``) and nothing on the commit path: a shipper only notes commits
+(``Volume.on_commit``) and ships from the log, so an absent target never slows a writer.
+Targets can be added and removed while the volume is in use; a new one gets its initial
+sync from the running source.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from mirrorfs.node.control import ControlError, serve_control, socket_path
+from mirrorfs.repl.lag import install_retention
+from mirrorfs.repl.shipper import Shipper
+from mirrorfs.repl.verify import VerifyError, verify_target
+from mirrorfs.store.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); ValueError with a clear message."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad address {text!r}: expected HOST:PORT")
+    return host, int(port)
+
+
+@dataclass(slots=True)
+class SourceConfig:
+    mirrors: list[tuple[str, int]] = field(default_factory=list)
+    secret: bytes | None = None
+    max_log_bytes: int | None = None
+    window_bytes: int = 8 << 20
+
+
+class SourceNode:
+    """Replication and control for a read-write volume being served by this process."""
+
+    def __init__(self, volume: Volume, cfg: SourceConfig, *, mountpoint: str = "") -> None:
+        self.volume = volume
+        self.cfg = cfg
+        self.mountpoint = mountpoint
+        self.started = time.time()
+        self.shippers: dict[tuple[str, int], Shipper] = {}
+        self._scopes: dict[tuple[str, int], trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        # A live view: targets added or removed later are seen at every checkpoint.
+        install_retention(volume, self.shippers.values())
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
+        """Start the control socket and one shipper per configured target; run until
+        cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            handlers = {
+                "status": self._cmd_status,
+                "mirror-add": self._cmd_add,
+                "mirror-remove": self._cmd_remove,
+                "verify": self._cmd_verify,
+            }
+            await nursery.start(serve_control, socket_path(self.volume.path), handlers)
+            for address in self.cfg.mirrors:
+                await self.add(address)
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def add(self, address: tuple[str, int]) -> Shipper:
+        if address in self.shippers:
+            raise ControlError(f"already mirroring to {address[0]}:{address[1]}")
+        assert self._nursery is not None
+        shipper = Shipper(
+            self.volume,
+            address,
+            secret=self.cfg.secret,
+            node_id=self.volume.state.node_id,
+            window_bytes=self.cfg.window_bytes,
+            max_log_bytes=self.cfg.max_log_bytes,
+        )
+        scope = trio.CancelScope()
+        self.shippers[address] = shipper
+        self._scopes[address] = scope
+
+        async def run_shipper(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await shipper.run(task_status=task_status)
+
+        await self._nursery.start(run_shipper, name=f"shipper {shipper.label}")
+        log.info("mirroring to %s", shipper.label)
+        return shipper
+
+    def remove(self, address: tuple[str, int]) -> None:
+        if address not in self.shippers:
+            raise ControlError(f"not mirroring to {address[0]}:{address[1]}")
+        self._scopes.pop(address).cancel()
+        self.shippers.pop(address)
+        log.info("stopped mirroring to %s:%d", *address)
+
+    def status(self) -> dict[str, Any]:
+        vol = self.volume
+        st = vol.state
+        return {
+            "role": st.role,
+            "volume_uuid": st.volume_uuid,
+            "node_id": st.node_id,
+            "epoch": st.epoch,
+            "epochs": st.epochs,
+            "committed_seq": vol.last_seq,
+            "checkpointed_seq": st.checkpointed_seq,
+            "log_first_seq": vol.samlog.first_seq,
+            "log_bytes": vol.samlog.size_bytes,
+            "mountpoint": self.mountpoint,
+            "read_only": bool(vol.failed),
+            "failed": vol.failed or "",
+            "pid": os.getpid(),
+            "targets": [s.status() for s in self.shippers.values()],
+        }
+
+    async def _cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {"status": self.status()}
+
+    def _address(self, request: dict[str, Any]) -> tuple[str, int]:
+        try:
+            return parse_address(str(request.get("address", "")))
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+
+    async def _cmd_add(self, request: dict[str, Any]) -> dict[str, Any]:
+        shipper = await self.add(self._address(request))
+        return {"target": shipper.status()}
+
+    async def _cmd_remove(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.remove(self._address(request))
+        return {}
+
+    async def _cmd_verify(self, request: dict[str, Any]) -> dict[str, Any]:
+        results = []
+        timeout = float(request.get("timeout", 60.0))
+        for shipper in list(self.shippers.values()):
+            try:
+                res = await verify_target(shipper, timeout=timeout)
+            except VerifyError as exc:
+                results.append({"target": shipper.label, "ok": False, "error": str(exc)})
+                continue
+            results.append(
+                {
+                    "target": shipper.label,
+                    "ok": res.identical,
+                    "seq": res.seq,
+                    "blocks": res.blocks,
+                    "differing": res.differing,
+                    "summary": res.describe(),
+                }
+            )
+        return {"results": results}
