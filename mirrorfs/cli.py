@@ -472,10 +472,12 @@ def _is_mount_error(exc: BaseException) -> bool:
     return isinstance(exc, MountError)
 
 
-def _node_errors() -> type[Exception]:
+def _node_errors() -> tuple[type[Exception], ...]:
     from mirrorfs.node.commands import CommandError
+    from mirrorfs.node.control import ControlError
+    from mirrorfs.repl.wire import ReplError
 
-    return CommandError
+    return (CommandError, ControlError, ReplError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -487,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.code if isinstance(exc.code, int) else 2
     try:
         return args.func(args)
-    except (CliError, StoreError, OSError, _node_errors()) as exc:
+    except (CliError, StoreError, OSError, *_node_errors()) as exc:
         print(f"{PROG}: error: {_describe(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

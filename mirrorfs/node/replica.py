@@ -15,9 +15,10 @@ kernel's caches are dropped afterwards by the invalidator task: ``invalidate_ent
 ``invalidate_inode`` in a ``trio.to_thread`` worker, never inside a request handler (they
 wait for related requests, which only our loop can finish: a deadlock).
 
-An initial sync starts by wiping DIR (``Volume.create_replica``), which removes the
-node-local files that live there too; ``_on_created`` puts back the control socket, the log
-file and the pid file.
+An initial sync replaces the volume's own files in DIR (``Volume.create_replica``: blocks,
+log, node.json) and leaves the daemon's; ``_on_created`` still checks that the control
+socket, the log file and the pid file are in place (cheap, and robust to an operator's
+cleanup).
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ class ReplicaNode:
     # ------------------------------------------------------------------- receiver events
 
     def _on_created(self, volume: Volume) -> None:
-        """An initial sync wiped DIR: put back the node-local files."""
+        """An initial sync replaced the volume files: make sure the daemon's files are there."""
         if self.control is not None:
             self.control.rebind_if_gone()
         self._reopen_log_file()

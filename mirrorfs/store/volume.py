@@ -42,7 +42,7 @@ from mirrorfs.store import record
 from mirrorfs.store.allocator import ExtentAllocator
 from mirrorfs.store.device import BlockFile
 from mirrorfs.store.errors import LogError, VolumeError, VolumeFailed, VolumeLocked
-from mirrorfs.store.nodestate import NodeState, Role
+from mirrorfs.store.nodestate import NODE_FILE, NodeState, Role
 from mirrorfs.store.overlay import BlockOverlay
 from mirrorfs.store.samlog import SamLog
 from mirrorfs.store.txn import Hint, Transaction
@@ -246,10 +246,12 @@ class Volume:
                 os.close(lock_fd)
 
     @staticmethod
-    def _wipe(path: str) -> None:
+    def _wipe(path: str, only: tuple[str, ...] | None = None) -> None:
         import shutil
 
         for name in os.listdir(path):
+            if only is not None and name not in only:
+                continue
             p = os.path.join(path, name)
             if os.path.isdir(p) and not os.path.islink(p):
                 shutil.rmtree(p)
@@ -574,10 +576,10 @@ class Volume:
         starts at ``start_seq + 1``, the first transaction that follows the copy.
         """
         path = os.path.abspath(path)
-        if os.path.isdir(path) and os.listdir(path):
-            cls._wipe(path)
         os.makedirs(path, exist_ok=True)
         lock_fd = cls._lock(path)
+        # Only the volume's own files: the daemon's socket, log and pid file stay.
+        cls._wipe(path, only=(BLOCK_FILE, LOG_DIR, NODE_FILE, NODE_FILE + ".tmp"))
         try:
             BlockFile.create(os.path.join(path, BLOCK_FILE), block_count * block_size)
             logdir = os.path.join(path, LOG_DIR)
