@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="log kept for lagging targets before they go out-of-sync (e.g. 1G)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="keep accepting writes after a target reports a newer epoch (split brain)",
+    )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
 
@@ -255,6 +260,8 @@ def _passthrough_mount_args(args: argparse.Namespace) -> list[str]:
         extra += ["--secret-file", os.path.abspath(args.secret_file)]
     if args.max_log:
         extra += ["--max-log", str(args.max_log)]
+    if args.force:
+        extra.append("--force")
     if args.debug:
         extra.append("--debug")
     return extra
@@ -366,6 +373,7 @@ def _source_service(args: argparse.Namespace):
         mirrors=[parse_address(a) for a in args.mirrors],
         secret=load_secret(args.secret_file) if args.secret_file else None,
         max_log_bytes=args.max_log,
+        force=args.force,
     )
 
     def make(volume, mountpoint):

@@ -111,6 +111,11 @@ async def _run(cfg: MountConfig, on_ready: Callable[[], None] | None) -> None:
     async with contextlib.AsyncExitStack() as stack:
         volume = Volume.open(volume_dir, read_only=cfg.read_only)
         stack.callback(_close_volume, volume)
+        if volume.state.role != "source" and not cfg.read_only:
+            raise MountError(
+                f"{volume_dir} is a replica (target): mount it --read-only, or promote it "
+                "first (mirrorfs promote)"
+            )
         if cfg.write_pid_file:
             _write_pid_file(volume_dir)
             stack.callback(_remove_pid_file, volume_dir)

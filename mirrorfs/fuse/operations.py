@@ -141,6 +141,8 @@ class Operations(pyfuse3.Operations):
     def _check_writable(self) -> None:
         if self.read_only or self.failsafe:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if getattr(self.volume, "fenced", ""):
+            raise pyfuse3.FUSEError(errno.EROFS)  # a newer epoch exists elsewhere
         failed = getattr(self.volume, "failed", None)
         if failed:  # the volume noticed a failure outside a handler (e.g. at checkpoint)
             self.enter_failsafe(str(failed))

@@ -38,6 +38,27 @@ def add_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
     group.add_argument("--remove", metavar="HOST:PORT")
     p.set_defaults(func=cmd_mirror)
 
+    p = sub.add_parser(
+        "promote", parents=[common], help="make a replica the read-write source (new epoch)"
+    )
+    p.add_argument("dir", metavar="DIR", help="replica volume directory")
+    p.add_argument(
+        "--mount",
+        metavar="MNT",
+        help="mount read-write here (default: where the replica daemon had it mounted)",
+    )
+    p.add_argument("--no-mount", action="store_true", help="promote only, do not mount")
+    p.add_argument(
+        "--mirror",
+        dest="mirrors",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="start mirroring the new source to this target at once (repeatable)",
+    )
+    p.add_argument("--secret-file", metavar="FILE", help="shared secret for the targets")
+    p.set_defaults(func=cmd_promote)
+
 
 def _ask(volume_dir: str, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     try:
@@ -162,4 +183,70 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     else:
         _ask(volume_dir, {"cmd": "mirror-remove", "address": args.remove})
         print(f"stopped mirroring to {args.remove}")
+    return 0
+
+
+def _wait_unlocked(volume_dir: str, timeout: float = 120.0) -> None:
+    """Wait until no process holds the volume (the daemon has unmounted and exited)."""
+    import fcntl
+
+    deadline = time.monotonic() + timeout
+    path = os.path.join(volume_dir, "lock")
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise CommandError(f"the replica daemon for {volume_dir} did not exit") from None
+        finally:
+            os.close(fd)
+        time.sleep(0.05)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from mirrorfs.node.promote import PromoteError, describe, promote_stopped
+
+    volume_dir = os.path.abspath(args.dir)
+    if not os.path.isdir(volume_dir):
+        raise CommandError(f"{volume_dir}: no such volume directory")
+    t0 = time.monotonic()
+    try:
+        reply = control_request(socket_path(volume_dir), {"cmd": "promote"}, timeout=120.0)
+    except ControlError as exc:
+        if "no daemon is running" not in str(exc):
+            raise CommandError(str(exc)) from None
+        reply = None
+    if reply is not None:
+        if not reply.get("ok"):
+            raise CommandError(str(reply.get("error", "the replica refused to promote")))
+        report = reply["promoted"]
+        _wait_unlocked(volume_dir)
+    else:
+        try:
+            report = promote_stopped(volume_dir)
+        except PromoteError as exc:
+            raise CommandError(str(exc)) from None
+        report["mountpoint"] = ""
+    mountpoint = "" if args.no_mount else (args.mount or report.get("mountpoint") or "")
+    report["mountpoint"] = ""
+    for line in describe(report):
+        print(line)
+    if mountpoint:
+        from mirrorfs.cli import main as cli_main
+
+        argv = ["mount", volume_dir, mountpoint]
+        for address in args.mirrors:
+            argv += ["--mirror", address]
+        if args.secret_file:
+            argv += ["--secret-file", args.secret_file]
+        if cli_main(argv) != 0:
+            raise CommandError(f"promoted, but mounting {mountpoint} read-write failed")
+        print(f"  mounted read-write at {mountpoint} ({time.monotonic() - t0:.2f}s after promote)")
+    elif args.mirrors:
+        print(
+            "  (--mirror takes effect when the volume is mounted: mirrorfs mount DIR MNT "
+            "--mirror ...)"
+        )
     return 0

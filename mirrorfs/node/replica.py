@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from mirrorfs.node.control import ControlServer, socket_path
+from mirrorfs.node.control import ControlError, ControlServer, socket_path
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.receiver import Receiver
 from mirrorfs.store.nodestate import NODE_FILE, NodeState, Role
@@ -123,6 +123,9 @@ class ReplicaNode:
         self._nudge_send, self._nudge_receive = trio.open_memory_channel[None](1)
         self._fuse_lock = trio.Lock()
         self._log_ident: tuple[int, int] | None = None
+        self._listen_scope = trio.CancelScope()
+        self._listening_done = trio.Event()
+        self.promoted: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------------------- run
 
@@ -141,7 +144,9 @@ class ReplicaNode:
                 raise ReplicaError(str(exc)) from None
         path = prepare_dir(self.path)
         self._remember_log_file()
-        control = ControlServer(socket_path(path), {"status": self._cmd_status})
+        control = ControlServer(
+            socket_path(path), {"status": self._cmd_status, "promote": self._cmd_promote}
+        )
         control.bind()  # refuses when another daemon serves this directory
         self.control = control
         volume: Volume | None = None
@@ -166,7 +171,7 @@ class ReplicaNode:
                 self._nursery = nursery
                 await nursery.start(control.serve)
                 nursery.start_soon(self._invalidator, name="invalidator")
-                await nursery.start(trio.serve_listeners, self.receiver.serve, listeners)
+                await nursery.start(self._serve_sources, listeners)
                 self._write_pid_file()
                 log.info(
                     "replica of %s listening on %s:%d (%s)",
@@ -186,6 +191,59 @@ class ReplicaNode:
             if vol is not None:
                 vol.close()
                 log.info("volume closed")
+
+    async def _serve_sources(self, listeners, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Accept sources until promotion cancels ``_listen_scope``."""
+        try:
+            with self._listen_scope:
+                assert self.receiver is not None
+                await trio.serve_listeners(self.receiver.serve, listeners, task_status=task_status)
+        finally:
+            self._listening_done.set()
+
+    # ------------------------------------------------------------------------- promotion
+
+    async def _cmd_promote(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Stop receiving, apply what is logged, start a new epoch, then exit the daemon."""
+        from mirrorfs.node.promote import PromoteError, promote_volume
+
+        vol = self.receiver.volume if self.receiver is not None else None
+        if vol is None or not vol.consistent:
+            raise ControlError(
+                "the replica is not consistent (initial sync or resync incomplete): "
+                "promoting it would give a corrupt volume"
+            )
+        if self.promoted is not None:
+            raise ControlError("already promoted")
+        before = self.receiver.status() if self.receiver is not None else {}
+        connected = before.get("state") == "streaming"
+        # No transaction is received or applied after this: the sessions are cancelled.
+        self._listen_scope.cancel()
+        await self._listening_done.wait()
+        try:
+            report = promote_volume(vol)
+        except PromoteError as exc:
+            raise ControlError(str(exc)) from None
+        if connected:
+            report["old_source"] = (
+                f"the old source {before.get('source_address')} was connected; it had "
+                f"announced seq {before.get('source_last_seq')} when it connected and this "
+                f"node received up to seq {report['last_applied_seq']}"
+            )
+        else:
+            report["old_source"] = "unknown: the old source is not connected"
+        report["mountpoint"] = os.path.abspath(self.cfg.mountpoint) if self.cfg.mountpoint else ""
+        self.promoted = report
+        assert self._nursery is not None
+        self._nursery.start_soon(self._exit_after_reply)
+        return {"promoted": report}
+
+    async def _exit_after_reply(self) -> None:
+        # Let the control server send the reply, then unmount and close everything.
+        await trio.sleep(0.2)
+        log.info("promoted: the replica daemon exits; the volume is now a source")
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
 
     # ---------------------------------------------------------------------------- status
 
@@ -374,8 +432,13 @@ def main_replica(cfg: ReplicaConfig, *, on_ready: Callable[[], None] | None = No
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
+
+            async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
+                await run_replica(cfg, task_status=task_status)
+                nursery.cancel_scope.cancel()  # the daemon ended by itself (promoted)
+
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                await nursery.start(run_replica, cfg)
+                await nursery.start(serve)
                 if on_ready is not None:
                     on_ready()
                 async for signum in signals:

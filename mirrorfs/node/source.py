@@ -42,6 +42,8 @@ class SourceConfig:
     secret: bytes | None = None
     max_log_bytes: int | None = None
     window_bytes: int = 8 << 20
+    #: Keep accepting writes even after meeting a newer epoch (split brain on purpose).
+    force: bool = False
 
 
 class SourceNode:
@@ -68,12 +70,33 @@ class SourceNode:
                 "mirror-add": self._cmd_add,
                 "mirror-remove": self._cmd_remove,
                 "verify": self._cmd_verify,
+                "promote": self._cmd_promote,
             }
             await nursery.start(serve_control, socket_path(self.volume.path), handlers)
             for address in self.cfg.mirrors:
                 await self.add(address)
             task_status.started()
-            await trio.sleep_forever()
+            await self._watch_fencing()
+
+    async def _watch_fencing(self) -> None:
+        """A target that knows a newer epoch fences this source: refuse further writes."""
+        from mirrorfs.repl.shipper import ShipperState
+
+        while True:
+            await trio.sleep(0.2)
+            if self.volume.fenced or self.cfg.force:
+                continue
+            for shipper in self.shippers.values():
+                if shipper.state is ShipperState.FENCED:
+                    self.volume.fenced = (
+                        f"fenced by {shipper.label}: {shipper.reason or 'a newer epoch exists'}"
+                    )
+                    log.error(
+                        "%s: %s; refusing writes (EROFS) from now on",
+                        self.volume.path,
+                        self.volume.fenced,
+                    )
+                    break
 
     async def add(self, address: tuple[str, int]) -> Shipper:
         if address in self.shippers:
@@ -122,9 +145,15 @@ class SourceNode:
             "mountpoint": self.mountpoint,
             "read_only": bool(vol.failed),
             "failed": vol.failed or "",
+            "fenced": vol.fenced,
             "pid": os.getpid(),
             "targets": [s.status() for s in self.shippers.values()],
         }
+
+    async def _cmd_promote(self, request: dict[str, Any]) -> dict[str, Any]:
+        raise ControlError(
+            f"{self.volume.path} is already a source (epoch {self.volume.state.epoch})"
+        )
 
     async def _cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.status()}

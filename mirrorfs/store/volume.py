@@ -140,6 +140,8 @@ class Volume:
         self.path = ""
         self.read_only = False
         self.failed: str | None = None
+        # Set when this source met a newer epoch (split brain fenced): no new changes.
+        self.fenced: str = ""
         self.state: NodeState
         self.sb: VolumeSuper
         self.device: BlockFile
