@@ -398,7 +398,10 @@ async def test_retention_pins_then_gives_up_beyond_max_log(tmp_path, rng, nurser
     target = MiniTarget(str(tmp_path / "replica"))
     port = await nursery.start(target.serve)
     cap = 256 << 10
-    shipper = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src", max_log_bytes=cap)
+    # MiniTarget cannot be resynced: this is the behaviour without resync
+    shipper = Shipper(
+        src, ("127.0.0.1", port), secret=None, node_id="src", max_log_bytes=cap, allow_resync=False
+    )
     install_retention(src, [shipper])
     await nursery.start(shipper.run)
     await wait_until(caught_up(src, target))

@@ -7,7 +7,9 @@ it (``serve``, one call per accepted stream). The session is the one of notes/CO
     handshake_target         what this node has: an all-zero uuid when it is empty or an
                              initial sync never completed, else its uuid, epochs, positions
     SYNC_BEGIN/BLOCKS/END    initial sync of an empty target (Volume.create_replica,
-                             write_sync_blocks, finish_sync_copy), then ACK(S, S)
+                             write_sync_blocks, finish_sync_copy), then ACK(S, S); or a
+                             resync of a consistent one (repl/resync.py: staged, then
+                             applied as one group when TXN T is staged)
     TXN                      Volume.receive (log + fsync) and Volume.apply, then ACK
     PING / VERIFY_REQ        PONG / VERIFY_REPLY (once applied_seq reaches the asked seq)
 
@@ -28,6 +30,9 @@ Concurrency (one trio loop, shared with the FUSE handlers of a read-only mount):
   transaction, never in between, and never with caches older than the blocks.
 - ACKs are coalesced: one after the processor has drained what the reader had queued, and
   at least every ``ACK_DELAY`` while it keeps draining.
+- During a resync nothing is applied (frames go to the stage, VERIFY_REQ is answered at the
+  unchanging applied seq A); the frame that completes the stage applies the whole group and
+  calls ``on_resynced`` in the same step, so a reader sees A, then T, never a mix.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ from typing import Any
 
 import trio
 
+from mirrorfs.repl.initial_sync import finish_copy, start_replica
 from mirrorfs.repl.lag import RateMeter
+from mirrorfs.repl.resync import TargetResync
 from mirrorfs.repl.stream import (
     ConnectionClosed,
     FramedStream,
@@ -75,7 +82,7 @@ from mirrorfs.repl.wire import (
 )
 from mirrorfs.store.errors import StoreError, VolumeFailed
 from mirrorfs.store.txn import Transaction
-from mirrorfs.store.volume import BITMAP_START, BLOCK_SIZES, MIN_BLOCKS, Volume
+from mirrorfs.store.volume import BITMAP_START, Volume
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +99,7 @@ class ReceiverState(enum.StrEnum):
 
     WAITING = "waiting"  # no source has connected since the node started
     INITIAL_SYNC = "initial-sync"  # an empty target is being filled
+    RESYNCING = "resyncing"  # a resync is being staged (the replica stays as it was)
     STREAMING = "streaming"  # following the source's transactions
     DISCONNECTED = "disconnected"  # the last source went away; waiting for it to return
     ERROR = "error"  # the volume cannot take more (disk full, I/O error)
@@ -143,6 +151,7 @@ class _Session:
     last_received: float = 0.0
     last_ack_at: float = 0.0
     pending_verify: list[VerifyReq] = field(default_factory=list)
+    resync: TargetResync | None = None  # between SYNC_BEGIN(RESYNC) and its group
     reason: str = ""
     error: bool = False
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -165,7 +174,10 @@ class Receiver:
     fills it with an initial sync). Callbacks, all called between awaits:
     ``on_created(volume)`` after an initial sync created a new volume (the directory was
     wiped: node-local files must be restored); ``on_consistent(volume)`` once the replica
-    becomes consistent (mount it now); ``on_applied(txn)`` after each applied transaction.
+    becomes consistent (mount it now); ``on_applied(txn)`` after each applied transaction;
+    ``on_resynced(volume)`` after a resync group was applied: any block may have changed, so
+    every cache above the volume must go (without it, ``on_applied`` gets one transaction
+    carrying the hints of S+1..T, which does not cover the resynced blocks).
     """
 
     def __init__(
@@ -178,6 +190,7 @@ class Receiver:
         on_applied: OnApplied | None = None,
         on_consistent: OnVolume | None = None,
         on_created: OnVolume | None = None,
+        on_resynced: OnVolume | None = None,
         keepalive: float = KEEPALIVE,
         silence_timeout: float = SILENCE_TIMEOUT,
         handshake_timeout: float = 10.0,
@@ -189,6 +202,8 @@ class Receiver:
         self.on_applied = on_applied
         self.on_consistent = on_consistent
         self.on_created = on_created
+        self.on_resynced = on_resynced
+        self.last_resync: dict[str, Any] | None = None  # what the last resync did
         self.keepalive = keepalive
         self.silence_timeout = silence_timeout
         self.handshake_timeout = handshake_timeout
@@ -222,6 +237,9 @@ class Receiver:
         out["node_id"] = self.node_id
         out["volume_uuid"] = vol.uuid.hex() if vol is not None and not vol.state.sync_state else ""
         out["volume_failed"] = vol.failed if vol is not None and vol.failed else ""
+        active = self._active
+        resync = active.resync if active is not None else None
+        out["resync"] = resync.as_dict() if resync is not None else self.last_resync
         return out
 
     def _sample(self) -> None:
@@ -321,6 +339,9 @@ class Receiver:
         except _Drop as exc:  # raised before the nursery started
             ses.drop(str(exc), error=exc.error)
         finally:
+            if ses.resync is not None:
+                ses.resync.abort(ses.reason or "session ended")
+                ses.resync = None
             self._sample()
             self._bytes_before += fs.bytes_received
             self._active = None
@@ -423,6 +444,10 @@ class Receiver:
         vol = self.volume
         if vol is None or not ses.ready:
             raise _Drop(f"TXN {msg.seq} before the initial sync completed")
+        if ses.resync is not None:
+            if ses.resync.on_txn(msg):
+                self._finish_resync(ses)
+            return
         # No await from here to the end: the transaction is received, applied, and the
         # caches above are told, as one step of the trio loop.
         txn = vol.receive(msg.seq, msg.record)
@@ -436,42 +461,26 @@ class Receiver:
         self._check_consistent(vol)
 
     def _on_sync_begin(self, ses: _Session, msg: SyncBegin) -> None:
-        if msg.kind is not SyncKind.FULL:
-            raise _Drop(f"{msg.kind.name} sync is not supported by this target yet")
+        if msg.kind is SyncKind.RESYNC:
+            self._begin_resync(ses, msg)
+            return
         if not ses.expect_full_sync or ses.syncing or ses.ready:
             raise _Drop("SYNC_BEGIN, but this target did not ask for an initial sync")
-        if msg.block_size not in BLOCK_SIZES or msg.block_count < MIN_BLOCKS:
-            raise _Drop(f"SYNC_BEGIN with a bad geometry {msg.block_count} x {msg.block_size}")
-        node_id = self.node_id  # the id the source just saw stays ours
-        if self.volume is not None:  # a copy that never completed: start over
-            self.volume.close()
-            self.volume = None
-        peer = ses.peer
-        self.volume = Volume.create_replica(
-            self.volume_dir,
-            volume_uuid=peer.volume_uuid,
-            block_size=msg.block_size,
-            block_count=msg.block_count,
-            start_seq=msg.start_seq,
-            epochs=[list(e) for e in peer.epochs],
-        )
-        self.volume.state.node_id = node_id  # saved with the state at SYNC_END
+        # (the id the source just saw stays ours)
+        old, self.volume = self.volume, None
+        self.volume = start_replica(self.volume_dir, old, msg, ses.peer, self.node_id)
         self._consistent_reported = False
         ses.syncing = True
         st = self._status
         st.state = ReceiverState.INITIAL_SYNC
         st.sync_blocks_copied, st.sync_blocks_total = 0, msg.block_count
-        log.info(
-            "initial sync from %r: %d blocks of %d, from seq %d",
-            peer.node_id,
-            msg.block_count,
-            msg.block_size,
-            msg.start_seq,
-        )
         if self.on_created is not None:
             self.on_created(self.volume)
 
     def _on_sync_blocks(self, ses: _Session, msg: SyncBlocks) -> None:
+        if ses.resync is not None:
+            ses.resync.on_blocks(msg)
+            return
         vol = self.volume
         if not ses.syncing or vol is None:
             raise _Drop("SYNC_BLOCKS outside of an initial sync")
@@ -479,16 +488,14 @@ class Receiver:
         self._status.sync_blocks_copied += msg.nblocks
 
     def _on_sync_end(self, ses: _Session, msg: SyncEnd) -> None:
+        if ses.resync is not None:
+            if ses.resync.on_end(msg):
+                self._finish_resync(ses)
+            return
         vol = self.volume
         if not ses.syncing or vol is None:
             raise _Drop("SYNC_END outside of an initial sync")
-        if msg.consistent_at_seq < vol.last_seq:
-            raise _Drop(f"SYNC_END at seq {msg.consistent_at_seq}, before the copy began")
-        vol.finish_sync_copy(msg.consistent_at_seq)
-        vol.reload_geometry()
-        sb = vol.sb
-        if sb.uuid != ses.peer.volume_uuid or sb.block_count != vol.device.block_count:
-            raise _Drop("the copied superblock does not match the announced volume")
+        finish_copy(vol, msg, ses.peer.volume_uuid)
         ses.syncing = False
         ses.ready = True
         self._status.state = ReceiverState.STREAMING
@@ -498,6 +505,31 @@ class Receiver:
             msg.consistent_at_seq,
         )
         # The ACK(S, S) that the contract asks for is the next coalesced ACK.
+        self._check_consistent(vol)
+
+    def _begin_resync(self, ses: _Session, msg: SyncBegin) -> None:
+        vol = self.volume
+        if vol is None or not ses.ready or ses.syncing or ses.resync is not None:
+            raise _Drop("SYNC_BEGIN(RESYNC), but this target is not a consistent replica")
+        ses.resync = TargetResync(vol, msg)
+        self._status.state = ReceiverState.RESYNCING
+
+    def _finish_resync(self, ses: _Session) -> None:
+        """Apply the staged group and tell the layers above, in one step (no await)."""
+        resync, vol = ses.resync, self.volume
+        assert resync is not None and vol is not None
+        ses.resync = None  # (a failure below is not an abandoned stage: the record is set)
+        result = resync.commit()
+        self.last_resync = {**resync.as_dict(), "blocks_applied": result.blocks}
+        self._status.state = ReceiverState.STREAMING
+        try:
+            if self.on_resynced is not None:
+                self.on_resynced(vol)
+            elif self.on_applied is not None:
+                hints = result.hints
+                self.on_applied(Transaction(result.end_seq, vol.state.epoch, 0, [], hints))
+        except Exception:
+            log.exception("resync hooks failed after seq %d", result.end_seq)
         self._check_consistent(vol)
 
     def _on_verify(self, ses: _Session, msg: VerifyReq) -> None:
@@ -557,7 +589,7 @@ class Receiver:
         vol = self.volume
         if vol is None or not ses.ready:
             return  # nothing to acknowledge before the initial-sync copy is complete
-        pos = (vol.received_seq, vol.last_seq)
+        pos = ses.resync.positions() if ses.resync else (vol.received_seq, vol.last_seq)
         if pos == ses.acked:
             return
         await self._send(ses, Ack(pos[0], pos[1], time.time_ns()))

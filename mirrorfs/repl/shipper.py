@@ -6,6 +6,9 @@ runs ``handshake_source``, then, per CONTRACTS.md "Replication session":
 - an initial sync if the target is empty: SYNC_BEGIN(S), the non-zero blocks of the block
   file in chunks of at most 1 MiB (holes skipped with SEEK_DATA/SEEK_HOLE, zero chunks
   skipped, lz4 when it helps), SYNC_END(T); the log is pinned from S+1 meanwhile;
+- a resync (mirrorfs.repl.resync) if the target is consistent but needs transactions the log
+  no longer holds: only the ranges whose checksums differ, then S+1..; the log is pinned
+  from S+1 until the target has applied T;
 - then TXN frames in sequence order from the target's received_seq + 1, read verbatim from
   the SAM log, with at most ``window_bytes`` of TXN records not yet acknowledged as received.
 
@@ -26,14 +29,16 @@ Concurrency (one trio thread):
 - Everything the sender reads from the log is pinned (received_seq + 1 <= next seq), so a
   checkpoint that runs while the sender awaits cannot retire it, unless retention dropped
   the pin, in which case the target is out-of-sync anyway.
+- A resync pins S+1 in ``_position`` (synchronous, before the session's first await) and
+  keeps that pin, across a lost connection too, until an ACK says T is applied: a target
+  that dies after recording its group comes back at T and streams on from T+1. While it
+  runs, the reader hands VERIFY_REPLY frames to the resync (``_Session.replies``).
 """
 
 from __future__ import annotations
 
 import enum
-import errno
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -41,7 +46,9 @@ from dataclasses import dataclass, field
 
 import trio
 
+from mirrorfs.repl.initial_sync import SyncProgress, run_initial_sync
 from mirrorfs.repl.lag import CommitTracker, RateMeter, install_retention, lag_seconds
+from mirrorfs.repl.resync import ReplyQueue, ResyncProgress, run_resync
 from mirrorfs.repl.stream import (
     ConnectionClosed,
     FramedStream,
@@ -61,10 +68,6 @@ from mirrorfs.repl.wire import (
     Refuse,
     RefuseReason,
     ReplError,
-    SyncBegin,
-    SyncBlocks,
-    SyncEnd,
-    SyncKind,
     Txn,
     VerifyReply,
 )
@@ -76,7 +79,6 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MIN = 0.1
 BACKOFF_MAX = 5.0
-SYNC_CHUNK = 1 << 20
 KEEPALIVE = 5.0
 SILENCE = 30.0
 PROBE_INTERVAL = 30.0  # how often an out-of-sync or diverged target is looked at again
@@ -87,13 +89,19 @@ class ShipperState(enum.StrEnum):
 
     CONNECTING = "connecting"
     INITIAL_SYNC = "initial-sync"
+    RESYNCING = "resyncing"
     STREAMING = "streaming"
     OUT_OF_SYNC = "out-of-sync"
     FENCED = "fenced"
     ERROR = "error"
 
 
-_ROUTINE = (ShipperState.CONNECTING, ShipperState.INITIAL_SYNC, ShipperState.STREAMING)
+_ROUTINE = (
+    ShipperState.CONNECTING,
+    ShipperState.INITIAL_SYNC,
+    ShipperState.RESYNCING,
+    ShipperState.STREAMING,
+)
 
 
 class _OutOfSync(ReplError):
@@ -102,28 +110,6 @@ class _OutOfSync(ReplError):
 
 class _Fenced(ReplError):
     """The target belongs to a newer epoch: this source is stale."""
-
-
-@dataclass(slots=True)
-class SyncProgress:
-    """Initial sync progress: blocks scanned (sent or skipped) out of the volume's."""
-
-    start_seq: int
-    blocks_total: int
-    blocks_done: int = 0
-    blocks_sent: int = 0
-    bytes_sent: int = 0
-
-    def as_dict(self) -> dict:
-        pct = 100.0 * self.blocks_done / self.blocks_total if self.blocks_total else 100.0
-        return {
-            "start_seq": self.start_seq,
-            "blocks_total": self.blocks_total,
-            "blocks_done": self.blocks_done,
-            "blocks_sent": self.blocks_sent,
-            "bytes_sent": self.bytes_sent,
-            "percent": round(pct, 1),
-        }
 
 
 @dataclass(slots=True)
@@ -139,6 +125,8 @@ class _Session:
     log_reader: Iterator[tuple[int, bytes]] | None = None
     reader_next: int = 0
     control_wake: trio.Event = field(default_factory=trio.Event)
+    resync: ResyncProgress | None = None  # a resync to run before streaming
+    replies: ReplyQueue | None = None  # where VERIFY_REPLY goes while it runs
 
 
 class Shipper:
@@ -154,6 +142,7 @@ class Shipper:
         window_bytes: int = 8 << 20,
         max_log_bytes: int | None = None,
         allow_initial_sync: bool = True,
+        allow_resync: bool = True,
         probe_interval: float = PROBE_INTERVAL,
         keepalive: float = KEEPALIVE,
         silence: float = SILENCE,
@@ -165,6 +154,7 @@ class Shipper:
         self.window_bytes = window_bytes
         self.max_log_bytes = max_log_bytes
         self.allow_initial_sync = allow_initial_sync
+        self.allow_resync = allow_resync
         self.probe_interval = probe_interval
         self.keepalive = keepalive
         self.silence = silence
@@ -176,6 +166,7 @@ class Shipper:
         self.received_seq: int | None = None
         self.applied_seq: int | None = None
         self.sync: SyncProgress | None = None
+        self.resync: ResyncProgress | None = None  # the current or last resync
         self.connections = 0
         self._bytes_sent_before = 0  # wire bytes of finished connections
         self._session: _Session | None = None
@@ -267,6 +258,7 @@ class Shipper:
             "unacked_bytes": self._session.unacked if self._session is not None else 0,
             "window_bytes": self.window_bytes,
             "initial_sync": self.sync.as_dict() if self.sync is not None else None,
+            "resync": self.resync.as_dict() if self.resync is not None else None,
             "pinning": self.retain_seq() is not None,
             "connections": self.connections,
         }
@@ -290,19 +282,29 @@ class Shipper:
             task_status.started()
             delay = BACKOFF_MIN
             while True:
-                if self.state in (ShipperState.FENCED, ShipperState.OUT_OF_SYNC):
+                if self._idle():
                     await self._wait_for_change()
                 elif self.state is ShipperState.ERROR:
                     self._set_state(ShipperState.CONNECTING, self.reason)
                 streamed = await self._connect_once()
-                if streamed:
-                    delay = BACKOFF_MIN
-                if self.state not in (ShipperState.FENCED, ShipperState.OUT_OF_SYNC):
+                if streamed and self.state is not ShipperState.OUT_OF_SYNC:
+                    delay = BACKOFF_MIN  # (a resync that keeps failing backs off)
+                if not self._idle():
                     await trio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX)
         finally:
             self.volume.on_commit.remove(self._on_commit)
             self._verify.fail_all("the shipper stopped")
+
+    def _idle(self) -> bool:
+        """Whether to wait for a retry() or a probe instead of reconnecting with backoff."""
+        if self.state is ShipperState.FENCED:
+            return True
+        # An out-of-sync target that a resync can serve is reconnected like any other; one
+        # that diverged (or with resync disabled) is only probed now and then.
+        return self.state is ShipperState.OUT_OF_SYNC and not (
+            self.allow_resync and self._pin_dropped
+        )
 
     async def _wait_for_change(self) -> None:
         # No point hammering a target we cannot serve: look again when asked to (retry()),
@@ -344,7 +346,7 @@ class Shipper:
                 next_seq = 0
                 self.received_seq = self.applied_seq = None
             else:
-                next_seq = self._position(peer.received_seq, peer.applied_seq)
+                next_seq = self._position(session, peer.received_seq, peer.applied_seq)
             streamed = True
             await self._session_tasks(session, next_seq)
         except HandshakeRefused as exc:
@@ -369,10 +371,15 @@ class Shipper:
                 await fs.aclose()
         return streamed
 
-    def _position(self, received: int, applied: int) -> int:
-        """Adopt the target's handshake positions; the next seq to ship (synchronous)."""
+    def _position(self, s: _Session, received: int, applied: int) -> int:
+        """Adopt the target's handshake positions; the next seq to ship (synchronous).
+
+        Pins set here are in place before the caller's next await, so a checkpoint that runs
+        meanwhile already sees them.
+        """
         vol = self.volume
         if received > vol.last_seq or applied > received:
+            self._pin_dropped = ""  # a diverged target is not one a resync can serve
             raise _OutOfSync(
                 f"the target has received seq {received} (applied {applied}) but this source "
                 f"is at seq {vol.last_seq}: it diverged (failback/resync needed)"
@@ -380,11 +387,22 @@ class Shipper:
         self.received_seq, self.applied_seq = received, applied
         self._tracker.forget_upto(applied)
         next_seq = received + 1
-        if not self._in_log(next_seq):
-            raise _OutOfSync(self._missing(next_seq))
-        # Streaming from now on as far as retention is concerned: the caller awaits before
-        # the sender starts, and a checkpoint meanwhile must already see this pin.
         self._pin_dropped = ""
+        if not self._in_log(next_seq):
+            if not self.allow_resync:
+                raise _OutOfSync(self._missing(next_seq))
+            # Resync: pin S+1 now; the sender compares, copies, then streams from S+1.
+            start = vol.last_seq
+            self._sync_pin = start + 1
+            s.resync = self.resync = ResyncProgress(applied, start, vol.block_count)
+            self._set_state(ShipperState.RESYNCING, self._missing(next_seq))
+            return start + 1
+        # Streaming: the target's position pins from here on (a resync pin of an earlier
+        # connection is no longer needed: the target applied its group, or never will).
+        self._sync_pin = None
+        r = self.resync
+        if r is not None and not r.done and r.end_seq is not None and applied >= r.end_seq:
+            r.finish()  # its group was applied after the connection that sent it ended
         self._set_state(ShipperState.STREAMING)
         return next_seq
 
@@ -462,10 +480,27 @@ class Shipper:
 
     async def _send_loop(self, s: _Session, next_seq: int) -> None:
         if next_seq == 0:
-            next_seq = await self._initial_sync(s)
+            vol = self.volume
+            start = vol.last_seq
+            # Pinned before the first await, so no checkpoint can retire S+1 from under us.
+            self._sync_pin = start + 1
+            self._pin_dropped = ""
+            self.sync = SyncProgress(start, vol.block_count)
+            self._set_state(ShipperState.INITIAL_SYNC)
+            s.last_sent = start
+            next_seq = await run_initial_sync(vol, s.fs, self.sync, self.label)
+            self._set_state(ShipperState.STREAMING)
+        elif s.resync is not None:
+            s.replies = ReplyQueue()
+            s.last_sent = s.resync.start_seq
+            try:
+                next_seq = await run_resync(self.volume, s.fs, s.resync, s.replies, self.label)
+            finally:
+                s.replies = None
+            # RESYNCING until the target acks T applied (_on_ack)
         else:
             s.last_sent = next_seq - 1
-        self._set_state(ShipperState.STREAMING)
+            self._set_state(ShipperState.STREAMING)
         vol = self.volume
         pending: tuple[int, bytes] | None = None
         while True:
@@ -513,50 +548,6 @@ class Shipper:
         s.reader_next = got[0] + 1
         return got
 
-    async def _initial_sync(self, s: _Session) -> int:
-        """Copy the block file's non-zero blocks; return the first seq to stream (S+1)."""
-        vol = self.volume
-        bs, count = vol.block_size, vol.block_count
-        start = vol.last_seq
-        # Pinned before the first await, so no checkpoint can retire S+1 from under us.
-        self._sync_pin = start + 1
-        self._pin_dropped = ""
-        self.sync = progress = SyncProgress(start, count)
-        self._set_state(ShipperState.INITIAL_SYNC)
-        log.info("target %s: initial sync of %d blocks from seq %d", self.label, count, start)
-        await s.fs.send(SyncBegin(SyncKind.FULL, bs, count, start))
-        s.last_sent = start
-        per_chunk = max(1, SYNC_CHUNK // bs)
-        zeros = bytes(per_chunk * bs)
-        for first, end in _data_runs(vol.device.fd, bs, count):
-            progress.blocks_done = first
-            block = first
-            while block < end:
-                n = min(per_chunk, end - block)
-                raw = vol.device.read(block, n)  # committed state, between two awaits
-                block += n
-                if raw == zeros[: len(raw)]:
-                    progress.blocks_done = block
-                    await trio.lowlevel.checkpoint()  # let FUSE requests and commits in
-                    continue
-                msg = SyncBlocks.pack(block - n, raw, bs)
-                await s.fs.send(msg)
-                progress.blocks_done = block
-                progress.blocks_sent += n
-                progress.bytes_sent += len(msg.data)
-        progress.blocks_done = count
-        end_seq = vol.last_seq  # every block read reflects a state <= this seq
-        await s.fs.send(SyncEnd(end_seq))
-        log.info(
-            "target %s: initial sync copied %d blocks (%d bytes on the wire), consistent at "
-            "seq %d once applied",
-            self.label,
-            progress.blocks_sent,
-            progress.bytes_sent,
-            end_seq,
-        )
-        return start + 1
-
     # ------------------------------------------------------------------ reader / control
 
     async def _read_loop(self, s: _Session) -> None:
@@ -576,7 +567,10 @@ class Shipper:
         elif isinstance(msg, Pong):
             pass
         elif isinstance(msg, VerifyReply):
-            self._verify.on_reply(msg)
+            if s.replies is not None:
+                s.replies.put(msg)  # a resync's comparison
+            else:
+                self._verify.on_reply(msg)
         elif isinstance(msg, ErrorState):
             if msg.state is PeerState.OK:
                 s.peer_error = ""
@@ -609,7 +603,20 @@ class Shipper:
         if self.applied_seq is None or ack.applied_seq > self.applied_seq:
             self.applied_seq = ack.applied_seq
             self._tracker.forget_upto(ack.applied_seq)
-        if self._sync_pin is not None and self.received_seq >= self._sync_pin - 1:
+        r = s.resync
+        if r is not None:
+            # A resync's stage is not the replica: S+1 stays pinned until T is applied.
+            if r.end_seq is not None and ack.applied_seq >= r.end_seq and not r.done:
+                self._sync_pin = None
+                r.finish()
+                self._set_state(ShipperState.STREAMING)
+                log.info(
+                    "target %s: resync done in %.1f s, consistent at seq %d",
+                    self.label,
+                    r.seconds,
+                    ack.applied_seq,
+                )
+        elif self._sync_pin is not None and self.received_seq >= self._sync_pin - 1:
             self._sync_pin = None  # the target has the copy; its position pins from now on
         self._wake.set()
 
@@ -628,28 +635,6 @@ class Shipper:
                     await s.fs.send(Ping(time.time_ns()))
                 sent, received = s.fs.bytes_sent, s.fs.bytes_received
                 next_tick = trio.current_time() + self.keepalive
-
-
-def _data_runs(fd: int, block_size: int, block_count: int) -> Iterator[tuple[int, int]]:
-    """``(first, end)`` block runs that may hold data (holes skipped via SEEK_DATA/HOLE)."""
-    size = block_size * block_count
-    pos = 0
-    while pos < size:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-            hole = os.lseek(fd, data, os.SEEK_HOLE)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:
-                return  # only a hole from pos to the end
-            if exc.errno == errno.EINVAL:
-                yield pos // block_size, block_count  # no SEEK_DATA support: all data
-                return
-            raise
-        first = data // block_size
-        end = min(block_count, -(-hole // block_size))
-        if end > first:
-            yield first, end
-        pos = end * block_size
 
 
 __all__ = ["Shipper", "ShipperState", "SyncProgress", "install_retention"]

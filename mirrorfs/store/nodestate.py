@@ -43,6 +43,10 @@ class NodeState:
     # replica becomes consistent once it has applied ``consistent_at``)
     sync_state: str = ""
     consistent_at: int = 0
+    # Set while a staged resync group is being applied (``Volume.commit_resync``):
+    # {"start_seq": S, "consistent_at": T, "stage": file name}. A volume opened with it set
+    # redoes the group before anything else; None otherwise.
+    resync: dict | None = None
 
     @property
     def epoch(self) -> int:

@@ -36,7 +36,7 @@ import time
 import uuid as uuidlib
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mirrorfs.store import record
 from mirrorfs.store.allocator import ExtentAllocator
@@ -45,6 +45,7 @@ from mirrorfs.store.errors import LogError, VolumeError, VolumeFailed, VolumeLoc
 from mirrorfs.store.nodestate import NODE_FILE, NodeState, Role
 from mirrorfs.store.overlay import BlockOverlay
 from mirrorfs.store.samlog import SamLog
+from mirrorfs.store.staging import Stage, StagedBlocks, StagedTxn, remove_stages
 from mirrorfs.store.txn import Hint, Transaction
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,17 @@ class RecoveryReport:
         if self.log_note:
             parts.append(self.log_note)
         return "; ".join(parts) if parts else "clean"
+
+
+@dataclass(slots=True)
+class ResyncResult:
+    """What ``commit_resync`` applied: blocks written, transactions S+1..T and their hints."""
+
+    start_seq: int
+    end_seq: int
+    blocks: int = 0
+    txns: int = 0
+    hints: list[Hint] = field(default_factory=list)
 
 
 class Volume:
@@ -323,7 +335,11 @@ class Volume:
         if fresh is not None:
             vol.sb = fresh
             return vol
-        vol._replay()
+        if vol.state.resync:
+            vol._redo_resync()  # a resync group was being applied: finish it first
+        else:
+            remove_stages(path)  # a resync that never reached its group: discarded
+            vol._replay()
         vol.sb = VolumeSuper.unpack(vol.device.read(0, 1), block_file)
         if vol.sb.uuid != vuuid or vol.sb.block_size != bs:
             raise VolumeError(f"{path}: block file belongs to another volume than node.json")
@@ -498,8 +514,18 @@ class Volume:
         """
         if self.failed:
             raise VolumeFailed(f"volume is read-only after an I/O failure: {self.failed}")
+        txn = self.check_record(seq, record_bytes, expect=self.received_seq + 1)
+        try:
+            self.samlog.append_encoded(seq, record_bytes)
+            self.samlog.sync()
+        except OSError as exc:
+            self._fail(f"cannot append to the SAM log: {exc.strerror or exc}")
+        self._log_bytes_since_checkpoint += len(record_bytes)
+        return txn
+
+    def check_record(self, seq: int, record_bytes: bytes, *, expect: int) -> Transaction:
+        """Decode a shipped record and check that it is seq ``expect`` and fits this volume."""
         txn = record.decode_txn(record_bytes, block_size=self.block_size)
-        expect = self.received_seq + 1
         if txn.seq != seq or seq != expect:
             raise LogError(f"out of sequence: got seq {txn.seq}, expected {expect}", seq=txn.seq)
         if txn.epoch < self.state.epoch:
@@ -511,12 +537,6 @@ class Volume:
         for start, data in txn.runs:
             if start + len(data) // self.block_size > self.block_count:
                 raise LogError(f"seq {seq} writes past the end of the volume", seq=seq)
-        try:
-            self.samlog.append_encoded(seq, record_bytes)
-            self.samlog.sync()
-        except OSError as exc:
-            self._fail(f"cannot append to the SAM log: {exc.strerror or exc}")
-        self._log_bytes_since_checkpoint += len(record_bytes)
         return txn
 
     def apply(self, txn: Transaction) -> None:
@@ -611,6 +631,105 @@ class Volume:
         except BaseException:
             os.close(lock_fd)
             raise
+
+    # -- the target side: resync (staged, then applied as one group; see store/staging.py)
+    def begin_resync(self, start_seq: int) -> Stage:
+        """A new stage for a resync from ``start_seq`` (S) over this consistent replica (A)."""
+        if not self.consistent or self.failed:
+            raise VolumeError("a resync needs a consistent replica")
+        if self._overlay or self._hints or self._sealed:
+            raise VolumeError("cannot resync a volume with local changes")
+        if start_seq < self.received_seq:
+            raise VolumeError(f"resync from seq {start_seq}, but seq {self.received_seq} is here")
+        return Stage.create(
+            self.path,
+            volume_uuid=self.uuid,
+            block_size=self.block_size,
+            start_seq=start_seq,
+            base_seq=self._last_seq,
+        )
+
+    def stage_blocks(self, stage: Stage, first: int, nblocks: int, data: bytes, *, lz4: bool):
+        """Stage block images of a resync (nothing reaches the block file yet)."""
+        if first < 0 or nblocks < 1 or first + nblocks > self.block_count:
+            raise VolumeError(f"resync run {first}+{nblocks} outside the volume")
+        stage.append_blocks(first, nblocks, data, lz4=lz4)
+
+    def stage_txn(self, stage: Stage, seq: int, record_bytes: bytes) -> Transaction:
+        """Validate and stage transaction ``seq`` of a resync (not logged, not applied yet)."""
+        txn = self.check_record(seq, record_bytes, expect=stage.last_seq + 1)
+        stage.append_txn(seq, record_bytes)
+        return txn
+
+    def commit_resync(self, stage: Stage, end_seq: int) -> ResyncResult:
+        """Apply a complete stage (blocks, then S+1..T) as one group; synchronous.
+
+        The block file is made durable at A and node.json records the group first: from
+        then on a crash is finished by ``Volume.open`` (``_redo_resync``, idempotent); before
+        it, the stage is discarded at the next open and the replica stays at A.
+        """
+        if stage.last_seq != end_seq:
+            raise VolumeError(f"resync stage holds seq {stage.last_seq}, not {end_seq}")
+        stage.sync()
+        stage.close()
+        self.device.sync()  # the old log is about to go: A must not depend on it
+        st = self.state
+        st.checkpointed_seq = self._last_seq
+        st.resync = {"start_seq": stage.start_seq, "consistent_at": end_seq, "stage": stage.name}
+        st.save(self.path)
+        try:
+            return self._redo_resync()
+        except (OSError, LogError, VolumeError) as exc:
+            # Half applied in memory: take nothing more; reopening finishes the group.
+            self._fail(f"resync group interrupted: {exc} (reopen the volume to finish it)")
+            raise AssertionError("unreachable")
+
+    def _redo_resync(self) -> ResyncResult:
+        """Write the recorded stage's blocks, restart the log at S+1 with S+1..T, apply them."""
+        st = self.state
+        info = st.resync or {}
+        start, end = int(info["start_seq"]), int(info["consistent_at"])
+        vuuid = bytes.fromhex(st.volume_uuid)  # (the superblock may not be read yet)
+        stage = Stage.open(self.path, info["stage"], volume_uuid=vuuid, block_size=st.block_size)
+        out = ResyncResult(start, end)
+        try:
+            for item in stage.records():  # blocks first (a stage may interleave them)
+                if isinstance(item, StagedBlocks):
+                    self._write_in_place([(item.first_block, item.data)])
+                    out.blocks += len(item.data) // st.block_size
+            self.samlog.reset(start + 1)
+            for item in stage.records():
+                if isinstance(item, StagedTxn):
+                    self.samlog.append_encoded(item.seq, item.record)
+                    txn = record.decode_txn(item.record, block_size=st.block_size)
+                    self._write_in_place(txn.runs)
+                    out.txns += 1
+                    out.hints.extend(txn.hints)
+            if stage.last_seq != end:
+                raise VolumeError(f"{stage.path}: holds seq {stage.last_seq}, not {end}")
+            self.samlog.sync()
+            self.device.sync()
+        finally:
+            stage.close()
+        self._last_seq = end
+        st.checkpointed_seq = end
+        st.resync = None
+        st.save(self.path)
+        stage.discard()
+        remove_stages(self.path)
+        self._last_checkpoint = time.monotonic()
+        self._log_bytes_since_checkpoint = 0
+        if hasattr(self, "allocator"):  # (not yet when Volume.open redoes the group)
+            self.allocator.reload()
+        log.info(
+            "%s: resync group applied: %d block(s) and seq %d..%d; consistent at seq %d",
+            self.path,
+            out.blocks,
+            start + 1,
+            end,
+            end,
+        )
+        return out
 
     def reload_geometry(self) -> None:
         """Re-read the superblock and the allocator after blocks arrived from elsewhere."""

@@ -1,0 +1,160 @@
+"""The initial (full) sync of an empty target (CONTRACTS.md, "Replication session" step 2).
+
+Source side (``run_initial_sync``, called by the shipper's sending task):
+
+SYNC_BEGIN(FULL, geometry, S), the non-zero blocks of the block file in chunks of at most
+1 MiB (holes skipped with SEEK_DATA/SEEK_HOLE, zero chunks skipped, lz4 when it helps),
+SYNC_END(T). The caller (the shipper) pinned the log from S+1 before the first await and
+streams S+1.. afterwards; the target replays them over the fuzzy copy (physical redo is
+idempotent) and is consistent once it has applied T.
+
+Block file reads happen between awaits; each chunk reflects a state at or before T, where T
+also counts a transaction that the mount's persist worker may be writing in place while a
+chunk is read (``in_flight_seq``): its replay covers whatever half of it was read.
+
+Target side (``start_replica`` on SYNC_BEGIN, ``finish_copy`` on SYNC_END, called by the
+receiver between two awaits): a fresh replica directory, blocks written by
+``Volume.write_sync_blocks``; the replica is consistent once it has applied T.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import trio
+
+from mirrorfs.repl.stream import FramedStream, Peer
+from mirrorfs.repl.wire import ProtocolError, SyncBegin, SyncBlocks, SyncEnd, SyncKind
+from mirrorfs.store.volume import BLOCK_SIZES, MIN_BLOCKS, Volume
+
+log = logging.getLogger(__name__)
+
+SYNC_CHUNK = 1 << 20
+
+
+@dataclass(slots=True)
+class SyncProgress:
+    """Initial sync progress: blocks scanned (sent or skipped) out of the volume's."""
+
+    start_seq: int
+    blocks_total: int
+    blocks_done: int = 0
+    blocks_sent: int = 0
+    bytes_sent: int = 0
+
+    def as_dict(self) -> dict:
+        pct = 100.0 * self.blocks_done / self.blocks_total if self.blocks_total else 100.0
+        return {
+            "start_seq": self.start_seq,
+            "blocks_total": self.blocks_total,
+            "blocks_done": self.blocks_done,
+            "blocks_sent": self.blocks_sent,
+            "bytes_sent": self.bytes_sent,
+            "percent": round(pct, 1),
+        }
+
+
+async def run_initial_sync(
+    volume: Volume, fs: FramedStream, progress: SyncProgress, label: str
+) -> int:
+    """Copy the block file's non-zero blocks; return the first seq to stream (S+1)."""
+    vol = volume
+    bs, count = vol.block_size, vol.block_count
+    start = progress.start_seq
+    log.info("target %s: initial sync of %d blocks from seq %d", label, count, start)
+    await fs.send(SyncBegin(SyncKind.FULL, bs, count, start))
+    per_chunk = max(1, SYNC_CHUNK // bs)
+    zeros = bytes(per_chunk * bs)
+    for first, end in data_runs(vol.device.fd, bs, count):
+        progress.blocks_done = first
+        block = first
+        while block < end:
+            n = min(per_chunk, end - block)
+            raw = vol.device.read(block, n)  # committed state, between two awaits
+            block += n
+            if raw == zeros[: len(raw)]:
+                progress.blocks_done = block
+                await trio.lowlevel.checkpoint()  # let FUSE requests and commits in
+                continue
+            msg = SyncBlocks.pack(block - n, raw, bs)
+            await fs.send(msg)
+            progress.blocks_done = block
+            progress.blocks_sent += n
+            progress.bytes_sent += len(msg.data)
+    progress.blocks_done = count
+    end_seq = max(vol.last_seq, vol.in_flight_seq or 0)  # every block read is <= this seq
+    await fs.send(SyncEnd(end_seq))
+    log.info(
+        "target %s: initial sync copied %d blocks (%d bytes on the wire), consistent at "
+        "seq %d once applied",
+        label,
+        progress.blocks_sent,
+        progress.bytes_sent,
+        end_seq,
+    )
+    return start + 1
+
+
+def start_replica(
+    volume_dir: str, old: Volume | None, msg: SyncBegin, peer: Peer, node_id: str
+) -> Volume:
+    """SYNC_BEGIN(FULL) on the target: a new, empty replica (``old``, a copy that never
+    completed, is closed and replaced). ProtocolError on an impossible geometry."""
+    if old is not None:
+        old.close()  # first: the caller holds None from here on, whatever happens
+    if msg.block_size not in BLOCK_SIZES or msg.block_count < MIN_BLOCKS:
+        raise ProtocolError(f"bad geometry {msg.block_count} x {msg.block_size}")
+    vol = Volume.create_replica(
+        volume_dir,
+        volume_uuid=peer.volume_uuid,
+        block_size=msg.block_size,
+        block_count=msg.block_count,
+        start_seq=msg.start_seq,
+        epochs=[list(e) for e in peer.epochs],
+    )
+    vol.state.node_id = node_id  # saved with the state at SYNC_END
+    log.info(
+        "initial sync from %r: %d blocks of %d, from seq %d",
+        peer.node_id,
+        msg.block_count,
+        msg.block_size,
+        msg.start_seq,
+    )
+    return vol
+
+
+def finish_copy(vol: Volume, msg: SyncEnd, volume_uuid: bytes) -> None:
+    """SYNC_END on the target: the copy is complete; consistent once T is applied."""
+    if msg.consistent_at_seq < vol.last_seq:
+        raise ProtocolError(f"consistent at seq {msg.consistent_at_seq}, before the copy began")
+    vol.finish_sync_copy(msg.consistent_at_seq)
+    vol.reload_geometry()
+    sb = vol.sb
+    if sb.uuid != volume_uuid or sb.block_count != vol.device.block_count:
+        raise ProtocolError("the copied superblock does not match the announced volume")
+
+
+def data_runs(fd: int, block_size: int, block_count: int) -> Iterator[tuple[int, int]]:
+    """``(first, end)`` block runs that may hold data (holes skipped via SEEK_DATA/HOLE)."""
+    size = block_size * block_count
+    pos = 0
+    while pos < size:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            hole = os.lseek(fd, data, os.SEEK_HOLE)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:
+                return  # only a hole from pos to the end
+            if exc.errno == errno.EINVAL:
+                yield pos // block_size, block_count  # no SEEK_DATA support: all data
+                return
+            raise
+        first = data // block_size
+        end = min(block_count, -(-hole // block_size))
+        if end > first:
+            yield first, end
+        pos = end * block_size
