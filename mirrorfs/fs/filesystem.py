@@ -167,6 +167,16 @@ class Filesystem(NamespaceOps):
             else:
                 self.dirs.forget(h.parent)
 
+    def invalidate_all(self) -> list[int]:
+        """Forget every cached inode and directory (a resync may have changed any block).
+
+        Returns the inodes the kernel holds references to, whose kernel caches the caller
+        should drop as well.
+        """
+        self.inodes.refresh_all()
+        self.dirs.clear()
+        return sorted(self._refs)
+
     # ------------------------------------------------------------------------------ helpers
 
     @staticmethod

@@ -159,6 +159,7 @@ class ReplicaNode:
                 on_applied=self._on_applied,
                 on_consistent=self._on_consistent,
                 on_created=self._on_created,
+                on_resynced=self._on_resynced,
             )
             try:
                 listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
@@ -295,6 +296,16 @@ class ReplicaNode:
         if self._inval_inodes or self._inval_entries:
             with contextlib.suppress(trio.WouldBlock):
                 self._nudge_send.send_nowait(None)
+
+    def _on_resynced(self, volume: Volume) -> None:
+        """A resync group was applied in this same step: any block may have changed."""
+        fs = self.fs
+        if fs is None:
+            self._on_consistent(volume)
+            return
+        self._inval_inodes.update(fs.invalidate_all())
+        with contextlib.suppress(trio.WouldBlock):
+            self._nudge_send.send_nowait(None)
 
     # ---------------------------------------------------------------------------- mount
 
