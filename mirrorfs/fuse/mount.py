@@ -158,9 +158,42 @@ async def _serve(
         nursery.start_soon(_announce_ready, mountpoint, on_ready, name="ready")
         try:
             await pyfuse3.main()
+            if not cfg.read_only:
+                await _final_ship(ops, volume)
         finally:
             # main returns on unmount or terminate(); the helper tasks end with it.
             nursery.cancel_scope.cancel()
+
+
+#: How long an unmount waits for connected targets to acknowledge the final commit.
+FINAL_SHIP_TIMEOUT = 10.0
+
+
+async def _final_ship(ops: Operations, volume: Volume) -> None:
+    """Commit what is open and give streaming targets a bounded time to receive it.
+
+    Runs after the kernel unmounted (no request can arrive) and before the services are
+    cancelled, so that a clean unmount leaves the targets at the source's last seq.
+    """
+    if ops.failsafe:
+        return
+    before = volume.last_seq
+    with trio.move_on_after(FINAL_SHIP_TIMEOUT) as scope:
+        try:
+            await ops.committer.commit()
+        except VolumeFailed as exc:
+            ops.enter_failsafe(f"final commit: {exc}")
+            return
+        if volume.last_seq > before:
+            log.info("final commit: transaction %d", volume.last_seq)
+        while volume.replication_pending():
+            await trio.sleep(0.02)
+    if scope.cancelled_caught:
+        log.warning(
+            "unmount: targets did not acknowledge seq %d within %.0f s",
+            volume.last_seq,
+            FINAL_SHIP_TIMEOUT,
+        )
 
 
 async def _watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -59,6 +59,17 @@ class SourceNode:
         self._nursery: trio.Nursery | None = None
         # A live view: targets added or removed later are seen at every checkpoint.
         install_retention(volume, self.shippers.values())
+        volume.replication_pending = self._replication_pending
+
+    def _replication_pending(self) -> bool:
+        """A streaming target has not received the last committed transaction yet."""
+        from mirrorfs.repl.shipper import ShipperState
+
+        last = self.volume.last_seq
+        return any(
+            s.state is ShipperState.STREAMING and (s.received_seq or 0) < last
+            for s in self.shippers.values()
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
         """Start the control socket and one shipper per configured target; run until

@@ -177,6 +177,9 @@ class Volume:
         self.on_commit: list[Callable[[Transaction], None]] = []
         # Lowest sequence number some consumer (a target) still needs from the log.
         self.retain_from: Callable[[], int | None] = lambda: None
+        # Whether a connected target has not yet received the last commit (set by the
+        # source node; the unmount waits on it, bounded).
+        self.replication_pending: Callable[[], bool] = lambda: False
 
     # -- geometry
     @property
@@ -633,13 +636,17 @@ class Volume:
             raise
 
     # -- the target side: resync (staged, then applied as one group; see store/staging.py)
-    def begin_resync(self, start_seq: int) -> Stage:
-        """A new stage for a resync from ``start_seq`` (S) over this consistent replica (A)."""
+    def begin_resync(self, start_seq: int, *, rewind: bool = False) -> Stage:
+        """A new stage for a resync from ``start_seq`` (S) over this consistent replica (A).
+
+        ``rewind``: this replica diverged from the source (failback): it may hold seqs past S
+        that the source never had; the group replaces them (archive them first).
+        """
         if not self.consistent or self.failed:
             raise VolumeError("a resync needs a consistent replica")
         if self._overlay or self._hints or self._sealed:
             raise VolumeError("cannot resync a volume with local changes")
-        if start_seq < self.received_seq:
+        if start_seq < self.received_seq and not rewind:
             raise VolumeError(f"resync from seq {start_seq}, but seq {self.received_seq} is here")
         return Stage.create(
             self.path,
@@ -661,12 +668,15 @@ class Volume:
         stage.append_txn(seq, record_bytes)
         return txn
 
-    def commit_resync(self, stage: Stage, end_seq: int) -> ResyncResult:
+    def commit_resync(
+        self, stage: Stage, end_seq: int, *, epochs: list[list[int]] | None = None
+    ) -> ResyncResult:
         """Apply a complete stage (blocks, then S+1..T) as one group; synchronous.
 
         The block file is made durable at A and node.json records the group first: from
         then on a crash is finished by ``Volume.open`` (``_redo_resync``, idempotent); before
-        it, the stage is discarded at the next open and the replica stays at A.
+        it, the stage is discarded at the next open and the replica stays at A. ``epochs``
+        (a failback's rewind): the source's epoch history, adopted in that same record.
         """
         if stage.last_seq != end_seq:
             raise VolumeError(f"resync stage holds seq {stage.last_seq}, not {end_seq}")
@@ -676,6 +686,10 @@ class Volume:
         st = self.state
         st.checkpointed_seq = self._last_seq
         st.resync = {"start_seq": stage.start_seq, "consistent_at": end_seq, "stage": stage.name}
+        if epochs is not None:
+            # The diverged seqs are archived (or said lost) by now; the log is about to go.
+            st.epochs = [list(e) for e in epochs]
+            st.keep_log_from = 0
         st.save(self.path)
         try:
             return self._redo_resync()
@@ -731,6 +745,17 @@ class Volume:
         )
         return out
 
+    def adopt_epochs(self, epochs: list[list[int]]) -> None:
+        """Take a source's epoch history (this replica is behind the fork: nothing diverged)."""
+        st = self.state
+        new = [list(map(int, e)) for e in epochs]
+        if new == st.epochs and not st.keep_log_from:
+            return
+        log.info("%s: epoch history %s -> %s", self.path, st.epochs, new)
+        st.epochs = new
+        st.keep_log_from = 0
+        st.save(self.path)
+
     def reload_geometry(self) -> None:
         """Re-read the superblock and the allocator after blocks arrived from elsewhere."""
         self.sb = VolumeSuper.unpack(self.device.read(0, 1), self.device.path)
@@ -766,6 +791,8 @@ class Volume:
         upto = self.state.checkpointed_seq
         if keep is not None:
             upto = min(upto, keep - 1)
+        if self.state.keep_log_from:  # a demoted source: its diverged seqs may be needed
+            upto = min(upto, self.state.keep_log_from - 1)
         if upto > 0:
             self.samlog.retire(upto)
 
