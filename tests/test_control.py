@@ -298,7 +298,16 @@ async def test_daemon_mount_sees_changes_within_the_lag(tmp_path, source):
             while not os.path.exists(socket_path(rdir)):
                 assert child.poll() is None, _tail(stderr_path)
                 await trio.sleep(0.02)
-        fs, _ = await source.connect(await trio.open_tcp_stream("127.0.0.1", port))
+        # The control socket is bound before the TCP listener: retry until it listens.
+        with trio.fail_after(20):
+            while True:
+                try:
+                    stream = await trio.open_tcp_stream("127.0.0.1", port)
+                    break
+                except OSError:
+                    assert child.poll() is None, _tail(stderr_path)
+                    await trio.sleep(0.05)
+        fs, _ = await source.connect(stream)
         start = await source.initial_sync(fs)
         await source.ack(fs, start)
         await _eventually(lambda: is_mounted(mnt), "the mount")
