@@ -290,20 +290,15 @@ def _mount_detached(args: argparse.Namespace) -> int:
     if not os.path.isdir(mountpoint):
         what = "is not a directory" if os.path.exists(mountpoint) else "does not exist"
         raise CliError(f"mountpoint {mountpoint} {what}")
+    argv = ["mount", volume_dir, mountpoint, *_passthrough_mount_args(args)]
+    return run_detached(argv, os.path.join(volume_dir, LOG_FILE), "mount")
+
+
+def run_detached(argv: list[str], log_path: str, what: str) -> int:
+    """Run ``mirrorfs ARGV --foreground`` in a new session, logging to ``log_path``; return
+    0 once it reports "ok" on its ready pipe, else raise CliError with its one-line error."""
     read_fd, write_fd = os.pipe()
-    cmd = [
-        sys.executable,
-        "-m",
-        "mirrorfs",
-        "mount",
-        volume_dir,
-        mountpoint,
-        "--foreground",
-        "--ready-fd",
-        str(write_fd),
-        *_passthrough_mount_args(args),
-    ]
-    log_path = os.path.join(volume_dir, LOG_FILE)
+    cmd = [sys.executable, "-m", "mirrorfs", *argv, "--foreground", "--ready-fd", str(write_fd)]
     try:
         with open(log_path, "ab") as logf:
             child = subprocess.Popen(
@@ -325,7 +320,7 @@ def _mount_detached(args: argparse.Namespace) -> int:
     if message.startswith("error: "):
         raise CliError(message[len("error: ") :])
     status = child.wait()
-    raise CliError(f"the mount process exited with status {status} (see {log_path})")
+    raise CliError(f"the {what} process exited with status {status} (see {log_path})")
 
 
 def _mount_foreground(args: argparse.Namespace) -> int:

@@ -556,11 +556,8 @@ def _replica_config(args: Any) -> ReplicaConfig:
 
 def _replica_detached(args: Any) -> int:
     """Start ``replica --foreground`` in a new session; wait until it says it listens."""
-    import subprocess
-    import sys
-
     from mirrorfs.cli import LOG_FILE as CLI_LOG_FILE
-    from mirrorfs.cli import CliError, _child_env
+    from mirrorfs.cli import run_detached
 
     cfg = _replica_config(args)  # fail here, with the user's terminal, when we can
     volume_dir = prepare_dir(cfg.volume_dir)
@@ -577,32 +574,8 @@ def _replica_detached(args: Any) -> int:
     if getattr(args, "debug", False):
         extra.append("--debug")
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    read_fd, write_fd = os.pipe()
-    cmd = [sys.executable, "-m", "mirrorfs", "replica", volume_dir, "--listen", listen]
-    cmd += ["--foreground", "--ready-fd", str(write_fd), *extra]
-    log_path = os.path.join(volume_dir, CLI_LOG_FILE)
-    try:
-        with open(log_path, "ab") as logf:
-            child = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=logf,
-                stderr=logf,
-                pass_fds=(write_fd,),
-                start_new_session=True,
-                cwd="/",
-                env=_child_env(),
-            )
-    finally:
-        os.close(write_fd)
-    with os.fdopen(read_fd, "rb") as pipe:
-        message = pipe.read().decode(errors="replace").strip()
-    if message == "ok":
-        return 0
-    if message.startswith("error: "):
-        raise CliError(message[len("error: ") :])
-    status = child.wait()
-    raise CliError(f"the replica process exited with status {status} (see {log_path})")
+    argv = ["replica", volume_dir, "--listen", listen, *extra]
+    return run_detached(argv, os.path.join(volume_dir, CLI_LOG_FILE), "replica")
 
 
 def _replica_foreground(args: Any) -> int:
