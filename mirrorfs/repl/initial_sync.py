@@ -1,4 +1,4 @@
-"""The initial (full) sync of an empty target (CONTRACTS.md, "Replication session" step 2).
+"""The initial (full) sync of an empty target (mirrorfs/INTERNALS.md, "Replication session" step 2).
 
 Source side (``run_initial_sync``, called by the shipper's sending task):
 

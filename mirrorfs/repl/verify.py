@@ -11,7 +11,7 @@ same sequence number*:
   round asks ``compare`` which of a list of ranges differ, then splits those that do into
   ``fanout`` parts, until they are at most ``granularity`` blocks.
 - ``verify_target(shipper)`` runs that over a shipper's live connection (VERIFY_REQ /
-  VERIFY_REPLY, CONTRACTS.md "Replication session" step 6). The shipper computes the source
+  VERIFY_REPLY, INTERNALS.md "Replication session" step 6). The shipper computes the source
   digests in its sending task right after it sent transaction ``seq`` and before anything
   later, without awaiting in between, so no commit can slip in: that is how the source "holds
   still" at ``seq`` without stopping writers for longer than the hashing takes.
