@@ -1,4 +1,4 @@
-"""Commands that talk to a running node through its control socket: status, verify, mirror.
+"""Node commands: status, verify, mirror, promote (control socket or stopped), demote.
 
 ``status`` also works on a stopped node: it then reads node.json and the log's bounds
 without taking the volume's lock (a running daemon is asked instead).
@@ -59,6 +59,12 @@ def add_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--secret-file", metavar="FILE", help="shared secret for the targets")
     p.set_defaults(func=cmd_promote)
 
+    p = sub.add_parser(
+        "demote", parents=[common], help="make a stopped old source a target (failback)"
+    )
+    p.add_argument("dir", metavar="DIR", help="source volume directory (not mounted)")
+    p.set_defaults(func=cmd_demote)
+
 
 def _ask(volume_dir: str, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     try:
@@ -88,6 +94,8 @@ def _offline_status(volume_dir: str) -> dict[str, Any]:
         "sync_state": state.sync_state or "consistent",
         "log_segments": len(segments),
         "log_bytes": size,
+        "log_kept_from": state.keep_log_from,
+        "archives": state.archives,
     }
 
 
@@ -137,6 +145,12 @@ def format_status(volume_dir: str, st: dict[str, Any]) -> str:
     ):
         if key in st and st[key] not in ("", None):
             lines.append(f"  {key.replace('_', ' ')}: {st[key]}")
+    for a in st.get("archives") or []:
+        lines.append(
+            f"  archive: {a.get('path')} (epoch {a.get('epoch')}, {a.get('records')} diverged "
+            f"transaction(s) after seq {a.get('fork_seq')})"
+            + (f": {a['note']}" if a.get("note") else "")
+        )
     for t in st.get("targets", []):
         reason = f" ({t['reason']})" if t.get("reason") else ""
         lines.append(f"  target {t.get('address')}: {t.get('state')}{reason}")
@@ -249,4 +263,19 @@ def cmd_promote(args: argparse.Namespace) -> int:
             "  (--mirror takes effect when the volume is mounted: mirrorfs mount DIR MNT "
             "--mirror ...)"
         )
+    return 0
+
+
+def cmd_demote(args: argparse.Namespace) -> int:
+    from mirrorfs.node.demote import DemoteError, demote_stopped, describe
+
+    volume_dir = os.path.abspath(args.dir)
+    if not os.path.isdir(volume_dir):
+        raise CommandError(f"{volume_dir}: no such volume directory")
+    try:
+        report = demote_stopped(volume_dir)
+    except DemoteError as exc:
+        raise CommandError(str(exc)) from None
+    for line in describe(report):
+        print(line)
     return 0

@@ -1,7 +1,7 @@
 """The target side of replication: receive, log, apply and acknowledge, one source at a time.
 
 A ``Receiver`` belongs to one target volume directory and serves the connections that reach
-it (``serve``, one call per accepted stream). The session is the one of notes/CONTRACTS.md
+it (``serve``, one call per accepted stream). The session is the one of mirrorfs/INTERNALS.md
 ("Replication session"):
 
     handshake_target         what this node has: an all-zero uuid when it is empty or an
@@ -48,6 +48,7 @@ from typing import Any
 
 import trio
 
+from mirrorfs.repl.fork import judge
 from mirrorfs.repl.initial_sync import finish_copy, start_replica
 from mirrorfs.repl.lag import RateMeter
 from mirrorfs.repl.resync import TargetResync
@@ -152,6 +153,7 @@ class _Session:
     last_ack_at: float = 0.0
     pending_verify: list[VerifyReq] = field(default_factory=list)
     resync: TargetResync | None = None  # between SYNC_BEGIN(RESYNC) and its group
+    fork_seq: int | None = None  # diverged after this seq: only a rewind resync is welcome
     reason: str = ""
     error: bool = False
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
@@ -240,6 +242,8 @@ class Receiver:
         active = self._active
         resync = active.resync if active is not None else None
         out["resync"] = resync.as_dict() if resync is not None else self.last_resync
+        out["archives"] = list(vol.state.archives) if vol is not None else []
+        out["log_kept_from"] = vol.state.keep_log_from if vol is not None else 0
         return out
 
     def _sample(self) -> None:
@@ -283,6 +287,18 @@ class Receiver:
         with trio.move_on_after(BUSY_GRACE):
             try:
                 hello = await fs.receive()
+                vol = self.volume
+                if (
+                    isinstance(hello, Hello)
+                    and vol is not None
+                    and not vol.state.sync_state
+                    and (hello.epochs[-1][0] if hello.epochs else 0) < vol.state.epoch
+                ):
+                    # A stale source (split brain): tell it that it is fenced, not merely
+                    # that we are busy, or it would retry and keep taking writes. The
+                    # handshake authenticates it first and refuses FENCED (nothing applied).
+                    await self._fence_stale(fs, address, hello, vol)
+                    return
                 if (
                     isinstance(hello, Hello)
                     and active is not None
@@ -296,6 +312,25 @@ class Receiver:
                 await fs.send(Refuse(RefuseReason.BUSY, text))
             except (ReplError, trio.BrokenResourceError):
                 pass
+
+    async def _fence_stale(self, fs: FramedStream, address: str, hello: Hello, vol: Volume) -> None:
+        try:
+            await handshake_target(
+                fs,
+                secret=self.secret,
+                volume_uuid=vol.uuid,
+                node_id=self.node_id,
+                epochs=[tuple(e) for e in vol.state.epochs],
+                received_seq=vol.received_seq,
+                applied_seq=vol.last_seq,
+                timeout=self.handshake_timeout,
+                hello=hello,
+            )
+        except (HandshakeRefused, HandshakeTimeout, ConnectionClosed, ProtocolError) as exc:
+            log.warning("stale source at %s: %s", address or "?", exc)
+            return
+        # (only if its history was not older after all: then we are just busy)
+        await fs.send(Refuse(RefuseReason.BUSY, "this target already follows another source"))
 
     async def _serve_locked(self, fs: FramedStream, address: str) -> None:
         vol = self.volume
@@ -315,6 +350,8 @@ class Receiver:
             log.warning("handshake with %s failed: %s", address or "source", exc)
             return
         ses = _Session(fs, peer, address, expect_full_sync=empty, ready=not empty)
+        if vol is not None and not empty:
+            self._judge_fork(ses, vol)
         ses.last_received = ses.last_sent = trio.current_time()
         st = self._status
         st.sessions += 1
@@ -357,6 +394,20 @@ class Receiver:
                 address,
                 ses.reason.removeprefix("closed: ") or "session ended",
             )
+
+    def _judge_fork(self, ses: _Session, vol: Volume) -> None:
+        """Compare epoch histories (failback): adopt the source's, or wait for a rewind."""
+        verdict = judge(ses.peer.epochs, vol.state.epochs, vol.received_seq)
+        if verdict.diverged:
+            ses.fork_seq = verdict.fork_seq
+            log.warning(
+                "source %r: this replica %s; it takes a resync (its own seqs after the fork "
+                "are archived first), not transactions",
+                ses.peer.node_id,
+                verdict.describe(vol.received_seq),
+            )
+        elif verdict.adopt:
+            vol.adopt_epochs([list(e) for e in ses.peer.epochs])
 
     async def _guard(self, ses: _Session, fn: Callable[..., Any], *args: Any) -> None:
         """Run a session task; any ending becomes ``ses.drop(reason)``."""
@@ -448,6 +499,11 @@ class Receiver:
             if ses.resync.on_txn(msg):
                 self._finish_resync(ses)
             return
+        if ses.fork_seq is not None:
+            raise _Drop(
+                f"TXN {msg.seq}, but this replica diverged after seq {ses.fork_seq}: it needs "
+                "a resync first"
+            )
         # No await from here to the end: the transaction is received, applied, and the
         # caches above are told, as one step of the trio loop.
         txn = vol.receive(msg.seq, msg.record)
@@ -511,7 +567,8 @@ class Receiver:
         vol = self.volume
         if vol is None or not ses.ready or ses.syncing or ses.resync is not None:
             raise _Drop("SYNC_BEGIN(RESYNC), but this target is not a consistent replica")
-        ses.resync = TargetResync(vol, msg)
+        epochs = [list(e) for e in ses.peer.epochs]
+        ses.resync = TargetResync(vol, msg, fork_seq=ses.fork_seq, source_epochs=epochs)
         self._status.state = ReceiverState.RESYNCING
 
     def _finish_resync(self, ses: _Session) -> None:
@@ -520,6 +577,7 @@ class Receiver:
         assert resync is not None and vol is not None
         ses.resync = None  # (a failure below is not an abandoned stage: the record is set)
         result = resync.commit()
+        ses.fork_seq = None  # (a rewind adopted the source's history with the group)
         self.last_resync = {**resync.as_dict(), "blocks_applied": result.blocks}
         self._status.state = ReceiverState.STREAMING
         try:
@@ -589,7 +647,12 @@ class Receiver:
         vol = self.volume
         if vol is None or not ses.ready:
             return  # nothing to acknowledge before the initial-sync copy is complete
-        pos = ses.resync.positions() if ses.resync else (vol.received_seq, vol.last_seq)
+        if ses.resync is not None:
+            pos = ses.resync.positions()
+        elif ses.fork_seq is not None:  # diverged: only seqs up to the fork are the source's
+            pos = (ses.fork_seq, ses.fork_seq)
+        else:
+            pos = (vol.received_seq, vol.last_seq)
         if pos == ses.acked:
             return
         await self._send(ses, Ack(pos[0], pos[1], time.time_ns()))

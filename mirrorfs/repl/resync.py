@@ -26,6 +26,13 @@ at T unless S+1..T wrote it, and then the replay does. Digests and block reads o
 may run while a transaction is being written in place by the mount's persist worker; T
 counts that transaction in (``in_flight_seq``), so its replay covers whatever was read.
 
+Failback uses the same exchange as a *rewind*: the target's epoch history forked from the
+source's at F and it holds seqs past F (mirrorfs.repl.fork). Its block file is still a
+consistent state (its own seq X), so comparing it with the source's blocks finds exactly the
+blocks that either side changed since the fork. Before staging anything it archives its log
+records after F (mirrorfs.store.archive); it acknowledges F, not X, until the group is applied,
+and the group adopts the source's epoch history in the same node.json record.
+
 ``run_resync`` is the source's side (called by the shipper's sending task; it awaits between
 chunks, so FUSE and commits go on). ``TargetResync`` is the target's side: the receiver calls
 it between two awaits for each frame of the resync; it never awaits.
@@ -52,6 +59,7 @@ from mirrorfs.repl.wire import (
     VerifyReply,
     VerifyReq,
 )
+from mirrorfs.store.archive import archive_diverged
 from mirrorfs.store.volume import ResyncResult, Volume
 
 log = logging.getLogger(__name__)
@@ -74,6 +82,7 @@ class ResyncProgress:
     base_seq: int  # A: where the target was
     start_seq: int  # S: the log is pinned from S+1
     blocks_total: int
+    fork_seq: int | None = None  # a rewind (failback): the target diverged after this seq
     end_seq: int | None = None  # T, once SYNC_END is sent
     phase: str = "comparing"  # comparing, sending, replaying (S+1..T), done
     rounds: int = 0
@@ -98,6 +107,7 @@ class ResyncProgress:
         return {
             "base_seq": self.base_seq,
             "start_seq": self.start_seq,
+            "fork_seq": self.fork_seq,
             "end_seq": self.end_seq,
             "phase": self.phase,
             "rounds": self.rounds,
@@ -228,7 +238,17 @@ class TargetResync:
     in one synchronous step, so a reader on the replica sees A, then T, nothing in between.
     """
 
-    def __init__(self, volume: Volume, msg: SyncBegin) -> None:
+    def __init__(
+        self,
+        volume: Volume,
+        msg: SyncBegin,
+        *,
+        fork_seq: int | None = None,
+        source_epochs: list[list[int]] | None = None,
+    ) -> None:
+        """``fork_seq`` (failback): this replica diverged after that seq from a source with
+        history ``source_epochs``; its seqs after the fork are archived now, before anything
+        is staged, and the group adopts ``source_epochs`` when it is applied."""
         if msg.kind is not SyncKind.RESYNC:
             raise ProtocolError(f"{msg.kind.name} is not a resync")
         if (msg.block_size, msg.block_count) != (volume.block_size, volume.block_count):
@@ -239,7 +259,12 @@ class TargetResync:
         self.volume = volume
         self.start_seq = msg.start_seq
         self.base_seq = volume.last_seq
-        self.stage = volume.begin_resync(msg.start_seq)
+        self.fork_seq = fork_seq
+        self.source_epochs = source_epochs
+        self.archive: dict | None = None
+        if fork_seq is not None:
+            self.archive = archive_divergence(volume, fork_seq)
+        self.stage = volume.begin_resync(msg.start_seq, rewind=fork_seq is not None)
         self.end_seq: int | None = None
         self.blocks_staged = 0
         self.bytes_staged = 0
@@ -290,13 +315,18 @@ class TargetResync:
         """(received, applied) for an ACK: staged seqs count as received once durable."""
         self.stage.sync()
         vol = self.volume
+        if self.fork_seq is not None:
+            # What this node holds past the fork is not the source's: it shares seqs up to F.
+            received = self.stage.last_seq if self.txns_staged else self.fork_seq
+            return received, self.fork_seq
         received = self.stage.last_seq if self.txns_staged else vol.received_seq
         return received, vol.last_seq
 
     def commit(self) -> ResyncResult:
         """Apply the group (synchronous; see ``Volume.commit_resync``)."""
         assert self.end_seq is not None
-        result = self.volume.commit_resync(self.stage, self.end_seq)
+        epochs = self.source_epochs if self.fork_seq is not None else None
+        result = self.volume.commit_resync(self.stage, self.end_seq, epochs=epochs)
         log.info(
             "resync applied in %.1f s: %d block(s) (%d bytes staged) and %d transaction(s); "
             "replica consistent at seq %d",
@@ -327,4 +357,28 @@ class TargetResync:
             "blocks_staged": self.blocks_staged,
             "bytes_staged": self.bytes_staged,
             "txns_staged": self.txns_staged,
+            "fork_seq": self.fork_seq,
+            "archive": self.archive["path"] if self.archive else None,
         }
+
+
+def archive_divergence(volume: Volume, fork_seq: int) -> dict:
+    """Archive this replica's seqs after ``fork_seq`` and name the file in node.json.
+
+    Runs before the rewind stages anything, so the records are safe before the group can
+    reset the log. A repeated resync (the first one was interrupted) rewrites the same file
+    and keeps one entry for it.
+    """
+    st = volume.state
+    info = archive_diverged(
+        volume.path,
+        volume.samlog,
+        volume_uuid=st.volume_uuid,
+        node_id=st.node_id,
+        epoch=st.epoch,
+        fork_seq=fork_seq,
+        last_seq=volume.received_seq,
+    ).as_dict()
+    st.archives = [a for a in st.archives if a.get("path") != info["path"]] + [info]
+    st.save(volume.path)
+    return info

@@ -1,7 +1,7 @@
 """The source side of replication: one ``Shipper`` per target.
 
 A shipper connects to its target (``trio.open_tcp_stream``, backoff 0.1 s doubling to 5 s),
-runs ``handshake_source``, then, per CONTRACTS.md "Replication session":
+runs ``handshake_source``, then, per mirrorfs/INTERNALS.md "Replication session":
 
 - an initial sync if the target is empty: SYNC_BEGIN(S), the non-zero blocks of the block
   file in chunks of at most 1 MiB (holes skipped with SEEK_DATA/SEEK_HOLE, zero chunks
@@ -9,6 +9,9 @@ runs ``handshake_source``, then, per CONTRACTS.md "Replication session":
 - a resync (mirrorfs.repl.resync) if the target is consistent but needs transactions the log
   no longer holds: only the ranges whose checksums differ, then S+1..; the log is pinned
   from S+1 until the target has applied T;
+- the same resync, as a rewind, if the target's epoch history forked from ours and it holds
+  seqs past the fork (failback of an old source, mirrorfs.repl.fork): the target archives
+  those seqs, and the blocks either side changed since the fork are what differs;
 - then TXN frames in sequence order from the target's received_seq + 1, read verbatim from
   the SAM log, with at most ``window_bytes`` of TXN records not yet acknowledged as received.
 
@@ -41,11 +44,12 @@ import enum
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
+from mirrorfs.repl.fork import ForkVerdict, judge
 from mirrorfs.repl.initial_sync import SyncProgress, run_initial_sync
 from mirrorfs.repl.lag import CommitTracker, RateMeter, install_retention, lag_seconds
 from mirrorfs.repl.resync import ReplyQueue, ResyncProgress, run_resync
@@ -346,7 +350,7 @@ class Shipper:
                 next_seq = 0
                 self.received_seq = self.applied_seq = None
             else:
-                next_seq = self._position(session, peer.received_seq, peer.applied_seq)
+                next_seq = self._position(session, peer.received_seq, peer.applied_seq, peer.epochs)
             streamed = True
             await self._session_tasks(session, next_seq)
         except HandshakeRefused as exc:
@@ -371,13 +375,24 @@ class Shipper:
                 await fs.aclose()
         return streamed
 
-    def _position(self, s: _Session, received: int, applied: int) -> int:
+    def _position(
+        self,
+        s: _Session,
+        received: int,
+        applied: int,
+        epochs: Sequence[Sequence[int]] | None = None,
+    ) -> int:
         """Adopt the target's handshake positions; the next seq to ship (synchronous).
 
         Pins set here are in place before the caller's next await, so a checkpoint that runs
-        meanwhile already sees them.
+        meanwhile already sees them. ``epochs``: the target's epoch history; one that forked
+        from ours and holds seqs past the fork (an old source after a failover) gets a
+        rewind resync (mirrorfs.repl.fork).
         """
         vol = self.volume
+        verdict = judge(vol.state.epochs, epochs, received) if epochs is not None else None
+        if verdict is not None and verdict.diverged:
+            return self._rewind(s, received, applied, verdict)
         if received > vol.last_seq or applied > received:
             self._pin_dropped = ""  # a diverged target is not one a resync can serve
             raise _OutOfSync(
@@ -405,6 +420,29 @@ class Shipper:
             r.finish()  # its group was applied after the connection that sent it ended
         self._set_state(ShipperState.STREAMING)
         return next_seq
+
+    def _rewind(self, s: _Session, received: int, applied: int, verdict: ForkVerdict) -> int:
+        """Failback: resync a target that diverged after the fork F (it archives its own
+        seqs after F first). It holds a consistent volume at ``applied``, so the checksum
+        resync sends only the blocks that either side changed since the fork."""
+        assert verdict.fork_seq is not None
+        if not self.allow_resync:
+            self._pin_dropped = ""
+            raise _OutOfSync(verdict.describe(received) + " (resync disabled)")
+        vol = self.volume
+        fork = verdict.fork_seq
+        # Up to F it has what we have; the rest is its own (and acknowledged as F).
+        self.received_seq = self.applied_seq = min(fork, applied)
+        self._tracker.forget_upto(self.applied_seq)
+        self._pin_dropped = ""
+        start = vol.last_seq
+        self._sync_pin = start + 1
+        s.resync = self.resync = ResyncProgress(applied, start, vol.block_count, fork_seq=fork)
+        self._set_state(ShipperState.RESYNCING, verdict.describe(received))
+        log.warning(
+            "target %s %s: rewinding it by a resync", self.label, verdict.describe(received)
+        )
+        return start + 1
 
     def _in_log(self, seq: int) -> bool:
         slog = self.volume.samlog

@@ -305,11 +305,13 @@ async def handshake_target(
     applied_seq: int,
     protocol_version: int = PROTOCOL_VERSION,
     timeout: float = 10.0,
+    hello: Hello | None = None,
 ) -> Peer:
     """Run the target's half of the handshake; return the source as a Peer.
 
     ``volume_uuid`` None (or all zero) means this target is empty and wants an initial
-    sync. Raises like ``handshake_source``; nothing may be applied unless this returns.
+    sync. ``hello``: the source's HELLO, already read by the caller. Raises like
+    ``handshake_source``; nothing may be applied unless this returns.
     """
     own_uuid = volume_uuid or ZERO_UUID
     if len(own_uuid) != UUID_SIZE:
@@ -317,7 +319,8 @@ async def handshake_target(
     nonce = new_nonce()
     try:
         with trio.fail_after(timeout):
-            hello = await _expect(fs, Hello, "source")
+            if hello is None:
+                hello = await _expect(fs, Hello, "source")  # type: ignore[assignment]
             assert isinstance(hello, Hello)
             who = f"source {hello.node_id!r}"
             if hello.protocol_version != protocol_version:

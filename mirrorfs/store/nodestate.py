@@ -47,6 +47,12 @@ class NodeState:
     # {"start_seq": S, "consistent_at": T, "stage": file name}. A volume opened with it set
     # redoes the group before anything else; None otherwise.
     resync: dict | None = None
+    # A demoted source keeps its log from this seq on (0: no such pin) until a new source
+    # has told it the fork point: its unshipped transactions are archived, never retired.
+    keep_log_from: int = 0
+    # Diverged transactions kept aside on failback (mirrorfs.store.archive), newest last:
+    # {"path", "epoch", "fork_seq", "first_seq", "last_seq", "records", "note", ...}.
+    archives: list[dict] = field(default_factory=list)
 
     @property
     def epoch(self) -> int:
