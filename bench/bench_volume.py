@@ -26,39 +26,48 @@ import argparse
 import contextlib
 import logging
 import os
-import platform
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+
+from common import (
+    BENCH_DIR,
+    CHUNK,
+    MB,
+    MOUNT_TIMEOUT,
+    POOL_BYTES,
+    BenchError,
+    MirrorfsCli,
+    MirrorfsMount,
+    Tree,
+    check_content,
+    copy_tree,
+    describe_environment,
+    human_size,
+    is_mounted,
+    lazy_unmount,
+    log_tail,
+    parse_size,
+    read_hwm_kib,
+    scan_tree,
+    seq_write,
+    stdlib_tree,
+    volume_size_for,
+    work_directory,
+)
 
 log = logging.getLogger(__name__)
 
-BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
-REPO_DIR = os.path.dirname(BENCH_DIR)
 PASSTHROUGH = os.path.join(BENCH_DIR, "passthrough.py")
 
-MB = 1_000_000
-MiB = 1 << 20
-CHUNK = MiB
-POOL_BYTES = 64 * MiB  # random data cycled through by the writer; lz4 finds nothing in it
 SMALL_FILE = b"x" * 99 + b"\n"  # 100 bytes
-QUICK_TREE = ("asyncio", "email", "json", "xml")  # a part of the stdlib, for --quick
 
 TARGET_RATIO_SEQ = 0.7
 TARGET_RATIO_CREATE = 0.5
 TARGET_RSS_MB = 300.0
-
-MOUNT_TIMEOUT = 120.0
-UMOUNT_TIMEOUT = 600.0
-
-
-class BenchError(Exception):
-    """A benchmark step failed; the message is one line for the report."""
 
 
 # ---- measurements ---------------------------------------------------------------------------
@@ -77,55 +86,6 @@ class Figures:
     errors: list[str] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class Tree:
-    """The source tree of the cp -a workload."""
-
-    root: str
-    entries: list[str]  # top-level names that cp -a copies
-    count: int  # files, directories and symlinks, the top-level entries included
-    size: int  # bytes in regular files
-
-
-def parse_size(text: str) -> int:
-    """'1G', '64M', '512K' or a byte count -> bytes (binary units)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip().upper().removesuffix("IB").removesuffix("B")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
-
-
-def human_size(n: int) -> str:
-    """Bytes -> '1 GiB', '64 MiB', ... for labels."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            value = n / scale
-            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
-    return f"{n} B"
-
-
-def seq_write(path: str, size: int, pool: bytes) -> float:
-    """Write *size* bytes to a new file in 1 MiB writes, fsync, close; return seconds."""
-    view = memoryview(pool)
-    start = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        offset = 0
-        while offset < size:
-            n = min(CHUNK, size - offset)
-            at = offset % len(pool)
-            chunk = view[at : at + n]
-            done = 0
-            while done < n:
-                done += os.write(fd, chunk[done:])
-            offset += n
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return time.perf_counter() - start
-
-
 def seq_read(path: str, size: int) -> float:
     """Read the file in 1 MiB reads through a fresh open; return seconds."""
     buf = bytearray(CHUNK)
@@ -141,19 +101,6 @@ def seq_read(path: str, size: int) -> float:
     if total != size:
         raise BenchError(f"seq read: read {total} bytes, expected {size}")
     return elapsed
-
-
-def check_content(path: str, size: int, pool: bytes) -> None:
-    """Compare the first, a middle and the last chunk with what was written (untimed)."""
-    chunks = max(1, (size + CHUNK - 1) // CHUNK)
-    with open(path, "rb") as f:
-        for index in sorted({0, chunks // 2, chunks - 1}):
-            offset = index * CHUNK
-            n = min(CHUNK, size - offset)
-            at = offset % len(pool)
-            f.seek(offset)
-            if f.read(n) != pool[at : at + n]:
-                raise BenchError(f"seq read: wrong data in the 1 MiB chunk at offset {offset}")
 
 
 def create_files(directory: str, count: int) -> float:
@@ -174,44 +121,6 @@ def delete_files(directory: str, count: int) -> float:
     for i in range(count):
         os.unlink(os.path.join(directory, f"f{i:06d}"))
     return time.perf_counter() - start
-
-
-def scan_tree(root: str, entries: list[str]) -> Tree:
-    """Count what cp -a will copy, and read every file once so that no target reads cold."""
-    count = size = 0
-    buf = bytearray(CHUNK)
-
-    def visit(path: str) -> None:
-        nonlocal count, size
-        st = os.lstat(path)
-        count += 1
-        if os.path.isdir(path) and not os.path.islink(path):
-            for name in os.listdir(path):
-                visit(os.path.join(path, name))
-        elif os.path.isfile(path) and not os.path.islink(path):
-            size += st.st_size
-            with open(path, "rb", buffering=0) as f:
-                while f.readinto(buf):
-                    pass
-
-    for name in entries:
-        visit(os.path.join(root, name))
-    return Tree(root, entries, count, size)
-
-
-def copy_tree(tree: Tree, dest: str) -> float:
-    """``cp -a`` the tree's entries into *dest*; return seconds; check the entry count."""
-    os.mkdir(dest)
-    argv = ["cp", "-a", *(os.path.join(tree.root, e) for e in tree.entries), dest + "/"]
-    start = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    elapsed = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise BenchError(f"cp -a failed ({proc.returncode}): {_first_line(proc.stderr)}")
-    copied = sum(len(dirs) + len(files) for _, dirs, files in os.walk(dest))
-    if copied != tree.count:
-        raise BenchError(f"cp -a: {copied} entries in the copy, {tree.count} in the source")
-    return elapsed
 
 
 # ---- caches ---------------------------------------------------------------------------------
@@ -239,61 +148,6 @@ def drop_caches(files: list[str]) -> None:
 
 
 # ---- mounts and processes -------------------------------------------------------------------
-
-
-def is_mounted(path: str) -> bool:
-    """True if *path* is a mount point, also when its FUSE server is gone (ENOTCONN)."""
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].encode().decode("unicode_escape")
-            if point == real:
-                return True
-    return False
-
-
-def read_hwm_kib(pid: int) -> int | None:
-    """VmHWM (peak resident set) of *pid* in KiB, or None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def pid_alive(pid: int) -> bool:
-    """True if *pid* exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def lazy_unmount(mountpoint: str) -> None:
-    """Last resort: detach the mount even if its server is stuck or dead."""
-    if is_mounted(mountpoint):
-        log.warning("lazy unmount of %s", mountpoint)
-        subprocess.run(["fusermount3", "-u", "-z", mountpoint], capture_output=True)
-
-
-def log_tail(path: str, lines: int = 8) -> str:
-    """The last lines of a log file, indented, for error reports."""
-    try:
-        with open(path, errors="replace") as f:
-            tail = f.readlines()[-lines:]
-    except OSError:
-        return ""
-    return "".join("      | " + line for line in tail).rstrip()
-
-
-def _first_line(text: str) -> str:
-    lines = [line for line in text.strip().splitlines() if line.strip()]
-    return lines[-1] if lines else "(no output)"
 
 
 # ---- targets --------------------------------------------------------------------------------
@@ -428,103 +282,37 @@ class MirrorfsTarget(Target):
 
     def __init__(self, workdir: str, volume_size: int, mkfs_args: list[str]) -> None:
         super().__init__(workdir)
-        self.volume = os.path.join(workdir, "mfs-vol")
-        self.mountpoint = os.path.join(workdir, "mfs-mnt")
         self.log_path = os.path.join(workdir, "mirrorfs.log")
+        self.mfs = MirrorfsMount(
+            MirrorfsCli(self.log_path),
+            os.path.join(workdir, "mfs-vol"),
+            os.path.join(workdir, "mfs-mnt"),
+        )
         self.volume_size = volume_size
         self.mkfs_args = mkfs_args
-        self._pid: int | None = None
 
     @property
     def root(self) -> str:
-        return self.mountpoint
-
-    def _cli(self, *args: str, timeout: float) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_DIR, env.get("PYTHONPATH")]))
-        assert self.log_path is not None
-        with open(self.log_path, "ab") as logf:
-            logf.write(f"\n$ mirrorfs {' '.join(args)}\n".encode())
-            logf.flush()
-            # Output to a file, not a pipe: a daemonized mount would hold a pipe open.
-            try:
-                proc = subprocess.run(
-                    [sys.executable, "-m", "mirrorfs", *args],
-                    cwd=REPO_DIR,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
-                    timeout=timeout,
-                )
-            except subprocess.TimeoutExpired:
-                raise BenchError(f"mirrorfs {args[0]} did not finish in {timeout:.0f} s")
-        if proc.returncode != 0:
-            with open(self.log_path, errors="replace") as f:
-                last = _first_line(f.read())
-            raise BenchError(f"mirrorfs {args[0]} exited with {proc.returncode}: {last}")
+        return self.mfs.mountpoint
 
     def setup(self) -> None:
-        os.mkdir(self.mountpoint)
-        gib = -(-self.volume_size // (1 << 30))
-        self._cli("mkfs", self.volume, "--size", f"{gib}G", *self.mkfs_args, timeout=600)
-        self._mount()
-
-    def _mount(self) -> None:
-        self._cli("mount", self.volume, self.mountpoint, timeout=MOUNT_TIMEOUT)
-        pid_file = os.path.join(self.volume, "mount.pid")
-        deadline = time.monotonic() + 10
-        while self._pid is None:
-            with contextlib.suppress(OSError, ValueError), open(pid_file) as f:
-                self._pid = int(f.read().split()[0])
-            if self._pid is None and time.monotonic() > deadline:
-                raise BenchError(f"mirrorfs mount returned but {pid_file} has no pid")
-            time.sleep(0.05)
-        if not is_mounted(self.mountpoint):
-            raise BenchError("mirrorfs mount returned but the mountpoint is not mounted")
-
-    def _our_pid(self) -> int | None:
-        """The mount process we started, if it is still the same process."""
-        if self._pid is None or not pid_alive(self._pid):
-            return None
-        try:
-            with open(f"/proc/{self._pid}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except OSError:
-            return None
-        # Never signal a recycled pid: the process must name our volume or mountpoint.
-        ours = os.fsencode(self.volume) in cmdline or os.fsencode(self.mountpoint) in cmdline
-        return self._pid if ours else None
+        self.mfs.mkfs(volume_size_for(self.volume_size), *self.mkfs_args)
+        self.mfs.mount()
 
     def _unmount(self) -> None:
-        pid = self._our_pid()
-        self._note_rss(pid)
-        try:
-            if is_mounted(self.mountpoint):
-                self._cli("umount", self.mountpoint, timeout=UMOUNT_TIMEOUT)
-        finally:
-            pid = self._our_pid()
-            if pid is not None:
-                log.warning("mirrorfs mount process %d still running after umount: SIGTERM", pid)
-                os.kill(pid, signal.SIGTERM)
-                deadline = time.monotonic() + 30
-                while pid_alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-                if self._our_pid() is not None:
-                    os.kill(pid, signal.SIGKILL)
-            self._pid = None
-            lazy_unmount(self.mountpoint)
+        self._note_rss(self.mfs.our_pid())
+        self.mfs.unmount()
 
     def remount(self, files: list[str]) -> None:
         self._unmount()
         drop_caches(files)
-        self._mount()
+        self.mfs.mount()
 
     def teardown(self) -> None:
         self._unmount()
 
     def backing_files(self, relpath: str) -> list[str]:
-        return [os.path.join(self.volume, "blocks")]
+        return [os.path.join(self.mfs.volume, "blocks")]
 
 
 # ---- the run --------------------------------------------------------------------------------
@@ -661,31 +449,6 @@ def render_table(
     return "\n".join(out)
 
 
-def describe_environment(workdir: str) -> list[str]:
-    """Lines about the machine, the work directory and the cache policy."""
-    fstype = "?"
-    real = os.path.realpath(workdir)
-    best = ""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            point = left.split()[4].encode().decode("unicode_escape")
-            inside = real == point or real.startswith(point.rstrip("/") + "/")
-            if inside and len(point) >= len(best):
-                best, fstype = point, f"{right.split()[0]} on {right.split()[1]}"
-    try:
-        import pyfuse3
-
-        pyfuse3_version = pyfuse3.__version__
-    except ImportError:
-        pyfuse3_version = "not importable"
-    return [
-        f"host: Linux {platform.release()}, {os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, pyfuse3 {pyfuse3_version}",
-        f"workdir: {workdir} ({fstype})",
-    ]
-
-
 def cache_note(root: bool) -> str:
     """How the cold read was made cold, for the report."""
     if root:
@@ -697,32 +460,6 @@ def cache_note(root: bool) -> str:
         "before the read: NOT root, so no drop_caches: sync + posix_fadvise(DONTNEED) on "
         "the backing file; FUSE targets unmounted and mounted again (fresh open)"
     )
-
-
-def stdlib_tree(quick: bool, tree_arg: str | None) -> tuple[str, list[str], str]:
-    """The cp -a source: (root, top-level entries, label)."""
-    if tree_arg:
-        root = os.path.abspath(tree_arg)
-        return os.path.dirname(root), [os.path.basename(root)], os.path.basename(root)
-    root = os.path.dirname(os.__file__)
-    if quick:
-        entries = [e for e in QUICK_TREE if os.path.exists(os.path.join(root, e))]
-        return root, entries, "stdlib subset"
-    entries = sorted(e for e in os.listdir(root) if e != "site-packages")
-    return root, entries, "stdlib"
-
-
-@contextlib.contextmanager
-def work_directory(parent: str | None, keep: bool) -> Iterator[str]:
-    """A fresh directory for this run, removed afterwards unless *keep*."""
-    path = tempfile.mkdtemp(prefix="mirrorfs-bench-", dir=parent)
-    try:
-        yield path
-    finally:
-        if keep:
-            print(f"kept {path}")
-        else:
-            shutil.rmtree(path, ignore_errors=True)
 
 
 def main(argv: list[str] | None = None) -> int:
