@@ -12,7 +12,8 @@ import pytest
 from mirrorfs.store import record
 from mirrorfs.store.errors import CorruptRecord, LogError
 from mirrorfs.store.record import RecordType, SegmentHeader
-from mirrorfs.store.samlog import SamLog, segment_name
+from mirrorfs.store.samlog import SamLog
+from mirrorfs.store.segments import segment_name
 from mirrorfs.store.txn import Hint, HintKind, Transaction
 
 UUID = bytes(range(16))

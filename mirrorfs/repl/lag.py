@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Log segment files, as named by mirrorfs.store.samlog.segment_name.
+# Log segment files, as named by mirrorfs.store.segments.segment_name.
 _SEGMENT_RE = re.compile(r"^(\d{20})\.seg$")
 # Bytes a TXN record adds to its block data (record header, run and hint headers), for the
 # estimate of a record that was not read from the log yet.

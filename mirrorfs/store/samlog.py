@@ -31,171 +31,30 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import re
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from mirrorfs.store import record
 from mirrorfs.store.errors import CorruptRecord, LogError, TornRecord
 from mirrorfs.store.record import HEADER, SEAL_RECORD_SIZE, SEG_HEADER, RecordType, SegmentHeader
+from mirrorfs.store.segments import (
+    _NAME_RE,
+    DEFAULT_SEGMENT_BYTES,
+    RecoveryReport,
+    _count_valid,
+    _fsync_dir,
+    _pread,
+    _pwrite_all,
+    _Scan,
+    _Segment,
+    _truncate,
+    _write_segment,
+)
 from mirrorfs.store.txn import Transaction
 
 log = logging.getLogger(__name__)
-
-_NAME_RE = re.compile(r"^(\d{20})\.seg$")
-DEFAULT_SEGMENT_BYTES = 64 << 20
-
-
-def segment_name(first_seq: int) -> str:
-    """File name of the segment whose first record has sequence number ``first_seq``."""
-    return f"{first_seq:020d}.seg"
-
-
-@dataclass(slots=True)
-class RecoveryReport:
-    """What ``SamLog.open`` found and did; ``segment``/``offset`` say where the log was cut."""
-
-    segments: int = 0
-    last_seq: int = 0  # last good seq after recovery
-    torn_bytes: int = 0  # bytes of a torn tail dropped
-    segment: str = ""
-    offset: int = -1
-    repaired: bool = False  # repair=True cut the log at a corruption
-    discarded_records: int = 0  # valid records lost to the repair
-    removed_segments: list[str] = field(default_factory=list)  # by the repair
-    superseded_segments: list[str] = field(default_factory=list)  # by an interrupted reset
-    resealed_segments: list[str] = field(default_factory=list)
-    reason: str = ""
-
-    @property
-    def changed(self) -> bool:
-        """True if recovery modified the log."""
-        return bool(self.torn_bytes or self.repaired or self.superseded_segments) or bool(
-            self.resealed_segments
-        )
-
-    def describe(self) -> str:
-        """One line for humans; exactly ``"clean"`` when recovery changed nothing."""
-        if not self.changed:
-            return "clean"
-        parts = []
-        if self.torn_bytes:
-            parts.append(
-                f"dropped a torn tail of {self.torn_bytes} bytes at offset {self.offset} "
-                f"of segment {self.segment}"
-            )
-        if self.repaired:
-            parts.append(
-                f"repaired: discarded {self.discarded_records} record(s) from offset "
-                f"{self.offset} of segment {self.segment} and removed "
-                f"{len(self.removed_segments)} later segment(s) ({self.reason})"
-            )
-        if self.resealed_segments:
-            parts.append(f"resealed {', '.join(self.resealed_segments)}")
-        if self.superseded_segments:
-            parts.append(f"removed {len(self.superseded_segments)} segment(s) left by a reset")
-        return "; ".join(parts) + f"; last good seq {self.last_seq}"
-
-
-@dataclass(slots=True)
-class _Segment:
-    first_seq: int
-    last_seq: int  # first_seq - 1 while empty
-    size: int
-    sealed: bool = False
-
-    @property
-    def name(self) -> str:
-        return segment_name(self.first_seq)
-
-
-@dataclass(slots=True)
-class _Scan:
-    end: int  # offset of the first bad byte, or the file size
-    last_seq: int
-    sealed: bool = False
-    error: LogError | None = None
-    torn_candidate: bool = False  # the error is an invalid record, not a valid misplaced one
-
-
-def _pread(fd: int, n: int, offset: int) -> bytes:
-    """Up to ``n`` bytes at ``offset`` (fewer only at end of file)."""
-    buf = os.pread(fd, n, offset)
-    parts = [buf]
-    got = len(buf)
-    while buf and got < n:
-        buf = os.pread(fd, n - got, offset + got)
-        parts.append(buf)
-        got += len(buf)
-    return parts[0] if len(parts) == 1 else b"".join(parts)
-
-
-def _pwrite_all(fd: int, data: bytes | list, offset: int) -> None:
-    """Write ``data`` (one buffer or a list of buffers, without joining them) at ``offset``."""
-    bufs = [memoryview(b).cast("B") for b in (data if isinstance(data, list) else [data])]
-    bufs = [b for b in bufs if b.nbytes]
-    while bufs:
-        n = os.pwritev(fd, bufs[:512], offset)  # IOV_MAX is 1024 on Linux
-        offset += n
-        while n and bufs:
-            if n >= bufs[0].nbytes:
-                n -= bufs[0].nbytes
-                bufs.pop(0)
-            else:
-                bufs[0] = bufs[0][n:]
-                n = 0
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_segment(directory: Path, header: SegmentHeader) -> _Segment:
-    """Create a segment file atomically (tmp + fsync + rename + fsync dir)."""
-    name = segment_name(header.first_seq)
-    tmp = directory / (name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _pwrite_all(fd, header.pack(), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, directory / name)
-    _fsync_dir(directory)
-    return _Segment(header.first_seq, header.first_seq - 1, SEG_HEADER.size)
-
-
-def _count_valid(path: Path, start: int) -> tuple[int, int]:
-    """(valid records, of which TXN) from ``start`` to the end of a file, found by magic."""
-    with open(path, "rb") as f:
-        f.seek(start)
-        buf = f.read()
-    count = txns = pos = 0
-    while (pos := buf.find(record.MAGIC, pos)) >= 0:
-        try:
-            hdr, pos = record.verify(buf, pos)
-        except LogError:
-            pos += 1
-            continue
-        count += 1
-        txns += hdr.type == RecordType.TXN
-    return count, txns
-
-
-def _truncate(path: Path, size: int) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.ftruncate(fd, size)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class SamLog:
