@@ -367,6 +367,7 @@ def _source_service(args: argparse.Namespace):
     cfg = SourceConfig(
         mirrors=[parse_address(a) for a in args.mirrors],
         secret=load_secret(args.secret_file) if args.secret_file else None,
+        secret_file=os.path.abspath(args.secret_file) if args.secret_file else None,
         max_log_bytes=args.max_log,
         force=args.force,
     )

@@ -73,6 +73,14 @@ MESSAGES = st.one_of(
     st.builds(wire.Ping, u64),
     st.builds(wire.Pong, u64),
     st.builds(wire.ErrorState, state=st.sampled_from(wire.PeerState), text=texts),
+    st.builds(wire.Switchover, seq=u64, mirror_to=texts),
+    st.builds(
+        wire.SwitchoverDone,
+        result=st.sampled_from(wire.SwitchoverResult),
+        epoch=u64,
+        start_seq=u64,
+        text=texts,
+    ),
 )
 
 
@@ -98,6 +106,9 @@ def examples() -> list[wire.Message]:
         wire.Ping(123),
         wire.Pong(123),
         wire.ErrorState(wire.PeerState.DISK_FULL, "no space left on /vol"),
+        wire.Switchover(1234, "10.0.0.1:7000"),
+        wire.SwitchoverDone(wire.SwitchoverResult.PROMOTED, 2, 1235),
+        wire.SwitchoverDone(wire.SwitchoverResult.REFUSED, text="applied 1230, not 1234"),
     ]
 
 

@@ -28,6 +28,7 @@ import pyfuse3
 
 from mirrorfs.fs.filesystem import MAX_FILE_SIZE, Attr, Filesystem, FsError, SetAttr
 from mirrorfs.fuse.committer import Committer
+from mirrorfs.fuse.gate import WriteGate
 from mirrorfs.store.errors import NoSpace, VolumeFailed
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,8 @@ def _boundary(*, modifies: bool = False) -> Callable[[_F], _F]:
     """Wrap a handler so that only ``FUSEError`` can leave it.
 
     ``modifies`` handlers answer EROFS on a read-only or failsafe mount before touching
-    anything. The error mapping is the single place where domain errors become errnos.
+    anything, and wait at the write gate while it is closed (fuse/gate.py). The error
+    mapping is the single place where domain errors become errnos.
     """
 
     def decorate(fn: _F) -> _F:
@@ -54,6 +56,9 @@ def _boundary(*, modifies: bool = False) -> Callable[[_F], _F]:
         async def handler(self: Operations, *args: Any) -> Any:
             if modifies:
                 self._check_writable()
+                if self.gate.closed or self.gate.refusal:
+                    await self.gate.enter()  # a switchover is draining: wait, do not fail
+                    self._check_writable()
             try:
                 return await fn(self, *args)
             except pyfuse3.FUSEError:
@@ -118,6 +123,10 @@ class Operations(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self.commit_bound = commit_bound
         self.committer = Committer(volume, max_in_flight_bytes=4 * commit_bound)
+        self.gate = WriteGate(self.committer)
+        if not read_only:
+            # How the node layer (a planned switchover) reaches the gate of this mount.
+            volume.write_gate = self.gate
         self._handles: dict[int, _Handle] = {}
         self._dir_handles: dict[int, int] = {}
         self._next_fh = 1
@@ -302,6 +311,9 @@ class Operations(pyfuse3.Operations):
         writable = (flags & os.O_ACCMODE) in _ACCMODE_WRITE
         if writable or flags & os.O_TRUNC:
             self._check_writable()
+            if self.gate.closed or self.gate.refusal:
+                await self.gate.enter()
+                self._check_writable()
         # Without atomic_o_trunc the kernel truncates through setattr; honour the flag
         # anyway should a kernel pass it on.
         if flags & os.O_TRUNC and writable and self.fs.getattr(inode).size != 0:

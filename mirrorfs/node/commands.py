@@ -1,4 +1,5 @@
-"""Node commands: status, verify, mirror, promote (control socket or stopped), demote.
+"""Node commands: status, verify, mirror, promote (control socket or stopped), demote,
+switchover (mirrorfs.node.switchover).
 
 ``status`` also works on a stopped node: it then reads node.json and the log's bounds
 without taking the volume's lock (a running daemon is asked instead).
@@ -64,6 +65,28 @@ def add_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("dir", metavar="DIR", help="source volume directory (not mounted)")
     p.set_defaults(func=cmd_demote)
+
+    p = sub.add_parser(
+        "switchover",
+        parents=[common],
+        help="planned role swap: a target becomes the source, this source its target",
+    )
+    p.add_argument("dir", metavar="DIR", help="source volume directory (mounted)")
+    p.add_argument("--to", required=True, metavar="HOST:PORT", help="the target to promote")
+    p.add_argument(
+        "--listen",
+        required=True,
+        metavar="HOST:PORT",
+        help="where this node listens as the new source's target (the new source connects)",
+    )
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
+        "--mount", metavar="MNT", help="mount read-only here (default: where DIR is mounted)"
+    )
+    group.add_argument("--no-mount", action="store_true", help="no read-only mount")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.set_defaults(func=cmd_switchover)
 
 
 def _ask(volume_dir: str, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -264,6 +287,12 @@ def cmd_promote(args: argparse.Namespace) -> int:
             "--mirror ...)"
         )
     return 0
+
+
+def cmd_switchover(args: argparse.Namespace) -> int:
+    from mirrorfs.node import switchover
+
+    return switchover.cmd_switchover(args)
 
 
 def cmd_demote(args: argparse.Namespace) -> int:

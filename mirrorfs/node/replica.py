@@ -37,6 +37,7 @@ import trio
 from mirrorfs.node.control import ControlError, ControlServer, socket_path
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.receiver import Receiver
+from mirrorfs.repl.wire import Switchover, SwitchoverDone, SwitchoverResult
 from mirrorfs.store.nodestate import NODE_FILE, NodeState, Role
 from mirrorfs.store.txn import HintKind, Transaction
 from mirrorfs.store.volume import Volume
@@ -63,6 +64,8 @@ class ReplicaConfig:
     port: int = 0
     mountpoint: str | None = None
     secret: bytes | None = None
+    #: Where ``secret`` came from: passed on to the mount that a switchover starts.
+    secret_file: str | None = None
     insecure: bool = False
     #: Extra FUSE options for the read-only mount (e.g. ``allow_other``).
     mount_options: Sequence[str] = field(default_factory=tuple)
@@ -160,6 +163,7 @@ class ReplicaNode:
                 on_consistent=self._on_consistent,
                 on_created=self._on_created,
                 on_resynced=self._on_resynced,
+                on_switchover=self._on_switchover,
             )
             try:
                 listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
@@ -238,6 +242,41 @@ class ReplicaNode:
         assert self._nursery is not None
         self._nursery.start_soon(self._exit_after_reply)
         return {"promoted": report}
+
+    def _on_switchover(self, msg: Switchover) -> SwitchoverDone:
+        """Planned switchover: the receiver found us at the source's seq; promote now.
+
+        Called by the receiver between two awaits (nothing is applied in between); the
+        daemon then hands the volume to a read-write mount (mirrorfs.node.switchover).
+        """
+        from mirrorfs.node.switchover import take_over
+
+        vol = self.receiver.volume if self.receiver is not None else None
+        if self.promoted is not None or vol is None:
+            return SwitchoverDone(SwitchoverResult.REFUSED, text="already promoted")
+        reply, report = take_over(vol, msg, mountpoint=self.cfg.mountpoint or "")
+        if report is not None:
+            self.promoted = report
+            assert self._nursery is not None
+            self._nursery.start_soon(self._hand_over, report)
+        return reply
+
+    async def _hand_over(self, report: dict[str, Any]) -> None:
+        from mirrorfs.node.handover import spawn
+        from mirrorfs.node.switchover import successor_argv
+        from mirrorfs.repl.receiver import ReceiverState
+
+        # Let the answer go out and the old source close its end first: closing ours with
+        # its frames unread would reset the connection, the answer with it.
+        with trio.move_on_after(2.0):
+            while self.receiver is not None and self.receiver.state is ReceiverState.STREAMING:
+                await trio.sleep(0.01)
+        self._listen_scope.cancel()
+        # The helper waits for the volume's lock, which this process holds to its last step.
+        spawn(self.path, successor_argv(self.path, report, self.cfg))
+        log.info("switched over: the replica daemon exits; the volume is now a source")
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
 
     async def _exit_after_reply(self) -> None:
         # Let the control server send the reply, then unmount and close everything.
@@ -549,6 +588,7 @@ def _replica_config(args: Any) -> ReplicaConfig:
         port=port,
         mountpoint=os.path.abspath(args.mount) if args.mount else None,
         secret=secret,
+        secret_file=os.path.abspath(args.secret_file) if args.secret_file else None,
         insecure=args.insecure,
         mount_options=tuple(args.options),
     )

@@ -5,7 +5,8 @@ target (fan-out, each at its own pace), the control socket (``status``, ``mirror
 ``mirror-remove``, ``verify``) and nothing on the commit path: a shipper only notes commits
 (``Volume.on_commit``) and ships from the log, so an absent target never slows a writer.
 Targets can be added and removed while the volume is in use; a new one gets its initial
-sync from the running source.
+sync from the running source. ``switchover`` hands the source role to a streaming target
+(mirrorfs.node.switchover); the mount then ends and a replica daemon takes the volume.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def parse_address(text: str) -> tuple[str, int]:
 class SourceConfig:
     mirrors: list[tuple[str, int]] = field(default_factory=list)
     secret: bytes | None = None
+    #: Where ``secret`` came from: passed on to the replica daemon a switchover starts.
+    secret_file: str | None = None
     max_log_bytes: int | None = None
     window_bytes: int = 8 << 20
     #: Keep accepting writes even after meeting a newer epoch (split brain on purpose).
@@ -57,6 +60,7 @@ class SourceNode:
         self.shippers: dict[tuple[str, int], Shipper] = {}
         self._scopes: dict[tuple[str, int], trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
+        self._switching = False
         # A live view: targets added or removed later are seen at every checkpoint.
         install_retention(volume, self.shippers.values())
         volume.replication_pending = self._replication_pending
@@ -82,6 +86,7 @@ class SourceNode:
                 "mirror-remove": self._cmd_remove,
                 "verify": self._cmd_verify,
                 "promote": self._cmd_promote,
+                "switchover": self._cmd_switchover,
             }
             await nursery.start(serve_control, socket_path(self.volume.path), handlers)
             for address in self.cfg.mirrors:
@@ -168,6 +173,36 @@ class SourceNode:
 
     async def _cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.status()}
+
+    async def _cmd_switchover(self, request: dict[str, Any]) -> dict[str, Any]:
+        from mirrorfs.node.switchover import DEFAULT_TIMEOUT, SwitchoverRequest, switch_source
+
+        if self._switching:
+            raise ControlError("a switchover is already running")
+        mount = request.get("mount")
+        req = SwitchoverRequest(
+            to=self._address({"address": request.get("to", "")}),
+            listen=str(request.get("listen", "")),
+            mountpoint=self.mountpoint if mount is None else str(mount),
+            timeout=float(request.get("timeout", DEFAULT_TIMEOUT)),
+        )
+        self._switching = True
+        try:
+            report = await switch_source(self, req)
+        finally:
+            self._switching = False
+        assert self._nursery is not None
+        self._nursery.start_soon(self._unmount_after_reply)
+        return {"switchover": report}
+
+    async def _unmount_after_reply(self) -> None:
+        # Let the control server send the reply first; the mount then ends as on SIGTERM
+        # (its final commit finds the volume frozen and adds nothing).
+        import pyfuse3
+
+        await trio.sleep(0.2)
+        log.info("switched over: unmounting %s", self.mountpoint)
+        pyfuse3.terminate()
 
     def _address(self, request: dict[str, Any]) -> tuple[str, int]:
         try:

@@ -12,6 +12,8 @@ it (``serve``, one call per accepted stream). The session is the one of mirrorfs
                              applied as one group when TXN T is staged)
     TXN                      Volume.receive (log + fsync) and Volume.apply, then ACK
     PING / VERIFY_REQ        PONG / VERIFY_REPLY (once applied_seq reaches the asked seq)
+    SWITCHOVER               SWITCHOVER_DONE: checked (repl/switchover.py), then promoted by
+                             ``on_switchover`` in the same step; no TXN is taken after that
 
 Anything wrong with a frame (ProtocolError, a LogError such as out of sequence, a bad
 record, an unexpected message) drops the connection with a one-line reason in the log;
@@ -60,6 +62,7 @@ from mirrorfs.repl.stream import (
     Peer,
     handshake_target,
 )
+from mirrorfs.repl.switchover import switchover_refusal
 from mirrorfs.repl.verify import range_digests
 from mirrorfs.repl.wire import (
     Ack,
@@ -73,6 +76,9 @@ from mirrorfs.repl.wire import (
     Refuse,
     RefuseReason,
     ReplError,
+    Switchover,
+    SwitchoverDone,
+    SwitchoverResult,
     SyncBegin,
     SyncBlocks,
     SyncEnd,
@@ -82,6 +88,7 @@ from mirrorfs.repl.wire import (
     VerifyReq,
 )
 from mirrorfs.store.errors import StoreError, VolumeFailed
+from mirrorfs.store.nodestate import Role
 from mirrorfs.store.txn import Transaction
 from mirrorfs.store.volume import BITMAP_START, Volume
 
@@ -167,6 +174,7 @@ class _Session:
 
 OnApplied = Callable[[Transaction], None]
 OnVolume = Callable[[Volume], None]
+OnSwitchover = Callable[[Switchover], SwitchoverDone]
 
 
 class Receiver:
@@ -179,7 +187,9 @@ class Receiver:
     becomes consistent (mount it now); ``on_applied(txn)`` after each applied transaction;
     ``on_resynced(volume)`` after a resync group was applied: any block may have changed, so
     every cache above the volume must go (without it, ``on_applied`` gets one transaction
-    carrying the hints of S+1..T, which does not cover the resynced blocks).
+    carrying the hints of S+1..T, which does not cover the resynced blocks);
+    ``on_switchover(msg)`` promotes the replica for a planned switchover once the receiver
+    found it at the source's seq, and returns the answer.
     """
 
     def __init__(
@@ -193,6 +203,7 @@ class Receiver:
         on_consistent: OnVolume | None = None,
         on_created: OnVolume | None = None,
         on_resynced: OnVolume | None = None,
+        on_switchover: OnSwitchover | None = None,
         keepalive: float = KEEPALIVE,
         silence_timeout: float = SILENCE_TIMEOUT,
         handshake_timeout: float = 10.0,
@@ -205,6 +216,7 @@ class Receiver:
         self.on_consistent = on_consistent
         self.on_created = on_created
         self.on_resynced = on_resynced
+        self.on_switchover = on_switchover
         self.last_resync: dict[str, Any] | None = None  # what the last resync did
         self.keepalive = keepalive
         self.silence_timeout = silence_timeout
@@ -477,6 +489,8 @@ class Receiver:
                 pass
             elif isinstance(msg, VerifyReq):
                 self._on_verify(ses, msg)
+            elif isinstance(msg, Switchover):
+                await self._send(ses, self._on_switchover(ses, msg))
             elif isinstance(msg, Refuse):
                 raise _Drop(f"refused by the source: {msg.text or msg.reason.name.lower()}")
             else:
@@ -499,6 +513,8 @@ class Receiver:
             if ses.resync.on_txn(msg):
                 self._finish_resync(ses)
             return
+        if vol.state.role != Role.TARGET.value:
+            raise _Drop(f"TXN {msg.seq}, but this node was promoted: it is a source now")
         if ses.fork_seq is not None:
             raise _Drop(
                 f"TXN {msg.seq}, but this replica diverged after seq {ses.fork_seq}: it needs "
@@ -589,6 +605,18 @@ class Receiver:
         except Exception:
             log.exception("resync hooks failed after seq %d", result.end_seq)
         self._check_consistent(vol)
+
+    def _on_switchover(self, ses: _Session, msg: Switchover) -> SwitchoverDone:
+        """Check and promote in one step (no await): nothing can be applied in between."""
+        busy = not ses.ready or ses.resync is not None or ses.fork_seq is not None
+        why = switchover_refusal(self.volume, msg.seq, busy=busy)
+        if why is None and self.on_switchover is None:
+            why = "this target cannot be promoted by a switchover"
+        if why is not None:
+            log.warning("switchover to seq %d refused: %s", msg.seq, why)
+            return SwitchoverDone(SwitchoverResult.REFUSED, text=why)
+        assert self.on_switchover is not None
+        return self.on_switchover(msg)
 
     def _on_verify(self, ses: _Session, msg: VerifyReq) -> None:
         vol = self.volume

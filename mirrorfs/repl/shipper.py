@@ -182,6 +182,9 @@ class Shipper:
         self._retry = trio.Event()
         self._session_scope: trio.CancelScope | None = None
         self._verify = VerifyChannel(self.label)
+        # Replies that other modules wait for (the switchover's), by message class; called
+        # by the reader between two awaits.
+        self.on_message: dict[type[Message], Callable[[Message], None]] = {}
 
     @property
     def label(self) -> str:
@@ -276,6 +279,18 @@ class Shipper:
         if self.state is not ShipperState.STREAMING:
             raise VerifyError(f"target {self.label} is {self.state.value}, not streaming")
         return await self._verify.request(ranges, timeout=timeout, wake=self._wake.set)
+
+    @property
+    def session_id(self) -> int | None:
+        """Which connection is up (None: none); changes when a connection ends."""
+        return self.connections if self._session is not None else None
+
+    async def send_message(self, msg: Message) -> None:
+        """Send ``msg`` on the current connection, between the sender's frames."""
+        s = self._session
+        if s is None or self.state is not ShipperState.STREAMING:
+            raise ConnectionClosed(f"target {self.label} is {self.state.value}, not streaming")
+        await s.fs.send(msg)
 
     # ------------------------------------------------------------------ main loop
 
@@ -615,6 +630,8 @@ class Shipper:
             else:
                 s.peer_error = f"target reports {msg.state.name.lower()}: {msg.text}"
                 log.warning("target %s: %s", self.label, s.peer_error)
+        elif type(msg) in self.on_message:
+            self.on_message[type(msg)](msg)
         elif isinstance(msg, Refuse):
             text = f"refused by the target: {msg.text or msg.reason.name.lower()}"
             if msg.reason is RefuseReason.FENCED:

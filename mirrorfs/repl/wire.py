@@ -30,8 +30,9 @@ Payloads. ``str`` = u16 byte length + UTF-8 (node ids <= 255 bytes, texts <= 102
 ``epochs`` = u32 count + count x (epoch u64, start_seq u64), oldest first, count <= 4096.
 Every reserved field must be 0, unknown enum values and flag bits are rejected, and a
 payload must be consumed exactly, so that a decoded message re-encodes to the very same bytes
-(the fuzz tests check this). The one exception: REFUSE and ERROR_STATE texts are normalised
-to one line (whitespace runs become one space) when a message is built, sent or received.
+(the fuzz tests check this). The one exception: REFUSE, ERROR_STATE and SWITCHOVER_DONE texts
+are normalised to one line (whitespace runs become one space) when a message is built, sent
+or received.
 The SAM record in TXN is at most MAX_TXN_RECORD (MAX_FRAME - 8) bytes::
 
     HELLO        (1, source -> target) protocol_version u16, flags u16 (HelloFlags),
@@ -58,6 +59,10 @@ The SAM record in TXN is at most MAX_TXN_RECORD (MAX_FRAME - 8) bytes::
     PING         (64, either side) timestamp_ns u64
     PONG         (65, either side) timestamp_ns u64 (the PING's, echoed)
     ERROR_STATE  (80, target -> source) state u16 (PeerState; OK clears), text str
+    SWITCHOVER   (96, source -> target) seq u64, mirror_to str (HOST:PORT, <= 1024 bytes):
+                 the source stopped at ``seq``; take over and mirror back to it there
+    SWITCHOVER_DONE (97, target -> source) result u16 (SwitchoverResult), reserved u16,
+                 reserved u32, epoch u64, start_seq u64, text str (one line; why refused)
 
 Errors: anything wrong in the bytes raises ``ProtocolError`` with a one-line message naming
 the stream offset of the frame and what is wrong. A decoder that raised stays failed (the
@@ -138,6 +143,8 @@ class MsgType(enum.IntEnum):
     PING = 64
     PONG = 65
     ERROR_STATE = 80
+    SWITCHOVER = 96
+    SWITCHOVER_DONE = 97
 
 
 class HelloFlags(enum.IntFlag):
@@ -179,6 +186,13 @@ class PeerState(enum.IntEnum):
     DISK_FULL = 1
     IO_ERROR = 2
     READ_ONLY = 3
+
+
+class SwitchoverResult(enum.IntEnum):
+    """The target's answer to SWITCHOVER."""
+
+    PROMOTED = 0  # it is the source now, in ``epoch`` from ``start_seq``
+    REFUSED = 1  # nothing changed on the target; ``text`` says why
 
 
 # ---------------------------------------------------------------------------- payload reading
@@ -631,6 +645,34 @@ class ErrorState(Message):
     """Target -> source: I cannot go on (disk full, I/O error) and stop acking; OK clears."""
 
     state: PeerState
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        self.text = one_line(self.text)
+
+
+@_message(MsgType.SWITCHOVER, "seq:Q mirror_to:TEXT")
+@dataclass(slots=True)
+class Switchover(Message):
+    """Source -> target (planned switchover): I stopped taking writes at ``seq``, which you
+    have applied; become the source and mirror back to me at ``mirror_to`` (HOST:PORT)."""
+
+    seq: int
+    mirror_to: str
+
+
+@_message(
+    MsgType.SWITCHOVER_DONE,
+    "result:H -:H -:I epoch:Q start_seq:Q text:TEXT",
+    result=SwitchoverResult,
+)
+@dataclass(slots=True)
+class SwitchoverDone(Message):
+    """Target -> source: promoted to ``epoch`` starting at ``start_seq``, or refused."""
+
+    result: SwitchoverResult
+    epoch: int = 0
+    start_seq: int = 0
     text: str = ""
 
     def __post_init__(self) -> None:

@@ -37,6 +37,7 @@ import uuid as uuidlib
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from mirrorfs.store import record
 from mirrorfs.store.allocator import ExtentAllocator
@@ -154,6 +155,13 @@ class Volume:
         self.failed: str | None = None
         # Set when this source met a newer epoch (split brain fenced): no new changes.
         self.fenced: str = ""
+        # Set while a planned switchover holds the volume at the seq the new source starts
+        # from: nothing is sealed any more (changes that are not the writers', such as atime
+        # or a release, stay open and are dropped at close), so this copy cannot diverge.
+        self.frozen: str = ""
+        # The write gate of the read-write mount serving this volume (mirrorfs.fuse.gate),
+        # set by the FUSE layer; how a switchover holds the writers.
+        self.write_gate: Any = None
         self.state: NodeState
         self.sb: VolumeSuper
         self.device: BlockFile
@@ -434,9 +442,12 @@ class Volume:
         """Close the open transaction and give it its sequence number (no I/O).
 
         Its blocks stay visible to ``read`` until ``finish``; new writes go to a fresh open
-        transaction. Returns None when there is nothing to commit.
+        transaction. Returns None when there is nothing to commit, or when the volume is
+        ``frozen``.
         """
         if not self._overlay and not self._hints:
+            return None
+        if self.frozen:
             return None
         if self.failed:
             raise VolumeFailed(f"volume is read-only after an I/O failure: {self.failed}")
