@@ -35,12 +35,14 @@ from tests.repl_util import (
     wait_caught_up,
     wait_target,
 )
+from tests.test_switchover import _successors, _switchover
 from tests.util import (
     Mount,
     cleanup,
     expect_errno,
     fuse_unavailable_reason,
     kill_mount,
+    pid_alive,
     run_cli,
     wait_for,
 )
@@ -251,11 +253,37 @@ def test_unplanned_failover_and_failback(tmp_path):
 
         out = _run_ok("verify", b.dir)
         assert "all targets identical" in out
-        finish_and_compare(b_source, [ra])  # block files byte-identical
-        ra.stop()
+
+        # Switch back: a planned switchover makes A the source again, B its target.
+        b_port = free_port()
+        seq2, out = _switchover(b.dir, ra.address, f"127.0.0.1:{b_port}")
+        assert f"epoch 3 from seq {seq2 + 1}" in out, out
+        wait_for(lambda: not pid_alive(b_source.pid), 30, "B's read-write mount to exit")
+        assert ra.mountpoint is not None
+        a_source, rb = _successors(
+            c,
+            source=a,
+            source_mnt=ra.mountpoint,
+            replica=b.dir,
+            port=b_port,
+            replica_mnt=b.mountpoint,
+        )
+        st = status(a)
+        assert st["role"] == "source" and st["epoch"] == 3, st
+        history = [[1, 1], [2, fork + 1], [3, seq2 + 1]]
+        assert st["epochs"] == history
+        assert rb.status()["role"] == "target"
+        entry = target(st, rb.address)
+        assert entry["resync"] is None and entry["initial_sync"] is None, entry
+        _write_synced(os.path.join(ra.mountpoint, "after-switch-back"), os.urandom(100_000))
+        wait_caught_up(a)
+        out = _run_ok("verify", a)
+        assert "all targets identical" in out
+        finish_and_compare(a_source, [rb])  # block files byte-identical
+        rb.stop()
+        assert stopped_status(b.dir)["epochs"] == history
         st = stopped_status(a)
-        assert st["role"] == "target" and st["epochs"] == [[1, 1], [2, fork + 1]]
-        assert st["log_kept_from"] == 0
+        assert st["role"] == "source" and st["epochs"] == history
     finally:
         cleanup(b_source)
         c.close()
