@@ -157,6 +157,18 @@ async def _refuse(fs: FramedStream, reason: RefuseReason, text: str) -> Handshak
     return HandshakeRefused(reason, text, by_peer=False)
 
 
+async def _check_proof(
+    fs: FramedStream, who: str, secret: bytes | None, proof: bytes, role: AuthRole, **fields
+) -> None:
+    """Refuse the peer (REFUSE sent, HandshakeRefused raised) unless its proof is right."""
+    if not verify_proof(secret, proof, role, **fields):
+        raise await _refuse(
+            fs,
+            RefuseReason.AUTH,
+            f"{who} failed authentication (the shared secrets differ, or only one side has one)",
+        )
+
+
 async def _expect(fs: FramedStream, cls: type[Message], peer: str) -> Message:
     """The next message, which must be ``cls``; a REFUSE becomes HandshakeRefused."""
     try:
@@ -240,7 +252,9 @@ async def handshake_source(
                     f"{who} speaks protocol version {reply.protocol_version}, "
                     f"the source speaks {protocol_version}",
                 )
-            proof_ok = verify_proof(
+            await _check_proof(
+                fs,
+                who,
                 secret,
                 reply.proof,
                 AuthRole.TARGET,
@@ -250,13 +264,6 @@ async def handshake_source(
                 own_node_id=reply.node_id,
                 peer_node_id=node_id,
             )
-            if not proof_ok:
-                raise await _refuse(
-                    fs,
-                    RefuseReason.AUTH,
-                    f"{who} failed authentication (the shared secrets differ, "
-                    "or only one side has one)",
-                )
             problem = _check_volume(volume_uuid, reply.volume_uuid, allow_initial_sync)
             problem = problem or _check_epochs(epochs, reply.epochs)
             if problem:
@@ -355,7 +362,9 @@ async def handshake_target(
             )
             auth = await _expect(fs, Auth, who)
             assert isinstance(auth, Auth)
-            proof_ok = verify_proof(
+            await _check_proof(
+                fs,
+                who,
                 secret,
                 auth.proof,
                 AuthRole.SOURCE,
@@ -365,13 +374,6 @@ async def handshake_target(
                 own_node_id=hello.node_id,
                 peer_node_id=node_id,
             )
-            if not proof_ok:
-                raise await _refuse(
-                    fs,
-                    RefuseReason.AUTH,
-                    f"{who} failed authentication (the shared secrets differ, "
-                    "or only one side has one)",
-                )
             initial = bool(hello.flags & HelloFlags.INITIAL_SYNC_ALLOWED)
             problem = _check_volume(hello.volume_uuid, own_uuid, initial)
             problem = problem or _check_epochs(hello.epochs, epochs)
