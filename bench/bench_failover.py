@@ -52,6 +52,7 @@ from common import (
     ReplicaDaemon,
     cmdline_names,
     describe_environment,
+    format_rows,
     human_size,
     lazy_unmount,
     log_tail,
@@ -560,13 +561,7 @@ def render_table(res: Results, size: int, nfiles: int, ntxns: int) -> str:
 
     header = ("measurement", "unit", "value")
     lines = [header, *rows]
-    widths = [max(len(r[i]) for r in lines) for i in range(3)]
-    out = []
-    for i, r in enumerate(lines):
-        out.append(f"{r[0].ljust(widths[0])}  {r[1].ljust(widths[1])}  {r[2].rjust(widths[2])}")
-        if i == 0:
-            out.append("-" * len(out[0]))
-    return "\n".join(out)
+    return format_rows(lines, right=range(2, 3))
 
 
 def main(argv: list[str] | None = None) -> int:

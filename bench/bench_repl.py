@@ -54,6 +54,7 @@ from common import (
     copy_tree,
     count_entries,
     describe_environment,
+    format_rows,
     human_size,
     is_mounted,
     log_tail,
@@ -687,16 +688,7 @@ def render_table(res: Results, tree: Tree, tree_label: str, outage: float) -> st
 
     header: Row = ("measurement", "unit", "no target", "one target", "ratio", "target", "")
     lines = [header, *rows]
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    out = []
-    for i, row in enumerate(lines):
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [cell.rjust(w) for cell, w in zip(row[2:5], widths[2:5], strict=True)]
-        cells += [row[5].ljust(widths[5]), row[6]]
-        out.append("  ".join(cells).rstrip())
-        if i == 0:
-            out.append("-" * len(out[0]))
-    return "\n".join(out)
+    return format_rows(lines, right=range(2, 5))
 
 
 def render_spans(meter: SpanMeter) -> str:
@@ -716,12 +708,7 @@ def render_spans(meter: SpanMeter) -> str:
                 "n/a" if sp.disk_busy is None else f"{min(sp.disk_busy, 1.0):.0%}",
             )
         )
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    out = []
-    for row in lines:
-        cells = [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
-        out.append("  ".join([row[0].ljust(widths[0]), *cells]))
-    return "\n".join(out)
+    return format_rows(lines, right=range(1, len(header)), rule=False)
 
 
 def main(argv: list[str] | None = None) -> int:

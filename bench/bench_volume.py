@@ -46,6 +46,7 @@ from common import (
     check_content,
     copy_tree,
     describe_environment,
+    format_rows,
     human_size,
     is_mounted,
     lazy_unmount,
@@ -437,16 +438,7 @@ def render_table(
                 verdict,
             )
         )
-    widths = [max(len(row[i]) for row in lines) for i in range(len(header))]
-    out = []
-    for i, row in enumerate(lines):
-        cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
-        cells += [cell.rjust(w) for cell, w in zip(row[2:6], widths[2:6], strict=True)]
-        cells += [row[6].ljust(widths[6]), row[7]]
-        out.append("  ".join(cells).rstrip())
-        if i == 0:
-            out.append("-" * len(out[0]))
-    return "\n".join(out)
+    return format_rows(lines, right=range(2, 6))
 
 
 def cache_note(root: bool) -> str:

@@ -377,6 +377,22 @@ class ReplicaDaemon:
 # ---- the report -----------------------------------------------------------------------------
 
 
+def format_rows(lines: list, right: range, *, rule: bool = True) -> str:
+    """Text table: columns in ``right`` right-justified, the others left; a rule under the
+    header row when ``rule``."""
+    widths = [max(len(row[i]) for row in lines) for i in range(len(lines[0]))]
+    out = []
+    for i, row in enumerate(lines):
+        cells = [
+            c.rjust(w) if j in right else c.ljust(w)
+            for j, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        out.append("  ".join(cells).rstrip())
+        if rule and i == 0:
+            out.append("-" * len(out[0]))
+    return "\n".join(out)
+
+
 def describe_environment(workdir: str) -> list[str]:
     """Lines about the machine and the work directory."""
     fstype = "?"
