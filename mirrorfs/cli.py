@@ -21,14 +21,13 @@ from typing import NoReturn
 
 import mirrorfs
 from mirrorfs.store.errors import StoreError
+from mirrorfs.store.files import DAEMON_LOG_FILE, MOUNT_PID_FILE
 
 log = logging.getLogger(__name__)
 
 PROG = "mirrorfs"
 # Copies of mirrorfs.fuse.mount's names (a test checks they agree): importing that module
 # pulls in pyfuse3 and trio, which would cost umount and the mount launcher most of a second.
-PID_FILE = "mount.pid"
-LOG_FILE = "mirrorfs.log"
 FSNAME_PREFIX = "mirrorfs:"
 FUSE_TYPE = "fuse.mirrorfs"
 DEFAULT_INODE_RATIO = 16384
@@ -291,7 +290,7 @@ def _mount_detached(args: argparse.Namespace) -> int:
         what = "is not a directory" if os.path.exists(mountpoint) else "does not exist"
         raise CliError(f"mountpoint {mountpoint} {what}")
     argv = ["mount", volume_dir, mountpoint, *_passthrough_mount_args(args)]
-    return run_detached(argv, os.path.join(volume_dir, LOG_FILE), "mount")
+    return run_detached(argv, os.path.join(volume_dir, DAEMON_LOG_FILE), "mount")
 
 
 def run_detached(argv: list[str], log_path: str, what: str) -> int:
@@ -327,7 +326,7 @@ def _mount_foreground(args: argparse.Namespace) -> int:
     from mirrorfs.fuse.mount import MountConfig, run
 
     volume_dir = os.path.abspath(args.dir)
-    log_file = os.path.join(volume_dir, LOG_FILE) if os.path.isdir(volume_dir) else None
+    log_file = os.path.join(volume_dir, DAEMON_LOG_FILE) if os.path.isdir(volume_dir) else None
     # A detached child (--ready-fd) has its stderr on the log file already.
     _setup_logging(args.debug, log_file=log_file, stderr=args.ready_fd is None, level=logging.INFO)
     ready_fd = args.ready_fd
@@ -420,7 +419,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     volume_dir = found[0][len(FSNAME_PREFIX) :]
     pid = None
     try:
-        with open(os.path.join(volume_dir, PID_FILE)) as f:
+        with open(os.path.join(volume_dir, MOUNT_PID_FILE)) as f:
             pid = int(f.read().strip())
     except (OSError, ValueError):
         log.warning("no pid file in %s: not waiting for the final commit", volume_dir)

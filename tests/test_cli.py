@@ -209,8 +209,6 @@ def test_mount_damaged_fs_superblock(tmp_path):
 def test_cli_constants_match_the_mount_module():
     from mirrorfs.fuse import mount
 
-    assert cli.PID_FILE == mount.PID_FILE
-    assert cli.LOG_FILE == mount.LOG_FILE
     assert cli.FSNAME_PREFIX == mount.FSNAME_PREFIX
     assert f"fuse.{mount.SUBTYPE}" == cli.FUSE_TYPE
 

@@ -15,7 +15,6 @@ import trio
 
 from mirrorfs.fs.filesystem import ROOT_INO
 from mirrorfs.node.control import (
-    SOCKET_NAME,
     ControlError,
     ControlServer,
     control_request,
@@ -23,7 +22,6 @@ from mirrorfs.node.control import (
     socket_path,
 )
 from mirrorfs.node.replica import (
-    PID_FILE,
     ReplicaConfig,
     ReplicaError,
     parse_listen,
@@ -33,6 +31,7 @@ from mirrorfs.repl.auth import ListenPolicyError
 from mirrorfs.repl.receiver import ReceiverState
 from mirrorfs.repl.stream import HandshakeRefused
 from mirrorfs.repl.wire import RefuseReason
+from mirrorfs.store.files import CONTROL_SOCKET, REPLICA_PID_FILE
 from mirrorfs.store.volume import Volume
 from tests.test_receiver import Source, block_file
 from tests.util import _env, is_mounted, lazy_unmount, needs_fuse
@@ -47,7 +46,7 @@ async def request(path: str, cmd: dict, timeout: float = 5.0) -> dict:
 
 
 async def test_control_round_trip(tmp_path):
-    path = str(tmp_path / SOCKET_NAME)
+    path = str(tmp_path / CONTROL_SOCKET)
 
     async def status(req: dict) -> dict:
         return {"status": {"state": "waiting", "echo": req.get("x")}}
@@ -96,7 +95,7 @@ def test_no_daemon_is_one_line_error(tmp_path):
 
 
 async def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):
-    path = str(tmp_path / SOCKET_NAME)
+    path = str(tmp_path / CONTROL_SOCKET)
     s = socket.socket(socket.AF_UNIX)
     s.bind(path)
     s.close()  # stale: the file stays, nobody listens
@@ -113,7 +112,7 @@ async def test_stale_socket_is_replaced_and_live_one_refused(tmp_path):
 
 
 async def test_rebind_after_the_socket_file_was_removed(tmp_path):
-    path = str(tmp_path / SOCKET_NAME)
+    path = str(tmp_path / CONTROL_SOCKET)
 
     async def ping(req: dict) -> dict:
         return {"n": 1}
@@ -162,7 +161,7 @@ async def test_daemon_initial_sync_streaming_status_and_shutdown(tmp_path, sourc
             start = await source.initial_sync(fs)
             await source.ack(fs, start)
             # The initial sync wiped DIR: the node-local files are back.
-            assert os.path.exists(os.path.join(rdir, PID_FILE))
+            assert os.path.exists(os.path.join(rdir, REPLICA_PID_FILE))
             source.change(2)
             last = await source.ship(fs, start + 1)
             await source.ack(fs, last)
@@ -184,7 +183,7 @@ async def test_daemon_initial_sync_streaming_status_and_shutdown(tmp_path, sourc
                 other.close()
             await fs.aclose()
             nursery.cancel_scope.cancel()
-    assert not os.path.exists(sock) and not os.path.exists(os.path.join(rdir, PID_FILE))
+    assert not os.path.exists(sock) and not os.path.exists(os.path.join(rdir, REPLICA_PID_FILE))
     vol = Volume.open(rdir)  # closed and unlocked
     try:
         assert vol.last_seq == last and vol.consistent
@@ -452,7 +451,7 @@ def test_cli_replica_detaches_once_listening(tmp_path):
         again = run_cli("replica", rdir, "--listen", f"127.0.0.1:{_free_port()}")
         assert again.returncode == 1 and "already running" in again.stderr
     finally:
-        _stop(os.path.join(rdir, PID_FILE))
+        _stop(os.path.join(rdir, REPLICA_PID_FILE))
     bad = run_cli("replica", rdir, "--listen", "0.0.0.0:1")
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
 
@@ -460,7 +459,7 @@ def test_cli_replica_detaches_once_listening(tmp_path):
 async def test_deep_directory_socket_path(tmp_path):
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     deep.mkdir(parents=True)
-    path = str(deep / SOCKET_NAME)
+    path = str(deep / CONTROL_SOCKET)
     assert len(path) > 108
 
     async def ping(req: dict) -> dict:

@@ -36,8 +36,9 @@ from mirrorfs.repl.wire import (
     VerifyReply,
     VerifyReq,
 )
+from mirrorfs.store.files import BLOCK_FILE
 from mirrorfs.store.txn import HintKind, Transaction
-from mirrorfs.store.volume import BLOCK_FILE, Volume
+from mirrorfs.store.volume import Volume
 
 MiB = 1 << 20
 VOLUME_BYTES = 8 * MiB

@@ -21,9 +21,10 @@ from mirrorfs.repl.lag import install_retention
 from mirrorfs.repl.receiver import Receiver
 from mirrorfs.repl.shipper import Shipper, ShipperState
 from mirrorfs.store.errors import LogError, VolumeError
+from mirrorfs.store.files import BLOCK_FILE
 from mirrorfs.store.samlog import SamLog
 from mirrorfs.store.staging import Stage, StagedBlocks, StagedTxn, stage_files
-from mirrorfs.store.volume import BLOCK_FILE, Volume
+from mirrorfs.store.volume import Volume
 
 MiB = 1 << 20
 BS = 4096

@@ -7,8 +7,9 @@ import os
 import pytest
 
 from mirrorfs.store.errors import VolumeError, VolumeLocked
+from mirrorfs.store.files import BLOCK_FILE, LOG_DIR
 from mirrorfs.store.txn import Hint, HintKind
-from mirrorfs.store.volume import BITMAP_START, BLOCK_FILE, LOG_DIR, Volume
+from mirrorfs.store.volume import BITMAP_START, Volume
 
 MiB = 1 << 20
 

@@ -35,12 +35,11 @@ import trio
 from mirrorfs.fs.filesystem import Filesystem
 from mirrorfs.fuse.operations import DEFAULT_COMMIT_BOUND, Operations
 from mirrorfs.store.errors import VolumeFailed
+from mirrorfs.store.files import MOUNT_PID_FILE, atomic_write
 from mirrorfs.store.volume import Volume
 
 log = logging.getLogger(__name__)
 
-PID_FILE = "mount.pid"
-LOG_FILE = "mirrorfs.log"
 FSNAME_PREFIX = "mirrorfs:"
 SUBTYPE = "mirrorfs"
 #: How long the mount may take to answer its first stat before it is declared failed.
@@ -256,13 +255,9 @@ def _close_volume(volume: Volume) -> None:
 
 
 def _write_pid_file(volume_dir: str) -> None:
-    path = os.path.join(volume_dir, PID_FILE)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    atomic_write(os.path.join(volume_dir, MOUNT_PID_FILE), b"%d\n" % os.getpid(), durable=False)
 
 
 def _remove_pid_file(volume_dir: str) -> None:
     with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(volume_dir, PID_FILE))
+        os.unlink(os.path.join(volume_dir, MOUNT_PID_FILE))

@@ -26,9 +26,10 @@ from typing import Any
 
 import trio
 
+from mirrorfs.store.files import CONTROL_SOCKET
+
 log = logging.getLogger(__name__)
 
-SOCKET_NAME = "control.sock"
 MAX_LINE = 1 << 20  # a request or a reply longer than this is refused
 _BACKLOG = 16
 _SUN_PATH_MAX = 108  # bytes of sockaddr_un.sun_path, terminating NUL included
@@ -41,7 +42,7 @@ class ControlError(Exception):
 
 
 def socket_path(volume_dir: str) -> str:
-    return os.path.join(os.path.abspath(volume_dir), SOCKET_NAME)
+    return os.path.join(os.path.abspath(volume_dir), CONTROL_SOCKET)
 
 
 @contextlib.contextmanager

@@ -54,7 +54,8 @@ def wait_lock_free(volume_dir: str, timeout: float = WAIT_TIMEOUT) -> bool:
 def spawn(volume_dir: str, argv: list[str], *, timeout: float = WAIT_TIMEOUT) -> int:
     """Start the detached helper that becomes ``mirrorfs argv`` once DIR is free; its pid
     (which will be the successor's)."""
-    from mirrorfs.cli import LOG_FILE, _child_env
+    from mirrorfs.cli import _child_env
+    from mirrorfs.store.files import DAEMON_LOG_FILE
 
     cmd = [
         sys.executable,
@@ -66,7 +67,7 @@ def spawn(volume_dir: str, argv: list[str], *, timeout: float = WAIT_TIMEOUT) ->
         "--",
         *argv,
     ]
-    with open(os.path.join(volume_dir, LOG_FILE), "ab") as logf:
+    with open(os.path.join(volume_dir, DAEMON_LOG_FILE), "ab") as logf:
         child = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,

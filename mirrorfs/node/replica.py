@@ -38,17 +38,33 @@ from mirrorfs.node.control import ControlError, ControlServer, socket_path
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.receiver import Receiver
 from mirrorfs.repl.wire import Switchover, SwitchoverDone, SwitchoverResult
-from mirrorfs.store.nodestate import NODE_FILE, NodeState, Role
+from mirrorfs.store.files import (
+    BLOCK_FILE,
+    CONTROL_SOCKET,
+    DAEMON_LOG_FILE,
+    LOCK_FILE,
+    LOG_DIR,
+    NODE_FILE,
+    REPLICA_PID_FILE,
+    atomic_write,
+)
+from mirrorfs.store.nodestate import NodeState, Role
 from mirrorfs.store.txn import HintKind, Transaction
 from mirrorfs.store.volume import Volume
 
 log = logging.getLogger(__name__)
 
-PID_FILE = "replica.pid"
-LOG_FILE = "mirrorfs.log"  # the same name as mirrorfs.cli.LOG_FILE
 # What a directory may hold besides a volume and still count as empty: our own files, and
 # the leftovers of an initial sync that never completed.
-_NODE_LOCAL = {"control.sock", LOG_FILE, PID_FILE, "lock", "blocks", "log", NODE_FILE + ".tmp"}
+_NODE_LOCAL = {
+    CONTROL_SOCKET,
+    DAEMON_LOG_FILE,
+    REPLICA_PID_FILE,
+    LOCK_FILE,
+    BLOCK_FILE,
+    LOG_DIR,
+    NODE_FILE + ".tmp",
+}
 
 
 class ReplicaError(Exception):
@@ -406,26 +422,25 @@ class ReplicaNode:
     def _write_pid_file(self) -> None:
         if not self.cfg.write_pid_file:
             return
-        path = os.path.join(self.path, PID_FILE)
-        with open(f"{path}.tmp", "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(f"{path}.tmp", path)
+        atomic_write(
+            os.path.join(self.path, REPLICA_PID_FILE), b"%d\n" % os.getpid(), durable=False
+        )
 
     def _remove_pid_file(self) -> None:
         if self.cfg.write_pid_file:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.path, PID_FILE))
+                os.unlink(os.path.join(self.path, REPLICA_PID_FILE))
 
     def _remember_log_file(self) -> None:
         try:
-            st = os.stat(os.path.join(self.path, LOG_FILE))
+            st = os.stat(os.path.join(self.path, DAEMON_LOG_FILE))
         except OSError:
             return
         self._log_ident = (st.st_dev, st.st_ino)
 
     def _reopen_log_file(self) -> None:
         """Write the log to a new DIR/mirrorfs.log after the old one was wiped away."""
-        log_path = os.path.join(self.path, LOG_FILE)
+        log_path = os.path.join(self.path, DAEMON_LOG_FILE)
         for handler in logging.getLogger().handlers:
             if isinstance(handler, logging.FileHandler) and handler.baseFilename == log_path:
                 handler.close()  # reopened (appending) by the next record
@@ -596,7 +611,6 @@ def _replica_config(args: Any) -> ReplicaConfig:
 
 def _replica_detached(args: Any) -> int:
     """Start ``replica --foreground`` in a new session; wait until it says it listens."""
-    from mirrorfs.cli import LOG_FILE as CLI_LOG_FILE
     from mirrorfs.cli import run_detached
 
     cfg = _replica_config(args)  # fail here, with the user's terminal, when we can
@@ -615,14 +629,14 @@ def _replica_detached(args: Any) -> int:
         extra.append("--debug")
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     argv = ["replica", volume_dir, "--listen", listen, *extra]
-    return run_detached(argv, os.path.join(volume_dir, CLI_LOG_FILE), "replica")
+    return run_detached(argv, os.path.join(volume_dir, DAEMON_LOG_FILE), "replica")
 
 
 def _replica_foreground(args: Any) -> int:
     from mirrorfs.cli import _describe, _setup_logging
 
     volume_dir = os.path.abspath(args.dir)
-    log_file = os.path.join(volume_dir, LOG_FILE) if os.path.isdir(volume_dir) else None
+    log_file = os.path.join(volume_dir, DAEMON_LOG_FILE) if os.path.isdir(volume_dir) else None
     # A detached child (--ready-fd) has its stderr on the log file already.
     debug = getattr(args, "debug", False)
     _setup_logging(debug, log_file=log_file, stderr=args.ready_fd is None, level=logging.INFO)

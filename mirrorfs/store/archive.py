@@ -35,11 +35,11 @@ from dataclasses import asdict, dataclass
 
 from mirrorfs.store import record
 from mirrorfs.store.errors import LogError, VolumeError
+from mirrorfs.store.files import ARCHIVE_DIR, atomic_write
 from mirrorfs.store.samlog import SamLog
 
 log = logging.getLogger(__name__)
 
-ARCHIVE_DIR = "archive"
 MAGIC = b"MFSARCHV"
 VERSION = 1
 HEADER = struct.Struct("<8sHHII")
@@ -130,23 +130,7 @@ def archive_diverged(
     meta = {k: v for k, v in info.as_dict().items() if k != "path"}
     meta_bytes = json.dumps(meta, sort_keys=True).encode()
     head = HEADER.pack(MAGIC, VERSION, 0, len(meta_bytes), zlib.crc32(meta_bytes))
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, head + meta_bytes)
-        for c in chunks:
-            view, done = memoryview(c), 0
-            while done < len(c):
-                done += os.write(fd, view[done:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(arch_dir, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, [head + meta_bytes, *chunks])
     log.warning(
         "archived %d diverged transaction(s) (seq %s, %d bytes) of epoch %d after the fork at "
         "seq %d in %s%s",

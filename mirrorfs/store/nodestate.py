@@ -15,10 +15,10 @@ import uuid as uuidlib
 from dataclasses import asdict, dataclass, field
 
 from mirrorfs.store.errors import VolumeError
+from mirrorfs.store.files import NODE_FILE, atomic_write
 
 log = logging.getLogger(__name__)
 
-NODE_FILE = "node.json"
 FORMAT = 1
 
 
@@ -59,21 +59,8 @@ class NodeState:
         return self.epochs[-1][0]
 
     def save(self, directory: str) -> None:
-        path = os.path.join(directory, NODE_FILE)
-        tmp = path + ".tmp"
         data = json.dumps({"format": FORMAT, **asdict(self)}, indent=1).encode() + b"\n"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        atomic_write(os.path.join(directory, NODE_FILE), data)
 
     @classmethod
     def load(cls, directory: str) -> NodeState:

@@ -38,13 +38,13 @@ from pathlib import Path
 
 from mirrorfs.store import record
 from mirrorfs.store.errors import CorruptRecord, LogError, TornRecord
+from mirrorfs.store.files import fsync_dir
 from mirrorfs.store.record import HEADER, SEAL_RECORD_SIZE, SEG_HEADER, RecordType, SegmentHeader
 from mirrorfs.store.segments import (
     _NAME_RE,
     DEFAULT_SEGMENT_BYTES,
     RecoveryReport,
     _count_valid,
-    _fsync_dir,
     _pread,
     _pwrite_all,
     _Scan,
@@ -169,7 +169,7 @@ class SamLog:
         self._segments = kept
         r = self.recovery_report
         if leftovers or r.superseded_segments or r.removed_segments:
-            _fsync_dir(self.directory)  # settles the unlinks above
+            fsync_dir(self.directory)  # settles the unlinks above
 
     def _check_segment(
         self, entries: list, i: int, hdr: SegmentHeader, kept: list[_Segment], repair: bool
@@ -395,7 +395,7 @@ class SamLog:
             os.unlink(self.directory / self._segments.pop(0).name)  # oldest first
             removed += 1
         if removed:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
         return removed
 
     def reset(self, next_seq: int) -> None:
@@ -413,7 +413,7 @@ class SamLog:
         for seg in self._segments:
             if seg.name != new.name:
                 os.unlink(self.directory / seg.name)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self._segments = [new]
         self._fd = os.open(self.directory / new.name, os.O_RDWR)
 

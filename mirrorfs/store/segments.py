@@ -14,6 +14,7 @@ from pathlib import Path
 
 from mirrorfs.store import record
 from mirrorfs.store.errors import LogError
+from mirrorfs.store.files import atomic_write
 from mirrorfs.store.record import SEG_HEADER, RecordType, SegmentHeader
 
 log = logging.getLogger(__name__)
@@ -122,26 +123,9 @@ def _pwrite_all(fd: int, data: bytes | list, offset: int) -> None:
                 n = 0
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_segment(directory: Path, header: SegmentHeader) -> _Segment:
     """Create a segment file atomically (tmp + fsync + rename + fsync dir)."""
-    name = segment_name(header.first_seq)
-    tmp = directory / (name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _pwrite_all(fd, header.pack(), 0)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, directory / name)
-    _fsync_dir(directory)
+    atomic_write(directory / segment_name(header.first_seq), header.pack(), mode=0o644)
     return _Segment(header.first_seq, header.first_seq - 1, SEG_HEADER.size)
 
 

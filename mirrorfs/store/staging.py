@@ -39,6 +39,7 @@ import lz4.block
 
 from mirrorfs.store import record
 from mirrorfs.store.errors import LogError, VolumeError
+from mirrorfs.store.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -66,21 +67,13 @@ def stage_files(directory: str) -> list[str]:
     return sorted(n for n in os.listdir(directory) if _NAME_RE.match(n))
 
 
-def _fsync_dir(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def remove_stages(directory: str, *, keep: str = "") -> list[str]:
     """Delete every stage file but ``keep``; return the names removed."""
     gone = [n for n in stage_files(directory) if n != keep]
     for name in gone:
         os.unlink(os.path.join(directory, name))
     if gone:
-        _fsync_dir(directory)
+        fsync_dir(directory)
     return gone
 
 
@@ -145,7 +138,7 @@ class Stage:
         try:
             os.write(fd, head + struct.pack("<I", zlib.crc32(head)))
             os.fsync(fd)
-            _fsync_dir(directory)  # the file itself must survive a crash
+            fsync_dir(directory)  # the file itself must survive a crash
         except BaseException:
             self.discard()
             raise
@@ -290,4 +283,4 @@ class Stage:
             os.unlink(self.path)
         except FileNotFoundError:
             return
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)

@@ -43,7 +43,8 @@ from mirrorfs.store import record
 from mirrorfs.store.allocator import ExtentAllocator
 from mirrorfs.store.device import BlockFile
 from mirrorfs.store.errors import LogError, VolumeError, VolumeFailed, VolumeLocked
-from mirrorfs.store.nodestate import NODE_FILE, NodeState, Role
+from mirrorfs.store.files import BLOCK_FILE, LOCK_FILE, LOG_DIR, NODE_FILE
+from mirrorfs.store.nodestate import NodeState, Role
 from mirrorfs.store.overlay import BlockOverlay
 from mirrorfs.store.samlog import SamLog
 from mirrorfs.store.staging import Stage, StagedBlocks, StagedTxn, remove_stages
@@ -55,10 +56,6 @@ CLIENT_SUPER = 1
 BITMAP_START = 2
 MIN_BLOCKS = 64
 BLOCK_SIZES = (512, 1024, 2048, 4096, 8192, 16384, 65536)
-
-BLOCK_FILE = "blocks"
-LOG_DIR = "log"
-LOCK_FILE = "lock"
 
 
 @dataclass(slots=True)
