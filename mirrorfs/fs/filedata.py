@@ -25,8 +25,9 @@ import errno
 import logging
 from collections.abc import Iterator
 
+from mirrorfs.fs.api import MAX_FILE_SIZE
 from mirrorfs.fs.extents import END_OF_FILE, UNWRITTEN, Extent, ExtentTree
-from mirrorfs.fs.layout import EXTENT_AREA_SIZE, FLAG_INLINE_DATA, Inode, fs_error, max_file_size
+from mirrorfs.fs.layout import EXTENT_AREA_SIZE, FLAG_INLINE_DATA, Inode, fs_error
 from mirrorfs.store.errors import NoSpace
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ class FileData:
             raise fs_error(errno.EINVAL, "negative offset")
         if not len(data):
             return 0
-        limit = max_file_size()
+        limit = MAX_FILE_SIZE
         if offset >= limit:
             raise fs_error(errno.EFBIG, f"inode {inode.ino}: write at {offset} past max size")
         mv = memoryview(data).cast("B")
@@ -225,7 +226,7 @@ class FileData:
         """Set the size: shrinking frees whole blocks past EOF and zeroes the new tail."""
         if size < 0:
             raise fs_error(errno.EINVAL, "negative size")
-        if size > max_file_size():
+        if size > MAX_FILE_SIZE:
             raise fs_error(errno.EFBIG, f"inode {inode.ino}: size {size} past max size")
         if inode.flags & FLAG_INLINE_DATA:
             if size <= inode.size:
@@ -261,7 +262,7 @@ class FileData:
         if offset < 0 or length <= 0:
             raise fs_error(errno.EINVAL, "bad fallocate range")
         end = offset + length
-        if end > max_file_size():
+        if end > MAX_FILE_SIZE:
             raise fs_error(errno.EFBIG, f"inode {inode.ino}: fallocate past max size")
         self._uninline(inode)
         bs = self.block_size

@@ -27,9 +27,9 @@ import logging
 import stat
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 
 from mirrorfs.fs import filedata, inodes, xattrs
+from mirrorfs.fs.api import MAX_FILE_SIZE, Attr, FsError, SetAttr, StatFs
 from mirrorfs.fs.directories import DirectoryStore
 from mirrorfs.fs.layout import Inode
 from mirrorfs.fs.namespace import LINK_MAX, MAX_NAME, MAX_SYMLINK, NamespaceOps, check_name
@@ -52,58 +52,10 @@ __all__ = [
 ]
 
 ROOT_INO = 1
-MAX_FILE_SIZE = 1 << 44  # 16 TiB; larger sizes get EFBIG
 # relatime: refresh atime at least this often even when it is newer than mtime and ctime.
 RELATIME_NS = 24 * 3600 * 10**9
 XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 FALLOC_FL_KEEP_SIZE = 1
-
-
-class FsError(OSError):
-    """A POSIX error from the filesystem; ``errno`` is what the caller should answer."""
-
-    def __init__(self, err: int, message: str = ""):
-        super().__init__(err, message or errno.errorcode.get(err, str(err)))
-
-
-@dataclass(slots=True)
-class Attr:
-    ino: int
-    generation: int
-    mode: int
-    nlink: int
-    uid: int
-    gid: int
-    rdev: int
-    size: int
-    blocks: int  # in 512-byte units, as st_blocks
-    blksize: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-
-
-@dataclass(slots=True)
-class SetAttr:
-    """Fields to change; None leaves a field as it is. ctime is set to now by the filesystem."""
-
-    mode: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    size: int | None = None
-    atime_ns: int | None = None
-    mtime_ns: int | None = None
-
-
-@dataclass(slots=True)
-class StatFs:
-    block_size: int
-    blocks: int
-    blocks_free: int
-    blocks_avail: int
-    files: int
-    files_free: int
-    name_max: int
 
 
 class Filesystem(NamespaceOps):

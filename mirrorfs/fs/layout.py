@@ -37,6 +37,8 @@ import struct
 import zlib
 from dataclasses import dataclass, field, fields
 
+from mirrorfs.fs.api import FsError
+
 log = logging.getLogger(__name__)
 
 FS_MAGIC = b"MIRFSSB1"
@@ -59,17 +61,8 @@ assert _INODE_HEAD.size + EXTENT_AREA_SIZE == INODE_SIZE
 
 
 def fs_error(err: int, message: str = "") -> OSError:
-    """Make a ``FsError`` (imported late: filesystem.py imports this package)."""
-    from mirrorfs.fs.filesystem import FsError
-
+    """Make a ``FsError``."""
     return FsError(err, message)
-
-
-def max_file_size() -> int:
-    """The largest file size (``filesystem.MAX_FILE_SIZE``), looked up late for the same reason."""
-    from mirrorfs.fs.filesystem import MAX_FILE_SIZE
-
-    return MAX_FILE_SIZE
 
 
 @dataclass(slots=True)

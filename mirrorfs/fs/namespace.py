@@ -17,14 +17,11 @@ from __future__ import annotations
 import errno
 import logging
 import stat
-from typing import TYPE_CHECKING
 
+from mirrorfs.fs.api import Attr
 from mirrorfs.fs.directories import MAX_NAME
 from mirrorfs.fs.layout import EXTENT_AREA_SIZE, ROOT_INO, Inode, fs_error
 from mirrorfs.store.txn import HintKind
-
-if TYPE_CHECKING:
-    from mirrorfs.fs.filesystem import Attr
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,60 @@
+"""What the filesystem hands its callers: its error, its limits and its records.
+
+The bottom of ``mirrorfs.fs``: every module of the package may import it, and it imports
+none of them, so that the storage primitives (layout, extents, filedata) can raise
+``FsError`` without reaching up to ``filesystem.py``.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+
+MAX_FILE_SIZE = 1 << 44  # 16 TiB; larger sizes get EFBIG
+
+
+class FsError(OSError):
+    """A POSIX error from the filesystem; ``errno`` is what the caller should answer."""
+
+    def __init__(self, err: int, message: str = ""):
+        super().__init__(err, message or errno.errorcode.get(err, str(err)))
+
+
+@dataclass(slots=True)
+class Attr:
+    ino: int
+    generation: int
+    mode: int
+    nlink: int
+    uid: int
+    gid: int
+    rdev: int
+    size: int
+    blocks: int  # in 512-byte units, as st_blocks
+    blksize: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass(slots=True)
+class SetAttr:
+    """Fields to change; None leaves a field as it is. ctime is set to now by the filesystem."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime_ns: int | None = None
+    mtime_ns: int | None = None
+
+
+@dataclass(slots=True)
+class StatFs:
+    block_size: int
+    blocks: int
+    blocks_free: int
+    blocks_avail: int
+    files: int
+    files_free: int
+    name_max: int
