@@ -208,6 +208,7 @@ def test_mount_damaged_fs_superblock(tmp_path):
 
 def test_cli_constants_match_the_mount_module():
     from mirrorfs.fuse import mount
+    from mirrorfs.node import volume_commands as cli  # where umount reads /proc/mounts
 
     assert cli.FSNAME_PREFIX == mount.FSNAME_PREFIX
     assert f"fuse.{mount.SUBTYPE}" == cli.FUSE_TYPE
