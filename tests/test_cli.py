@@ -50,6 +50,47 @@ def test_parse_size_rejects(text):
         cli.parse_size(text)
 
 
+# -- addresses (pure): one parser, two readings
+
+
+def test_parse_address_forms():
+    from mirrorfs.repl.address import format_address, parse_address, parse_listen
+
+    assert parse_address("10.0.0.1:7000") == ("10.0.0.1", 7000)
+    assert parse_address("[::1]:7000") == ("::1", 7000)
+    assert parse_address("::1:7000") == ("::1", 7000)  # a peer's brackets are optional
+    for host, port in (("127.0.0.1", 1), ("::1", 65535), ("node-b", 7000)):
+        assert parse_address(format_address(host, port)) == (host, port)
+        assert parse_listen(format_address(host, port)) == (host, port)
+    for bad in ("nonsense", "host:", ":7000", "[]:7000", "h:0", "h:65536", "h:x"):
+        with pytest.raises(ValueError, match="bad address .*: expected HOST:PORT"):
+            parse_address(bad)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["mount", "a", "b", "--mirror", "nonsense"],
+            "argument --mirror: bad address 'nonsense': expected HOST:PORT",
+        ),
+        (
+            ["replica", "d", "--listen", "::1:7000"],
+            "argument --listen: invalid listen address '::1:7000' (write IPv6 as [ADDR]:PORT)",
+        ),
+        (
+            ["replica", "d", "--listen", "h:70000"],
+            "argument --listen: invalid listen address 'h:70000' (expected HOST:PORT)",
+        ),
+    ],
+)
+def test_bad_addresses_are_one_line(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mirrorfs: error: {message} (see "), err
+    assert err.count("\n") == 1, err
+
+
 # -- argument errors (in process: fast)
 
 
@@ -208,6 +249,7 @@ def test_mount_damaged_fs_superblock(tmp_path):
 
 def test_cli_constants_match_the_mount_module():
     from mirrorfs.fuse import mount
+    from mirrorfs.node import volume_commands as cli  # where umount reads /proc/mounts
 
     assert cli.FSNAME_PREFIX == mount.FSNAME_PREFIX
     assert f"fuse.{mount.SUBTYPE}" == cli.FUSE_TYPE

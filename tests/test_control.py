@@ -24,9 +24,9 @@ from mirrorfs.node.control import (
 from mirrorfs.node.replica import (
     ReplicaConfig,
     ReplicaError,
-    parse_listen,
     run_replica,
 )
+from mirrorfs.repl.address import parse_listen
 from mirrorfs.repl.auth import ListenPolicyError
 from mirrorfs.repl.receiver import ReceiverState
 from mirrorfs.repl.stream import HandshakeRefused
@@ -369,7 +369,7 @@ async def test_daemon_mount_sees_changes_within_the_lag(tmp_path, source):
 
 _CLI_CHILD = """
 import argparse, sys
-from mirrorfs.node.replica import add_replica_arguments
+from mirrorfs.cli import add_replica_arguments
 p = argparse.ArgumentParser(prog="mirrorfs replica")
 add_replica_arguments(p)
 a = p.parse_args(sys.argv[1:])

@@ -1,5 +1,5 @@
 """Node commands: status, verify, mirror, promote (control socket or stopped), demote,
-switchover (mirrorfs.node.switchover).
+switchover (the source's side is mirrorfs.node.switchover).
 
 ``status`` also works on a stopped node: it then reads node.json and the log's bounds
 without taking the volume's lock (a running daemon is asked instead).
@@ -9,84 +9,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import socket
+import sys
 import time
 from typing import Any
 
+from mirrorfs.daemon import PROG, CliError
+from mirrorfs.daemon import describe as one_line
 from mirrorfs.node.control import ControlError, control_request, socket_path
+from mirrorfs.node.handover import wait_lock_free
+from mirrorfs.repl.address import parse_address, parse_listen
+from mirrorfs.store.files import LOG_DIR
+
+log = logging.getLogger(__name__)
 
 
-class CommandError(Exception):
-    """A one-line user error."""
-
-
-def add_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("status", parents=[common], help="role, positions, lag per target")
-    p.add_argument("dir", metavar="DIR", help="volume directory")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_status)
-
-    p = sub.add_parser("verify", parents=[common], help="compare every target with the source")
-    p.add_argument("dir", metavar="DIR", help="source volume directory (mounted)")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=cmd_verify)
-
-    p = sub.add_parser("mirror", parents=[common], help="add or remove a target of a source")
-    p.add_argument("dir", metavar="DIR", help="source volume directory (mounted)")
-    group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--add", metavar="HOST:PORT")
-    group.add_argument("--remove", metavar="HOST:PORT")
-    p.set_defaults(func=cmd_mirror)
-
-    p = sub.add_parser(
-        "promote", parents=[common], help="make a replica the read-write source (new epoch)"
-    )
-    p.add_argument("dir", metavar="DIR", help="replica volume directory")
-    p.add_argument(
-        "--mount",
-        metavar="MNT",
-        help="mount read-write here (default: where the replica daemon had it mounted)",
-    )
-    p.add_argument("--no-mount", action="store_true", help="promote only, do not mount")
-    p.add_argument(
-        "--mirror",
-        dest="mirrors",
-        action="append",
-        default=[],
-        metavar="HOST:PORT",
-        help="start mirroring the new source to this target at once (repeatable)",
-    )
-    p.add_argument("--secret-file", metavar="FILE", help="shared secret for the targets")
-    p.set_defaults(func=cmd_promote)
-
-    p = sub.add_parser(
-        "demote", parents=[common], help="make a stopped old source a target (failback)"
-    )
-    p.add_argument("dir", metavar="DIR", help="source volume directory (not mounted)")
-    p.set_defaults(func=cmd_demote)
-
-    p = sub.add_parser(
-        "switchover",
-        parents=[common],
-        help="planned role swap: a target becomes the source, this source its target",
-    )
-    p.add_argument("dir", metavar="DIR", help="source volume directory (mounted)")
-    p.add_argument("--to", required=True, metavar="HOST:PORT", help="the target to promote")
-    p.add_argument(
-        "--listen",
-        required=True,
-        metavar="HOST:PORT",
-        help="where this node listens as the new source's target (the new source connects)",
-    )
-    group = p.add_mutually_exclusive_group()
-    group.add_argument(
-        "--mount", metavar="MNT", help="mount read-only here (default: where DIR is mounted)"
-    )
-    group.add_argument("--no-mount", action="store_true", help="no read-only mount")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
-    p.add_argument("--json", action="store_true", help="machine-readable report")
-    p.set_defaults(func=cmd_switchover)
+class CommandError(CliError):
+    """A one-line user error of a node command."""
 
 
 def _ask(volume_dir: str, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -103,7 +44,7 @@ def _offline_status(volume_dir: str) -> dict[str, Any]:
     from mirrorfs.store.nodestate import NodeState
 
     state = NodeState.load(volume_dir)
-    logdir = os.path.join(volume_dir, "log")
+    logdir = os.path.join(volume_dir, LOG_DIR)
     segments = sorted(n for n in os.listdir(logdir) if n.endswith(".seg"))
     size = sum(os.path.getsize(os.path.join(logdir, n)) for n in segments)
     return {
@@ -225,21 +166,8 @@ def cmd_mirror(args: argparse.Namespace) -> int:
 
 def _wait_unlocked(volume_dir: str, timeout: float = 120.0) -> None:
     """Wait until no process holds the volume (the daemon has unmounted and exited)."""
-    import fcntl
-
-    deadline = time.monotonic() + timeout
-    path = os.path.join(volume_dir, "lock")
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                raise CommandError(f"the replica daemon for {volume_dir} did not exit") from None
-        finally:
-            os.close(fd)
-        time.sleep(0.05)
+    if not wait_lock_free(volume_dir, timeout):
+        raise CommandError(f"the replica daemon for {volume_dir} did not exit")
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -271,15 +199,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     for line in describe(report):
         print(line)
     if mountpoint:
-        from mirrorfs.cli import main as cli_main
-
-        argv = ["mount", volume_dir, mountpoint]
-        for address in args.mirrors:
-            argv += ["--mirror", address]
-        if args.secret_file:
-            argv += ["--secret-file", args.secret_file]
-        if cli_main(argv) != 0:
-            raise CommandError(f"promoted, but mounting {mountpoint} read-write failed")
+        _mount_promoted(volume_dir, mountpoint, args.mirrors, args.secret_file)
         print(f"  mounted read-write at {mountpoint} ({time.monotonic() - t0:.2f}s after promote)")
     elif args.mirrors:
         print(
@@ -289,10 +209,28 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_switchover(args: argparse.Namespace) -> int:
-    from mirrorfs.node import switchover
+def _mount_promoted(
+    volume_dir: str, mountpoint: str, mirrors: list[str], secret_file: str | None
+) -> None:
+    """``mirrorfs mount volume_dir mountpoint [--mirror ...]`` after a promotion; a failure
+    is printed as the mount's own error, then as the promotion's (CommandError)."""
+    from mirrorfs.node.volume_commands import MountArgs, cmd_mount
 
-    return switchover.cmd_switchover(args)
+    failed = f"promoted, but mounting {mountpoint} read-write failed"
+    for address in mirrors:
+        try:
+            parse_address(address)
+        except ValueError as exc:  # what ``mirrorfs mount --mirror`` says of it
+            print(
+                f"{PROG}: error: argument --mirror: {exc} (see '{PROG} mount --help')",
+                file=sys.stderr,
+            )
+            raise CommandError(failed) from None
+    try:
+        cmd_mount(MountArgs(volume_dir, mountpoint, mirrors=mirrors, secret_file=secret_file))
+    except (CliError, OSError) as exc:
+        print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
+        raise CommandError(failed) from None
 
 
 def cmd_demote(args: argparse.Namespace) -> int:
@@ -307,4 +245,88 @@ def cmd_demote(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     for line in describe(report):
         print(line)
+    return 0
+
+
+# -- switchover
+
+
+def _check_listen(text: str) -> None:
+    """Refuse an address the new source could not connect to, or that is taken here."""
+    try:
+        host, port = parse_listen(text)
+    except ValueError as exc:
+        raise CommandError(str(exc)) from None
+    if host in ("", "0.0.0.0", "::") or port == 0:
+        raise CommandError(
+            f"--listen {text}: the new source connects there; give this node's address and a "
+            "fixed port"
+        )
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise CommandError(f"cannot listen on {text}: {exc.strerror or exc}") from None
+
+
+def cmd_switchover(args: argparse.Namespace) -> int:
+    """Ask the source serving DIR to switch over (mirrorfs.node.switchover), then wait until
+    both new roles serve."""
+    volume_dir = os.path.abspath(args.dir)
+    if not os.path.isdir(volume_dir):
+        raise CommandError(f"{volume_dir}: no such volume directory")
+    _check_listen(args.listen)
+    mount = "" if args.no_mount else (os.path.abspath(args.mount) if args.mount else None)
+    request = {
+        "cmd": "switchover",
+        "to": args.to,
+        "listen": args.listen,
+        "mount": mount,
+        "timeout": args.timeout,
+    }
+    t0 = time.monotonic()
+    try:
+        reply = control_request(socket_path(volume_dir), request, timeout=3 * args.timeout + 10)
+    except ControlError as exc:
+        raise CommandError(str(exc)) from None
+    if not reply.get("ok"):
+        raise CommandError(str(reply.get("error", "the source refused the switchover")))
+    report = reply["switchover"]
+    # Both new roles: this node's replica daemon answers, and the new source streams to it.
+    deadline = time.monotonic() + 3 * args.timeout + 30
+    st: dict[str, Any] = {}
+    while True:
+        try:
+            got = control_request(socket_path(volume_dir), {"cmd": "status"}, timeout=5.0)
+            st = got.get("status", {}) if got.get("ok") else {}
+        except ControlError:
+            st = {}
+        if st.get("role") == "target" and st.get("state") == "streaming":
+            break
+        if time.monotonic() > deadline:
+            raise CommandError(
+                f"switched over at seq {report['seq']} (epoch {report['epoch']} on "
+                f"{args.to}), but the new source is not streaming to {args.listen} yet "
+                f"(this node: {st.get('state') or 'not running'}; see {volume_dir}/mirrorfs.log)"
+            )
+        time.sleep(0.05)
+    report["streaming_after_seconds"] = round(time.monotonic() - t0, 3)
+    report["mounted_read_only"] = bool(st.get("mounted"))
+    if args.json:
+        print(json.dumps(report, indent=1, sort_keys=True))
+        return 0
+    print(
+        f"switched over {volume_dir} to {report['target']} at seq {report['seq']}: "
+        f"{report['target']} is the source in epoch {report['epoch']} from seq "
+        f"{report['epoch_start_seq']}"
+    )
+    print(
+        f"  writes held on the old source for {report['writes_held_seconds']:.3f} s "
+        f"({report['requests_held']} request(s), answered EROFS: write on the new source)"
+    )
+    where = f", mounted read-only at {report['mountpoint']}" if report["mountpoint"] else ""
+    print(f"  {volume_dir}: target listening on {report['listen']}{where}")
+    print(f"  the new source streams to it ({report['streaming_after_seconds']:.2f} s in all)")
     return 0

@@ -5,12 +5,16 @@ the promoted replica becomes a read-write mount) cannot start its successor itse
 successor needs the volume's lock, which the daemon holds until its very last step. So just
 before exiting it spawns this helper, detached in a session of its own::
 
-    python -m mirrorfs.node.handover DIR [--timeout S] -- mirrorfs-argv...
+    python -m mirrorfs --handover DIR [--timeout S] -- mirrorfs-argv...
 
 which imports what the successor needs while it waits until nobody holds DIR's lock, then
 becomes the successor: ``mirrorfs mirrorfs-argv --foreground`` (``mount`` or ``replica``) in
 this same process, so that the hand-over costs one interpreter start, not two, and the
 writers' pause is that much shorter. What it says goes to DIR/mirrorfs.log.
+
+The entry is ``mirrorfs.__main__`` (``--handover`` first), which hands ``main`` the command
+line's own entry to run the successor with: node/ is below the command line and does not
+import it.
 """
 
 from __future__ import annotations
@@ -22,11 +26,17 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
+
+from mirrorfs.daemon import child_env
+from mirrorfs.store.files import DAEMON_LOG_FILE, LOCK_FILE
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "lock"  # the name mirrorfs.store.volume locks (flock)
+#: The first argument of ``python -m mirrorfs`` that makes it this helper.
+HANDOVER_ARG = "--handover"
 WAIT_TIMEOUT = 120.0
+USAGE = f"usage: python -m mirrorfs {HANDOVER_ARG} DIR [--timeout S] -- ARGV..."
 
 
 def lock_free(volume_dir: str) -> bool:
@@ -54,13 +64,11 @@ def wait_lock_free(volume_dir: str, timeout: float = WAIT_TIMEOUT) -> bool:
 def spawn(volume_dir: str, argv: list[str], *, timeout: float = WAIT_TIMEOUT) -> int:
     """Start the detached helper that becomes ``mirrorfs argv`` once DIR is free; its pid
     (which will be the successor's)."""
-    from mirrorfs.cli import _child_env
-    from mirrorfs.store.files import DAEMON_LOG_FILE
-
     cmd = [
         sys.executable,
         "-m",
-        "mirrorfs.node.handover",
+        "mirrorfs",
+        HANDOVER_ARG,
         volume_dir,
         "--timeout",
         repr(timeout),
@@ -75,32 +83,26 @@ def spawn(volume_dir: str, argv: list[str], *, timeout: float = WAIT_TIMEOUT) ->
             stderr=logf,
             start_new_session=True,
             cwd="/",
-            env=_child_env(),
+            env=child_env(),
         )
     log.info("handover helper %d will run: mirrorfs %s", child.pid, " ".join(argv))
     return child.pid
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def main(argv: Sequence[str], run: Callable[[list[str]], int]) -> int:
+    """The helper: ``argv`` is what follows ``--handover``; ``run`` is the command line's
+    entry (mirrorfs.cli.main), which runs the successor in this process."""
+    argv = list(argv)
     if "--" not in argv:
-        print(
-            "usage: python -m mirrorfs.node.handover DIR [--timeout S] -- ARGV...", file=sys.stderr
-        )
+        print(USAGE, file=sys.stderr)
         return 2
     split = argv.index("--")
-    parser = argparse.ArgumentParser(prog="python -m mirrorfs.node.handover")
+    parser = argparse.ArgumentParser(prog=f"python -m mirrorfs {HANDOVER_ARG}")
     parser.add_argument("dir")
     parser.add_argument("--timeout", type=float, default=WAIT_TIMEOUT)
     args = parser.parse_args(argv[:split])
     command = argv[split + 1 :]
     prefix = f"mirrorfs handover {os.getpid()}:"
-    # While the old process finishes: these imports are most of a successor's start-up.
-    import mirrorfs.cli
-    import mirrorfs.fuse.mount
-    import mirrorfs.node.replica
-    import mirrorfs.node.source  # noqa: F401
-
     if not wait_lock_free(args.dir, args.timeout):
         print(
             f"{prefix} {args.dir} still in use after {args.timeout:g} s; "
@@ -113,8 +115,4 @@ def main(argv: list[str] | None = None) -> int:
     # --ready-fd: log to the log file only (our stderr is that file already); nobody reads
     # the pipe, whose read end stays open so that the "ok" does not fail.
     _unread, ready = os.pipe()
-    return mirrorfs.cli.main([*command, "--foreground", "--ready-fd", str(ready)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return run([*command, "--foreground", "--ready-fd", str(ready)])

@@ -20,21 +20,13 @@ from typing import Any
 import trio
 
 from mirrorfs.node.control import ControlError, serve_control, socket_path
+from mirrorfs.repl.address import parse_address
 from mirrorfs.repl.lag import install_retention
 from mirrorfs.repl.shipper import Shipper
 from mirrorfs.repl.verify import VerifyError, verify_target
 from mirrorfs.store.volume import Volume
 
 log = logging.getLogger(__name__)
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) -> (host, port); ValueError with a clear message."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad address {text!r}: expected HOST:PORT")
-    return host, int(port)
 
 
 @dataclass(slots=True)

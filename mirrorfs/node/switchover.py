@@ -1,7 +1,8 @@
 """Planned switchover: the source and one of its targets swap roles, losing nothing.
 
-``mirrorfs switchover DIR --to HOST:PORT --listen HOST:PORT [--mount MNT]`` asks the source
-serving DIR (its control socket) to hand over to the target at ``--to``:
+``mirrorfs switchover DIR --to HOST:PORT --listen HOST:PORT [--mount MNT]`` (the command is
+in mirrorfs.node.commands) asks the source serving DIR (its control socket) to hand over to
+the target at ``--to``:
 
 1. The source closes its write gate (mirrorfs.fuse.gate): modifying requests wait.
 2. It commits what is open and waits until the target has applied the last transaction S,
@@ -26,21 +27,19 @@ an operator looks (``mirrorfs status`` on both, then ``demote`` and ``mirror --a
 
 from __future__ import annotations
 
-import argparse
 import errno
-import json
 import logging
 import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import trio
 
-from mirrorfs.node.control import ControlError, control_request, socket_path
+from mirrorfs.node.control import ControlError
 from mirrorfs.node.handover import spawn
 from mirrorfs.node.promote import PromoteError, promote_volume
+from mirrorfs.repl.address import parse_address
 from mirrorfs.repl.switchover import SwitchoverFailed, SwitchoverUnknown, request_switchover
 from mirrorfs.repl.wire import Switchover, SwitchoverDone, SwitchoverResult
 from mirrorfs.store.nodestate import Role
@@ -211,7 +210,6 @@ def take_over(
 
     Returns the answer and, when promoted, the promotion report.
     """
-    from mirrorfs.node.source import parse_address
 
     def refuse(why: str) -> tuple[SwitchoverDone, None]:
         log.warning("switchover to seq %d refused: %s", msg.seq, why)
@@ -242,90 +240,3 @@ def successor_argv(volume_dir: str, report: dict[str, Any], cfg: Any) -> list[st
     if cfg.secret_file:
         argv += ["--secret-file", cfg.secret_file]
     return argv
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def _check_listen(text: str) -> None:
-    """Refuse an address the new source could not connect to, or that is taken here."""
-    from mirrorfs.node.commands import CommandError
-    from mirrorfs.node.replica import parse_listen
-
-    try:
-        host, port = parse_listen(text)
-    except ValueError as exc:
-        raise CommandError(str(exc)) from None
-    if host in ("", "0.0.0.0", "::") or port == 0:
-        raise CommandError(
-            f"--listen {text}: the new source connects there; give this node's address and a "
-            "fixed port"
-        )
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as exc:
-            raise CommandError(f"cannot listen on {text}: {exc.strerror or exc}") from None
-
-
-def cmd_switchover(args: argparse.Namespace) -> int:
-    from mirrorfs.node.commands import CommandError
-
-    volume_dir = os.path.abspath(args.dir)
-    if not os.path.isdir(volume_dir):
-        raise CommandError(f"{volume_dir}: no such volume directory")
-    _check_listen(args.listen)
-    mount = "" if args.no_mount else (os.path.abspath(args.mount) if args.mount else None)
-    request = {
-        "cmd": "switchover",
-        "to": args.to,
-        "listen": args.listen,
-        "mount": mount,
-        "timeout": args.timeout,
-    }
-    t0 = time.monotonic()
-    try:
-        reply = control_request(socket_path(volume_dir), request, timeout=3 * args.timeout + 10)
-    except ControlError as exc:
-        raise CommandError(str(exc)) from None
-    if not reply.get("ok"):
-        raise CommandError(str(reply.get("error", "the source refused the switchover")))
-    report = reply["switchover"]
-    # Both new roles: this node's replica daemon answers, and the new source streams to it.
-    deadline = time.monotonic() + 3 * args.timeout + 30
-    st: dict[str, Any] = {}
-    while True:
-        try:
-            got = control_request(socket_path(volume_dir), {"cmd": "status"}, timeout=5.0)
-            st = got.get("status", {}) if got.get("ok") else {}
-        except ControlError:
-            st = {}
-        if st.get("role") == "target" and st.get("state") == "streaming":
-            break
-        if time.monotonic() > deadline:
-            raise CommandError(
-                f"switched over at seq {report['seq']} (epoch {report['epoch']} on "
-                f"{args.to}), but the new source is not streaming to {args.listen} yet "
-                f"(this node: {st.get('state') or 'not running'}; see {volume_dir}/mirrorfs.log)"
-            )
-        time.sleep(0.05)
-    report["streaming_after_seconds"] = round(time.monotonic() - t0, 3)
-    report["mounted_read_only"] = bool(st.get("mounted"))
-    if args.json:
-        print(json.dumps(report, indent=1, sort_keys=True))
-        return 0
-    print(
-        f"switched over {volume_dir} to {report['target']} at seq {report['seq']}: "
-        f"{report['target']} is the source in epoch {report['epoch']} from seq "
-        f"{report['epoch_start_seq']}"
-    )
-    print(
-        f"  writes held on the old source for {report['writes_held_seconds']:.3f} s "
-        f"({report['requests_held']} request(s), answered EROFS: write on the new source)"
-    )
-    where = f", mounted read-only at {report['mountpoint']}" if report["mountpoint"] else ""
-    print(f"  {volume_dir}: target listening on {report['listen']}{where}")
-    print(f"  the new source streams to it ({report['streaming_after_seconds']:.2f} s in all)")
-    return 0

@@ -1,0 +1,79 @@
+"""``mirrorfs replica DIR --listen HOST:PORT [--mount MNT]``: start the replica daemon
+(mirrorfs.node.replica), detached by default, in the foreground with ``--foreground``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from mirrorfs.daemon import CliError, run_detached, run_foreground, setup_daemon_logging
+from mirrorfs.node.control import ControlError
+from mirrorfs.node.replica import ReplicaConfig, ReplicaError, main_replica, prepare_dir
+from mirrorfs.repl.address import format_address
+from mirrorfs.repl.auth import check_listen_policy
+from mirrorfs.repl.wire import ReplError
+from mirrorfs.store.files import DAEMON_LOG_FILE
+
+log = logging.getLogger(__name__)
+
+
+def cmd_replica(args: Any) -> int:
+    """``mirrorfs replica``: returns once the daemon listens (or, --foreground, at exit)."""
+    from mirrorfs.fuse.mount import MountError
+
+    try:
+        if args.foreground:
+            return _replica_foreground(args)
+        return _replica_detached(args)
+    except (ReplicaError, ReplError, ControlError, MountError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def _replica_config(args: Any) -> ReplicaConfig:
+    from mirrorfs.repl.auth import load_secret
+
+    host, port = args.listen
+    secret = load_secret(args.secret_file) if args.secret_file else None
+    check_listen_policy(host, secret, args.insecure)
+    return ReplicaConfig(
+        volume_dir=os.path.abspath(args.dir),
+        host=host,
+        port=port,
+        mountpoint=os.path.abspath(args.mount) if args.mount else None,
+        secret=secret,
+        secret_file=os.path.abspath(args.secret_file) if args.secret_file else None,
+        insecure=args.insecure,
+        mount_options=tuple(args.options),
+    )
+
+
+def _replica_detached(args: Any) -> int:
+    """Start ``replica --foreground`` in a new session; wait until it says it listens."""
+    cfg = _replica_config(args)  # fail here, with the user's terminal, when we can
+    volume_dir = prepare_dir(cfg.volume_dir)
+    host, port = args.listen
+    extra: list[str] = []
+    if cfg.mountpoint:
+        extra += ["--mount", cfg.mountpoint]
+    for opt in args.options:
+        extra += ["-o", opt]
+    if args.secret_file:
+        extra += ["--secret-file", os.path.abspath(args.secret_file)]
+    if args.insecure:
+        extra.append("--insecure")
+    if getattr(args, "debug", False):
+        extra.append("--debug")
+    argv = ["replica", volume_dir, "--listen", format_address(host, port), *extra]
+    return run_detached(argv, os.path.join(volume_dir, DAEMON_LOG_FILE), "replica")
+
+
+def _replica_foreground(args: Any) -> int:
+    setup_daemon_logging(
+        os.path.abspath(args.dir), debug=getattr(args, "debug", False), ready_fd=args.ready_fd
+    )
+    return run_foreground(
+        "replica",
+        args.ready_fd,
+        lambda on_ready: main_replica(_replica_config(args), on_ready=on_ready),
+    )
