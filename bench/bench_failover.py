@@ -31,9 +31,6 @@ import errno
 import logging
 import os
 import re
-import signal
-import socket
-import subprocess
 import sys
 import threading
 import time
@@ -41,7 +38,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench_repl import STATUS_POLL, node_status, target_position, wait_streaming
 from common import (
     MB,
     REPO_DIR,
@@ -50,16 +46,29 @@ from common import (
     MirrorfsCli,
     MirrorfsMount,
     ReplicaDaemon,
-    cmdline_names,
     describe_environment,
     format_rows,
     human_size,
-    lazy_unmount,
     log_tail,
     parse_size,
     pid_alive,
-    read_pid_file,
     work_directory,
+)
+from nodes import (
+    adopt_mount,
+    adopt_replica,
+    commit_volume,
+    free_port,
+    fsync_file,
+    kill_source,
+    listen_port,
+    node_status,
+    run_output,
+    stop_all,
+    target_position,
+    wait_applied,
+    wait_streaming,
+    write_big,
 )
 
 log = logging.getLogger(__name__)
@@ -69,144 +78,6 @@ SMALL_FILE = 100  # bytes in each of the --files files
 TXN_FILE = 512  # bytes in each of the --txns files
 WRITER_FILE = 4096  # bytes in each switchover writer file
 WRITES_BEFORE = 30  # switchover writer: successful writes on each side
-
-
-# ---- helpers --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_output(cli: MirrorfsCli, *args: str, timeout: float) -> tuple[str, float]:
-    """Run one mirrorfs command; (its output, seconds). Output also goes to the log."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_DIR, env.get("PYTHONPATH")]))
-    out_path = cli.log_path + ".last"
-    # A file, not a pipe: a daemon the command starts would hold a pipe open.
-    with open(out_path, "wb") as outf:
-        t0 = time.monotonic()
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "mirrorfs", *args],
-                cwd=REPO_DIR,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=outf,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"mirrorfs {args[0]} did not finish in {timeout:.0f} s") from None
-        seconds = time.monotonic() - t0
-    with open(out_path, errors="replace") as f:
-        text = f.read()
-    with open(cli.log_path, "a") as logf:
-        logf.write(f"\n$ mirrorfs {' '.join(args)}\n{text}")
-    if proc.returncode != 0:
-        last = text.strip().splitlines()[-1] if text.strip() else ""
-        raise BenchError(f"mirrorfs {args[0]} exited with {proc.returncode}: {last}")
-    return text, seconds
-
-
-def listen_port(volume: str) -> int:
-    return int(node_status(volume)["listen"].rsplit(":", 1)[1])
-
-
-def kill_source(m: MirrorfsMount) -> None:
-    """SIGKILL our mount process (a crash) and detach its dead mount."""
-    pid = m.our_pid()
-    if pid is None:
-        raise BenchError(f"the source mount of {m.volume} is not running")
-    os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 30
-    while pid_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    m.pid = None
-    lazy_unmount(m.mountpoint)
-
-
-def adopt_mount(cli: MirrorfsCli, volume: str, mountpoint: str) -> MirrorfsMount:
-    """A mount that a mirrorfs command started (promote, switchover): ours to stop."""
-    m = MirrorfsMount(cli, volume, mountpoint)
-    m.pid = read_pid_file(os.path.join(volume, "mount.pid"), timeout=60)
-    if not cmdline_names(m.pid, volume, mountpoint):
-        m.pid = None
-        raise BenchError(f"{volume}/mount.pid does not name a mount of {volume}")
-    return m
-
-
-def adopt_replica(cli: MirrorfsCli, volume: str, mountpoint: str | None) -> ReplicaDaemon:
-    rep = ReplicaDaemon(cli, volume, mountpoint)
-    rep.pid = read_pid_file(os.path.join(volume, "replica.pid"), timeout=60)
-    if not cmdline_names(rep.pid, volume):
-        rep.pid = None
-        raise BenchError(f"{volume}/replica.pid does not name a replica of {volume}")
-    return rep
-
-
-def fsync_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_big(path: str, nbytes: int) -> None:
-    """*nbytes* of random data in 1 MiB writes, fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        left = nbytes
-        while left > 0:
-            chunk = os.urandom(min(MiB, left))
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
-            left -= len(chunk)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def wait_applied(source_dir: str, timeout: float, what: str) -> None:
-    """Until the one target streams and has applied the source's committed_seq."""
-    deadline = time.monotonic() + timeout
-    while True:
-        committed, entry = target_position(source_dir)
-        if entry.get("state") == "streaming" and (entry.get("applied_seq") or 0) >= committed:
-            return
-        if time.monotonic() > deadline:
-            raise BenchError(
-                f"{what}: target {entry.get('state')} {entry.get('reason') or ''} applied "
-                f"{entry.get('applied_seq')}/{committed} after {timeout:.0f} s"
-            )
-        time.sleep(STATUS_POLL)
-
-
-def stop_all(mounts: list[MirrorfsMount], daemons: list[ReplicaDaemon]) -> None:
-    """Unmount our sources, then stop our replica daemons; never raises."""
-    for m in mounts:
-        try:
-            m.unmount()
-        except (BenchError, OSError) as exc:
-            log.warning("unmount %s: %s", m.mountpoint, exc)
-    for rep in daemons:
-        try:
-            rep.stop()
-        except (BenchError, OSError) as exc:
-            log.warning("stop replica %s: %s", rep.volume, exc)
 
 
 @dataclass
@@ -263,7 +134,7 @@ def phase_rto(workdir: str, res: Results, size: int, nfiles: int, ntxns: int) ->
                 os.write(fd, payload)
             finally:
                 os.close(fd)
-        fsync_dir(files)
+        commit_volume(files)
         res.files_s = time.monotonic() - t0
         wait_applied(src.volume, CATCHUP_TIMEOUT, "10,000 files")
 

@@ -9,10 +9,9 @@ import subprocess
 
 import pytest
 
-from tests.util import cleanup, fuse_unavailable_reason, mkfs, mount, run_cli
+from tests.util import cleanup, mkfs, mount, needs_fuse, run_cli
 
-_NO_FUSE = fuse_unavailable_reason()
-pytestmark = [pytest.mark.mount, pytest.mark.skipif(_NO_FUSE is not None, reason=str(_NO_FUSE))]
+pytestmark = needs_fuse
 
 
 @pytest.fixture

@@ -40,16 +40,14 @@ from tests.util import (
     Mount,
     cleanup,
     expect_errno,
-    fuse_unavailable_reason,
     kill_mount,
+    needs_fuse,
     pid_alive,
     run_cli,
     wait_for,
 )
 
-_FUSE = pytest.mark.skipif(
-    fuse_unavailable_reason() is not None, reason=str(fuse_unavailable_reason())
-)
+_FUSE = needs_fuse
 
 VOLUME_BYTES = 256 * MiB  # Cluster.mkfs's default size
 

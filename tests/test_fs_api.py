@@ -1,4 +1,6 @@
-"""The filesystem API on a real volume (no FUSE): semantics, errno cases, timestamps."""
+"""The filesystem API on a real volume (no FUSE): semantics, errno cases, setattr, the
+lifecycle of open and unlinked inodes. Timestamps: tests/test_fs_times.py; rename:
+tests/test_fs_rename.py."""
 
 from __future__ import annotations
 
@@ -11,55 +13,15 @@ from mirrorfs.fs import fsck
 from mirrorfs.fs.filesystem import (
     LINK_MAX,
     MAX_FILE_SIZE,
-    ROOT_INO,
     Filesystem,
     FsError,
     SetAttr,
 )
-from mirrorfs.store.txn import HintKind
 from mirrorfs.store.volume import Volume
+from tests.fs_util import MiB, R, mkfile, names, new_volume, open_filesystem, raises
 
-MiB = 1 << 20
-R = ROOT_INO
-
-
-@pytest.fixture
-def vol_path(tmp_path):
-    path = str(tmp_path / "vol")
-    Volume.create(path, 32 * MiB)
-    vol = Volume.open(path)
-    Filesystem.format(vol, inode_count=2000, uid=0, gid=0)
-    vol.close()
-    return path
-
-
-@pytest.fixture
-def fs(vol_path):
-    vol = Volume.open(vol_path)
-    f = Filesystem(vol)
-    yield f
-    f.close()
-    vol.close()
-
-
-def err(exc_info) -> int:
-    return exc_info.value.errno
-
-
-def raises(code: int, fn, *args, **kw) -> None:
-    with pytest.raises(FsError) as ei:
-        fn(*args, **kw)
-    assert ei.value.errno == code, f"expected {errno.errorcode[code]}, got {ei.value}"
-
-
-def mkfile(fs: Filesystem, parent: int, name: bytes, data: bytes = b"", mode=0o644) -> int:
-    a = fs.create(parent, name, mode, 0, 0)
-    if data:
-        fs.write(a.ino, 0, data)
-    fs.release(a.ino)
-    fs.forget(a.ino, 1)  # as the kernel would, eventually
-    return a.ino
-
+vol_path = pytest.fixture(new_volume, name="vol_path")
+fs = pytest.fixture(open_filesystem, name="fs")
 
 # ------------------------------------------------------------------------------- basics
 
@@ -340,228 +302,6 @@ def test_fallocate(fs):
     assert fs.read(ino, 0, 10000) == bytes(10000)
     fs.fallocate(ino, 1, 0, 50000)  # KEEP_SIZE
     assert fs.getattr(ino).size == 10000
-
-
-# ------------------------------------------------------------------------------- times
-
-
-def _age(fs: Filesystem, ino: int, t: int = 1_000) -> None:
-    node = fs.inodes.get(ino)
-    node.atime_ns = node.mtime_ns = node.ctime_ns = t
-    fs.inodes.put(node)
-
-
-def _times(fs, ino):
-    a = fs.getattr(ino)
-    return a.atime_ns, a.mtime_ns, a.ctime_ns
-
-
-def test_times_create_and_unlink(fs):
-    _age(fs, R)
-    a = fs.create(R, b"f", 0o644, 0, 0)
-    assert a.atime_ns == a.mtime_ns == a.ctime_ns > 1_000
-    ra, rm, rc = _times(fs, R)
-    assert ra == 1_000 and rm == rc == a.ctime_ns
-    fs.link(a.ino, R, b"g")
-    _age(fs, R)
-    _age(fs, a.ino)
-    fs.unlink(R, b"g")
-    assert _times(fs, R)[0] == 1_000 and _times(fs, R)[1] > 1_000
-    at, mt, ct = _times(fs, a.ino)
-    assert at == mt == 1_000 and ct > 1_000
-
-
-def test_times_link_mkdir_rmdir(fs):
-    ino = mkfile(fs, R, b"f")
-    _age(fs, R)
-    _age(fs, ino)
-    fs.link(ino, R, b"g")
-    assert _times(fs, ino)[1:] == (1_000, _times(fs, ino)[2]) and _times(fs, ino)[2] > 1_000
-    assert _times(fs, R)[1] > 1_000 and _times(fs, R)[2] > 1_000
-    _age(fs, R)
-    fs.mkdir(R, b"d", 0o755, 0, 0)
-    assert _times(fs, R)[1] > 1_000
-    _age(fs, R)
-    fs.rmdir(R, b"d")
-    assert _times(fs, R)[1] > 1_000 and _times(fs, R)[2] > 1_000
-
-
-def test_times_write_and_read_relatime(fs):
-    ino = mkfile(fs, R, b"f", b"abc")
-    _age(fs, ino)
-    fs.write(ino, 0, b"x")
-    at, mt, ct = _times(fs, ino)
-    assert at == 1_000 and mt == ct > 1_000
-    fs.read(ino, 0, 1)  # atime older than mtime: updated
-    at2 = _times(fs, ino)[0]
-    assert at2 >= mt
-    fs.read(ino, 0, 1)  # atime newer than mtime and ctime: left alone (no metadata write)
-    assert _times(fs, ino)[0] == at2
-
-
-def test_times_rename(fs):
-    a = fs.mkdir(R, b"a", 0o755, 0, 0).ino
-    b = fs.mkdir(R, b"b", 0o755, 0, 0).ino
-    f = mkfile(fs, a, b"f")
-    t = mkfile(fs, b, b"t")
-    for ino in (R, a, b, f, t):
-        _age(fs, ino)
-    fs.rename(a, b"f", b, b"t")
-    for ino in (a, b):
-        assert _times(fs, ino)[1] > 1_000 and _times(fs, ino)[2] > 1_000
-    assert _times(fs, f)[1] == 1_000 and _times(fs, f)[2] > 1_000
-    assert _times(fs, R)[1:] == (1_000, 1_000)
-
-
-def test_xattr_ctime_and_values(fs):
-    ino = mkfile(fs, R, b"f")
-    _age(fs, ino)
-    fs.setxattr(ino, b"user.k", b"v1")
-    assert _times(fs, ino)[2] > 1_000 and _times(fs, ino)[1] == 1_000
-    fs.setxattr(ino, b"trusted.t", b"v2")
-    fs.setxattr(ino, b"security.s", b"")
-    assert fs.getxattr(ino, b"user.k") == b"v1"
-    assert fs.getxattr(ino, b"security.s") == b""
-    assert sorted(fs.listxattr(ino)) == [b"security.s", b"trusted.t", b"user.k"]
-    fs.removexattr(ino, b"user.k")
-    assert sorted(fs.listxattr(ino)) == [b"security.s", b"trusted.t"]
-    d = fs.mkdir(R, b"d", 0o755, 0, 0).ino
-    fs.setxattr(d, b"user.k", b"dir")
-    assert fs.getxattr(d, b"user.k") == b"dir"
-
-
-def test_user_xattr_only_on_files_and_dirs(fs):
-    link = fs.symlink(R, b"l", b"target", 0, 0).ino
-    fifo = fs.mknod(R, b"p", stat.S_IFIFO | 0o644, 0, 0, 0).ino
-    for ino in (link, fifo):
-        raises(errno.EPERM, fs.setxattr, ino, b"user.a", b"v")
-        raises(errno.ENODATA, fs.getxattr, ino, b"user.a")
-        fs.setxattr(ino, b"trusted.a", b"v")
-        assert fs.getxattr(ino, b"trusted.a") == b"v"
-
-
-# ---------------------------------------------------------------------- rename matrix
-
-
-def _tree(fs):
-    """root/{a/{f, sub/{x}}, b/{g, empty/}, file}"""
-    a = fs.mkdir(R, b"a", 0o755, 0, 0).ino
-    b = fs.mkdir(R, b"b", 0o755, 0, 0).ino
-    sub = fs.mkdir(a, b"sub", 0o755, 0, 0).ino
-    empty = fs.mkdir(b, b"empty", 0o755, 0, 0).ino
-    ids = dict(
-        a=a,
-        b=b,
-        sub=sub,
-        empty=empty,
-        f=mkfile(fs, a, b"f", b"F"),
-        x=mkfile(fs, sub, b"x", b"X"),
-        g=mkfile(fs, b, b"g", b"G"),
-        file=mkfile(fs, R, b"file"),
-    )
-    return ids
-
-
-def names(fs, d):
-    return sorted(n for n, _, _ in fs.readdir(d, 0) if n not in (b".", b".."))
-
-
-def test_rename_file_same_dir_and_across(fs):
-    t = _tree(fs)
-    fs.rename(t["a"], b"f", t["a"], b"f2")
-    assert names(fs, t["a"]) == [b"f2", b"sub"]
-    fs.rename(t["a"], b"f2", t["b"], b"f3")
-    assert names(fs, t["a"]) == [b"sub"]
-    assert names(fs, t["b"]) == [b"empty", b"f3", b"g"]
-    assert fs.lookup(t["b"], b"f3").ino == t["f"]
-
-
-def test_rename_file_over_file(fs):
-    t = _tree(fs)
-    fs.rename(t["a"], b"f", t["b"], b"g")
-    assert fs.lookup(t["b"], b"g").ino == t["f"]
-    raises(errno.ENOENT, fs.getattr, t["g"])  # no references left: freed at once
-    assert fs.read(t["f"], 0, 9) == b"F"
-
-
-def test_rename_dir_across_updates_dotdot_and_nlink(fs):
-    t = _tree(fs)
-    fs.rename(t["a"], b"sub", t["b"], b"moved")
-    assert fs.lookup(t["sub"], b"..").ino == t["b"]
-    assert fs.getattr(t["a"]).nlink == 2
-    assert fs.getattr(t["b"]).nlink == 4
-    # persisted: ".." survives a fresh Filesystem on the same volume
-    fs2 = Filesystem(fs.volume)
-    assert fs2.lookup(t["sub"], b"..").ino == t["b"]
-
-
-def test_rename_dir_over_empty_dir(fs):
-    t = _tree(fs)
-    fs.rename(t["a"], b"sub", t["b"], b"empty")
-    assert fs.lookup(t["b"], b"empty").ino == t["sub"]
-    assert fs.getattr(t["a"]).nlink == 2 and fs.getattr(t["b"]).nlink == 3
-    assert fs.lookup(t["sub"], b"..").ino == t["b"]
-
-
-@pytest.mark.parametrize(
-    "src,dst,code",
-    [
-        (("a", b"sub"), ("b", b"g"), errno.ENOTDIR),  # dir over file
-        (("a", b"f"), ("b", b"empty"), errno.EISDIR),  # file over dir
-        (("b", b"empty"), ("R", b"a"), errno.ENOTEMPTY),  # dir over non-empty dir
-        (("R", b"a"), ("sub", b"inside"), errno.EINVAL),  # into its own subtree
-        (("R", b"a"), ("a", b"self"), errno.EINVAL),  # into itself
-        (("a", b"."), ("b", b"x"), errno.EINVAL),
-        (("a", b"f"), ("b", b".."), errno.EINVAL),
-        (("a", b"nope"), ("b", b"x"), errno.ENOENT),
-        (("a", b"f"), ("f", b"x"), errno.ENOTDIR),
-    ],
-)
-def test_rename_errors(fs, src, dst, code):
-    t = _tree(fs)
-    t["R"] = R
-    raises(code, fs.rename, t[src[0]], src[1], t[dst[0]], dst[1])
-    # nothing changed
-    assert names(fs, t["a"]) == [b"f", b"sub"]
-    assert names(fs, t["b"]) == [b"empty", b"g"]
-
-
-def test_rename_noreplace_and_exchange(fs):
-    t = _tree(fs)
-    raises(errno.EEXIST, fs.rename, t["a"], b"f", t["b"], b"g", 1)
-    fs.rename(t["a"], b"f", t["b"], b"new", 1)
-    assert fs.lookup(t["b"], b"new").ino == t["f"]
-    raises(errno.ENOENT, fs.rename, t["b"], b"new", t["a"], b"missing", 2)
-    raises(errno.EINVAL, fs.rename, t["b"], b"new", t["a"], b"sub", 3)
-    # exchange a file with a directory across directories
-    fs.rename(t["b"], b"new", t["a"], b"sub", 2)
-    assert fs.lookup(t["b"], b"new").ino == t["sub"]
-    assert fs.lookup(t["a"], b"sub").ino == t["f"]
-    assert fs.lookup(t["sub"], b"..").ino == t["b"]
-    assert fs.getattr(t["a"]).nlink == 2 and fs.getattr(t["b"]).nlink == 4
-    # exchange a directory with its own descendant's parent: EINVAL
-    raises(errno.EINVAL, fs.rename, R, b"b", t["b"], b"new", 2)
-
-
-def test_rename_same_inode_is_noop(fs):
-    t = _tree(fs)
-    fs.link(t["f"], t["b"], b"hard")
-    fs.rename(t["a"], b"f", t["b"], b"hard")
-    assert names(fs, t["a"]) == [b"f", b"sub"]  # both names stay (POSIX)
-    assert fs.getattr(t["f"]).nlink == 2
-    fs.rename(t["a"], b"f", t["a"], b"f")
-
-
-def test_rename_hints(fs):
-    t = _tree(fs)
-    fs.volume.commit()
-    fs.rename(t["a"], b"f", t["b"], b"g")
-    hints = fs.volume._hints
-    kinds = [(h.kind, h.parent, h.name) for h in hints if h.parent]
-    assert (HintKind.ENTRY_REMOVED, t["a"], b"f") in kinds
-    assert (HintKind.ENTRY_REMOVED, t["b"], b"g") in kinds
-    assert (HintKind.ENTRY_ADDED, t["b"], b"g") in kinds
-    assert any(h.kind == HintKind.INODE_DELETED and h.ino == t["g"] for h in hints)
 
 
 # ----------------------------------------------------------------- lifecycle / orphans

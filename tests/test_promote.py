@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from tests.repl_util import (
     Cluster,
     build_tree,
@@ -14,14 +12,9 @@ from tests.repl_util import (
     tree_signature,
     wait_caught_up,
 )
-from tests.util import Mount, cleanup, fuse_unavailable_reason, is_mounted, mount, run_cli
+from tests.util import Mount, cleanup, is_mounted, mount, needs_fuse, run_cli
 
-pytestmark = [
-    pytest.mark.mount,
-    pytest.mark.skipif(
-        fuse_unavailable_reason() is not None, reason=str(fuse_unavailable_reason())
-    ),
-]
+pytestmark = needs_fuse
 
 
 def promoted_mount(volume: str, mountpoint: str) -> Mount:

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 from mirrorfs.store import record
-from tests.util import cleanup, fuse_unavailable_reason, kill_mount, mkfs, mount, run_cli
+from tests.util import cleanup, kill_mount, mkfs, mount, needs_fuse, run_cli
 
-_NO_FUSE = fuse_unavailable_reason()
-pytestmark = [pytest.mark.mount, pytest.mark.skipif(_NO_FUSE is not None, reason=str(_NO_FUSE))]
+pytestmark = needs_fuse
 
 
 def crash_after_fsyncs(vol: str, mnt: str, count: int) -> None:

@@ -39,17 +39,13 @@ from tests.test_mount import CTX, fuse_errno, make_ops
 from tests.util import (
     Mount,
     expect_errno,
-    fuse_unavailable_reason,
     pid_alive,
     run_cli,
     wait_for,
 )
 
 _MOUNT = [
-    pytest.mark.mount,
-    pytest.mark.skipif(
-        fuse_unavailable_reason() is not None, reason=str(fuse_unavailable_reason())
-    ),
+    pytest.mark.mount,  # tests/conftest.py adds the FUSE skip (util.needs_fuse)
 ]
 
 

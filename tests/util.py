@@ -49,18 +49,45 @@ def fuse_unavailable_reason() -> str | None:
     return None
 
 
-def fuse_available() -> bool:
-    return fuse_unavailable_reason() is None
+#: The one mark for a test that mounts FUSE or starts a daemon that mounts. It is the
+#: ``mount`` marker itself: tests/conftest.py turns every ``mount`` test into a skip, with
+#: the reason, where FUSE is unusable, and ``pytest -m "not mount"`` leaves them all out.
+needs_fuse = pytest.mark.mount
 
 
-#: Mark for tests that mount: skipped, with the reason, where /dev/fuse is unusable.
-needs_fuse = pytest.mark.skipif(
-    not fuse_available(), reason=f"FUSE unusable: {fuse_unavailable_reason()}"
-)
+def mounts_fuse(fixture_fn):
+    """Declare a fixture that mounts: every test using it gets the ``mount`` mark.
+
+    Put it under ``@pytest.fixture``; tests/conftest.py reads the flag at collection.
+    """
+    fixture_fn.mounts_fuse = True
+    return fixture_fn
+
+
+#: The test running now (set by tests/conftest.py around each test's setup, call and
+#: teardown), so that the mount helpers can check that it carries the ``mount`` mark.
+current_test: pytest.Item | None = None
+
+
+def require_mount_mark(what: str) -> None:
+    """Fail a test that mounts without the ``mount`` mark (``-m "not mount"`` would run it)."""
+    item = current_test
+    if item is not None and item.get_closest_marker("mount") is None:
+        raise AssertionError(
+            f"{item.nodeid} {what} but has no mount mark: add @needs_fuse (or "
+            "pytestmark = needs_fuse), or mount through a fixture flagged @mounts_fuse"
+        )
+
+
+def _mounts(args: tuple[str, ...]) -> bool:
+    """Whether a ``mirrorfs ARGS`` command line mounts FUSE (or starts a daemon that does)."""
+    return bool(args) and (args[0] == "mount" or "--mount" in args)
 
 
 def run_cli(*args: str, timeout: float = 120.0, check: bool = False) -> subprocess.CompletedProcess:
     """Run ``python -m mirrorfs ARGS`` and capture its output (text)."""
+    if _mounts(tuple(map(str, args))):
+        require_mount_mark(f"runs mirrorfs {args[0]}")
     proc = subprocess.run(
         [sys.executable, "-m", "mirrorfs", *map(str, args)],
         capture_output=True,
@@ -157,6 +184,7 @@ def mount(
     pid comes from the volume's mount.pid). ``foreground=True``: a ``--foreground`` child
     of this process, waited for in /proc/mounts.
     """
+    require_mount_mark("mounts")
     volume, mountpoint = os.path.abspath(volume), os.path.abspath(mountpoint)
     if not foreground:
         proc = run_cli("mount", volume, mountpoint, *args, timeout=timeout)

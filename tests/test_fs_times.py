@@ -1,0 +1,112 @@
+"""The filesystem API on a real volume (no FUSE): timestamps (ctime, mtime, relatime) and
+xattr values."""
+
+from __future__ import annotations
+
+import errno
+import stat
+
+import pytest
+
+from mirrorfs.fs.filesystem import Filesystem
+from tests.fs_util import R, mkfile, new_volume, open_filesystem, raises
+
+vol_path = pytest.fixture(new_volume, name="vol_path")
+fs = pytest.fixture(open_filesystem, name="fs")
+
+# ------------------------------------------------------------------------------- times
+
+
+def _age(fs: Filesystem, ino: int, t: int = 1_000) -> None:
+    node = fs.inodes.get(ino)
+    node.atime_ns = node.mtime_ns = node.ctime_ns = t
+    fs.inodes.put(node)
+
+
+def _times(fs, ino):
+    a = fs.getattr(ino)
+    return a.atime_ns, a.mtime_ns, a.ctime_ns
+
+
+def test_times_create_and_unlink(fs):
+    _age(fs, R)
+    a = fs.create(R, b"f", 0o644, 0, 0)
+    assert a.atime_ns == a.mtime_ns == a.ctime_ns > 1_000
+    ra, rm, rc = _times(fs, R)
+    assert ra == 1_000 and rm == rc == a.ctime_ns
+    fs.link(a.ino, R, b"g")
+    _age(fs, R)
+    _age(fs, a.ino)
+    fs.unlink(R, b"g")
+    assert _times(fs, R)[0] == 1_000 and _times(fs, R)[1] > 1_000
+    at, mt, ct = _times(fs, a.ino)
+    assert at == mt == 1_000 and ct > 1_000
+
+
+def test_times_link_mkdir_rmdir(fs):
+    ino = mkfile(fs, R, b"f")
+    _age(fs, R)
+    _age(fs, ino)
+    fs.link(ino, R, b"g")
+    assert _times(fs, ino)[1:] == (1_000, _times(fs, ino)[2]) and _times(fs, ino)[2] > 1_000
+    assert _times(fs, R)[1] > 1_000 and _times(fs, R)[2] > 1_000
+    _age(fs, R)
+    fs.mkdir(R, b"d", 0o755, 0, 0)
+    assert _times(fs, R)[1] > 1_000
+    _age(fs, R)
+    fs.rmdir(R, b"d")
+    assert _times(fs, R)[1] > 1_000 and _times(fs, R)[2] > 1_000
+
+
+def test_times_write_and_read_relatime(fs):
+    ino = mkfile(fs, R, b"f", b"abc")
+    _age(fs, ino)
+    fs.write(ino, 0, b"x")
+    at, mt, ct = _times(fs, ino)
+    assert at == 1_000 and mt == ct > 1_000
+    fs.read(ino, 0, 1)  # atime older than mtime: updated
+    at2 = _times(fs, ino)[0]
+    assert at2 >= mt
+    fs.read(ino, 0, 1)  # atime newer than mtime and ctime: left alone (no metadata write)
+    assert _times(fs, ino)[0] == at2
+
+
+def test_times_rename(fs):
+    a = fs.mkdir(R, b"a", 0o755, 0, 0).ino
+    b = fs.mkdir(R, b"b", 0o755, 0, 0).ino
+    f = mkfile(fs, a, b"f")
+    t = mkfile(fs, b, b"t")
+    for ino in (R, a, b, f, t):
+        _age(fs, ino)
+    fs.rename(a, b"f", b, b"t")
+    for ino in (a, b):
+        assert _times(fs, ino)[1] > 1_000 and _times(fs, ino)[2] > 1_000
+    assert _times(fs, f)[1] == 1_000 and _times(fs, f)[2] > 1_000
+    assert _times(fs, R)[1:] == (1_000, 1_000)
+
+
+def test_xattr_ctime_and_values(fs):
+    ino = mkfile(fs, R, b"f")
+    _age(fs, ino)
+    fs.setxattr(ino, b"user.k", b"v1")
+    assert _times(fs, ino)[2] > 1_000 and _times(fs, ino)[1] == 1_000
+    fs.setxattr(ino, b"trusted.t", b"v2")
+    fs.setxattr(ino, b"security.s", b"")
+    assert fs.getxattr(ino, b"user.k") == b"v1"
+    assert fs.getxattr(ino, b"security.s") == b""
+    assert sorted(fs.listxattr(ino)) == [b"security.s", b"trusted.t", b"user.k"]
+    fs.removexattr(ino, b"user.k")
+    assert sorted(fs.listxattr(ino)) == [b"security.s", b"trusted.t"]
+    d = fs.mkdir(R, b"d", 0o755, 0, 0).ino
+    fs.setxattr(d, b"user.k", b"dir")
+    assert fs.getxattr(d, b"user.k") == b"dir"
+
+
+def test_user_xattr_only_on_files_and_dirs(fs):
+    link = fs.symlink(R, b"l", b"target", 0, 0).ino
+    fifo = fs.mknod(R, b"p", stat.S_IFIFO | 0o644, 0, 0, 0).ino
+    for ino in (link, fifo):
+        raises(errno.EPERM, fs.setxattr, ino, b"user.a", b"v")
+        raises(errno.ENODATA, fs.getxattr, ino, b"user.a")
+        fs.setxattr(ino, b"trusted.a", b"v")
+        assert fs.getxattr(ino, b"trusted.a") == b"v"
