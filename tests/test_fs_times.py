@@ -110,3 +110,42 @@ def test_user_xattr_only_on_files_and_dirs(fs):
         raises(errno.ENODATA, fs.getxattr, ino, b"user.a")
         fs.setxattr(ino, b"trusted.a", b"v")
         assert fs.getxattr(ino, b"trusted.a") == b"v"
+
+
+def test_times_outside_the_format_are_clamped_and_the_volume_stays_writable(vol_path):
+    """A caller can set any time; the inode holds int64 ns, so extremes are clamped (as
+    Linux clamps to ext4's range) instead of failing the volume."""
+    from mirrorfs.fs.api import TIME_MAX_NS, TIME_MIN_NS, SetAttr
+    from mirrorfs.store.volume import Volume
+
+    year = 365 * 86400 * 10**9
+    cases = [
+        ((2600 - 1970) * year, TIME_MAX_NS),
+        (-(1970 - 1800) * year, -(1970 - 1800) * year),  # inside the format: kept
+        (-(1 << 80), TIME_MIN_NS),
+        (1 << 80, TIME_MAX_NS),
+        (TIME_MIN_NS, TIME_MIN_NS),
+        (TIME_MAX_NS, TIME_MAX_NS),
+    ]
+    vol = Volume.open(vol_path)
+    fs = Filesystem(vol)
+    inos = []
+    for i, (given, want) in enumerate(cases):
+        ino = mkfile(fs, R, b"f%d" % i, b"data")
+        a = fs.setattr(ino, SetAttr(atime_ns=given, mtime_ns=given))
+        assert (a.atime_ns, a.mtime_ns) == (want, want)
+        inos.append(ino)
+    last = mkfile(fs, R, b"after", b"more")  # the volume still takes writes
+    fs.close()
+    vol.close()
+    # the clamped times are what the blocks hold
+    vol = Volume.open(vol_path)
+    fs = Filesystem(vol)
+    try:
+        for ino, (_, want) in zip(inos, cases, strict=True):
+            a = fs.getattr(ino)
+            assert (a.atime_ns, a.mtime_ns) == (want, want)
+        assert fs.read(last, 0, 4) == b"more"
+    finally:
+        fs.close()
+        vol.close()

@@ -9,6 +9,7 @@ import errno
 import mmap
 import os
 import stat
+import subprocess
 import time
 from types import SimpleNamespace
 
@@ -283,6 +284,26 @@ def test_attributes(d):
     assert os.stat(p).st_ctime_ns > ctime
     os.utime(p)  # "now"
     assert abs(os.stat(p).st_mtime_ns - time.time_ns()) < 5 * 10**9
+
+
+def test_times_past_the_format_keep_the_mount_writable(d):
+    """touch -d with years 1800 and 2600: clamped to the inode format, the mount stays
+    read-write (it once turned the whole volume read-only)."""
+    p = os.path.join(d, "t")
+    with open(p, "wb") as f:
+        f.write(b"x")
+    for stamp in ("1800-01-01 00:00:00 UTC", "2600-01-01 00:00:00 UTC"):
+        subprocess.run(["touch", "-d", stamp, p], check=True, capture_output=True)
+    st = os.stat(p)
+    assert st.st_mtime_ns == (1 << 63) - 1  # 2262-04-11, the format's last instant
+    subprocess.run(["touch", "-d", "1800-01-01 00:00:00 UTC", p], check=True)
+    assert os.stat(p).st_mtime_ns == -5364662400 * 10**9
+    with open(os.path.join(d, "after"), "wb") as f:
+        f.write(b"still writable")
+        f.flush()
+        os.fsync(f.fileno())
+    with open(os.path.join(d, "after"), "rb") as f:
+        assert f.read() == b"still writable"
 
 
 def test_readdir_large_directory(d):

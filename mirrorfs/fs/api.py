@@ -11,6 +11,15 @@ import errno
 from dataclasses import dataclass
 
 MAX_FILE_SIZE = 1 << 44  # 16 TiB; larger sizes get EFBIG
+# Inode times are int64 nanoseconds: 1677-09-21 to 2262-04-11. Times outside are clamped to
+# the nearest one, as Linux clamps to a filesystem's range (ext4: 1901 to 2446).
+TIME_MIN_NS = -(1 << 63)
+TIME_MAX_NS = (1 << 63) - 1
+
+
+def clamp_time(ns: int) -> int:
+    """``ns`` moved into the range the inode format holds."""
+    return min(max(ns, TIME_MIN_NS), TIME_MAX_NS)
 
 
 class FsError(OSError):

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 from mirrorfs.fs import filedata, inodes, xattrs
-from mirrorfs.fs.api import MAX_FILE_SIZE, Attr, FsError, SetAttr, StatFs
+from mirrorfs.fs.api import MAX_FILE_SIZE, Attr, FsError, SetAttr, StatFs, clamp_time
 from mirrorfs.fs.directories import DirectoryStore
 from mirrorfs.fs.layout import Inode
 from mirrorfs.fs.namespace import LINK_MAX, MAX_NAME, MAX_SYMLINK, NamespaceOps, check_name
@@ -292,9 +292,9 @@ class Filesystem(NamespaceOps):
                 if inode.mode & stat.S_IXGRP:
                     inode.mode &= ~stat.S_ISGID
         if changes.atime_ns is not None:
-            inode.atime_ns = changes.atime_ns
+            inode.atime_ns = clamp_time(changes.atime_ns)
         if changes.mtime_ns is not None:
-            inode.mtime_ns = changes.mtime_ns
+            inode.mtime_ns = clamp_time(changes.mtime_ns)
         inode.ctime_ns = now
         self.inodes.put(inode)
         return self._attr(inode)
