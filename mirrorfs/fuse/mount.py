@@ -1,9 +1,21 @@
-"""Mount lifecycle: volume, filesystem, FUSE session and the tasks that serve them.
+"""The mount lifecycle: one FUSE session, and the read-write mount built on it.
 
-Everything is set up in one ``AsyncExitStack`` (S3QL's pattern), so whatever failed, the
-steps that did happen are undone in reverse order:
+``FuseSession`` is the lifecycle of any mirrorfs mount, the read-write mount of this module's
+``run`` and the replica daemon's read-only mount (mirrorfs.node.replica) alike::
 
-    open Volume (flock)  ->  pid file  ->  Filesystem  ->  final commit  ->  pyfuse3.init
+    pyfuse3.init  ->  services  ->  pyfuse3.main ... returned (``fusermount3 -u``,
+    ``pyfuse3.terminate``) or cancelled  ->  on_unmounted  ->  services cancelled  ->
+    pyfuse3.close(unmount=True)
+
+Tasks in the session's nursery (one trio loop, one thread): ``pyfuse3.main`` (the request
+handlers), the caller's services, ``ready`` (reports the mount as live once a stat through
+it succeeds) and, on a mount whose volume changes underneath it, the kernel-cache
+invalidator (fuse/invalidate.py), started once the mount answers.
+
+The read-write mount sets itself up in one ``AsyncExitStack`` (S3QL's pattern), so whatever
+failed, the steps that did happen are undone in reverse order:
+
+    open Volume (flock)  ->  pid file  ->  Filesystem  ->  final commit  ->  FuseSession
 
 and on the way out (``pyfuse3.main`` returned after ``fusermount3 -u``, a signal, or failed):
 
@@ -11,18 +23,17 @@ and on the way out (``pyfuse3.main`` returned after ``fusermount3 -u``, a signal
 
 Unmounting first means no request can arrive while the last transaction is sealed; removing
 the pid file before ``volume.close`` unlocks means a new mount never sees a stale pid file.
-``mirrorfs umount`` waits for this process to exit, i.e. for the final commit.
-
-Tasks in the nursery (one trio loop, one thread): ``pyfuse3.main`` (the request handlers),
-``group-commit`` (seals the open transaction every ``commit_interval`` with sync=True),
-``signals`` (SIGTERM/SIGINT/SIGHUP -> ``pyfuse3.terminate``), ``ready`` (reports the
-mount as live once a stat through it succeeds), ``persister`` (fuse/committer.py) and the
-services of ``MountConfig.services`` (the source's shippers and control socket).
+``mirrorfs umount`` waits for this process to exit, i.e. for the final commit. Its services:
+``signals`` (SIGTERM/SIGINT/SIGHUP -> ``pyfuse3.terminate``), ``persister``
+(fuse/committer.py) and ``group-commit`` (seals the open transaction every
+``commit_interval``), and those of ``MountConfig.services`` (the source's shippers and
+control socket).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -33,9 +44,11 @@ import pyfuse3
 import trio
 
 from mirrorfs.fs.filesystem import Filesystem
+from mirrorfs.fuse.invalidate import KernelInvalidator
+from mirrorfs.fuse.lifecycle import PidFile, watch_signals
 from mirrorfs.fuse.operations import DEFAULT_COMMIT_BOUND, Operations
 from mirrorfs.store.errors import VolumeFailed
-from mirrorfs.store.files import MOUNT_PID_FILE, atomic_write
+from mirrorfs.store.files import MOUNT_PID_FILE
 from mirrorfs.store.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -44,6 +57,9 @@ FSNAME_PREFIX = "mirrorfs:"
 SUBTYPE = "mirrorfs"
 #: How long the mount may take to answer its first stat before it is declared failed.
 READY_TIMEOUT = 30.0
+
+#: A trio task function taking ``task_status`` (started with ``nursery.start``).
+Service = Callable[..., Awaitable[None]]
 
 
 class MountError(Exception):
@@ -65,20 +81,20 @@ class MountConfig:
     #: Services started next to the FUSE session of a read-write mount (the node layer
     #: passes the source's replication here): each is called with the volume and the
     #: mountpoint and returns a trio task function taking ``task_status``.
-    services: Sequence[Callable[[Volume, str], Callable[..., Awaitable[None]]]] = ()
+    services: Sequence[Callable[[Volume, str], Service]] = ()
 
 
-def fuse_options(cfg: MountConfig) -> set[str]:
-    """The option set for ``pyfuse3.init``."""
-    volume_dir = os.path.abspath(cfg.volume_dir)
+def fuse_options(volume_dir: str, extra: Sequence[str] = (), *, read_only: bool) -> set[str]:
+    """The option set for ``pyfuse3.init``: ours, then ``extra`` (``-o`` values)."""
+    volume_dir = os.path.abspath(volume_dir)
     if "," in volume_dir:
         # fsname is one comma-separated mount option; a comma would split it.
         raise MountError(f"volume path {volume_dir!r} contains a comma")
     opts = {f"fsname={FSNAME_PREFIX}{volume_dir}", f"subtype={SUBTYPE}", "default_permissions"}
-    for opt in cfg.options:
+    for opt in extra:
         opts.update(o.strip() for o in opt.split(",") if o.strip())
     opts.discard("rw")
-    if cfg.read_only:
+    if read_only:
         opts.add("ro")
     return opts
 
@@ -93,6 +109,111 @@ def check_mountpoint(mountpoint: str) -> str:
     return path
 
 
+# ------------------------------------------------------------------------ the FUSE session
+
+
+class FuseSession:
+    """One FUSE mount of ``ops`` at ``mountpoint``, served by this trio loop.
+
+    pyfuse3 allows one session per process. As a context manager: ``pyfuse3.init`` on entry
+    (MountError if the kernel or libfuse refuses), ``pyfuse3.close(unmount=True)`` on exit;
+    ``serve`` in between. ``invalidator``: for a mount whose volume changes underneath it
+    (the replica); the caller feeds it, the session runs it.
+    """
+
+    def __init__(
+        self,
+        ops: Operations,
+        mountpoint: str,
+        options: set[str],
+        *,
+        invalidator: KernelInvalidator | None = None,
+    ) -> None:
+        self.ops = ops
+        self.mountpoint = mountpoint
+        self.options = options
+        self.invalidator = invalidator
+
+    def __enter__(self) -> FuseSession:
+        where = f"{self.ops.volume.path} at {self.mountpoint}"
+        log.info("mounting %s (%s)", where, ",".join(sorted(self.options)))
+        try:
+            pyfuse3.init(self.ops, self.mountpoint, self.options)
+        except RuntimeError as exc:
+            # libfuse printed its own reason on stderr (the log file when detached).
+            if "fuse_session_new" in str(exc):
+                why = f"libfuse rejected the options {','.join(sorted(self.options))}"
+            else:
+                why = f"{exc} (see the log for libfuse's reason)"
+            raise MountError(f"cannot mount {where}: {why}") from None
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        # Harmless after fusermount3 -u: libfuse sees the device closed and skips umount2.
+        log.debug("closing the FUSE session on %s", self.mountpoint)
+        pyfuse3.close(unmount=True)
+
+    async def serve(
+        self,
+        services: Sequence[Service] = (),
+        *,
+        on_ready: Callable[[], None] | None = None,
+        on_unmounted: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Serve requests until unmounted or ``pyfuse3.terminate()``; raises when cancelled.
+
+        ``services`` are started (in order, each awaited until ``started``) before the first
+        request is served and cancelled when the mount ends, after ``on_unmounted`` (the
+        kernel has unmounted: no request can arrive any more). ``on_ready`` is called once
+        the mount answers. MountError if it never does.
+        """
+        try:
+            async with trio.open_nursery() as nursery:
+                for service in services:
+                    await nursery.start(service)
+                nursery.start_soon(self._announce_ready, nursery, on_ready, name="ready")
+                try:
+                    await pyfuse3.main()
+                    log.info("unmounting %s", self.mountpoint)
+                    if on_unmounted is not None:
+                        await on_unmounted()
+                finally:
+                    # main returns on unmount or terminate(); the helper tasks end with it.
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # A mount that never answered: the one-line MountError, not a group of one.
+            mount_errors, rest = group.split(MountError)
+            if mount_errors is None or rest is not None:
+                raise
+            first: BaseException = mount_errors
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            raise first from None
+
+    async def _announce_ready(
+        self, nursery: trio.Nursery, on_ready: Callable[[], None] | None
+    ) -> None:
+        """Once a stat through the mount succeeds (INIT done, root served): start the
+        invalidator and call ``on_ready``."""
+        mountpoint = self.mountpoint
+        try:
+            with trio.fail_after(READY_TIMEOUT):
+                st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
+        except trio.TooSlowError:
+            raise MountError(f"{mountpoint} did not answer within {READY_TIMEOUT:g} s") from None
+        except OSError as exc:
+            raise MountError(f"{mountpoint} does not answer: {exc.strerror}") from None
+        log.info("mounted at %s (dev %d:%d)", mountpoint, os.major(st.st_dev), os.minor(st.st_dev))
+        if self.invalidator is not None:
+            # Not before: the kernel takes no invalidation before it has sent INIT.
+            nursery.start_soon(self.invalidator.run, name="invalidator")
+        if on_ready is not None:
+            on_ready()
+
+
+# ------------------------------------------------------------------- the read-write mount
+
+
 def run(cfg: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or signalled; returns after the final commit.
 
@@ -105,7 +226,7 @@ def run(cfg: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
 async def _run(cfg: MountConfig, on_ready: Callable[[], None] | None) -> None:
     volume_dir = os.path.abspath(cfg.volume_dir)
     mountpoint = check_mountpoint(cfg.mountpoint)
-    options = fuse_options(cfg)
+    options = fuse_options(volume_dir, cfg.options, read_only=cfg.read_only)
 
     async with contextlib.AsyncExitStack() as stack:
         volume = Volume.open(volume_dir, read_only=cfg.read_only)
@@ -116,52 +237,35 @@ async def _run(cfg: MountConfig, on_ready: Callable[[], None] | None) -> None:
                 "first (mirrorfs promote)"
             )
         if cfg.write_pid_file:
-            _write_pid_file(volume_dir)
-            stack.callback(_remove_pid_file, volume_dir)
+            stack.enter_context(PidFile(os.path.join(volume_dir, MOUNT_PID_FILE)))
 
         fs = Filesystem(volume, read_only=cfg.read_only)
         stack.callback(fs.close)
         ops = Operations(fs, volume, read_only=cfg.read_only, commit_bound=cfg.commit_bound)
         stack.callback(_final_commit, ops, volume)
 
-        log.info("mounting %s at %s (%s)", volume_dir, mountpoint, ",".join(sorted(options)))
-        try:
-            pyfuse3.init(ops, mountpoint, options)
-        except RuntimeError as exc:
-            # libfuse printed its own reason on stderr (the log file when detached).
-            if "fuse_session_new" in str(exc):
-                why = f"libfuse rejected the options {','.join(sorted(options))}"
-            else:
-                why = f"{exc} (see the log for libfuse's reason)"
-            raise MountError(f"cannot mount {volume_dir} at {mountpoint}: {why}") from None
-        stack.callback(_unmount, mountpoint)
-
-        await _serve(ops, volume, cfg, mountpoint, on_ready)
-        log.info("unmounting %s", mountpoint)
-
-
-async def _serve(
-    ops: Operations,
-    volume: Volume,
-    cfg: MountConfig,
-    mountpoint: str,
-    on_ready: Callable[[], None] | None,
-) -> None:
-    async with trio.open_nursery() as nursery:
-        await nursery.start(_watch_signals, name="signals")
+        session = stack.enter_context(FuseSession(ops, mountpoint, options))
+        services: list[Service] = [functools.partial(watch_signals, _terminate)]
         if not cfg.read_only:
-            await nursery.start(ops.committer.run, name="persister")
-            nursery.start_soon(_group_commit, ops, volume, cfg.commit_interval, name="group-commit")
-            for make_service in cfg.services:
-                await nursery.start(make_service(volume, mountpoint))
-        nursery.start_soon(_announce_ready, mountpoint, on_ready, name="ready")
-        try:
-            await pyfuse3.main()
-            if not cfg.read_only:
-                await _final_ship(ops, volume)
-        finally:
-            # main returns on unmount or terminate(); the helper tasks end with it.
-            nursery.cancel_scope.cancel()
+            services += _commit_services(ops, volume, cfg.commit_interval)
+            services += [make_service(volume, mountpoint) for make_service in cfg.services]
+        final_ship = None if cfg.read_only else functools.partial(_final_ship, ops, volume)
+        await session.serve(services, on_ready=on_ready, on_unmounted=final_ship)
+
+
+def _terminate(sig: signal.Signals) -> None:
+    log.info("received %s: unmounting", sig.name)
+    pyfuse3.terminate()
+
+
+def _commit_services(ops: Operations, volume: Volume, interval: float) -> list[Service]:
+    """Group commit: the persister (fuse/committer.py) and the timer that seals."""
+
+    async def group_commit(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        await _group_commit(ops, volume, interval)
+
+    return [ops.committer.run, group_commit]
 
 
 #: How long an unmount waits for connected targets to acknowledge the final commit.
@@ -195,14 +299,6 @@ async def _final_ship(ops: Operations, volume: Volume) -> None:
         )
 
 
-async def _watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        task_status.started()
-        async for signum in signals:
-            log.info("received %s: unmounting", signal.Signals(signum).name)
-            pyfuse3.terminate()
-
-
 async def _group_commit(ops: Operations, volume: Volume, interval: float) -> None:
     """Seal the open transaction every ``interval`` seconds when it holds anything.
 
@@ -222,26 +318,6 @@ async def _group_commit(ops: Operations, volume: Volume, interval: float) -> Non
             ops.enter_failsafe(f"group commit: {exc!r}")
 
 
-async def _announce_ready(mountpoint: str, on_ready: Callable[[], None] | None) -> None:
-    """Call ``on_ready`` once a stat through the mount succeeds (INIT done, root served)."""
-    try:
-        with trio.fail_after(READY_TIMEOUT):
-            st = await trio.to_thread.run_sync(os.stat, mountpoint, abandon_on_cancel=True)
-    except trio.TooSlowError:
-        raise MountError(f"{mountpoint} did not answer within {READY_TIMEOUT:g} s") from None
-    except OSError as exc:
-        raise MountError(f"{mountpoint} does not answer: {exc.strerror}") from None
-    log.info("mounted at %s (dev %d:%d)", mountpoint, os.major(st.st_dev), os.minor(st.st_dev))
-    if on_ready is not None:
-        on_ready()
-
-
-def _unmount(mountpoint: str) -> None:
-    # Harmless after fusermount3 -u: libfuse sees the device closed and skips umount2.
-    log.debug("closing the FUSE session on %s", mountpoint)
-    pyfuse3.close(unmount=True)
-
-
 def _final_commit(ops: Operations, volume: Volume) -> None:
     if ops.read_only or ops.failsafe:
         return
@@ -252,12 +328,3 @@ def _final_commit(ops: Operations, volume: Volume) -> None:
 def _close_volume(volume: Volume) -> None:
     volume.close()
     log.info("volume closed")
-
-
-def _write_pid_file(volume_dir: str) -> None:
-    atomic_write(os.path.join(volume_dir, MOUNT_PID_FILE), b"%d\n" % os.getpid(), durable=False)
-
-
-def _remove_pid_file(volume_dir: str) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(os.path.join(volume_dir, MOUNT_PID_FILE))

@@ -2,18 +2,17 @@
 
 Tasks of the nursery (one process, one trio loop, one thread)::
 
-    control      DIR/control.sock (status)                       mirrorfs.node.control
+    control      DIR/control.sock (status, promote)              mirrorfs.node.control
     listener     TCP on --listen, a Receiver session per source   mirrorfs.repl.receiver
-    invalidator  kernel cache invalidations, from a worker thread
-    fuse         pyfuse3.main() of the read-only mount (with --mount, once consistent)
+    fuse         the read-only mount (with --mount, once the replica is consistent): a
+                 FuseSession with its kernel-cache invalidator    mirrorfs.fuse.mount
 
 Cache coherence of the mount. The receiver applies a transaction between two awaits and
 calls ``_on_applied`` in the same step, which drops the Filesystem's own caches of the
-inodes and directories that the transaction's hints name (``Filesystem.invalidate``). A FUSE
-handler, served by the same loop, thus never sees new blocks through old caches. The
-kernel's caches are dropped afterwards by the invalidator task: ``invalidate_entry`` and
-``invalidate_inode`` in a ``trio.to_thread`` worker, never inside a request handler (they
-wait for related requests, which only our loop can finish: a deadlock).
+inodes and directories that the transaction's hints name (``Filesystem.invalidate``) and
+hands the hints to the session's ``KernelInvalidator`` (mirrorfs.fuse.invalidate). A FUSE
+handler, served by the same loop, thus never sees new blocks through old caches; the
+kernel's caches are dropped afterwards, from a worker thread.
 
 An initial sync replaces the volume's own files in DIR (``Volume.create_replica``: blocks,
 log, node.json) and leaves the daemon's; ``_on_created`` still checks that the control
@@ -24,16 +23,16 @@ cleanup).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from mirrorfs.fuse.lifecycle import PidFile, watch_signals
 from mirrorfs.node.control import ControlError, ControlServer, socket_path
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.receiver import Receiver
@@ -46,11 +45,14 @@ from mirrorfs.store.files import (
     LOG_DIR,
     NODE_FILE,
     REPLICA_PID_FILE,
-    atomic_write,
 )
 from mirrorfs.store.nodestate import NodeState, Role
-from mirrorfs.store.txn import HintKind, Transaction
+from mirrorfs.store.txn import Transaction
 from mirrorfs.store.volume import Volume
+
+if TYPE_CHECKING:
+    from mirrorfs.fs.filesystem import Filesystem
+    from mirrorfs.fuse.invalidate import KernelInvalidator
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,14 @@ def open_replica_volume(path: str) -> Volume | None:
     return Volume.open(path)
 
 
+@dataclass(slots=True)
+class _LiveMount:
+    """The read-only mount while it serves: the caches that an applied transaction drops."""
+
+    fs: Filesystem
+    invalidator: KernelInvalidator
+
+
 class ReplicaNode:
     """The replica daemon's state; ``run`` serves until cancelled."""
 
@@ -132,19 +142,20 @@ class ReplicaNode:
         self.port = cfg.port
         self.receiver: Receiver | None = None
         self.control: ControlServer | None = None
-        self.fs: Any = None  # the Filesystem of the live mount
-        self.mounted = False
         self.mount_error = ""
+        self._live: _LiveMount | None = None
         self._mount_wanted = False  # a mount task is running or failed for good
         self._nursery: trio.Nursery | None = None
-        self._inval_inodes: set[int] = set()
-        self._inval_entries: dict[tuple[int, bytes], None] = {}  # ordered set
-        self._nudge_send, self._nudge_receive = trio.open_memory_channel[None](1)
-        self._fuse_lock = trio.Lock()
+        self._pid_file: PidFile | None = None
         self._log_ident: tuple[int, int] | None = None
         self._listen_scope = trio.CancelScope()
         self._listening_done = trio.Event()
         self.promoted: dict[str, Any] | None = None
+
+    @property
+    def mounted(self) -> bool:
+        """Whether the read-only mount is live."""
+        return self._live is not None
 
     # ------------------------------------------------------------------------------- run
 
@@ -163,55 +174,61 @@ class ReplicaNode:
                 raise ReplicaError(str(exc)) from None
         path = prepare_dir(self.path)
         self._remember_log_file()
-        control = ControlServer(
-            socket_path(path), {"status": self._cmd_status, "promote": self._cmd_promote}
-        )
-        control.bind()  # refuses when another daemon serves this directory
-        self.control = control
-        volume: Volume | None = None
-        try:
-            volume = open_replica_volume(path)
-            self.receiver = Receiver(
-                path,
-                volume,
-                secret=cfg.secret,
-                on_applied=self._on_applied,
-                on_consistent=self._on_consistent,
-                on_created=self._on_created,
-                on_resynced=self._on_resynced,
-                on_switchover=self._on_switchover,
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(self._close_volume)  # last: the volume's lock goes with it
+            control = ControlServer(
+                socket_path(path), {"status": self._cmd_status, "promote": self._cmd_promote}
             )
+            control.bind()  # refuses when another daemon serves this directory
+            self.control = control
+            stack.callback(control.close)
+            volume = open_replica_volume(path)
+            self.receiver = self._make_receiver(volume)
+            listeners = await self._listen()
             try:
-                listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
-            except OSError as exc:
-                raise ReplicaError(
-                    f"cannot listen on {cfg.host or '*'}:{cfg.port}: {exc.strerror or exc}"
-                ) from None
-            self.port = listeners[0].socket.getsockname()[1]
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                await nursery.start(control.serve)
-                nursery.start_soon(self._invalidator, name="invalidator")
-                await nursery.start(self._serve_sources, listeners)
-                self._write_pid_file()
-                log.info(
-                    "replica of %s listening on %s:%d (%s)",
-                    path,
-                    cfg.host or "*",
-                    self.port,
-                    "consistent" if volume and volume.consistent else "waiting for a source",
-                )
-                if volume is not None and volume.consistent:
-                    self._on_consistent(volume)
-                task_status.started(self)
-        finally:
-            self._nursery = None
-            control.close()
-            self._remove_pid_file()
-            vol = self.receiver.volume if self.receiver else volume
-            if vol is not None:
-                vol.close()
-                log.info("volume closed")
+                async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
+                    await nursery.start(control.serve)
+                    await nursery.start(self._serve_sources, listeners)
+                    if cfg.write_pid_file:
+                        pid_file = PidFile(os.path.join(path, REPLICA_PID_FILE))
+                        self._pid_file = stack.enter_context(pid_file)
+                    log.info(
+                        "replica of %s listening on %s:%d (%s)",
+                        path,
+                        cfg.host or "*",
+                        self.port,
+                        "consistent" if volume and volume.consistent else "waiting for a source",
+                    )
+                    if volume is not None and volume.consistent:
+                        self._on_consistent(volume)
+                    task_status.started(self)
+            finally:
+                self._nursery = None
+
+    def _make_receiver(self, volume: Volume | None) -> Receiver:
+        """The Receiver, wired to this node: the one place that knows its callbacks."""
+        return Receiver(
+            self.path,
+            volume,
+            secret=self.cfg.secret,
+            on_applied=self._on_applied,
+            on_consistent=self._on_consistent,
+            on_created=self._on_created,
+            on_resynced=self._on_resynced,
+            on_switchover=self._on_switchover,
+        )
+
+    async def _listen(self) -> list[trio.SocketListener]:
+        cfg = self.cfg
+        try:
+            listeners = await trio.open_tcp_listeners(cfg.port, host=cfg.host or None)
+        except OSError as exc:
+            raise ReplicaError(
+                f"cannot listen on {cfg.host or '*'}:{cfg.port}: {exc.strerror or exc}"
+            ) from None
+        self.port = listeners[0].socket.getsockname()[1]
+        return listeners
 
     async def _serve_sources(self, listeners, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Accept sources until promotion cancels ``_listen_scope``."""
@@ -221,6 +238,12 @@ class ReplicaNode:
                 await trio.serve_listeners(self.receiver.serve, listeners, task_status=task_status)
         finally:
             self._listening_done.set()
+
+    def _close_volume(self) -> None:
+        vol = self.receiver.volume if self.receiver is not None else None
+        if vol is not None:
+            vol.close()
+            log.info("volume closed")
 
     # ------------------------------------------------------------------------- promotion
 
@@ -323,57 +346,45 @@ class ReplicaNode:
         if self.control is not None:
             self.control.rebind_if_gone()
         self._reopen_log_file()
-        self._write_pid_file()
+        if self._pid_file is not None:
+            self._pid_file.write()
 
     def _on_consistent(self, volume: Volume) -> None:
         if not volume.consistent:
             return
         if self.cfg.mountpoint and not self._mount_wanted and self._nursery is not None:
             self._mount_wanted = True
-            self._nursery.start_soon(self._mount, volume, name="fuse")
+            self._nursery.start_soon(self._serve_mount, volume, name="fuse")
 
     def _on_applied(self, txn: Transaction) -> None:
         # Runs right after the apply, in the same step of the loop (no await in between).
-        fs = self.fs
-        if fs is None:
+        live = self._live
+        if live is None:
             if self.receiver is not None and self.receiver.volume is not None:
                 self._on_consistent(self.receiver.volume)  # a mount that could not start yet
             return
-        invalidate = getattr(fs, "invalidate", None)
-        if invalidate is not None:
-            invalidate(txn.hints)
-        for h in txn.hints:
-            if h.kind in (HintKind.ENTRY_ADDED, HintKind.ENTRY_REMOVED):
-                self._inval_entries[(h.parent, h.name)] = None
-                self._inval_inodes.add(h.parent)
-            else:
-                self._inval_inodes.add(h.ino)
-        if self._inval_inodes or self._inval_entries:
-            with contextlib.suppress(trio.WouldBlock):
-                self._nudge_send.send_nowait(None)
+        live.fs.invalidate(txn.hints)
+        live.invalidator.add_hints(txn.hints)
 
     def _on_resynced(self, volume: Volume) -> None:
         """A resync group was applied in this same step: any block may have changed."""
-        fs = self.fs
-        if fs is None:
+        live = self._live
+        if live is None:
             self._on_consistent(volume)
             return
-        self._inval_inodes.update(fs.invalidate_all())
-        with contextlib.suppress(trio.WouldBlock):
-            self._nudge_send.send_nowait(None)
+        live.invalidator.add_inodes(live.fs.invalidate_all())
 
     # ---------------------------------------------------------------------------- mount
 
-    async def _mount(self, volume: Volume) -> None:
-        import pyfuse3
-
+    async def _serve_mount(self, volume: Volume) -> None:
+        """The read-only mount, until it is unmounted from outside or the daemon ends."""
         from mirrorfs.fs.filesystem import Filesystem
-        from mirrorfs.fuse.mount import MountConfig, fuse_options
+        from mirrorfs.fuse.invalidate import KernelInvalidator
+        from mirrorfs.fuse.mount import FuseSession, MountError, fuse_options
         from mirrorfs.fuse.operations import Operations
 
-        cfg = self.cfg
-        assert cfg.mountpoint
-        mountpoint = os.path.abspath(cfg.mountpoint)
+        assert self.cfg.mountpoint
+        mountpoint = os.path.abspath(self.cfg.mountpoint)
         try:
             fs = Filesystem(volume, read_only=True)
         except Exception as exc:
@@ -382,54 +393,29 @@ class ReplicaNode:
             log.error("%s (replication goes on)", self.mount_error)
             self._mount_wanted = False
             return
+        session = None
         try:
+            options = fuse_options(self.path, self.cfg.mount_options, read_only=True)
+            invalidator = KernelInvalidator()
             ops = Operations(fs, volume, read_only=True)
-            options = fuse_options(
-                MountConfig(self.path, mountpoint, read_only=True, options=cfg.mount_options)
-            )
-            pyfuse3.init(ops, mountpoint, options)
-        except Exception as exc:
-            self.mount_error = f"cannot mount {mountpoint}: {exc}"
-            log.error("%s (replication goes on)", self.mount_error)
-            return
-        # From here to pyfuse3.main() there is no await: no transaction lands in between.
-        self.fs, self.mounted, self.mount_error = fs, True, ""
-        log.info("replica mounted read-only at %s (seq %d)", mountpoint, volume.last_seq)
-        try:
-            await pyfuse3.main()
+            with FuseSession(ops, mountpoint, options, invalidator=invalidator) as session:
+                # From the Filesystem to here there is no await: no transaction landed unseen.
+                self._live, self.mount_error = _LiveMount(fs, invalidator), ""
+                log.info("replica mounted read-only at %s (seq %d)", mountpoint, volume.last_seq)
+                try:
+                    await session.serve()
+                finally:
+                    self._live = None
             log.warning("%s was unmounted from outside; replication goes on", mountpoint)
+        except MountError as exc:
+            self.mount_error = str(exc)
+            log.error("%s (replication goes on)", self.mount_error)
         finally:
-            self.fs, self.mounted = None, False
-            with trio.CancelScope(shield=True):
-                async with self._fuse_lock:  # no invalidation in flight any more
-                    pyfuse3.close(unmount=True)
             fs.close()
-            log.info("unmounted %s", mountpoint)
-
-    async def _invalidator(self) -> None:
-        """Drop the kernel's caches of what applied transactions changed."""
-        async for _ in self._nudge_receive:
-            # Held while a worker thread talks to the kernel: the mount task takes it before
-            # pyfuse3.close() destroys the session under that thread's feet.
-            async with self._fuse_lock:
-                entries, self._inval_entries = self._inval_entries, {}
-                inodes, self._inval_inodes = self._inval_inodes, set()
-                if self.mounted:
-                    await trio.to_thread.run_sync(_invalidate, list(entries), sorted(inodes))
+            if session is not None:
+                log.info("unmounted %s", mountpoint)
 
     # ------------------------------------------------------------------ node-local files
-
-    def _write_pid_file(self) -> None:
-        if not self.cfg.write_pid_file:
-            return
-        atomic_write(
-            os.path.join(self.path, REPLICA_PID_FILE), b"%d\n" % os.getpid(), durable=False
-        )
-
-    def _remove_pid_file(self) -> None:
-        if self.cfg.write_pid_file:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(self.path, REPLICA_PID_FILE))
 
     def _remember_log_file(self) -> None:
         try:
@@ -458,29 +444,6 @@ class ReplicaNode:
         self._remember_log_file()
 
 
-def _invalidate(entries: list[tuple[int, bytes]], inodes: list[int]) -> None:
-    """Kernel cache invalidations (a worker thread: they block until related requests end).
-
-    ``invalidate_entry`` rather than ``invalidate_entry_async``: we are in a thread of our
-    own already, and pyfuse3's async queue is served by a thread that outlives neither
-    ``pyfuse3.main()`` nor, safely, ``pyfuse3.close()``.
-    """
-    import pyfuse3
-
-    for parent, name in entries:
-        try:
-            pyfuse3.invalidate_entry(parent, name)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:  # ENOENT: the kernel never looked it up
-                log.warning("invalidate_entry(%d, %r): %s", parent, name, exc.strerror or exc)
-    for ino in inodes:
-        try:
-            pyfuse3.invalidate_inode(ino)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it
-                log.warning("invalidate_inode(%d): %s", ino, exc.strerror or exc)
-
-
 async def run_replica(
     cfg: ReplicaConfig, *, task_status: trio.TaskStatus[ReplicaNode] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -498,18 +461,18 @@ def main_replica(cfg: ReplicaConfig, *, on_ready: Callable[[], None] | None = No
     async def main() -> None:
         async with trio.open_nursery() as nursery:
 
+            def stop(sig: signal.Signals) -> None:
+                log.info("received %s: shutting down", sig.name)
+                nursery.cancel_scope.cancel()
+
             async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
                 await run_replica(cfg, task_status=task_status)
                 nursery.cancel_scope.cancel()  # the daemon ended by itself (promoted)
 
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                await nursery.start(serve)
-                if on_ready is not None:
-                    on_ready()
-                async for signum in signals:
-                    log.info("received %s: shutting down", signal.Signals(signum).name)
-                    nursery.cancel_scope.cancel()
-                    break
+            await nursery.start(watch_signals, stop, (signal.SIGTERM, signal.SIGINT))
+            await nursery.start(serve)
+            if on_ready is not None:
+                on_ready()
 
     try:
         trio.run(main)
