@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import mirrorfs
-from mirrorfs.daemon import PROG, CliError, describe  # (CliError: mirrorfs.cli.CliError too)
+from mirrorfs.daemon import PROG, CliError, describe, root_cause  # CliError: cli.CliError too
 from mirrorfs.node import commands, replica_command, volume_commands
 from mirrorfs.node.control import ControlError
 from mirrorfs.repl.address import AddressError, parse_address, parse_listen
@@ -303,7 +303,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help, --version, argument errors
         return exc.code if isinstance(exc.code, int) else 2
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except BaseExceptionGroup as group:
+            # A daemon's task failed inside a nursery: report what failed, not the group.
+            raise root_cause(group) from group
     except (CliError, StoreError, OSError, ControlError, ReplError) as exc:
         print(f"{PROG}: error: {describe(exc)}", file=sys.stderr)
         return 1

@@ -20,6 +20,8 @@ import subprocess
 import sys
 from collections.abc import Callable
 
+import trio
+
 from mirrorfs.store.files import DAEMON_LOG_FILE
 
 log = logging.getLogger(__name__)
@@ -34,8 +36,19 @@ class CliError(Exception):
     """A user error: the command line prints its message as one line, without traceback."""
 
 
+def root_cause(exc: BaseException) -> BaseException:
+    """The exception that a user must hear of: a trio nursery wraps a task's failure in
+    exception groups (and cancels its siblings); this is the first leaf that is not a
+    cancellation, or ``exc`` itself when it is no group."""
+    while isinstance(exc, BaseExceptionGroup):
+        leaves = [e for e in exc.exceptions if not isinstance(e, trio.Cancelled)]
+        exc = (leaves or list(exc.exceptions))[0]
+    return exc
+
+
 def describe(exc: BaseException) -> str:
-    """One line for the user."""
+    """One line for the user (of the root cause, for an exception group)."""
+    exc = root_cause(exc)
     # FsError is an OSError too (without a filename).
     if isinstance(exc, OSError) and exc.strerror:
         msg = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror

@@ -272,3 +272,26 @@ def test_fsck_damaged_filesystem(tmp_path):
     proc = run_cli("fsck", vol)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_a_failure_inside_a_nursery_is_reported_by_its_cause(tmp_path, monkeypatch, capsys):
+    """A daemon task that fails inside a trio nursery (its siblings cancelled) is one line
+    naming the cause, not "Exceptions from Trio nursery (1 sub-exception)"."""
+    import errno
+
+    import trio
+
+    from mirrorfs.node import volume_commands
+
+    async def fail_in_a_task() -> None:
+        async def bind() -> None:
+            raise OSError(errno.ENOSYS, "cannot bind control socket DIR/control.sock")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            nursery.start_soon(bind)
+
+    monkeypatch.setattr(volume_commands, "cmd_mkfs", lambda args: trio.run(fail_in_a_task))
+    assert cli.main(["mkfs", str(tmp_path / "v"), "--size", "64M"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "mirrorfs: error: cannot bind control socket DIR/control.sock"
