@@ -26,6 +26,7 @@ import trio
 
 from mirrorfs.fs.filesystem import MAX_FILE_SIZE, Attr, FsError
 from mirrorfs.fuse.operations import Operations
+from mirrorfs.store.core import VolumeCondition
 from mirrorfs.store.errors import NoSpace, VolumeFailed
 from tests.util import (
     cleanup,
@@ -83,11 +84,24 @@ class FakeFs:
         return method
 
 
+class FakeWriter:
+    def __init__(self) -> None:
+        self.gate = None
+
+    def attach_gate(self, gate) -> None:
+        self.gate = gate
+
+
 class FakeVolume:
     def __init__(self) -> None:
         self.pending_bytes = 0
         self.commits = 0
-        self.failed = None
+        self.condition = VolumeCondition()
+        self.writer = FakeWriter()
+
+    @property
+    def failed(self):
+        return self.condition.failed
 
     def commit(self, sync: bool = True):
         self.commits += 1

@@ -119,7 +119,7 @@ def test_replay_restores_blocks_lost_after_commit(vol_path):
     blk = vol.allocator.allocate_one()
     vol.write(blk, b"A" * 4096)
     vol.commit()
-    vol.checkpoint_seconds = 1e9
+    vol.checkpointer.every_seconds = 1e9
     vol.write(blk, b"B" * 4096)
     vol.commit()
     # Simulate a crash after the log fsync but before the in-place write reached the disk:
@@ -142,7 +142,7 @@ def test_replay_restores_blocks_lost_after_commit(vol_path):
 
 def test_torn_log_tail_is_dropped(vol_path):
     vol = Volume.open(vol_path)
-    vol.checkpoint_seconds = 1e9
+    vol.checkpointer.every_seconds = 1e9
     blk = vol.allocator.allocate_one()
     vol.commit()
     vol.write(blk, b"C" * 4096)
@@ -192,13 +192,13 @@ def test_sealed_transactions_stay_visible_until_finished(vol_path):
     try:
         blk = vol.allocator.allocate_one()
         vol.write(blk, b"1" * 4096)
-        t1 = vol.seal()
+        t1 = vol.writer.seal()
         vol.write(blk, b"2" * 4096)
-        t2 = vol.seal()
-        assert t1.seq + 1 == t2.seq and vol.in_flight_seq == t2.seq
+        t2 = vol.writer.seal()
+        assert t1.seq + 1 == t2.seq and vol.writer.in_flight_seq == t2.seq
         assert vol.read(blk) == b"2" * 4096  # the newest sealed layer wins
-        vol.persist(t1)
-        vol.finish(t1)
+        vol.writer.persist(t1)
+        vol.writer.finish(t1)
         assert vol.last_seq == t1.seq and vol.read(blk) == b"2" * 4096
         vol.write(blk, b"3" * 4096)  # open transaction over a sealed one
         assert vol.read(blk) == b"3" * 4096

@@ -16,7 +16,7 @@ the pid file before ``volume.close`` unlocks means a new mount never sees a stal
 Tasks in the nursery (one trio loop, one thread): ``pyfuse3.main`` (the request handlers),
 ``group-commit`` (seals the open transaction every ``commit_interval`` with sync=True),
 ``signals`` (SIGTERM/SIGINT/SIGHUP -> ``pyfuse3.terminate``), ``ready`` (reports the
-mount as live once a stat through it succeeds), ``persister`` (fuse/committer.py) and the
+mount as live once a stat through it succeeds), ``persister`` (store/committer.py) and the
 services of ``MountConfig.services`` (the source's shippers and control socket).
 """
 
@@ -151,7 +151,9 @@ async def _serve(
         await nursery.start(_watch_signals, name="signals")
         if not cfg.read_only:
             await nursery.start(ops.committer.run, name="persister")
-            nursery.start_soon(_group_commit, ops, volume, cfg.commit_interval, name="group-commit")
+            nursery.start_soon(
+                ops.committer.group_commit, cfg.commit_interval, ops, name="group-commit"
+            )
             for make_service in cfg.services:
                 await nursery.start(make_service(volume, mountpoint))
         nursery.start_soon(_announce_ready, mountpoint, on_ready, name="ready")
@@ -185,7 +187,7 @@ async def _final_ship(ops: Operations, volume: Volume) -> None:
             return
         if volume.last_seq > before:
             log.info("final commit: transaction %d", volume.last_seq)
-        while volume.replication_pending():
+        while volume.writer.replication_pending():
             await trio.sleep(0.02)
     if scope.cancelled_caught:
         log.warning(
@@ -201,25 +203,6 @@ async def _watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_I
         async for signum in signals:
             log.info("received %s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
-
-
-async def _group_commit(ops: Operations, volume: Volume, interval: float) -> None:
-    """Seal the open transaction every ``interval`` seconds when it holds anything.
-
-    Sealing runs inline, between two awaits, so no handler can add to the transaction while
-    it is being sealed; the persister task writes it out (see fuse/committer.py).
-    """
-    while True:
-        await trio.sleep(interval)
-        if ops.failsafe or not volume.open_bytes:
-            continue
-        try:
-            ops.committer.seal()
-        except VolumeFailed as exc:
-            ops.enter_failsafe(f"group commit: {exc}")
-        except Exception as exc:
-            log.exception("group commit failed")
-            ops.enter_failsafe(f"group commit: {exc!r}")
 
 
 async def _announce_ready(mountpoint: str, on_ready: Callable[[], None] | None) -> None:

@@ -63,7 +63,7 @@ class SourceNode:
         self._switching = False
         # A live view: targets added or removed later are seen at every checkpoint.
         install_retention(volume, self.shippers.values())
-        volume.replication_pending = self._replication_pending
+        volume.writer.watch_replication(self._replication_pending)
 
     def _replication_pending(self) -> bool:
         """A streaming target has not received the last committed transaction yet."""
@@ -100,17 +100,17 @@ class SourceNode:
 
         while True:
             await trio.sleep(0.2)
-            if self.volume.fenced or self.cfg.force:
+            if self.volume.condition.fenced or self.cfg.force:
                 continue
             for shipper in self.shippers.values():
                 if shipper.state is ShipperState.FENCED:
-                    self.volume.fenced = (
+                    self.volume.condition.fence(
                         f"fenced by {shipper.label}: {shipper.reason or 'a newer epoch exists'}"
                     )
                     log.error(
                         "%s: %s; refusing writes (EROFS) from now on",
                         self.volume.path,
-                        self.volume.fenced,
+                        self.volume.condition.fenced,
                     )
                     break
 
@@ -161,7 +161,7 @@ class SourceNode:
             "mountpoint": self.mountpoint,
             "read_only": bool(vol.failed),
             "failed": vol.failed or "",
-            "fenced": vol.fenced,
+            "fenced": vol.condition.fenced,
             "pid": os.getpid(),
             "targets": [s.status() for s in self.shippers.values()],
         }

@@ -237,4 +237,4 @@ def retention(volume: Volume, pinners: Iterable[Pinner]) -> Callable[[], int | N
 
 def install_retention(volume: Volume, pinners: Iterable[Pinner]) -> None:
     """Make ``volume`` keep its log segments for these shippers (see ``retention``)."""
-    volume.retain_from = retention(volume, pinners)
+    volume.checkpointer.retain_with(retention(volume, pinners))
