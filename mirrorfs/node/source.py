@@ -3,7 +3,7 @@
 They run in the mount's trio nursery next to ``pyfuse3.main``: one ``Shipper`` task per
 target (fan-out, each at its own pace), the control socket (``status``, ``mirror-add``,
 ``mirror-remove``, ``verify``) and nothing on the commit path: a shipper only notes commits
-(``Volume.on_commit``) and ships from the log, so an absent target never slows a writer.
+(``vol.writer.subscribe``) and ships from the log, so an absent target never slows a writer.
 Targets can be added and removed while the volume is in use; a new one gets its initial
 sync from the running source. ``switchover`` hands the source role to a streaming target
 (mirrorfs.node.switchover); the mount then ends and a replica daemon takes the volume.
