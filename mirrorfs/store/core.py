@@ -125,11 +125,15 @@ class VolumeCore:
         self.sb: VolumeSuper
         self.allocator: ExtentAllocator  # set by load_allocator once the superblock is read
         self._lock_fd = lock_fd
+        # Store-internal state shared with the two paths. The open transaction is filled by
+        # ``write``/``hint`` and handed over only by ``WritePath.seal``.
         self._overlay = BlockOverlay(state.block_size)
         self._hints: list[Hint] = []
         # Sealed transactions whose log append / in-place write is still running (oldest
-        # first); reads see them until the write path finishes them.
+        # first); reads see them until ``WritePath.finish`` drops them.
         self._sealed: list[tuple[Transaction, BlockOverlay]] = []
+        # Advanced only by WritePath.finish (source) and ApplyPath.apply / redo_resync
+        # (target), and set by Volume.create_replica.
         self._last_seq = max(state.checkpointed_seq, samlog.last_seq)
 
     # -- geometry
