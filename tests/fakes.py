@@ -18,6 +18,7 @@ import pytest
 
 from mirrorfs.fs.filesystem import Attr, SetAttr, StatFs
 from mirrorfs.fuse.operations import Operations
+from mirrorfs.store.core import VolumeCondition
 
 
 def _attr(ino: int = 5, mode: int = stat.S_IFREG | 0o644, size: int = 0) -> Attr:
@@ -144,19 +145,34 @@ class FakeFs:
         return StatFs(4096, 1000, 500, 500, 100, 50, 255)
 
 
+class FakeWriter:
+    """What the adapter uses of a volume's write path (``Volume.writer``)."""
+
+    __slots__ = ("gate",)
+
+    def __init__(self) -> None:
+        self.gate: object = None
+
+    def attach_gate(self, gate: object) -> None:
+        self.gate = gate
+
+
 class FakeVolume:
     """What the adapter, its committer and its write gate use of a ``Volume``."""
 
     #: Bookkeeping of the fake itself (not names of ``Volume``).
     RECORDING = frozenset({"commits"})
-    __slots__ = ("pending_bytes", "commits", "failed", "fenced", "write_gate")
+    __slots__ = ("pending_bytes", "commits", "condition", "writer")
 
     def __init__(self) -> None:
         self.pending_bytes = 0
         self.commits = 0
-        self.failed: str | None = None
-        self.fenced = ""
-        self.write_gate: object = None
+        self.condition = VolumeCondition()
+        self.writer = FakeWriter()
+
+    @property
+    def failed(self) -> str | None:
+        return self.condition.failed
 
     def commit(self, *, sync: bool = True) -> int | None:
         self.commits += 1

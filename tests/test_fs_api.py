@@ -439,7 +439,7 @@ def test_invalidate_with_hints_refreshes_a_reader(fs):
     assert reader.lookup(d, b"f").size == 3
     assert [n for n, _, _ in reader.readdir(d, 0)][2:] == [b"f"]
     committed = []
-    vol.on_commit.append(committed.append)
+    vol.writer.subscribe(committed.append)
     fs.write(f, 0, b"newer")
     mkfile(fs, d, b"g")
     fs.rename(d, b"f", R, b"moved")

@@ -54,7 +54,7 @@ class Source:
     def __init__(self, path: str, *, node_id: str = "src") -> None:
         Volume.create(path, VOLUME_BYTES)
         self.vol = Volume.open(path)
-        self.vol.retain_from = lambda: 1  # keep every log record for shipping
+        self.vol.checkpointer.retain_with(lambda: 1)  # keep every log record for shipping
         Filesystem.format(self.vol, inode_count=256)
         self.fs = Filesystem(self.vol)
         self.node_id = node_id
@@ -418,10 +418,10 @@ async def test_disk_full_sends_error_state(source, target):
         fs = await synced(nursery, target, source)
         before = target.vol.last_seq
 
-        def enospc(seq, data):
+        def enospc(txn, data):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        target.vol.samlog.append_encoded = enospc
+        target.vol.samlog.append_validated = enospc
         source.change(1)
         await source.ship(fs, before + 1)
         got = await expect_closed(fs)

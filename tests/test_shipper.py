@@ -151,9 +151,9 @@ class MiniTarget:
                         epochs=[list(e) for e in peer.epochs],
                     )
                 elif isinstance(msg, SyncBlocks):
-                    self.volume.write_sync_blocks(msg.first_block, msg.blocks(BS))
+                    self.volume.applier.write_sync_blocks(msg.first_block, msg.blocks(BS))
                 elif isinstance(msg, SyncEnd):
-                    self.volume.finish_sync_copy(msg.consistent_at_seq)
+                    self.volume.applier.finish_sync_copy(msg.consistent_at_seq)
                     ready[0] = True
                     wake.set()
                 elif isinstance(msg, Txn):
@@ -172,7 +172,7 @@ class MiniTarget:
                     self.max_unacked = max(self.max_unacked, self.unacked)
                     if self.recv_delay:
                         await trio.sleep(self.recv_delay)
-                    self.volume.apply(self.volume.receive(msg.seq, msg.record))
+                    self.volume.applier.apply(self.volume.applier.receive(msg.seq, msg.record))
                     await answer_verify()
                     wake.set()
                 elif isinstance(msg, VerifyReq):

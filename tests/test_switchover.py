@@ -60,7 +60,7 @@ def _mounts(fn):
 
 async def test_write_gate_holds_modifying_requests_then_reopens_or_refuses():
     ops, fs, vol = make_ops()
-    gate = vol.write_gate
+    gate = vol.writer.gate
     assert gate is ops.gate
     await ops.mkdir(1, b"before", 0o755, CTX)  # open: passes without waiting
     gate.close()
@@ -98,11 +98,11 @@ def test_frozen_volume_seals_nothing_and_target_check(tmp_path):
     vol = Volume.open(path)
     try:
         seq = vol.last_seq
-        vol.frozen = "switchover"
+        vol.condition.freeze("switchover")
         vol.write(100, b"x" * vol.block_size)
-        assert vol.seal() is None and vol.commit() is None and vol.last_seq == seq
+        assert vol.writer.seal() is None and vol.commit() is None and vol.last_seq == seq
         assert switchover_refusal(vol, seq) == "the target is a source already"
-        vol.frozen = ""
+        vol.condition.thaw()
         assert vol.commit() == seq + 1  # thawed: the change was kept
         vol.state.role = "target"
         assert switchover_refusal(vol, seq + 1) is None

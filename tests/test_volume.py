@@ -119,7 +119,7 @@ def test_replay_restores_blocks_lost_after_commit(vol_path):
     blk = vol.allocator.allocate_one()
     vol.write(blk, b"A" * 4096)
     vol.commit()
-    vol.checkpoint_seconds = 1e9
+    vol.checkpointer.every_seconds = 1e9
     vol.write(blk, b"B" * 4096)
     vol.commit()
     # Simulate a crash after the log fsync but before the in-place write reached the disk:
@@ -142,7 +142,7 @@ def test_replay_restores_blocks_lost_after_commit(vol_path):
 
 def test_torn_log_tail_is_dropped(vol_path):
     vol = Volume.open(vol_path)
-    vol.checkpoint_seconds = 1e9
+    vol.checkpointer.every_seconds = 1e9
     blk = vol.allocator.allocate_one()
     vol.commit()
     vol.write(blk, b"C" * 4096)
@@ -192,13 +192,13 @@ def test_sealed_transactions_stay_visible_until_finished(vol_path):
     try:
         blk = vol.allocator.allocate_one()
         vol.write(blk, b"1" * 4096)
-        t1 = vol.seal()
+        t1 = vol.writer.seal()
         vol.write(blk, b"2" * 4096)
-        t2 = vol.seal()
-        assert t1.seq + 1 == t2.seq and vol.in_flight_seq == t2.seq
+        t2 = vol.writer.seal()
+        assert t1.seq + 1 == t2.seq and vol.writer.in_flight_seq == t2.seq
         assert vol.read(blk) == b"2" * 4096  # the newest sealed layer wins
-        vol.persist(t1)
-        vol.finish(t1)
+        vol.writer.persist(t1)
+        vol.writer.finish(t1)
         assert vol.last_seq == t1.seq and vol.read(blk) == b"2" * 4096
         vol.write(blk, b"3" * 4096)  # open transaction over a sealed one
         assert vol.read(blk) == b"3" * 4096
@@ -206,5 +206,73 @@ def test_sealed_transactions_stay_visible_until_finished(vol_path):
         vol = Volume.open(vol_path)
         assert vol.read(blk) == b"3" * 4096
         assert vol.last_seq == t2.seq + 1  # t2 drained, then the open one committed
+    finally:
+        vol.close()
+
+
+def _replica_of(src: Volume, path: str) -> Volume:
+    """An initial sync of ``src`` into ``path``, done by hand (what the receiver does)."""
+    dst = Volume.create_replica(
+        path,
+        volume_uuid=src.uuid,
+        block_size=src.block_size,
+        block_count=src.block_count,
+        start_seq=src.last_seq,
+        epochs=src.state.epochs,
+    )
+    dst.applier.write_sync_blocks(0, src.device.read(0, src.block_count))
+    dst.applier.finish_sync_copy(src.last_seq)
+    dst.applier.reload_geometry()
+    return dst
+
+
+def test_apply_keeps_the_allocator_right(vol_path, tmp_path, monkeypatch):
+    """Received transactions that allocate and free blocks leave the target's allocator as
+    the source's, and each shipped record is decoded once on the way into the log."""
+    from mirrorfs.store import record
+
+    src = Volume.open(vol_path)
+    dst = _replica_of(src, str(tmp_path / "replica"))
+    try:
+        assert dst.consistent and dst.allocator.free_count == src.allocator.free_count
+        runs = src.allocator.allocate(300)
+        src.write(runs[0][0], b"d" * src.block_size)
+        src.commit()
+        src.allocator.free(runs[0][0] + 1, 10)
+        src.commit()
+        decodes = []
+        real = record.decode_txn
+
+        def counting(buf, **kw):
+            decodes.append(1)
+            return real(buf, **kw)
+
+        monkeypatch.setattr(record, "decode_txn", counting)  # (the log and the apply path)
+        for seq, rec in list(src.samlog.scan_encoded(dst.last_seq + 1)):
+            dst.applier.apply(dst.applier.receive(seq, rec))
+        assert len(decodes) == 2  # one per record
+        assert dst.last_seq == src.last_seq
+        assert dst.allocator.free_count == src.allocator.free_count
+        assert list(dst.allocator.free_extents()) == list(src.allocator.free_extents())
+    finally:
+        dst.close()
+        src.close()
+
+
+def test_condition_flags_are_independent(vol_path):
+    from mirrorfs.store.volume import VolumeFlag
+
+    vol = Volume.open(vol_path)
+    try:
+        cond = vol.condition
+        cond.freeze("switchover")
+        cond.fence("newer epoch")
+        assert set(cond.reasons) == {VolumeFlag.FROZEN, VolumeFlag.FENCED}
+        assert cond.reason() == "newer epoch" and vol.failed is None
+        cond.thaw()
+        assert not cond.frozen and cond.fenced == "newer epoch"
+        cond.fail("disk on fire")
+        cond.clear(VolumeFlag.FAILED)  # only a reopen clears a failure
+        assert vol.failed == "disk on fire"
     finally:
         vol.close()

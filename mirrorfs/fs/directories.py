@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from mirrorfs.fs.extents import UNWRITTEN
 from mirrorfs.fs.layout import Inode, fs_error
+from mirrorfs.store.blockstore import BlockStore
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,9 @@ class DirectoryStore:
     Methods raise FsError(EIO) for a directory whose blocks do not parse.
     """
 
-    def __init__(self, volume, filedata, *, cache_entries: int = DEFAULT_CACHE_ENTRIES) -> None:
+    def __init__(
+        self, volume: BlockStore, filedata, *, cache_entries: int = DEFAULT_CACHE_ENTRIES
+    ) -> None:
         self.volume = volume
         self.data = filedata
         self.block_size: int = volume.block_size

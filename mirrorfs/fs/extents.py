@@ -41,6 +41,7 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from mirrorfs.fs.layout import EXTENT_AREA_SIZE, FLAG_INLINE_DATA, Inode, fs_error
+from mirrorfs.store.blockstore import BlockStore
 from mirrorfs.store.errors import NoSpace
 
 log = logging.getLogger(__name__)
@@ -114,7 +115,7 @@ class _Edit:
 class ExtentTree:
     """Reads and edits the extent trees of inodes on one volume."""
 
-    def __init__(self, volume) -> None:
+    def __init__(self, volume: BlockStore) -> None:
         self.volume = volume
         self.block_size = volume.block_size
         self.leaf_cap = (self.block_size - _NODE_HEAD.size) // _LEAF.size

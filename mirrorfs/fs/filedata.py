@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from mirrorfs.fs.api import MAX_FILE_SIZE
 from mirrorfs.fs.extents import END_OF_FILE, UNWRITTEN, Extent, ExtentTree
 from mirrorfs.fs.layout import EXTENT_AREA_SIZE, FLAG_INLINE_DATA, Inode, fs_error
+from mirrorfs.store.blockstore import BlockStore
 from mirrorfs.store.errors import NoSpace
 
 log = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ _Piece = tuple[int, int | None, int, int]
 class FileData:
     """Contents of regular files and symlinks on one volume."""
 
-    def __init__(self, volume, inodes=None) -> None:
+    def __init__(self, volume: BlockStore, inodes=None) -> None:
         self.volume = volume
         self.inodes = inodes
         self.block_size = volume.block_size

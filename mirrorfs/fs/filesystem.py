@@ -33,6 +33,7 @@ from mirrorfs.fs.api import MAX_FILE_SIZE, Attr, FsError, SetAttr, StatFs, clamp
 from mirrorfs.fs.directories import DirectoryStore
 from mirrorfs.fs.layout import Inode
 from mirrorfs.fs.namespace import LINK_MAX, MAX_NAME, MAX_SYMLINK, NamespaceOps, check_name
+from mirrorfs.store.blockstore import BlockStore
 from mirrorfs.store.txn import Hint, HintKind
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ FALLOC_FL_KEEP_SIZE = 1
 class Filesystem(NamespaceOps):
     """The filesystem on an opened Volume (see the module docstring)."""
 
-    def __init__(self, volume, *, read_only: bool = False) -> None:
+    def __init__(self, volume: BlockStore, *, read_only: bool = False) -> None:
         """Open the filesystem on an opened Volume; frees orphan inodes left by a crash."""
         self.volume = volume
         self.read_only = bool(read_only or volume.read_only)
@@ -78,7 +79,7 @@ class Filesystem(NamespaceOps):
             self._free_orphans()
 
     @staticmethod
-    def format(volume, *, inode_count: int, uid: int = 0, gid: int = 0) -> None:
+    def format(volume: BlockStore, *, inode_count: int, uid: int = 0, gid: int = 0) -> None:
         """Write an empty filesystem (root directory mode 0o755) onto a fresh volume."""
         sb = inodes.format_layout(volume, inode_count)
         table = inodes.InodeTable(volume, sb)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from mirrorfs.fs import filedata, inodes, xattrs
 from mirrorfs.fs.directories import DirCorrupt, parse_block
 from mirrorfs.fs.layout import FLAG_ORPHAN, INODE_SIZE, ROOT_INO, Inode
+from mirrorfs.store.blockstore import BlockStore
 from mirrorfs.store.volume import BITMAP_START, CLIENT_SUPER
 
 log = logging.getLogger(__name__)
@@ -150,7 +151,7 @@ def _subtract(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[
 
 
 class _Checker:
-    def __init__(self, volume) -> None:
+    def __init__(self, volume: BlockStore) -> None:
         self.volume = volume
         self.bs = volume.block_size
         self.sb = inodes.read_super(volume)
@@ -443,7 +444,7 @@ def _fill(report: FsckReport, s: _Scan) -> None:
     report.blocks_used = s.blocks_used
 
 
-def _scan(volume) -> tuple[_Checker | None, _Scan]:
+def _scan(volume: BlockStore) -> tuple[_Checker | None, _Scan]:
     try:
         checker = _Checker(volume)
         return checker, checker.scan()
@@ -454,7 +455,7 @@ def _scan(volume) -> tuple[_Checker | None, _Scan]:
         return None, s
 
 
-def check(volume, *, repair: bool = False) -> FsckReport:
+def check(volume: BlockStore, *, repair: bool = False) -> FsckReport:
     """Check the filesystem on an opened Volume; with ``repair``, fix what can be and commit."""
     report = FsckReport(repair=repair, blocks_total=volume.block_count)
     checker, s = _scan(volume)

@@ -25,6 +25,7 @@ from collections import OrderedDict
 
 from mirrorfs.fs.layout import FLAG_ORPHAN, INODE_SIZE, FsSuper, Inode, fs_error
 from mirrorfs.store.allocator import ExtentAllocator, bitmap_blocks_for
+from mirrorfs.store.blockstore import BlockStore
 from mirrorfs.store.errors import NoSpace
 from mirrorfs.store.txn import Hint, HintKind
 from mirrorfs.store.volume import CLIENT_SUPER
@@ -35,7 +36,7 @@ GENERATION_BATCH = 1024
 CACHE_SIZE = 1024  # inodes kept alive by the table itself; holders keep theirs alive anyway
 
 
-def format_layout(volume, inode_count: int) -> FsSuper:
+def format_layout(volume: BlockStore, inode_count: int) -> FsSuper:
     """Allocate and write an empty inode bitmap and table, then the client superblock.
 
     ``inode_count`` is rounded up to fill the last table block. Bitmap and table are one
@@ -81,7 +82,7 @@ def format_layout(volume, inode_count: int) -> FsSuper:
     return sb
 
 
-def read_super(volume) -> FsSuper:
+def read_super(volume: BlockStore) -> FsSuper:
     """Read and parse the client superblock (FsError(EUCLEAN) if it is not mirrorfs)."""
     return FsSuper.unpack(volume.read(CLIENT_SUPER))
 
@@ -93,7 +94,7 @@ class InodeTable:
     LRU of strong references. ``put`` writes through immediately.
     """
 
-    def __init__(self, volume, sb: FsSuper) -> None:
+    def __init__(self, volume: BlockStore, sb: FsSuper) -> None:
         self.volume = volume
         self.sb = sb
         self.block_size = volume.block_size

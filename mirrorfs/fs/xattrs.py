@@ -22,6 +22,7 @@ import os
 import struct
 
 from mirrorfs.fs.layout import Inode, fs_error
+from mirrorfs.store.blockstore import BlockStore
 from mirrorfs.store.errors import NoSpace
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class XattrStore:
     compatibility and not needed: blocks come from ``volume.allocator``.
     """
 
-    def __init__(self, volume, _unused: object = None) -> None:
+    def __init__(self, volume: BlockStore, _unused: object = None) -> None:
         self.volume = volume
         self.block_size = volume.block_size
         self.capacity = self.block_size - _HEAD.size

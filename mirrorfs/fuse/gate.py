@@ -7,8 +7,9 @@ it neither fails nor touches the volume. Then the gate either opens again (the s
 failed: the waiting requests go on as if nothing happened) or refuses (the volume is a
 target now: the waiting requests and every later one get EROFS).
 
-The node layer reaches the gate through ``volume.write_gate`` (set by ``Operations``), so the
-FUSE layer never imports the node layer.
+The node layer reaches the gate through ``volume.writer.gate`` (``Operations`` attaches it
+with ``WritePath.attach_gate``; it is a ``store.writepath.WriteHold``), so the FUSE layer
+never imports the node layer.
 
 Concurrency: ``enter`` does not yield while the gate is open. A handler that passes it thus
 makes its change in the same step of the trio loop, before the switchover can close the gate
@@ -24,7 +25,7 @@ import time
 import pyfuse3
 import trio
 
-from mirrorfs.fuse.committer import Committer
+from mirrorfs.store.committer import Committer
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ Unmounting first means no request can arrive while the last transaction is seale
 the pid file before ``volume.close`` unlocks means a new mount never sees a stale pid file.
 ``mirrorfs umount`` waits for this process to exit, i.e. for the final commit. Its services:
 ``signals`` (SIGTERM/SIGINT/SIGHUP -> ``pyfuse3.terminate``), ``persister``
-(fuse/committer.py) and ``group-commit`` (seals the open transaction every
+(store/committer.py) and ``group-commit`` (seals the open transaction every
 ``commit_interval``), and those of ``MountConfig.services`` (the source's shippers and
 control socket).
 """
@@ -259,11 +259,11 @@ def _terminate(sig: signal.Signals) -> None:
 
 
 def _commit_services(ops: Operations, volume: Volume, interval: float) -> list[Service]:
-    """Group commit: the persister (fuse/committer.py) and the timer that seals."""
+    """Group commit: the persister and the timer that seals (store/committer.py)."""
 
     async def group_commit(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
         task_status.started()
-        await _group_commit(ops, volume, interval)
+        await ops.committer.group_commit(interval, ops)
 
     return [ops.committer.run, group_commit]
 
@@ -289,7 +289,7 @@ async def _final_ship(ops: Operations, volume: Volume) -> None:
             return
         if volume.last_seq > before:
             log.info("final commit: transaction %d", volume.last_seq)
-        while volume.replication_pending():
+        while volume.writer.replication_pending():
             await trio.sleep(0.02)
     if scope.cancelled_caught:
         log.warning(
@@ -297,25 +297,6 @@ async def _final_ship(ops: Operations, volume: Volume) -> None:
             volume.last_seq,
             FINAL_SHIP_TIMEOUT,
         )
-
-
-async def _group_commit(ops: Operations, volume: Volume, interval: float) -> None:
-    """Seal the open transaction every ``interval`` seconds when it holds anything.
-
-    Sealing runs inline, between two awaits, so no handler can add to the transaction while
-    it is being sealed; the persister task writes it out (see fuse/committer.py).
-    """
-    while True:
-        await trio.sleep(interval)
-        if ops.failsafe or not volume.open_bytes:
-            continue
-        try:
-            ops.committer.seal()
-        except VolumeFailed as exc:
-            ops.enter_failsafe(f"group commit: {exc}")
-        except Exception as exc:
-            log.exception("group commit failed")
-            ops.enter_failsafe(f"group commit: {exc!r}")
 
 
 def _final_commit(ops: Operations, volume: Volume) -> None:

@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 import pyfuse3
 
 from mirrorfs.fs.filesystem import MAX_FILE_SIZE, Attr, Filesystem, FsError, SetAttr
-from mirrorfs.fuse.committer import Committer
 from mirrorfs.fuse.gate import WriteGate
+from mirrorfs.store.committer import Committer
 from mirrorfs.store.errors import NoSpace, VolumeFailed
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class Operations(pyfuse3.Operations):
         self.gate = WriteGate(self.committer)
         if not read_only:
             # How the node layer (a planned switchover) reaches the gate of this mount.
-            volume.write_gate = self.gate
+            volume.writer.attach_gate(self.gate)
         self._handles: dict[int, _Handle] = {}
         self._dir_handles: dict[int, int] = {}
         self._next_fh = 1
@@ -145,12 +145,12 @@ class Operations(pyfuse3.Operations):
             log.error("the mount is now read-only (failsafe): %s", reason)
         self.failsafe = True
         if discard_open_transaction and getattr(self.volume, "failed", "") is None:
-            self.volume.failed = f"a change failed half-way: {reason}"
+            self.volume.condition.fail(f"a change failed half-way: {reason}")
 
     def _check_writable(self) -> None:
         if self.read_only or self.failsafe:
             raise pyfuse3.FUSEError(errno.EROFS)
-        if getattr(self.volume, "fenced", ""):
+        if self.volume.condition.fenced:
             raise pyfuse3.FUSEError(errno.EROFS)  # a newer epoch exists elsewhere
         failed = getattr(self.volume, "failed", None)
         if failed:  # the volume noticed a failure outside a handler (e.g. at checkpoint)

@@ -34,7 +34,7 @@ def apply_logged(volume: Volume) -> int:
     n = 0
     if volume.received_seq > volume.last_seq:
         for txn in volume.samlog.scan(volume.last_seq + 1):
-            volume.apply(txn)
+            volume.applier.apply(txn)
             n += 1
     return n
 

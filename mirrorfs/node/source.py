@@ -3,7 +3,7 @@
 They run in the mount's trio nursery next to ``pyfuse3.main``: one ``Shipper`` task per
 target (fan-out, each at its own pace), the control socket (``status``, ``mirror-add``,
 ``mirror-remove``, ``verify``) and nothing on the commit path: a shipper only notes commits
-(``Volume.on_commit``) and ships from the log, so an absent target never slows a writer.
+(``vol.writer.subscribe``) and ships from the log, so an absent target never slows a writer.
 Targets can be added and removed while the volume is in use; a new one gets its initial
 sync from the running source. ``switchover`` hands the source role to a streaming target
 (mirrorfs.node.switchover); the mount then ends and a replica daemon takes the volume.
@@ -55,7 +55,7 @@ class SourceNode:
         self._switching = False
         # A live view: targets added or removed later are seen at every checkpoint.
         install_retention(volume, self.shippers.values())
-        volume.replication_pending = self._replication_pending
+        volume.writer.watch_replication(self._replication_pending)
 
     def _replication_pending(self) -> bool:
         """A streaming target has not received the last committed transaction yet."""
@@ -92,17 +92,17 @@ class SourceNode:
 
         while True:
             await trio.sleep(0.2)
-            if self.volume.fenced or self.cfg.force:
+            if self.volume.condition.fenced or self.cfg.force:
                 continue
             for shipper in self.shippers.values():
                 if shipper.state is ShipperState.FENCED:
-                    self.volume.fenced = (
+                    self.volume.condition.fence(
                         f"fenced by {shipper.label}: {shipper.reason or 'a newer epoch exists'}"
                     )
                     log.error(
                         "%s: %s; refusing writes (EROFS) from now on",
                         self.volume.path,
-                        self.volume.fenced,
+                        self.volume.condition.fenced,
                     )
                     break
 
@@ -153,7 +153,7 @@ class SourceNode:
             "mountpoint": self.mountpoint,
             "read_only": bool(vol.failed),
             "failed": vol.failed or "",
-            "fenced": vol.fenced,
+            "fenced": vol.condition.fenced,
             "pid": os.getpid(),
             "targets": [s.status() for s in self.shippers.values()],
         }

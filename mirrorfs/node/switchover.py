@@ -89,9 +89,13 @@ async def drain_and_freeze(volume: Volume, gate: Any, shipper: Any, timeout: flo
                     )
                 await trio.sleep(0.005)
             # No await from here to the freeze: the target has applied exactly last_seq.
-            quiet = volume.open_bytes == 0 or rounds >= _QUIET_ROUNDS
-            if volume.in_flight_seq is None and shipper.applied_seq == volume.last_seq and quiet:
-                volume.frozen = f"switchover to {shipper.label}"
+            quiet = volume.writer.open_bytes == 0 or rounds >= _QUIET_ROUNDS
+            if (
+                volume.writer.in_flight_seq is None
+                and shipper.applied_seq == volume.last_seq
+                and quiet
+            ):
+                volume.condition.freeze(f"switchover to {shipper.label}")
                 return volume.last_seq
             rounds += 1
 
@@ -125,14 +129,14 @@ async def switch_source(node: Any, req: SwitchoverRequest) -> dict[str, Any]:
 
     vol: Volume = node.volume
     shipper = node.shippers.get(req.to)
-    gate = vol.write_gate
+    gate = vol.writer.gate
     refused = "switchover refused"
     if shipper is None:
         raise ControlError(f"not mirroring to {req.label}: {refused}")
     if gate is None:
         raise ControlError(f"{vol.path} is not mounted read-write here: {refused}")
-    if vol.fenced or vol.failed or vol.frozen or gate.refusal:
-        why = vol.fenced or vol.failed or vol.frozen or "writes are refused"
+    if vol.condition.reason() or gate.refusal:
+        why = vol.condition.reason() or "writes are refused"
         raise ControlError(f"{vol.path} does not take writes ({why}): {refused}")
     if shipper.state is not ShipperState.STREAMING:
         reason = f" ({shipper.reason})" if shipper.reason else ""
@@ -147,15 +151,15 @@ async def switch_source(node: Any, req: SwitchoverRequest) -> dict[str, Any]:
         reply = await request_switchover(shipper, seq, req.listen, timeout=req.timeout)
     except SwitchoverUnknown as exc:
         # The target may be a source now: taking writes here could fork the volume.
-        vol.fenced = f"switchover to {req.label}: {exc}"
+        vol.condition.fence(f"switchover to {req.label}: {exc}")
         gate.refuse(errno.EROFS)
-        log.error("%s: %s; refusing writes (EROFS) from now on", vol.path, vol.fenced)
+        log.error("%s: %s; refusing writes (EROFS) from now on", vol.path, vol.condition.fenced)
         raise ControlError(
             f"{exc}; the target may have been promoted, so {vol.path} refuses writes now: "
             f"check 'mirrorfs status' on the target"
         ) from None
     except BaseException as exc:
-        vol.frozen = ""
+        vol.condition.thaw()
         gate.reopen()
         if isinstance(exc, trio.TooSlowError):
             why = f"target {req.label} did not apply everything within {req.timeout:g} s"

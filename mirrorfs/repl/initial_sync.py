@@ -86,7 +86,7 @@ async def run_initial_sync(
             progress.blocks_sent += n
             progress.bytes_sent += len(msg.data)
     progress.blocks_done = count
-    end_seq = max(vol.last_seq, vol.in_flight_seq or 0)  # every block read is <= this seq
+    end_seq = max(vol.last_seq, vol.writer.in_flight_seq or 0)  # every block read is <= this seq
     await fs.send(SyncEnd(end_seq))
     log.info(
         "target %s: initial sync copied %d blocks (%d bytes on the wire), consistent at "
@@ -131,8 +131,8 @@ def finish_copy(vol: Volume, msg: SyncEnd, volume_uuid: bytes) -> None:
     """SYNC_END on the target: the copy is complete; consistent once T is applied."""
     if msg.consistent_at_seq < vol.last_seq:
         raise ProtocolError(f"consistent at seq {msg.consistent_at_seq}, before the copy began")
-    vol.finish_sync_copy(msg.consistent_at_seq)
-    vol.reload_geometry()
+    vol.applier.finish_sync_copy(msg.consistent_at_seq)
+    vol.applier.reload_geometry()
     sb = vol.sb
     if sb.uuid != volume_uuid or sb.block_count != vol.device.block_count:
         raise ProtocolError("the copied superblock does not match the announced volume")

@@ -2,7 +2,7 @@
 
 ``CommitTracker`` remembers, for the transactions a target has not applied yet, when each was
 committed and how big its log record is, so that the shipper can report lag in bytes and
-seconds without reading the log. It is fed from ``Volume.on_commit``, which runs inside
+seconds without reading the log. It is fed from ``vol.writer.subscribe``, which runs inside
 ``Volume.commit()``: ``note`` must stay O(1) and never block.
 
 ``RateMeter`` turns a running byte count into bytes per second over the last few seconds.
@@ -70,7 +70,7 @@ class CommitTracker:
         return self._entries[0].seq if self._entries else None
 
     def note(self, txn: Transaction) -> None:
-        """A transaction was committed (called from ``Volume.on_commit``: O(1), no I/O)."""
+        """A transaction was committed (a ``vol.writer`` commit listener: O(1), no I/O)."""
         entries = self._entries
         if entries and txn.seq != entries[-1].seq + 1:
             # A gap (callbacks registered late, or a log reset): start over.
@@ -204,7 +204,7 @@ def pinned_bytes(segments: Sequence[tuple[int, int]], seq: int) -> int:
 
 
 def retention(volume: Volume, pinners: Iterable[Pinner]) -> Callable[[], int | None]:
-    """A ``volume.retain_from`` for these shippers (the iterable is read at every call).
+    """A retention policy for these shippers (the iterable is read at every call).
 
     The log is kept from the lowest seq a connected-or-known target still needs. A target
     whose needs pin more than its shipper's ``max_log_bytes`` stops pinning and becomes
@@ -237,4 +237,4 @@ def retention(volume: Volume, pinners: Iterable[Pinner]) -> Callable[[], int | N
 
 def install_retention(volume: Volume, pinners: Iterable[Pinner]) -> None:
     """Make ``volume`` keep its log segments for these shippers (see ``retention``)."""
-    volume.retain_from = retention(volume, pinners)
+    volume.checkpointer.retain_with(retention(volume, pinners))

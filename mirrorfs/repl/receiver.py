@@ -90,7 +90,7 @@ from mirrorfs.repl.wire import (
 from mirrorfs.store.errors import StoreError, VolumeFailed
 from mirrorfs.store.nodestate import Role
 from mirrorfs.store.txn import Transaction
-from mirrorfs.store.volume import BITMAP_START, Volume
+from mirrorfs.store.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -419,7 +419,7 @@ class Receiver:
                 verdict.describe(vol.received_seq),
             )
         elif verdict.adopt:
-            vol.adopt_epochs([list(e) for e in ses.peer.epochs])
+            vol.applier.adopt_epochs([list(e) for e in ses.peer.epochs])
 
     async def _guard(self, ses: _Session, fn: Callable[..., Any], *args: Any) -> None:
         """Run a session task; any ending becomes ``ses.drop(reason)``."""
@@ -522,9 +522,8 @@ class Receiver:
             )
         # No await from here to the end: the transaction is received, applied, and the
         # caches above are told, as one step of the trio loop.
-        txn = vol.receive(msg.seq, msg.record)
-        vol.apply(txn)
-        self._refresh_allocator(vol, txn)
+        txn = vol.applier.receive(msg.seq, msg.record)
+        vol.applier.apply(txn)
         if self.on_applied is not None:
             try:
                 self.on_applied(txn)
@@ -556,7 +555,7 @@ class Receiver:
         vol = self.volume
         if not ses.syncing or vol is None:
             raise _Drop("SYNC_BLOCKS outside of an initial sync")
-        vol.write_sync_blocks(msg.first_block, msg.blocks(vol.block_size))
+        vol.applier.write_sync_blocks(msg.first_block, msg.blocks(vol.block_size))
         self._status.sync_blocks_copied += msg.nblocks
 
     def _on_sync_end(self, ses: _Session, msg: SyncEnd) -> None:
@@ -649,23 +648,10 @@ class Receiver:
         if self._consistent_reported or not vol.consistent:
             return
         self._consistent_reported = True
-        vol.reload_geometry()
+        vol.applier.reload_geometry()
         log.info("%s: replica is consistent at seq %d", self.volume_dir, vol.last_seq)
         if self.on_consistent is not None:
             self.on_consistent(vol)
-
-    @staticmethod
-    def _refresh_allocator(vol: Volume, txn: Transaction) -> None:
-        """Keep the in-memory allocator in step with bitmap blocks applied underneath it."""
-        alloc = getattr(vol, "allocator", None)
-        if alloc is None:  # still copying: loaded by reload_geometry at SYNC_END
-            return
-        end = BITMAP_START + vol.sb.bitmap_blocks
-        bs = vol.block_size
-        for start, data in txn.runs:
-            stop = start + len(data) // bs
-            if start < end and stop > BITMAP_START:
-                alloc.refresh_blocks(start, stop - start)
 
     async def _send(self, ses: _Session, msg: Message) -> None:
         await ses.fs.send(msg)

@@ -210,7 +210,7 @@ async def run_resync(
             progress.bytes_sent += len(msg.data)
     # Every block read or digested so far reflects a state at or before this seq, including
     # a transaction that the persist worker may have been writing in place meanwhile.
-    end_seq = max(vol.last_seq, vol.in_flight_seq or 0)
+    end_seq = max(vol.last_seq, vol.writer.in_flight_seq or 0)
     await fs.send(SyncEnd(end_seq))
     progress.end_seq = end_seq
     progress.phase = "replaying"
@@ -264,7 +264,7 @@ class TargetResync:
         self.archive: dict | None = None
         if fork_seq is not None:
             self.archive = archive_divergence(volume, fork_seq)
-        self.stage = volume.begin_resync(msg.start_seq, rewind=fork_seq is not None)
+        self.stage = volume.applier.begin_resync(msg.start_seq, rewind=fork_seq is not None)
         self.end_seq: int | None = None
         self.blocks_staged = 0
         self.bytes_staged = 0
@@ -288,7 +288,7 @@ class TargetResync:
         vol = self.volume
         msg.blocks(vol.block_size)  # a bad frame is refused now, not when the group applies
         lz4 = bool(msg.flags & SyncFlags.LZ4)
-        vol.stage_blocks(self.stage, msg.first_block, msg.nblocks, msg.data, lz4=lz4)
+        vol.applier.stage_blocks(self.stage, msg.first_block, msg.nblocks, msg.data, lz4=lz4)
         self.blocks_staged += msg.nblocks
         self.bytes_staged += len(msg.data)
 
@@ -307,7 +307,7 @@ class TargetResync:
 
     def on_txn(self, msg: Txn) -> bool:
         """Stage TXN S+1..T; True when the group is complete."""
-        self.volume.stage_txn(self.stage, msg.seq, msg.record)
+        self.volume.applier.stage_txn(self.stage, msg.seq, msg.record)
         self.txns_staged += 1
         return self.complete
 
@@ -326,7 +326,7 @@ class TargetResync:
         """Apply the group (synchronous; see ``Volume.commit_resync``)."""
         assert self.end_seq is not None
         epochs = self.source_epochs if self.fork_seq is not None else None
-        result = self.volume.commit_resync(self.stage, self.end_seq, epochs=epochs)
+        result = self.volume.applier.commit_resync(self.stage, self.end_seq, epochs=epochs)
         log.info(
             "resync applied in %.1f s: %d block(s) (%d bytes staged) and %d transaction(s); "
             "replica consistent at seq %d",

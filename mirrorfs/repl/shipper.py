@@ -296,7 +296,7 @@ class Shipper:
 
     async def run(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
         """Ship to the target until cancelled (reconnecting with backoff)."""
-        self.volume.on_commit.append(self._on_commit)
+        self.volume.writer.subscribe(self._on_commit)
         try:
             task_status.started()
             delay = BACKOFF_MIN
@@ -312,7 +312,7 @@ class Shipper:
                     await trio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX)
         finally:
-            self.volume.on_commit.remove(self._on_commit)
+            self.volume.writer.unsubscribe(self._on_commit)
             self._verify.fail_all("the shipper stopped")
 
     def _idle(self) -> bool:

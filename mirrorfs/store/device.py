@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 class BlockFile:
     """A file of ``block_count`` blocks of ``block_size`` bytes.
 
-    Only the volume writes through it (``Volume._write_in_place``): this class has no notion of
+    Only the volume writes through it (``VolumeCore.write_in_place``): this class has no notion of
     transactions, it just moves runs of blocks.
     """
 

@@ -14,12 +14,11 @@ has a whole header. An empty segment remembers the log's position: its ``first_s
 the new segment carries a higher ``generation``, and segments of a lower generation are
 leftovers of an interrupted reset that ``open`` deletes.
 
-Recovery (``open``): sealed segments are checked cheaply (header + SEAL trailer); the last
-unsealed one is scanned record by record. An invalid record with nothing valid after it is a
-torn tail and is truncated away. An invalid record followed by valid data, a sequence gap or
-a bad trailer on a non-last segment is corruption: ``CorruptRecord`` unless ``repair=True``,
-which cuts the log there. ``log.recovery_report`` says what was done. Corruption inside a
-sealed segment is found when it is read (``scan``, ``verify``).
+Recovery (``open``, done by ``store/logrecovery.py``): sealed segments are checked cheaply,
+the last unsealed one record by record; a torn tail is truncated away, corruption raises
+``CorruptRecord`` unless ``repair=True`` cuts the log there. ``log.recovery_report`` says
+what was done. Corruption inside a sealed segment is found when it is read (``scan``,
+``verify``).
 
 Write-ahead: ``append`` returns once the record is written (page cache); ``sync`` makes it
 durable. Not thread-safe: callers serialize every call (``sync`` may run in a worker thread
@@ -31,26 +30,23 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 from mirrorfs.store import record
-from mirrorfs.store.errors import CorruptRecord, LogError, TornRecord
+from mirrorfs.store.errors import LogError
 from mirrorfs.store.files import fsync_dir
-from mirrorfs.store.record import HEADER, SEAL_RECORD_SIZE, SEG_HEADER, RecordType, SegmentHeader
+from mirrorfs.store.logrecovery import LogRecovery
+from mirrorfs.store.record import HEADER, SEG_HEADER, RecordType, SegmentHeader
 from mirrorfs.store.segments import (
     _NAME_RE,
     DEFAULT_SEGMENT_BYTES,
     RecoveryReport,
-    _count_valid,
     _pread,
     _pwrite_all,
-    _Scan,
     _Segment,
-    _truncate,
     _write_segment,
+    write_seal,
 )
 from mirrorfs.store.txn import Transaction
 
@@ -105,7 +101,9 @@ class SamLog:
         """Open the log, validate it and recover from a crash (see the module docstring)."""
         self = cls(Path(directory), volume_uuid, block_size)
         self.segment_bytes, self.compress = segment_bytes, compress
-        self._recover(repair)
+        recovery = LogRecovery(self.directory, volume_uuid, block_size, self.recovery_report)
+        self._segments = recovery.run(repair)
+        self._generation, self._epoch = recovery.generation, recovery.epoch
         if not self._segments[-1].sealed:
             self._fd = os.open(self.directory / self._segments[-1].name, os.O_RDWR)
         report = self.recovery_report
@@ -113,170 +111,6 @@ class SamLog:
         if report.changed:
             log.warning("SAM log %s: %s", self.directory, report.describe())
         return self
-
-    def _read_header(self, name: str) -> SegmentHeader:
-        with open(self.directory / name, "rb") as f:
-            hdr = SegmentHeader.unpack(f.read(SEG_HEADER.size), name)
-        where = f"log segment {name} in {self.directory}"
-        if hdr.volume_uuid != self.volume_uuid:
-            theirs, ours = uuid.UUID(bytes=hdr.volume_uuid), uuid.UUID(bytes=self.volume_uuid)
-            raise LogError(f"{where} belongs to volume {theirs}, not {ours}", segment=name)
-        if hdr.block_size != self.block_size:
-            msg = f"{where} has block size {hdr.block_size}, the volume {self.block_size}"
-            raise LogError(msg, segment=name)
-        if hdr.first_seq != int(name[:20]):
-            raise record.corrupt("first seq does not match the file name", name, 0, hdr.first_seq)
-        return hdr
-
-    def _recover(self, repair: bool) -> None:
-        if not self.directory.is_dir():
-            raise LogError(f"no SAM log at {self.directory}")
-        leftovers = list(self.directory.glob("*.seg.tmp"))
-        for leftover in leftovers:
-            leftover.unlink()  # an interrupted segment creation, never used
-        names = sorted(n for n in os.listdir(self.directory) if _NAME_RE.match(n))
-        if not names:
-            raise LogError(f"no log segments in {self.directory}")
-        entries: list[tuple[str, SegmentHeader | CorruptRecord]] = []
-        for name in names:
-            try:
-                entries.append((name, self._read_header(name)))
-            except CorruptRecord as exc:
-                entries.append((name, exc))
-        gens = [h.generation for _, h in entries if isinstance(h, SegmentHeader)]
-        self._generation = max(gens, default=1)
-        for name, hdr in list(entries):
-            if isinstance(hdr, SegmentHeader) and hdr.generation < self._generation:
-                os.unlink(self.directory / name)
-                self.recovery_report.superseded_segments.append(name)
-                entries.remove((name, hdr))
-        kept: list[_Segment] = []
-        for i, (name, hdr) in enumerate(entries):
-            if isinstance(hdr, SegmentHeader) and kept and hdr.first_seq != kept[-1].last_seq + 1:
-                why = f"sequence gap: the previous segment ends at seq {kept[-1].last_seq}"
-                hdr = record.corrupt(why, name, 0, hdr.first_seq)
-            if isinstance(hdr, CorruptRecord):
-                if not repair:
-                    raise hdr
-                self._cut(entries, i, hdr, name, 0)
-                break
-            if not self._check_segment(entries, i, hdr, kept, repair):
-                break
-        if not kept:  # repair removed everything: restart where the first segment began
-            first = int(entries[0][0][:20])
-            header = SegmentHeader(self.block_size, self.volume_uuid, first, self._generation)
-            kept.append(_write_segment(self.directory, header))
-        self._segments = kept
-        r = self.recovery_report
-        if leftovers or r.superseded_segments or r.removed_segments:
-            fsync_dir(self.directory)  # settles the unlinks above
-
-    def _check_segment(
-        self, entries: list, i: int, hdr: SegmentHeader, kept: list[_Segment], repair: bool
-    ) -> bool:
-        """Validate segment ``i`` and append it to ``kept``; False if the log was cut here."""
-        name, is_last = entries[i][0], i == len(entries) - 1
-        path = self.directory / name
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            size = os.fstat(fd).st_size
-            seg = _Segment(hdr.first_seq, hdr.first_seq - 1, size)
-            trailer = self._read_trailer(fd, name, seg)
-            if trailer is not None:
-                seg.last_seq, seg.sealed, self._epoch = trailer.seq, True, trailer.epoch
-                kept.append(seg)
-                return True
-            scan = self._scan_file(fd, name, seg.first_seq, size)
-        finally:
-            os.close(fd)
-        seg.last_seq, seg.size, seg.sealed = scan.last_seq, scan.end, scan.sealed
-        if scan.error is None and (scan.sealed or is_last):
-            kept.append(seg)
-            return True
-        after, after_txns = _count_valid(path, scan.end + 1) if scan.error else (0, 0)
-        if scan.error and scan.torn_candidate and is_last and after == 0:
-            _truncate(path, scan.end)
-            r = self.recovery_report
-            r.torn_bytes, r.segment, r.offset = size - scan.end, name, scan.end
-            kept.append(seg)
-            return True
-        err = scan.error or record.corrupt(
-            "segment is not sealed but later segments exist", name, size, scan.last_seq
-        )
-        if not repair:
-            note = f"; {after} valid record(s) follow, so it is not a torn tail" if after else ""
-            msg = f"{err}{note} (open with repair to cut the log there)"
-            raise CorruptRecord(msg, segment=err.segment, offset=err.offset, seq=err.seq)
-        nxt = entries[i + 1][1] if not is_last else None
-        _truncate(path, seg.size)
-        kept.append(seg)
-        if after == 0 and isinstance(nxt, SegmentHeader) and nxt.first_seq == seg.last_seq + 1:
-            # Only the trailer is damaged and the next segment continues: seal it again.
-            fd = os.open(path, os.O_RDWR)
-            try:
-                self._write_seal(fd, seg)
-            finally:
-                os.close(fd)
-            self.recovery_report.resealed_segments.append(name)
-            return True
-        # A valid but misplaced record at the cut is lost too; an invalid one never counted.
-        misplaced = scan.error is not None and not scan.torn_candidate
-        self.recovery_report.discarded_records += after_txns + misplaced
-        self._cut(entries, i + 1, err, name, seg.size)
-        return False
-
-    def _cut(self, entries: list, i: int, err: LogError, at: str, offset: int) -> None:
-        """Repair: remove segments ``i..`` and record the cut in the report."""
-        r = self.recovery_report
-        r.repaired, r.reason, r.segment, r.offset = True, str(err), at, offset
-        for name, _ in reversed(entries[i:]):  # newest first: a crash leaves a prefix
-            r.discarded_records += _count_valid(self.directory / name, SEG_HEADER.size)[1]
-            os.unlink(self.directory / name)
-            r.removed_segments.insert(0, name)
-        log.error("SAM log %s: repair cut the log: %s", self.directory, err)
-
-    def _read_trailer(self, fd: int, name: str, seg: _Segment) -> record.Record | None:
-        """The SEAL record that ends the file, if it is there and matches the segment."""
-        off = seg.size - SEAL_RECORD_SIZE
-        if off < SEG_HEADER.size:
-            return None
-        try:
-            rec, _ = record.decode(_pread(fd, SEAL_RECORD_SIZE, off), segment=name)
-        except LogError:
-            return None
-        return rec if self._seal_matches(rec, seg.first_seq, off) else None
-
-    def _seal_matches(self, rec: record.Record, first_seq: int, offset: int) -> bool:
-        s = rec.seal
-        return (
-            s is not None
-            and (s.first_seq, s.offset) == (first_seq, offset)
-            and (s.volume_uuid == self.volume_uuid)
-        )
-
-    def _scan_file(self, fd: int, name: str, first_seq: int, size: int) -> _Scan:
-        """Validate every record of a segment; stop at the first problem."""
-        off, want = SEG_HEADER.size, first_seq
-        while off < size:
-            kw = dict(segment=name, file_offset=off, expect_seq=want)
-            try:
-                hdr = record.parse_header(_pread(fd, HEADER.size, off), **kw)
-                buf = _pread(fd, hdr.size, off)
-                rec, _ = record.decode(buf, block_size=self.block_size, **kw)
-            except (TornRecord, CorruptRecord) as exc:
-                return _Scan(off, want - 1, error=exc, torn_candidate=True)
-            if rec.type == RecordType.TXN and rec.seq == want:
-                off, want, self._epoch = off + rec.size, want + 1, rec.epoch
-                continue
-            if rec.type == RecordType.SEAL:
-                at_end = off + rec.size == size and rec.seq == want - 1
-                if at_end and self._seal_matches(rec, first_seq, off):
-                    return _Scan(size, want - 1, sealed=True)
-                why = "seal record does not match its segment"
-            else:
-                why = f"sequence gap: expected seq {want}"
-            return _Scan(off, want - 1, error=record.corrupt(why, name, off, rec.seq))
-        return _Scan(size, want - 1)
 
     # ------------------------------------------------------------------ properties
 
@@ -315,6 +149,12 @@ class SamLog:
             raise LogError(f"record carries seq {txn.seq}, expected {seq}", seq=txn.seq)
         return self._append(seq, txn.epoch, bytes(record_bytes))
 
+    def append_validated(self, txn: Transaction, record_bytes: bytes) -> int:
+        """Append ``record_bytes``, which the caller decoded into ``txn`` with
+        ``record.decode_txn`` (so it is complete and sound): no second decode."""
+        self._check_seq(txn.seq)
+        return self._append(txn.seq, txn.epoch, bytes(record_bytes))
+
     def _check_open(self) -> None:
         if self._closed or self._failed:
             state = "closed" if self._closed else "failed after an I/O error"
@@ -349,20 +189,12 @@ class SamLog:
         self._appended += 1
         return size
 
-    def _write_seal(self, fd: int, seg: _Segment) -> None:
-        seal = record.Seal(seg.first_seq, seg.last_seq, seg.size, self.volume_uuid)
-        data = record.encode_seal(seal, epoch=self._epoch, timestamp_ns=time.time_ns())
-        _pwrite_all(fd, data, seg.size)
-        os.fsync(fd)
-        seg.size += len(data)
-        seg.sealed = True
-
     def _roll(self) -> None:
         """Seal the current segment (unless it is sealed already) and start the next one."""
         seg = self._segments[-1]
         if not seg.sealed:
             try:
-                self._write_seal(self._fd, seg)
+                write_seal(self._fd, seg, self.volume_uuid, self._epoch)
             except OSError:
                 os.ftruncate(self._fd, seg.size)
                 raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,3 +154,13 @@ def _truncate(path: Path, size: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_seal(fd: int, seg: _Segment, volume_uuid: bytes, epoch: int) -> None:
+    """Append the SEAL record that closes segment ``seg`` (open as ``fd``) and fsync it."""
+    seal = record.Seal(seg.first_seq, seg.last_seq, seg.size, volume_uuid)
+    data = record.encode_seal(seal, epoch=epoch, timestamp_ns=time.time_ns())
+    _pwrite_all(fd, data, seg.size)
+    os.fsync(fd)
+    seg.size += len(data)
+    seg.sealed = True

@@ -1,0 +1,241 @@
+"""What every part of an open volume shares: its files, its condition, the choke point.
+
+``VolumeCore`` is the open volume without its lifecycle (``store/volume.py``: create, open,
+replay, close) and without the two paths built on it: the source's write path
+(``store/writepath.py``) and the target's apply path (``store/applypath.py``). It holds
+
+- the block file (``device``), the SAM log (``samlog``), node.json (``state``), the
+  superblock (``sb``) and the allocator;
+- the layers that reads see over the block file: the sealed transactions still being
+  persisted (oldest first) and the open transaction (``BlockOverlay`` + hints);
+- ``last_seq``, the last transaction committed (source) or applied (target);
+- its ``condition``: failed, fenced, frozen (``VolumeFlag``), each with a reason.
+
+The choke point: every block write of the volume, data or metadata, passes through
+``write``; ``write_in_place`` is the only code that writes the block file.
+
+Concurrency: used from one trio thread; ``write``/``hint``/``read`` never await, so a
+filesystem operation lands whole in one transaction.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass, field
+
+from mirrorfs.store.allocator import ExtentAllocator
+from mirrorfs.store.device import BlockFile
+from mirrorfs.store.errors import VolumeFailed
+from mirrorfs.store.geometry import BITMAP_START, VolumeSuper
+from mirrorfs.store.nodestate import NodeState
+from mirrorfs.store.overlay import BlockOverlay
+from mirrorfs.store.samlog import SamLog
+from mirrorfs.store.txn import Hint, Transaction
+
+log = logging.getLogger(__name__)
+
+
+class VolumeFlag(enum.Enum):
+    """Why a volume does not take (some) changes; several can hold at once."""
+
+    #: An I/O failure: every later change is refused until the volume is reopened.
+    FAILED = "failed"
+    #: This source met a newer epoch (split brain fenced): writers get EROFS.
+    FENCED = "fenced"
+    #: A planned switchover holds the volume at the seq the new source starts from:
+    #: nothing is sealed any more (changes that are not the writers', such as atime or a
+    #: release, stay open and are dropped at close), so this copy cannot diverge.
+    FROZEN = "frozen"
+
+
+@dataclass(slots=True)
+class VolumeCondition:
+    """The flags that hold on a volume, each with the reason it was set."""
+
+    reasons: dict[VolumeFlag, str] = field(default_factory=dict)
+
+    def set(self, flag: VolumeFlag, reason: str) -> None:
+        """Raise ``flag`` with ``reason`` (a later reason replaces an earlier one)."""
+        self.reasons[flag] = reason or flag.value
+
+    def clear(self, flag: VolumeFlag) -> None:
+        """Drop ``flag`` (a failed volume stays failed: only a reopen clears that)."""
+        if flag is not VolumeFlag.FAILED:
+            self.reasons.pop(flag, None)
+
+    def fail(self, reason: str) -> None:
+        """Mark the volume failed, without raising (see ``VolumeCore.fail``)."""
+        self.set(VolumeFlag.FAILED, reason)
+
+    def fence(self, reason: str) -> None:
+        """Refuse writers from now on: a newer epoch exists elsewhere."""
+        self.set(VolumeFlag.FENCED, reason)
+
+    def freeze(self, reason: str) -> None:
+        """Seal nothing from now on (a switchover holds the volume)."""
+        self.set(VolumeFlag.FROZEN, reason)
+
+    def thaw(self) -> None:
+        """Seal again (the switchover did not happen)."""
+        self.clear(VolumeFlag.FROZEN)
+
+    def reason(self) -> str:
+        """Why writes are refused ("" when they are not): fenced, else failed, else frozen."""
+        for flag in (VolumeFlag.FENCED, VolumeFlag.FAILED, VolumeFlag.FROZEN):
+            if flag in self.reasons:
+                return self.reasons[flag]
+        return ""
+
+    @property
+    def failed(self) -> str | None:
+        """The reason of the failure, None while the volume has not failed."""
+        return self.reasons.get(VolumeFlag.FAILED)
+
+    @property
+    def fenced(self) -> str:
+        """The reason of the fencing, "" when not fenced."""
+        return self.reasons.get(VolumeFlag.FENCED, "")
+
+    @property
+    def frozen(self) -> str:
+        """The reason of the freeze, "" when not frozen."""
+        return self.reasons.get(VolumeFlag.FROZEN, "")
+
+
+class VolumeCore:
+    """An open volume's shared state and its one write choke point (see the module doc)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        read_only: bool,
+        state: NodeState,
+        samlog: SamLog,
+        device: BlockFile,
+        lock_fd: int,
+    ) -> None:
+        self.path = path
+        self.read_only = read_only
+        self.state = state
+        self.samlog = samlog
+        self.device = device
+        self.condition = VolumeCondition()
+        self.sb: VolumeSuper
+        self.allocator: ExtentAllocator  # set by load_allocator once the superblock is read
+        self._lock_fd = lock_fd
+        # Store-internal state shared with the two paths. The open transaction is filled by
+        # ``write``/``hint`` and handed over only by ``WritePath.seal``.
+        self._overlay = BlockOverlay(state.block_size)
+        self._hints: list[Hint] = []
+        # Sealed transactions whose log append / in-place write is still running (oldest
+        # first); reads see them until ``WritePath.finish`` drops them.
+        self._sealed: list[tuple[Transaction, BlockOverlay]] = []
+        # Advanced only by WritePath.finish (source) and ApplyPath.apply / redo_resync
+        # (target), and set by Volume.create_replica.
+        self._last_seq = max(state.checkpointed_seq, samlog.last_seq)
+
+    # -- geometry
+    @property
+    def block_size(self) -> int:
+        return self.sb.block_size
+
+    @property
+    def block_count(self) -> int:
+        return self.sb.block_count
+
+    @property
+    def uuid(self) -> bytes:
+        return self.sb.uuid
+
+    @property
+    def last_seq(self) -> int:
+        """Sequence number of the last committed (source) or applied (target) transaction."""
+        return self._last_seq
+
+    @property
+    def failed(self) -> str | None:
+        """Why the volume failed (it then refuses every change), None while it has not."""
+        return self.condition.failed
+
+    @property
+    def received_seq(self) -> int:
+        """Last sequence number durable in this node's log (>= ``last_seq`` = applied)."""
+        return max(self.samlog.last_seq, self._last_seq)
+
+    @property
+    def consistent(self) -> bool:
+        """False while an initial sync is filling the block file."""
+        st = self.state
+        return not st.sync_state and self._last_seq >= st.consistent_at
+
+    @property
+    def has_local_changes(self) -> bool:
+        """Whether an open or sealed transaction holds anything."""
+        return bool(self._overlay or self._hints or self._sealed)
+
+    def load_allocator(self) -> None:
+        """(Re)build the allocator from the bitmap blocks of the current superblock."""
+        self.allocator = ExtentAllocator(self, BITMAP_START, self.sb.block_count)
+
+    def refresh_allocator(self, runs: list[tuple[int, bytes]]) -> None:
+        """Keep the allocator in step with bitmap blocks written underneath it (not
+        through it): by a received transaction or a resync group."""
+        alloc = getattr(self, "allocator", None)
+        if alloc is None:  # an initial sync still copying: loaded by reload_geometry
+            return
+        bs = self.block_size
+        for start, data in runs:
+            n = len(data) // bs
+            if self.sb.is_bitmap_run(start, n):
+                alloc.refresh_blocks(start, n)  # (it rereads only the bitmap blocks)
+
+    # -- the choke point
+    def read(self, block: int, count: int = 1) -> bytes:
+        """Current content of ``count`` blocks from ``block``, open transaction included."""
+        if self._overlay:
+            hit = self._overlay.covers(block, count)
+            if hit is not None:
+                return hit
+        if not self._sealed:
+            return self._overlay.patch(block, count, self.device.read(block, count))
+        data = self.device.read(block, count)
+        for _, layer in self._sealed:  # oldest first, so newer layers win
+            data = layer.patch(block, count, data)
+        return self._overlay.patch(block, count, data)
+
+    def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
+        """Record full blocks at ``block`` in the open transaction. THE write choke point."""
+        if self.condition.failed:
+            raise VolumeFailed(f"volume is read-only after an I/O failure: {self.failed}")
+        n = len(data)
+        if n == 0 or n % self.block_size:
+            raise ValueError(f"write of {n} bytes is not a whole number of blocks")
+        if block < 0 or block + n // self.block_size > self.block_count:
+            raise ValueError(f"write of blocks {block}+{n // self.block_size} outside the volume")
+        self._overlay.put(block, data)
+
+    def hint(self, hint: Hint) -> None:
+        """Attach a file-system hint to the open transaction."""
+        self._hints.append(hint)
+
+    def write_in_place(self, runs: list[tuple[int, bytes]]) -> None:
+        """The only code that writes the block file (commits, applies, replay, syncs)."""
+        for start, data in runs:
+            self.device.write(start, data)
+
+    def check_usable(self) -> None:
+        """VolumeFailed if the volume failed."""
+        if self.condition.failed:
+            raise VolumeFailed(f"volume is read-only after an I/O failure: {self.failed}")
+
+    def fail(self, why: str) -> None:
+        """Mark the volume failed and raise VolumeFailed(why).
+
+        Reads keep seeing the open transaction (the fs caches agree with it); every later
+        change is refused. Reopening recovers to the last committed transaction.
+        """
+        self.condition.fail(why)
+        log.error("%s: %s; the volume is now read-only", self.path, why)
+        raise VolumeFailed(why)
