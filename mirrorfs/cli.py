@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="ship the volume's transactions to this target (repeatable)",
     )
-    p.add_argument("--secret-file", metavar="FILE", help="shared secret for the targets")
+    _add_secret_arguments(p)
     p.add_argument(
         "--max-log",
         type=_size_arg,
@@ -187,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", action="store_true")
     p.set_defaults(func=volume_commands.cmd_fsck)
     return parser
+
+
+def _add_secret_arguments(p: argparse.ArgumentParser) -> None:
+    """How a source authenticates to its targets: a secret, or --insecure off loopback."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--secret-file", metavar="FILE", help="shared secret for the targets")
+    group.add_argument(
+        "--insecure", action="store_true", help="allow a non-loopback target without a secret"
+    )
 
 
 def add_replica_arguments(p: argparse.ArgumentParser) -> None:
@@ -252,7 +261,7 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="start mirroring the new source to this target at once (repeatable)",
     )
-    p.add_argument("--secret-file", metavar="FILE", help="shared secret for the targets")
+    _add_secret_arguments(p)
     p.set_defaults(func=commands.cmd_promote)
 
     p = sub.add_parser(

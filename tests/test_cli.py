@@ -295,3 +295,66 @@ def test_a_failure_inside_a_nursery_is_reported_by_its_cause(tmp_path, monkeypat
     assert cli.main(["mkfs", str(tmp_path / "v"), "--size", "64M"]) == 1
     err = capsys.readouterr().err.strip()
     assert err == "mirrorfs: error: cannot bind control socket DIR/control.sock"
+
+
+# -- the loopback rule on the source's side (no test here may connect anywhere: every
+# refusal is checked before the step that would start a connection, so that a broken
+# check fails the test instead of sending a packet)
+
+
+def test_peer_policy():
+    from mirrorfs.repl.auth import PeerPolicyError, check_peer_policy
+
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "localhost", "::ffff:127.0.0.1"):
+        check_peer_policy(host, 7400, None, False)
+    check_peer_policy("192.0.2.10", 7400, b"secret", False)
+    check_peer_policy("192.0.2.10", 7400, None, True)  # --insecure: allowed, with a warning
+    for host in ("192.0.2.10", "2001:db8::1", "target.example", "0.0.0.0"):
+        with pytest.raises(PeerPolicyError, match="refusing to mirror to .* without a shared"):
+            check_peer_policy(host, 7400, None, False)
+
+
+def test_mount_refuses_an_unauthenticated_remote_target(tmp_path, capsys):
+    vol = str(tmp_path / "vol")
+    mkfs(vol)
+    # The mountpoint does not exist: were the rule not checked first, the mount would fail
+    # on that, before any child (or connection) is started.
+    code = cli.main(["mount", vol, str(tmp_path / "nomnt"), "--mirror", "192.0.2.10:7400"])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        "mirrorfs: error: refusing to mirror to 192.0.2.10:7400 without a shared secret: "
+        "give --secret-file, use a loopback address, or pass --insecure"
+    )
+    assert cli.main(["mount", vol, "m", "--secret-file", "k", "--insecure"]) == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_promote_refuses_an_unauthenticated_remote_target_before_promoting(tmp_path, capsys):
+    empty = tmp_path / "replica"
+    empty.mkdir()
+    code = cli.main(["promote", str(empty), "--mirror", "[2001:db8::1]:7400"])
+    assert code == 1
+    err = capsys.readouterr().err.strip()
+    assert "refusing to mirror to [2001:db8::1]:7400 without a shared secret" in err
+    assert err.endswith("nothing was promoted")
+    assert list(empty.iterdir()) == []
+
+
+async def test_mirror_add_refuses_an_unauthenticated_remote_target(tmp_path):
+    """``mirror --add`` reaches SourceNode.add through the control socket: refused there,
+    before a shipper exists (and before the nursery it would run in is even looked at)."""
+    from mirrorfs.node.control import ControlError
+    from mirrorfs.node.source import SourceConfig, SourceNode
+    from mirrorfs.store.volume import Volume
+
+    vol_path = str(tmp_path / "vol")
+    mkfs(vol_path)
+    volume = Volume.open(vol_path)
+    try:
+        node = SourceNode(volume, SourceConfig())
+        with pytest.raises(ControlError, match="refusing to mirror to 192.0.2.10:7400"):
+            await node.add(("192.0.2.10", 7400))
+        assert node.shippers == {}
+    finally:
+        volume.close()

@@ -176,6 +176,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     volume_dir = os.path.abspath(args.dir)
     if not os.path.isdir(volume_dir):
         raise CommandError(f"{volume_dir}: no such volume directory")
+    _check_promoted_mirrors(args)
     t0 = time.monotonic()
     try:
         reply = control_request(socket_path(volume_dir), {"cmd": "promote"}, timeout=120.0)
@@ -199,7 +200,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     for line in describe(report):
         print(line)
     if mountpoint:
-        _mount_promoted(volume_dir, mountpoint, args.mirrors, args.secret_file)
+        _mount_promoted(volume_dir, mountpoint, args.mirrors, args.secret_file, args.insecure)
         print(f"  mounted read-write at {mountpoint} ({time.monotonic() - t0:.2f}s after promote)")
     elif args.mirrors:
         print(
@@ -209,8 +210,28 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_promoted_mirrors(args: argparse.Namespace) -> None:
+    """Refuse, before promoting, to mirror the new source unauthenticated off this machine.
+    (A malformed address is reported by the mount after the promotion, as before.)"""
+    from mirrorfs.repl.auth import PeerPolicyError, check_peer_policy
+
+    for address in args.mirrors:
+        try:
+            host, port = parse_address(address)
+        except ValueError:
+            continue
+        try:
+            check_peer_policy(host, port, b"given" if args.secret_file else None, args.insecure)
+        except PeerPolicyError as exc:
+            raise CommandError(f"{exc}; nothing was promoted") from None
+
+
 def _mount_promoted(
-    volume_dir: str, mountpoint: str, mirrors: list[str], secret_file: str | None
+    volume_dir: str,
+    mountpoint: str,
+    mirrors: list[str],
+    secret_file: str | None,
+    insecure: bool,
 ) -> None:
     """``mirrorfs mount volume_dir mountpoint [--mirror ...]`` after a promotion; a failure
     is printed as the mount's own error, then as the promotion's (CommandError)."""
@@ -227,7 +248,11 @@ def _mount_promoted(
             )
             raise CommandError(failed) from None
     try:
-        cmd_mount(MountArgs(volume_dir, mountpoint, mirrors=mirrors, secret_file=secret_file))
+        cmd_mount(
+            MountArgs(
+                volume_dir, mountpoint, mirrors=mirrors, secret_file=secret_file, insecure=insecure
+            )
+        )
     except (CliError, OSError) as exc:
         print(f"{PROG}: error: {one_line(exc)}", file=sys.stderr)
         raise CommandError(failed) from None

@@ -21,6 +21,7 @@ import trio
 
 from mirrorfs.node.control import ControlError, serve_control, socket_path
 from mirrorfs.repl.address import parse_address
+from mirrorfs.repl.auth import PeerPolicyError, check_peer_policy
 from mirrorfs.repl.lag import install_retention
 from mirrorfs.repl.shipper import Shipper
 from mirrorfs.repl.verify import VerifyError, verify_target
@@ -39,6 +40,8 @@ class SourceConfig:
     window_bytes: int = 8 << 20
     #: Keep accepting writes even after meeting a newer epoch (split brain on purpose).
     force: bool = False
+    #: Ship to non-loopback targets without a secret (``mount --insecure``).
+    insecure: bool = False
 
 
 class SourceNode:
@@ -109,6 +112,10 @@ class SourceNode:
     async def add(self, address: tuple[str, int]) -> Shipper:
         if address in self.shippers:
             raise ControlError(f"already mirroring to {address[0]}:{address[1]}")
+        try:
+            check_peer_policy(*address, self.cfg.secret, self.cfg.insecure)
+        except PeerPolicyError as exc:
+            raise ControlError(str(exc)) from None
         assert self._nursery is not None
         shipper = Shipper(
             self.volume,

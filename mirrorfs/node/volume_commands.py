@@ -81,6 +81,7 @@ class MountArgs:
     commit_interval: float = DEFAULT_COMMIT_INTERVAL
     mirrors: list[str] = field(default_factory=list)
     secret_file: str | None = None
+    insecure: bool = False
     max_log: int | None = None
     force: bool = False
     debug: bool = False
@@ -98,6 +99,8 @@ def _passthrough_mount_args(args: Any) -> list[str]:
         extra += ["--mirror", address]
     if args.secret_file:
         extra += ["--secret-file", os.path.abspath(args.secret_file)]
+    if args.insecure:
+        extra.append("--insecure")
     if args.max_log:
         extra += ["--max-log", str(args.max_log)]
     if args.force:
@@ -109,9 +112,21 @@ def _passthrough_mount_args(args: Any) -> list[str]:
 
 def cmd_mount(args: Any) -> int:
     """``mirrorfs mount DIR MNT``: returns once mounted (``--foreground``: at unmount)."""
+    check_mirrors(args.mirrors, secret_given=bool(args.secret_file), insecure=args.insecure)
     if args.foreground:
         return _mount_foreground(args)
     return _mount_detached(args)
+
+
+def check_mirrors(mirrors: list[str], *, secret_given: bool, insecure: bool) -> None:
+    """Refuse unauthenticated targets off this machine before anything is started (the
+    child loads and checks the secret itself; here only whether one is given matters)."""
+    from mirrorfs.repl.address import parse_address
+    from mirrorfs.repl.auth import check_peer_policy
+
+    for address in mirrors:
+        host, port = parse_address(address)
+        check_peer_policy(host, port, b"given" if secret_given else None, insecure)
 
 
 def _mount_detached(args: Any) -> int:
@@ -155,6 +170,7 @@ def _source_service(args: Any):
         secret_file=os.path.abspath(args.secret_file) if args.secret_file else None,
         max_log_bytes=args.max_log,
         force=args.force,
+        insecure=args.insecure,
     )
 
     def make(volume, mountpoint):

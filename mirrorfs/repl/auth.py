@@ -61,6 +61,10 @@ class ListenPolicyError(ReplError):
     """Listening on a non-loopback address without a secret and without --insecure."""
 
 
+class PeerPolicyError(ReplError):
+    """Shipping to a non-loopback address without a secret and without --insecure."""
+
+
 def _field(value: bytes) -> bytes:
     return struct.pack("<H", len(value)) + value
 
@@ -197,4 +201,19 @@ def check_listen_policy(host: str, secret: bytes | None, insecure: bool) -> None
     raise ListenPolicyError(
         f"refusing to listen on {where} without a shared secret: give a secret file, "
         "listen on 127.0.0.1, or pass --insecure"
+    )
+
+
+def check_peer_policy(host: str, port: int, secret: bytes | None, insecure: bool) -> None:
+    """Refuse to ship a volume to a reachable address without authentication: the same
+    rule as ``check_listen_policy``, on the source's side, checked before any connection."""
+    if secret is not None or is_loopback(host):
+        return
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if insecure:
+        log.warning("mirroring to %s without authentication (--insecure)", where)
+        return
+    raise PeerPolicyError(
+        f"refusing to mirror to {where} without a shared secret: give --secret-file, "
+        "use a loopback address, or pass --insecure"
     )
