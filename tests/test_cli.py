@@ -328,6 +328,13 @@ def test_mount_refuses_an_unauthenticated_remote_target(tmp_path, capsys):
     )
     assert cli.main(["mount", vol, "m", "--secret-file", "k", "--insecure"]) == 2
     assert "not allowed with argument" in capsys.readouterr().err
+    code = cli.main(
+        ["mount", vol, str(tmp_path / "nomnt"), "--read-only", "--mirror", "127.0.0.1:7"]
+    )
+    assert code == 1
+    assert capsys.readouterr().err.strip() == (
+        "mirrorfs: error: a read-only mount ships nothing: --mirror needs a read-write mount"
+    )
 
 
 def test_promote_refuses_an_unauthenticated_remote_target_before_promoting(tmp_path, capsys):

@@ -112,6 +112,8 @@ def _passthrough_mount_args(args: Any) -> list[str]:
 
 def cmd_mount(args: Any) -> int:
     """``mirrorfs mount DIR MNT``: returns once mounted (``--foreground``: at unmount)."""
+    if args.read_only and args.mirrors:
+        raise CliError("a read-only mount ships nothing: --mirror needs a read-write mount")
     check_mirrors(args.mirrors, secret_given=bool(args.secret_file), insecure=args.insecure)
     if args.foreground:
         return _mount_foreground(args)
