@@ -47,7 +47,13 @@ from dataclasses import dataclass, field
 import trio
 
 from mirrorfs.repl.stream import FramedStream
-from mirrorfs.repl.verify import find_differences, merge_ranges, range_digests, whole_volume
+from mirrorfs.repl.verify import (
+    batches,
+    find_differences,
+    merge_ranges,
+    range_digests,
+    whole_volume,
+)
 from mirrorfs.repl.wire import (
     ProtocolError,
     SyncBegin,
@@ -136,21 +142,6 @@ class ReplyQueue:
         return await self._receive.receive()
 
 
-def _batches(ranges: list[tuple[int, int]], max_blocks: int) -> list[list[tuple[int, int]]]:
-    out: list[list[tuple[int, int]]] = []
-    batch: list[tuple[int, int]] = []
-    total = 0
-    for r in ranges:
-        if batch and (total + r[1] > max_blocks or len(batch) >= MAX_REQ_RANGES):
-            out.append(batch)
-            batch, total = [], 0
-        batch.append(r)
-        total += r[1]
-    if batch:
-        out.append(batch)
-    return out
-
-
 async def run_resync(
     volume: Volume,
     fs: FramedStream,
@@ -176,7 +167,7 @@ async def run_resync(
 
     async def compare(todo: list[tuple[int, int]]) -> list[bool]:
         out: list[bool] = []
-        for batch in _batches(todo, max_blocks):
+        for batch in batches(todo, max_blocks, MAX_REQ_RANGES):
             # Ask first, so that both sides hash at the same time.
             await fs.send(VerifyReq(base, batch))
             mine = await trio.to_thread.run_sync(range_digests, vol.device, batch)

@@ -41,10 +41,11 @@ Concurrency (one trio thread):
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -86,6 +87,9 @@ BACKOFF_MAX = 5.0
 KEEPALIVE = 5.0
 SILENCE = 30.0
 PROBE_INTERVAL = 30.0  # how often an out-of-sync or diverged target is looked at again
+
+
+Connect = Callable[[], Awaitable[trio.abc.Stream]]  # opens one connection to the target
 
 
 class ShipperState(enum.StrEnum):
@@ -150,9 +154,13 @@ class Shipper:
         probe_interval: float = PROBE_INTERVAL,
         keepalive: float = KEEPALIVE,
         silence: float = SILENCE,
+        connect: Connect | None = None,
     ) -> None:
         self.volume = volume
         self.address = address
+        # Where connections come from: TCP to ``address`` unless a test (or a relay) injects
+        # another stream factory, e.g. one end of trio.testing.memory_stream_pair.
+        self._connect: Connect = connect or functools.partial(trio.open_tcp_stream, *address)
         self.secret = secret
         self.node_id = node_id
         self.window_bytes = window_bytes
@@ -341,7 +349,7 @@ class Shipper:
         """One connection attempt and session; True if it got as far as shipping."""
         vol = self.volume
         try:
-            stream = await trio.open_tcp_stream(*self.address)
+            stream = await self._connect()
         except OSError as exc:
             self._note_failure(f"cannot connect: {exc.strerror or exc}")
             return False
