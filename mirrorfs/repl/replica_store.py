@@ -1,0 +1,269 @@
+"""The target session's store: a replica Volume behind ``TargetStore`` (the one place where
+the target's replication code calls into the Volume).
+
+``ReplicaStore`` belongs to one target volume directory and lives across sessions: it holds
+the volume (None while the directory is empty, replaced by an initial sync), the hooks of
+the layers above, and what the status reports of the last initial sync and resync. Every
+method is synchronous: ``receive_apply`` receives, applies, refreshes the allocator and calls
+``on_applied`` in one step; ``commit_resync`` applies the group and calls ``on_resynced`` in
+one step, so a reader on the read-only mount sees whole transactions (or A, then T) only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from mirrorfs.repl.fork import judge
+from mirrorfs.repl.handshake import Peer
+from mirrorfs.repl.initial_sync import finish_copy, start_replica
+from mirrorfs.repl.resync import TargetResync
+from mirrorfs.repl.switchover import switchover_refusal
+from mirrorfs.repl.verify import range_digests
+from mirrorfs.repl.wire import Switchover, SwitchoverDone, SyncBegin, SyncBlocks, SyncEnd, Txn
+from mirrorfs.store.nodestate import Role
+from mirrorfs.store.txn import Transaction
+from mirrorfs.store.volume import BITMAP_START, Volume
+
+log = logging.getLogger(__name__)
+
+OnApplied = Callable[[Transaction], None]
+OnVolume = Callable[[Volume], None]
+OnSwitchover = Callable[[Switchover], SwitchoverDone]
+
+
+class ReplicaStore:
+    """A ``TargetStore`` over the replica Volume of ``volume_dir`` (module docstring)."""
+
+    def __init__(
+        self,
+        volume_dir: str,
+        volume: Volume | None,
+        *,
+        node_id: str,
+        on_applied: OnApplied | None = None,
+        on_consistent: OnVolume | None = None,
+        on_created: OnVolume | None = None,
+        on_resynced: OnVolume | None = None,
+        on_switchover: OnSwitchover | None = None,
+    ) -> None:
+        self.volume_dir = volume_dir
+        self.volume = volume
+        self._node_id = node_id
+        self.on_applied = on_applied
+        self.on_consistent = on_consistent
+        self.on_created = on_created
+        self.on_resynced = on_resynced
+        self.on_switchover = on_switchover
+        self.resync: TargetResync | None = None  # the resync being staged
+        self.last_resync: dict[str, Any] | None = None  # what the last resync did
+        self.sync_blocks_copied = 0
+        self.sync_blocks_total = 0
+        self._consistent_reported = volume is not None and volume.consistent
+
+    # ------------------------------------------------------------------ what it holds
+
+    @property
+    def node_id(self) -> str:
+        return self.volume.state.node_id if self.volume is not None else self._node_id
+
+    @property
+    def present(self) -> bool:
+        return self.volume is not None
+
+    @property
+    def empty(self) -> bool:
+        """No volume, or an initial sync that never completed: ask for an initial sync."""
+        return self.volume is None or bool(self.volume.state.sync_state)
+
+    @property
+    def is_source(self) -> bool:
+        return self._vol.state.role != Role.TARGET.value
+
+    @property
+    def applied_seq(self) -> int:
+        return self._vol.last_seq
+
+    @property
+    def block_count(self) -> int:
+        return self._vol.block_count
+
+    @property
+    def epoch(self) -> int:
+        """The current epoch of a consistent replica (0 while empty)."""
+        vol = self.volume
+        return vol.state.epoch if vol is not None and not vol.state.sync_state else 0
+
+    @property
+    def failed(self) -> str:
+        vol = self.volume
+        return vol.failed if vol is not None and vol.failed else ""
+
+    @property
+    def _vol(self) -> Volume:
+        assert self.volume is not None
+        return self.volume
+
+    def handshake_args(self) -> dict[str, Any]:
+        """What ``handshake_target`` announces of this replica."""
+        vol, empty = self.volume, self.empty
+        return {
+            "volume_uuid": None if empty or vol is None else vol.uuid,
+            "node_id": self.node_id,
+            "epochs": [] if empty or vol is None else [tuple(e) for e in vol.state.epochs],
+            "received_seq": 0 if empty or vol is None else vol.received_seq,
+            "applied_seq": 0 if empty or vol is None else vol.last_seq,
+        }
+
+    def positions(self) -> tuple[int, int]:
+        vol = self._vol
+        return vol.received_seq, vol.last_seq
+
+    def status(self) -> dict[str, Any]:
+        """The volume's part of the receiver's status."""
+        vol = self.volume
+        out: dict[str, Any] = {
+            "volume_uuid": vol.uuid.hex() if vol is not None and not vol.state.sync_state else "",
+            "volume_failed": self.failed,
+            "resync": self.resync.as_dict() if self.resync is not None else self.last_resync,
+            "archives": list(vol.state.archives) if vol is not None else [],
+            "log_kept_from": vol.state.keep_log_from if vol is not None else 0,
+        }
+        return out
+
+    def judge_fork(self, peer: Peer) -> int | None:
+        """Compare epoch histories (failback): adopt the source's, or return the fork seq
+        after which this replica diverged (it then waits for a rewind resync)."""
+        vol = self._vol
+        verdict = judge(peer.epochs, vol.state.epochs, vol.received_seq)
+        if verdict.diverged:
+            log.warning(
+                "source %r: this replica %s; it takes a resync (its own seqs after the fork "
+                "are archived first), not transactions",
+                peer.node_id,
+                verdict.describe(vol.received_seq),
+            )
+            return verdict.fork_seq
+        if verdict.adopt:
+            vol.adopt_epochs([list(e) for e in peer.epochs])
+        return None
+
+    def digests(self, ranges: list[tuple[int, int]]) -> list[bytes]:
+        """Digests of the block file (run in a worker thread while nothing is applied)."""
+        return range_digests(self._vol, ranges)
+
+    # ------------------------------------------------------------------ streaming
+
+    def receive_apply(self, seq: int, record: bytes) -> None:
+        # No await from here to the end: the transaction is received, applied, and the
+        # caches above are told, as one step of the trio loop.
+        vol = self._vol
+        txn = vol.receive(seq, record)
+        vol.apply(txn)
+        self._refresh_allocator(vol, txn)
+        if self.on_applied is not None:
+            try:
+                self.on_applied(txn)
+            except Exception:
+                log.exception("on_applied failed for seq %d", txn.seq)
+        self._check_consistent(vol)
+
+    @staticmethod
+    def _refresh_allocator(vol: Volume, txn: Transaction) -> None:
+        """Keep the in-memory allocator in step with bitmap blocks applied underneath it."""
+        alloc = getattr(vol, "allocator", None)
+        if alloc is None:  # still copying: loaded by reload_geometry at SYNC_END
+            return
+        end = BITMAP_START + vol.sb.bitmap_blocks
+        bs = vol.block_size
+        for start, data in txn.runs:
+            stop = start + len(data) // bs
+            if start < end and stop > BITMAP_START:
+                alloc.refresh_blocks(start, stop - start)
+
+    def _check_consistent(self, vol: Volume) -> None:
+        if self._consistent_reported or not vol.consistent:
+            return
+        self._consistent_reported = True
+        vol.reload_geometry()
+        log.info("%s: replica is consistent at seq %d", self.volume_dir, vol.last_seq)
+        if self.on_consistent is not None:
+            self.on_consistent(vol)
+
+    # ------------------------------------------------------------------ initial sync
+
+    def start_copy(self, msg: SyncBegin, peer: Peer) -> None:
+        old, self.volume = self.volume, None
+        self.volume = start_replica(self.volume_dir, old, msg, peer, self.node_id)
+        self._consistent_reported = False
+        self.sync_blocks_copied, self.sync_blocks_total = 0, msg.block_count
+        if self.on_created is not None:
+            self.on_created(self.volume)
+
+    def copy_blocks(self, msg: SyncBlocks) -> None:
+        vol = self._vol
+        vol.write_sync_blocks(msg.first_block, msg.blocks(vol.block_size))
+        self.sync_blocks_copied += msg.nblocks
+
+    def finish_copy(self, msg: SyncEnd, volume_uuid: bytes) -> None:
+        vol = self._vol
+        finish_copy(vol, msg, volume_uuid)
+        log.info(
+            "initial-sync copy done: %d blocks; consistent once seq %d is applied",
+            self.sync_blocks_copied,
+            msg.consistent_at_seq,
+        )
+        self._check_consistent(vol)
+
+    # ------------------------------------------------------------------ resync
+
+    def begin_resync(self, msg: SyncBegin, fork_seq: int | None, peer: Peer) -> None:
+        epochs = [list(e) for e in peer.epochs]
+        self.resync = TargetResync(self._vol, msg, fork_seq=fork_seq, source_epochs=epochs)
+
+    def stage_blocks(self, msg: SyncBlocks) -> None:
+        assert self.resync is not None
+        self.resync.on_blocks(msg)
+
+    def end_resync(self, msg: SyncEnd) -> bool:
+        assert self.resync is not None
+        return self.resync.on_end(msg)
+
+    def stage_txn(self, msg: Txn) -> bool:
+        assert self.resync is not None
+        return self.resync.on_txn(msg)
+
+    def resync_positions(self) -> tuple[int, int]:
+        assert self.resync is not None
+        return self.resync.positions()
+
+    def commit_resync(self) -> None:
+        """Apply the staged group and tell the layers above, in one step (no await)."""
+        resync, vol = self.resync, self._vol
+        assert resync is not None
+        self.resync = None  # (a failure below is not an abandoned stage: the record is set)
+        result = resync.commit()
+        self.last_resync = {**resync.as_dict(), "blocks_applied": result.blocks}
+        try:
+            if self.on_resynced is not None:
+                self.on_resynced(vol)
+            elif self.on_applied is not None:
+                hints = result.hints
+                self.on_applied(Transaction(result.end_seq, vol.state.epoch, 0, [], hints))
+        except Exception:
+            log.exception("resync hooks failed after seq %d", result.end_seq)
+        self._check_consistent(vol)
+
+    def abort_resync(self, why: str) -> None:
+        if self.resync is not None:
+            self.resync.abort(why)
+            self.resync = None
+
+    # ------------------------------------------------------------------ switchover
+
+    def switchover_refusal(self, seq: int, *, busy: bool) -> str | None:
+        return switchover_refusal(self.volume, seq, busy=busy)
+
+    def promote(self, msg: Switchover) -> SwitchoverDone | None:
+        return self.on_switchover(msg) if self.on_switchover is not None else None
