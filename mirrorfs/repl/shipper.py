@@ -1,7 +1,8 @@
 """The source side of replication: one ``Shipper`` per target.
 
-A shipper connects to its target (``trio.open_tcp_stream``, backoff 0.1 s doubling to 5 s),
-runs ``handshake_source``, then, per mirrorfs/INTERNALS.md "Replication session":
+A shipper connects to its target (``connect``, by default ``trio.open_tcp_stream`` to its
+address; backoff 0.1 s doubling to 5 s), runs ``handshake_source``, then, per
+mirrorfs/INTERNALS.md "Replication session":
 
 - an initial sync if the target is empty: SYNC_BEGIN(S), the non-zero blocks of the block
   file in chunks of at most 1 MiB (holes skipped with SEEK_DATA/SEEK_HOLE, zero chunks
@@ -16,6 +17,11 @@ runs ``handshake_source``, then, per mirrorfs/INTERNALS.md "Replication session"
   the SAM log, with at most ``window_bytes`` of TXN records not yet acknowledged as received.
 
 Several shippers can serve one volume (fan-out), each at its own pace.
+
+The shipper is the trio driver of pure parts: the handshake (mirrorfs.repl.handshake), the
+per-connection window, ACK checks, routing of incoming frames and keepalive timing
+(``SourceSession`` and ``Keepalive``, mirrorfs.repl.source_session), and the target's
+positions, pins and connection plan (``TargetPositions``, same module).
 
 Concurrency (one trio thread):
 
@@ -44,16 +50,23 @@ import enum
 import functools
 import logging
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import trio
 
-from mirrorfs.repl.fork import ForkVerdict, judge
 from mirrorfs.repl.initial_sync import SyncProgress, run_initial_sync
 from mirrorfs.repl.lag import CommitTracker, RateMeter, install_retention, lag_seconds
 from mirrorfs.repl.resync import ReplyQueue, ResyncProgress, run_resync
+from mirrorfs.repl.source_session import (
+    Keepalive,
+    LogView,
+    Plan,
+    PlanKind,
+    Route,
+    SourceSession,
+    TargetPositions,
+)
 from mirrorfs.repl.stream import (
     ConnectionClosed,
     FramedStream,
@@ -64,13 +77,9 @@ from mirrorfs.repl.stream import (
 from mirrorfs.repl.verify import Range, VerifyChannel, VerifyError
 from mirrorfs.repl.wire import (
     Ack,
-    ErrorState,
     Message,
-    PeerState,
     Ping,
-    Pong,
     ProtocolError,
-    Refuse,
     RefuseReason,
     ReplError,
     Txn,
@@ -87,7 +96,6 @@ BACKOFF_MAX = 5.0
 KEEPALIVE = 5.0
 SILENCE = 30.0
 PROBE_INTERVAL = 30.0  # how often an out-of-sync or diverged target is looked at again
-
 
 Connect = Callable[[], Awaitable[trio.abc.Stream]]  # opens one connection to the target
 
@@ -122,14 +130,10 @@ class _Fenced(ReplError):
 
 @dataclass(slots=True)
 class _Session:
-    """One connection's state."""
+    """One connection: its stream, its pure exchange state, and the sender's log reader."""
 
     fs: FramedStream
-    inflight: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, record bytes)
-    unacked: int = 0
-    last_sent: int = 0  # highest seq sent (or the sync's start seq)
-    peer_error: str = ""  # what ERROR_STATE said
-    pong_due: list[int] = field(default_factory=list)
+    machine: SourceSession
     log_reader: Iterator[tuple[int, bytes]] | None = None
     reader_next: int = 0
     control_wake: trio.Event = field(default_factory=trio.Event)
@@ -173,17 +177,12 @@ class Shipper:
         self.state = ShipperState.CONNECTING
         self.reason = ""
         self.target_node_id = ""
-        # The target's positions, None until a handshake told them (an unknown target pins
-        # nothing); kept across connections, so a known target keeps pinning while away.
-        self.received_seq: int | None = None
-        self.applied_seq: int | None = None
+        self.positions = TargetPositions()
         self.sync: SyncProgress | None = None
         self.resync: ResyncProgress | None = None  # the current or last resync
         self.connections = 0
         self._bytes_sent_before = 0  # wire bytes of finished connections
         self._session: _Session | None = None
-        self._sync_pin: int | None = None
-        self._pin_dropped = ""  # why retention stopped pinning for this target
         self._tracker = CommitTracker()
         self._acked = RateMeter()
         self._wake = trio.Event()  # the sender looks again (commit, ack, verify, pin drop)
@@ -198,6 +197,16 @@ class Shipper:
     def label(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"
 
+    @property
+    def received_seq(self) -> int | None:
+        """The target's received seq (None until a handshake told it)."""
+        return self.positions.received_seq
+
+    @property
+    def applied_seq(self) -> int | None:
+        """The target's applied seq (None until a handshake told it)."""
+        return self.positions.applied_seq
+
     # ------------------------------------------------------------------ hooks (sync)
 
     def _on_commit(self, txn: Transaction) -> None:
@@ -207,15 +216,8 @@ class Shipper:
 
     def retain_seq(self) -> int | None:
         """Lowest seq this target still needs from the log, None if it pins nothing."""
-        # An out-of-sync target needs what the log no longer holds: pinning the rest would
-        # only make the log grow without bound.
-        if self._pin_dropped or self.state in (ShipperState.FENCED, ShipperState.OUT_OF_SYNC):
-            return None
-        if self._sync_pin is not None:
-            return self._sync_pin
-        if self.received_seq is None:
-            return None
-        return self.received_seq + 1
+        stopped = self.state in (ShipperState.FENCED, ShipperState.OUT_OF_SYNC)
+        return self.positions.retain_seq(stopped=stopped)
 
     def drop_pin(self, reason: str) -> None:
         """Stop pinning the log for this target; it becomes out-of-sync.
@@ -223,7 +225,7 @@ class Shipper:
         Called from retention inside ``Volume.checkpoint`` (synchronously, in the commit path):
         it only flags, wakes the sender and cancels the connection.
         """
-        self._pin_dropped = reason
+        self.positions.pin_dropped = reason
         self._out_of_sync(reason)
         if self._session_scope is not None:
             self._session_scope.cancel()
@@ -257,6 +259,7 @@ class Shipper:
             lag_txns = max(0, last - applied)
             lag_bytes = self._tracker.bytes_after(applied) if lag_txns else 0
             lag_secs = round(lag_seconds(self._tracker, vol, applied), 3)
+        s = self._session
         return {
             "address": self.label,
             "state": self.state.value,
@@ -270,7 +273,7 @@ class Shipper:
             "lag_seconds": lag_secs,
             "throughput_bps": round(self._acked.rate(), 1),
             "bytes_sent": self.bytes_sent,
-            "unacked_bytes": self._session.unacked if self._session is not None else 0,
+            "unacked_bytes": s.machine.unacked if s is not None else 0,
             "window_bytes": self.window_bytes,
             "initial_sync": self.sync.as_dict() if self.sync is not None else None,
             "resync": self.resync.as_dict() if self.resync is not None else None,
@@ -330,7 +333,7 @@ class Shipper:
         # An out-of-sync target that a resync can serve is reconnected like any other; one
         # that diverged (or with resync disabled) is only probed now and then.
         return self.state is ShipperState.OUT_OF_SYNC and not (
-            self.allow_resync and self._pin_dropped
+            self.allow_resync and self.positions.pin_dropped
         )
 
     async def _wait_for_change(self) -> None:
@@ -367,13 +370,20 @@ class Shipper:
                 allow_initial_sync=self.allow_initial_sync,
             )
             self.target_node_id = peer.node_id
-            session = _Session(fs)
+            session = _Session(fs, SourceSession(self.label, self.window_bytes))
             self._session = session
             if peer.empty:
                 next_seq = 0
-                self.received_seq = self.applied_seq = None
+                self.positions.forget()
             else:
-                next_seq = self._position(session, peer.received_seq, peer.applied_seq, peer.epochs)
+                plan = self.positions.plan(
+                    self._log_view(),
+                    peer.received_seq,
+                    peer.applied_seq,
+                    peer.epochs,
+                    allow_resync=self.allow_resync,
+                )
+                next_seq = self._adopt(session, plan, peer.applied_seq)
             streamed = True
             await self._session_tasks(session, next_seq)
         except HandshakeRefused as exc:
@@ -387,7 +397,7 @@ class Shipper:
             self._out_of_sync(str(exc))
         except (ConnectionClosed, ProtocolError, HandshakeTimeout, OSError) as exc:
             s = self._session
-            why = s.peer_error if s is not None and s.peer_error else str(exc)
+            why = s.machine.peer_error if s is not None and s.machine.peer_error else str(exc)
             self._note_failure(why)
         except (ReplError, StoreError) as exc:
             log.exception("target %s: shipping failed", self.label)
@@ -398,85 +408,35 @@ class Shipper:
                 await fs.aclose()
         return streamed
 
-    def _position(
-        self,
-        s: _Session,
-        received: int,
-        applied: int,
-        epochs: Sequence[Sequence[int]] | None = None,
-    ) -> int:
-        """Adopt the target's handshake positions; the next seq to ship (synchronous).
+    def _log_view(self) -> LogView:
+        vol, slog = self.volume, self.volume.samlog
+        return LogView(vol.last_seq, slog.first_seq, slog.last_seq, vol.state.epochs)
 
-        Pins set here are in place before the caller's next await, so a checkpoint that runs
-        meanwhile already sees them. ``epochs``: the target's epoch history; one that forked
-        from ours and holds seqs past the fork (an old source after a failover) gets a
-        rewind resync (mirrorfs.repl.fork).
+    def _adopt(self, s: _Session, plan: Plan, applied: int) -> int:
+        """Carry out the plan for a new connection; the next seq to ship (synchronous).
+
+        Pins that the plan set are in place before the caller's next await, so a checkpoint
+        that runs meanwhile already sees them.
         """
+        if self.positions.applied_seq is not None:
+            self._tracker.forget_upto(self.positions.applied_seq)
+        if plan.kind is PlanKind.OUT_OF_SYNC:
+            raise _OutOfSync(plan.reason)
         vol = self.volume
-        verdict = judge(vol.state.epochs, epochs, received) if epochs is not None else None
-        if verdict is not None and verdict.diverged:
-            return self._rewind(s, received, applied, verdict)
-        if received > vol.last_seq or applied > received:
-            self._pin_dropped = ""  # a diverged target is not one a resync can serve
-            raise _OutOfSync(
-                f"the target has received seq {received} (applied {applied}) but this source "
-                f"is at seq {vol.last_seq}: it diverged (failback/resync needed)"
-            )
-        self.received_seq, self.applied_seq = received, applied
-        self._tracker.forget_upto(applied)
-        next_seq = received + 1
-        self._pin_dropped = ""
-        if not self._in_log(next_seq):
-            if not self.allow_resync:
-                raise _OutOfSync(self._missing(next_seq))
-            # Resync: pin S+1 now; the sender compares, copies, then streams from S+1.
-            start = vol.last_seq
-            self._sync_pin = start + 1
-            s.resync = self.resync = ResyncProgress(applied, start, vol.block_count)
-            self._set_state(ShipperState.RESYNCING, self._missing(next_seq))
-            return start + 1
-        # Streaming: the target's position pins from here on (a resync pin of an earlier
-        # connection is no longer needed: the target applied its group, or never will).
-        self._sync_pin = None
-        r = self.resync
-        if r is not None and not r.done and r.end_seq is not None and applied >= r.end_seq:
-            r.finish()  # its group was applied after the connection that sent it ended
-        self._set_state(ShipperState.STREAMING)
-        return next_seq
-
-    def _rewind(self, s: _Session, received: int, applied: int, verdict: ForkVerdict) -> int:
-        """Failback: resync a target that diverged after the fork F (it archives its own
-        seqs after F first). It holds a consistent volume at ``applied``, so the checksum
-        resync sends only the blocks that either side changed since the fork."""
-        assert verdict.fork_seq is not None
-        if not self.allow_resync:
-            self._pin_dropped = ""
-            raise _OutOfSync(verdict.describe(received) + " (resync disabled)")
-        vol = self.volume
-        fork = verdict.fork_seq
-        # Up to F it has what we have; the rest is its own (and acknowledged as F).
-        self.received_seq = self.applied_seq = min(fork, applied)
-        self._tracker.forget_upto(self.applied_seq)
-        self._pin_dropped = ""
-        start = vol.last_seq
-        self._sync_pin = start + 1
-        s.resync = self.resync = ResyncProgress(applied, start, vol.block_count, fork_seq=fork)
-        self._set_state(ShipperState.RESYNCING, verdict.describe(received))
-        log.warning(
-            "target %s %s: rewinding it by a resync", self.label, verdict.describe(received)
+        if plan.kind is PlanKind.STREAM:
+            r = self.resync
+            if r is not None and not r.done and r.end_seq is not None and applied >= r.end_seq:
+                r.finish()  # its group was applied after the connection that sent it ended
+            self._set_state(ShipperState.STREAMING)
+            return plan.next_seq
+        fork = plan.verdict.fork_seq if plan.verdict is not None else None
+        s.resync = self.resync = ResyncProgress(
+            applied, plan.start_seq, vol.block_count, fork_seq=fork
         )
-        return start + 1
-
-    def _in_log(self, seq: int) -> bool:
-        slog = self.volume.samlog
-        if seq == self.volume.last_seq + 1:
-            return True
-        return slog.first_seq != 0 and slog.first_seq <= seq <= slog.last_seq
-
-    def _missing(self, seq: int) -> str:
-        slog = self.volume.samlog
-        held = f"{slog.first_seq}..{slog.last_seq}" if slog.first_seq else "nothing"
-        return f"the target needs seq {seq} but the log holds {held} (resync needed)"
+        self._set_state(ShipperState.RESYNCING, plan.reason)
+        if plan.kind is PlanKind.REWIND:
+            log.warning("target %s %s: rewinding it by a resync", self.label, plan.reason)
+        return plan.next_seq
 
     def _out_of_sync(self, why: str) -> None:
         # Logged when the reason changes, not at every probe.
@@ -485,7 +445,7 @@ class Shipper:
         self._set_state(ShipperState.OUT_OF_SYNC, why)
 
     def _note_failure(self, why: str) -> None:
-        if self.state is ShipperState.OUT_OF_SYNC and self._pin_dropped:
+        if self.state is ShipperState.OUT_OF_SYNC and self.positions.pin_dropped:
             return  # retention already said why
         if (self.state, self.reason) != (ShipperState.ERROR, why):
             log.warning("target %s: %s", self.label, why)
@@ -505,7 +465,7 @@ class Shipper:
                 s.log_reader.close()  # type: ignore[attr-defined]
         if self.received_seq is None:
             # An initial sync that did not finish restarts (with a new pin) next time.
-            self._sync_pin = None
+            self.positions.sync_pin = None
             self.sync = None
 
     async def _session_tasks(self, s: _Session, next_seq: int) -> None:
@@ -534,33 +494,33 @@ class Shipper:
                 self._session_scope = None
         if failure:
             raise failure[0]
-        if self._pin_dropped:
-            raise _OutOfSync(self._pin_dropped)
+        if self.positions.pin_dropped:
+            raise _OutOfSync(self.positions.pin_dropped)
 
     # ------------------------------------------------------------------ sender
 
     async def _send_loop(self, s: _Session, next_seq: int) -> None:
+        m = s.machine
         if next_seq == 0:
             vol = self.volume
             start = vol.last_seq
             # Pinned before the first await, so no checkpoint can retire S+1 from under us.
-            self._sync_pin = start + 1
-            self._pin_dropped = ""
+            self.positions.pin_sync(start)
             self.sync = SyncProgress(start, vol.block_count)
             self._set_state(ShipperState.INITIAL_SYNC)
-            s.last_sent = start
+            m.last_sent = start
             next_seq = await run_initial_sync(vol, s.fs, self.sync, self.label)
             self._set_state(ShipperState.STREAMING)
         elif s.resync is not None:
             s.replies = ReplyQueue()
-            s.last_sent = s.resync.start_seq
+            m.last_sent = s.resync.start_seq
             try:
                 next_seq = await run_resync(self.volume, s.fs, s.resync, s.replies, self.label)
             finally:
                 s.replies = None
             # RESYNCING until the target acks T applied (_on_ack)
         else:
-            s.last_sent = next_seq - 1
+            m.last_sent = next_seq - 1
             self._set_state(ShipperState.STREAMING)
         vol = self.volume
         pending: tuple[int, bytes] | None = None
@@ -570,10 +530,8 @@ class Shipper:
                 pending = self._read_record(s, next_seq)
             if pending is not None:
                 seq, rec = pending
-                if not s.unacked or s.unacked + len(rec) <= self.window_bytes:
-                    s.inflight.append((seq, len(rec)))
-                    s.unacked += len(rec)
-                    s.last_sent = seq
+                if m.may_send(len(rec)):
+                    m.txn_sent(seq, len(rec))
                     self._tracker.set_size(seq, len(rec))
                     pending = None
                     next_seq = seq + 1
@@ -600,8 +558,9 @@ class Shipper:
             got = next(s.log_reader, None)
         except LogError as exc:
             s.log_reader = None
-            if not self._in_log(seq):
-                raise _OutOfSync(self._missing(seq))
+            view = self._log_view()
+            if not view.holds(seq):
+                raise _OutOfSync(view.missing(seq))
             raise LogError(f"cannot read seq {seq} from the log to ship it: {exc}", seq=seq)
         if got is None:
             s.log_reader = None
@@ -620,84 +579,60 @@ class Shipper:
             raise ConnectionClosed(f"target silent for {self.silence:g} s")
 
     def _handle(self, s: _Session, msg: Message) -> None:
-        if isinstance(msg, Ack):
-            self._on_ack(s, msg)
-        elif isinstance(msg, Ping):
-            s.pong_due.append(msg.timestamp_ns)
+        got = s.machine.handle(msg, tuple(self.on_message))
+        if got.route is Route.ACK:
+            assert isinstance(msg, Ack)
+            self._on_ack(s, msg, got.acked)
+        elif got.route is Route.PONG:
             s.control_wake.set()
-        elif isinstance(msg, Pong):
-            pass
-        elif isinstance(msg, VerifyReply):
+        elif got.route is Route.VERIFY:
+            assert isinstance(msg, VerifyReply)
             if s.replies is not None:
                 s.replies.put(msg)  # a resync's comparison
             else:
                 self._verify.on_reply(msg)
-        elif isinstance(msg, ErrorState):
-            if msg.state is PeerState.OK:
-                s.peer_error = ""
-            else:
-                s.peer_error = f"target reports {msg.state.name.lower()}: {msg.text}"
-                log.warning("target %s: %s", self.label, s.peer_error)
-        elif type(msg) in self.on_message:
+        elif got.route is Route.HOOK:
             self.on_message[type(msg)](msg)
-        elif isinstance(msg, Refuse):
-            text = f"refused by the target: {msg.text or msg.reason.name.lower()}"
-            if msg.reason is RefuseReason.FENCED:
-                raise _Fenced(text)
-            raise ConnectionClosed(text)
-        else:
-            raise ProtocolError(f"unexpected {msg.TYPE.name} from target {self.label}")
+        elif got.route is Route.FENCED:
+            raise _Fenced(got.text)
+        elif got.route is Route.REFUSED:
+            raise ConnectionClosed(got.text)
 
-    def _on_ack(self, s: _Session, ack: Ack) -> None:
-        # ACKs come in order, so positions only move forward; the window opens as they do.
-        if ack.applied_seq > ack.received_seq or ack.received_seq > s.last_sent:
-            raise ProtocolError(
-                f"ACK received={ack.received_seq} applied={ack.applied_seq} but the last "
-                f"seq sent is {s.last_sent}"
-            )
-        acked = 0
-        while s.inflight and s.inflight[0][0] <= ack.received_seq:
-            acked += s.inflight.popleft()[1]
+    def _on_ack(self, s: _Session, ack: Ack, acked: int) -> None:
         if acked:
-            s.unacked -= acked
             self._acked.add(acked)
-        if self.received_seq is None or ack.received_seq > self.received_seq:
-            self.received_seq = ack.received_seq
-        if self.applied_seq is None or ack.applied_seq > self.applied_seq:
-            self.applied_seq = ack.applied_seq
-            self._tracker.forget_upto(ack.applied_seq)
+        before = self.positions.applied_seq
         r = s.resync
-        if r is not None:
-            # A resync's stage is not the replica: S+1 stays pinned until T is applied.
-            if r.end_seq is not None and ack.applied_seq >= r.end_seq and not r.done:
-                self._sync_pin = None
-                r.finish()
-                self._set_state(ShipperState.STREAMING)
-                log.info(
-                    "target %s: resync done in %.1f s, consistent at seq %d",
-                    self.label,
-                    r.seconds,
-                    ack.applied_seq,
-                )
-        elif self._sync_pin is not None and self.received_seq >= self._sync_pin - 1:
-            self._sync_pin = None  # the target has the copy; its position pins from now on
+        end = r.end_seq if r is not None and not r.done else None
+        finished = self.positions.on_ack(ack, resyncing=r is not None, resync_end=end)
+        if self.positions.applied_seq != before:
+            self._tracker.forget_upto(ack.applied_seq)
+        if finished and r is not None:
+            r.finish()
+            self._set_state(ShipperState.STREAMING)
+            log.info(
+                "target %s: resync done in %.1f s, consistent at seq %d",
+                self.label,
+                r.seconds,
+                ack.applied_seq,
+            )
         self._wake.set()
 
     async def _control_loop(self, s: _Session) -> None:
         """PONG what the target PINGed; PING when a direction has been idle."""
-        sent, received = s.fs.bytes_sent, s.fs.bytes_received
-        next_tick = trio.current_time() + self.keepalive
+        fs = s.fs
+        ka = Keepalive(self.keepalive)
+        ka.arm(trio.current_time(), fs.bytes_sent, fs.bytes_received)
         while True:
             s.control_wake = trio.Event()
-            with trio.move_on_at(next_tick):
+            with trio.move_on_at(ka.next_tick):
                 await s.control_wake.wait()
-            while s.pong_due:
-                await s.fs.send(Pong(s.pong_due.pop(0)))
-            if trio.current_time() >= next_tick:
-                if s.fs.bytes_sent == sent or s.fs.bytes_received == received:
-                    await s.fs.send(Ping(time.time_ns()))
-                sent, received = s.fs.bytes_sent, s.fs.bytes_received
-                next_tick = trio.current_time() + self.keepalive
+            for pong in s.machine.pongs():
+                await fs.send(pong)
+            if ka.due(trio.current_time()):
+                if ka.idle(fs.bytes_sent, fs.bytes_received):
+                    await fs.send(Ping(time.time_ns()))
+                ka.arm(trio.current_time(), fs.bytes_sent, fs.bytes_received)
 
 
 __all__ = ["Shipper", "ShipperState", "SyncProgress", "install_retention"]
