@@ -41,32 +41,22 @@ Concurrency (one trio thread):
 - A resync pins S+1 in ``_position`` (synchronous, before the session's first await) and
   keeps that pin, across a lost connection too, until an ACK says T is applied: a target
   that dies after recording its group comes back at T and streams on from T+1. While it
-  runs, the reader hands VERIFY_REPLY frames to the resync (``_Session.replies``).
+  runs, the reader hands VERIFY_REPLY frames to the resync (``Connection.replies``).
 """
 
 from __future__ import annotations
 
-import enum
 import functools
 import logging
-import time
-from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from mirrorfs.repl.initial_sync import SyncProgress, run_initial_sync
+from mirrorfs.repl.connection import Connection, Fenced, OutOfSync, Wakeup
+from mirrorfs.repl.initial_sync import SyncProgress
 from mirrorfs.repl.lag import CommitTracker, RateMeter, install_retention, lag_seconds
-from mirrorfs.repl.resync import ReplyQueue, ResyncProgress, run_resync
-from mirrorfs.repl.source_session import (
-    Keepalive,
-    LogView,
-    Plan,
-    PlanKind,
-    Route,
-    SourceSession,
-    TargetPositions,
-)
+from mirrorfs.repl.resync import ResyncProgress
+from mirrorfs.repl.source_session import LogView, Plan, PlanKind, ShipperState, TargetPositions
 from mirrorfs.repl.stream import (
     ConnectionClosed,
     FramedStream,
@@ -75,17 +65,8 @@ from mirrorfs.repl.stream import (
     handshake_source,
 )
 from mirrorfs.repl.verify import Range, VerifyChannel, VerifyError
-from mirrorfs.repl.wire import (
-    Ack,
-    Message,
-    Ping,
-    ProtocolError,
-    RefuseReason,
-    ReplError,
-    Txn,
-    VerifyReply,
-)
-from mirrorfs.store.errors import LogError, StoreError
+from mirrorfs.repl.wire import Message, ProtocolError, RefuseReason, ReplError
+from mirrorfs.store.errors import StoreError
 from mirrorfs.store.txn import Transaction
 from mirrorfs.store.volume import Volume
 
@@ -100,45 +81,12 @@ PROBE_INTERVAL = 30.0  # how often an out-of-sync or diverged target is looked a
 Connect = Callable[[], Awaitable[trio.abc.Stream]]  # opens one connection to the target
 
 
-class ShipperState(enum.StrEnum):
-    """What a shipper is doing (``status()["state"]``; ``reason`` says why for the last three)."""
-
-    CONNECTING = "connecting"
-    INITIAL_SYNC = "initial-sync"
-    RESYNCING = "resyncing"
-    STREAMING = "streaming"
-    OUT_OF_SYNC = "out-of-sync"
-    FENCED = "fenced"
-    ERROR = "error"
-
-
 _ROUTINE = (
     ShipperState.CONNECTING,
     ShipperState.INITIAL_SYNC,
     ShipperState.RESYNCING,
     ShipperState.STREAMING,
 )
-
-
-class _OutOfSync(ReplError):
-    """The target needs transactions this log no longer holds (or diverged from it)."""
-
-
-class _Fenced(ReplError):
-    """The target belongs to a newer epoch: this source is stale."""
-
-
-@dataclass(slots=True)
-class _Session:
-    """One connection: its stream, its pure exchange state, and the sender's log reader."""
-
-    fs: FramedStream
-    machine: SourceSession
-    log_reader: Iterator[tuple[int, bytes]] | None = None
-    reader_next: int = 0
-    control_wake: trio.Event = field(default_factory=trio.Event)
-    resync: ResyncProgress | None = None  # a resync to run before streaming
-    replies: ReplyQueue | None = None  # where VERIFY_REPLY goes while it runs
 
 
 class Shipper:
@@ -182,13 +130,12 @@ class Shipper:
         self.resync: ResyncProgress | None = None  # the current or last resync
         self.connections = 0
         self._bytes_sent_before = 0  # wire bytes of finished connections
-        self._session: _Session | None = None
-        self._tracker = CommitTracker()
-        self._acked = RateMeter()
-        self._wake = trio.Event()  # the sender looks again (commit, ack, verify, pin drop)
+        self._session: Connection | None = None
+        self.tracker = CommitTracker()
+        self.acked = RateMeter()
+        self.wakeup = Wakeup()  # the sender looks again (commit, ack, verify, pin drop)
         self._retry = trio.Event()
-        self._session_scope: trio.CancelScope | None = None
-        self._verify = VerifyChannel(self.label)
+        self.verify = VerifyChannel(self.label)
         # Replies that other modules wait for (the switchover's), by message class; called
         # by the reader between two awaits.
         self.on_message: dict[type[Message], Callable[[Message], None]] = {}
@@ -211,8 +158,8 @@ class Shipper:
 
     def _on_commit(self, txn: Transaction) -> None:
         # Runs inside Volume.commit(): O(1), no I/O, never awaits.
-        self._tracker.note(txn)
-        self._wake.set()
+        self.tracker.note(txn)
+        self.wakeup.set()
 
     def retain_seq(self) -> int | None:
         """Lowest seq this target still needs from the log, None if it pins nothing."""
@@ -227,15 +174,15 @@ class Shipper:
         """
         self.positions.pin_dropped = reason
         self._out_of_sync(reason)
-        if self._session_scope is not None:
-            self._session_scope.cancel()
-        self._wake.set()
+        if self._session is not None:
+            self._session.cancel()
+        self.wakeup.set()
 
     def retry(self) -> None:
         """Look at an out-of-sync, diverged or fenced target again now."""
         self._retry.set()
 
-    def _set_state(self, state: ShipperState, reason: str = "") -> None:
+    def set_state(self, state: ShipperState, reason: str = "") -> None:
         # out-of-sync, error and fenced log their reasons themselves, at warning level
         if state is not self.state and state in _ROUTINE:
             log.info("target %s: %s%s", self.label, state.value, f" ({reason})" if reason else "")
@@ -257,8 +204,8 @@ class Shipper:
         lag_txns = lag_bytes = lag_secs = None
         if applied is not None:
             lag_txns = max(0, last - applied)
-            lag_bytes = self._tracker.bytes_after(applied) if lag_txns else 0
-            lag_secs = round(lag_seconds(self._tracker, vol, applied), 3)
+            lag_bytes = self.tracker.bytes_after(applied) if lag_txns else 0
+            lag_secs = round(lag_seconds(self.tracker, vol, applied), 3)
         s = self._session
         return {
             "address": self.label,
@@ -271,7 +218,7 @@ class Shipper:
             "lag_txns": lag_txns,
             "lag_bytes": lag_bytes,
             "lag_seconds": lag_secs,
-            "throughput_bps": round(self._acked.rate(), 1),
+            "throughput_bps": round(self.acked.rate(), 1),
             "bytes_sent": self.bytes_sent,
             "unacked_bytes": s.machine.unacked if s is not None else 0,
             "window_bytes": self.window_bytes,
@@ -289,7 +236,7 @@ class Shipper:
         """Digests of ``ranges`` on both sides at one seq: ``(seq, source, target)``."""
         if self.state is not ShipperState.STREAMING:
             raise VerifyError(f"target {self.label} is {self.state.value}, not streaming")
-        return await self._verify.request(ranges, timeout=timeout, wake=self._wake.set)
+        return await self.verify.request(ranges, timeout=timeout, wake=self.wakeup.set)
 
     @property
     def session_id(self) -> int | None:
@@ -315,7 +262,7 @@ class Shipper:
                 if self._idle():
                     await self._wait_for_change()
                 elif self.state is ShipperState.ERROR:
-                    self._set_state(ShipperState.CONNECTING, self.reason)
+                    self.set_state(ShipperState.CONNECTING, self.reason)
                 streamed = await self._connect_once()
                 if streamed and self.state is not ShipperState.OUT_OF_SYNC:
                     delay = BACKOFF_MIN  # (a resync that keeps failing backs off)
@@ -324,7 +271,7 @@ class Shipper:
                     delay = min(delay * 2, BACKOFF_MAX)
         finally:
             self.volume.on_commit.remove(self._on_commit)
-            self._verify.fail_all("the shipper stopped")
+            self.verify.fail_all("the shipper stopped")
 
     def _idle(self) -> bool:
         """Whether to wait for a retry() or a probe instead of reconnecting with backoff."""
@@ -370,14 +317,14 @@ class Shipper:
                 allow_initial_sync=self.allow_initial_sync,
             )
             self.target_node_id = peer.node_id
-            session = _Session(fs, SourceSession(self.label, self.window_bytes))
+            session = Connection(fs, self, self.window_bytes)
             self._session = session
             if peer.empty:
                 next_seq = 0
                 self.positions.forget()
             else:
                 plan = self.positions.plan(
-                    self._log_view(),
+                    self.log_view(),
                     peer.received_seq,
                     peer.applied_seq,
                     peer.epochs,
@@ -385,15 +332,15 @@ class Shipper:
                 )
                 next_seq = self._adopt(session, plan, peer.applied_seq)
             streamed = True
-            await self._session_tasks(session, next_seq)
+            await session.run(next_seq)
         except HandshakeRefused as exc:
             if exc.reason is RefuseReason.FENCED:
                 self._fence(str(exc))
             else:
                 self._note_failure(str(exc))
-        except _Fenced as exc:
+        except Fenced as exc:
             self._fence(str(exc))
-        except _OutOfSync as exc:
+        except OutOfSync as exc:
             self._out_of_sync(str(exc))
         except (ConnectionClosed, ProtocolError, HandshakeTimeout, OSError) as exc:
             s = self._session
@@ -408,32 +355,32 @@ class Shipper:
                 await fs.aclose()
         return streamed
 
-    def _log_view(self) -> LogView:
+    def log_view(self) -> LogView:
         vol, slog = self.volume, self.volume.samlog
         return LogView(vol.last_seq, slog.first_seq, slog.last_seq, vol.state.epochs)
 
-    def _adopt(self, s: _Session, plan: Plan, applied: int) -> int:
+    def _adopt(self, s: Connection, plan: Plan, applied: int) -> int:
         """Carry out the plan for a new connection; the next seq to ship (synchronous).
 
         Pins that the plan set are in place before the caller's next await, so a checkpoint
         that runs meanwhile already sees them.
         """
         if self.positions.applied_seq is not None:
-            self._tracker.forget_upto(self.positions.applied_seq)
+            self.tracker.forget_upto(self.positions.applied_seq)
         if plan.kind is PlanKind.OUT_OF_SYNC:
-            raise _OutOfSync(plan.reason)
+            raise OutOfSync(plan.reason)
         vol = self.volume
         if plan.kind is PlanKind.STREAM:
             r = self.resync
             if r is not None and not r.done and r.end_seq is not None and applied >= r.end_seq:
                 r.finish()  # its group was applied after the connection that sent it ended
-            self._set_state(ShipperState.STREAMING)
+            self.set_state(ShipperState.STREAMING)
             return plan.next_seq
         fork = plan.verdict.fork_seq if plan.verdict is not None else None
         s.resync = self.resync = ResyncProgress(
             applied, plan.start_seq, vol.block_count, fork_seq=fork
         )
-        self._set_state(ShipperState.RESYNCING, plan.reason)
+        self.set_state(ShipperState.RESYNCING, plan.reason)
         if plan.kind is PlanKind.REWIND:
             log.warning("target %s %s: rewinding it by a resync", self.label, plan.reason)
         return plan.next_seq
@@ -442,197 +389,30 @@ class Shipper:
         # Logged when the reason changes, not at every probe.
         if (self.state, self.reason) != (ShipperState.OUT_OF_SYNC, why):
             log.warning("target %s is out-of-sync: %s", self.label, why)
-        self._set_state(ShipperState.OUT_OF_SYNC, why)
+        self.set_state(ShipperState.OUT_OF_SYNC, why)
 
     def _note_failure(self, why: str) -> None:
         if self.state is ShipperState.OUT_OF_SYNC and self.positions.pin_dropped:
             return  # retention already said why
         if (self.state, self.reason) != (ShipperState.ERROR, why):
             log.warning("target %s: %s", self.label, why)
-        self._set_state(ShipperState.ERROR, why)
+        self.set_state(ShipperState.ERROR, why)
 
     def _fence(self, why: str) -> None:
         log.error("target %s: stopped shipping: %s", self.label, why)
-        self._set_state(ShipperState.FENCED, why)
+        self.set_state(ShipperState.FENCED, why)
 
     def _end_session(self, fs: FramedStream) -> None:
         self._bytes_sent_before += fs.bytes_sent
         s = self._session
         self._session = None
         if s is not None:
-            self._verify.fail_all(f"connection to {self.label} lost during verify")
-            if s.log_reader is not None:
-                s.log_reader.close()  # type: ignore[attr-defined]
+            self.verify.fail_all(f"connection to {self.label} lost during verify")
+            s.close()
         if self.received_seq is None:
             # An initial sync that did not finish restarts (with a new pin) next time.
             self.positions.sync_pin = None
             self.sync = None
-
-    async def _session_tasks(self, s: _Session, next_seq: int) -> None:
-        """Run sender, reader and control tasks; the first failure ends all three."""
-        failure: list[BaseException] = []
-
-        async def guard(fn: Callable, *args: object) -> None:
-            try:
-                await fn(*args)
-            except (ReplError, StoreError, OSError) as exc:
-                failure.append(exc)
-                nursery.cancel_scope.cancel()
-            except Exception as exc:  # a bug: end this connection, keep the shipper alive
-                log.exception("target %s: unexpected error in %s", self.label, fn.__name__)
-                failure.append(ReplError(f"internal error: {exc!r}"))
-                nursery.cancel_scope.cancel()
-
-        with trio.CancelScope() as scope:
-            self._session_scope = scope
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(guard, self._read_loop, s)
-                    nursery.start_soon(guard, self._control_loop, s)
-                    nursery.start_soon(guard, self._send_loop, s, next_seq)
-            finally:
-                self._session_scope = None
-        if failure:
-            raise failure[0]
-        if self.positions.pin_dropped:
-            raise _OutOfSync(self.positions.pin_dropped)
-
-    # ------------------------------------------------------------------ sender
-
-    async def _send_loop(self, s: _Session, next_seq: int) -> None:
-        m = s.machine
-        if next_seq == 0:
-            vol = self.volume
-            start = vol.last_seq
-            # Pinned before the first await, so no checkpoint can retire S+1 from under us.
-            self.positions.pin_sync(start)
-            self.sync = SyncProgress(start, vol.block_count)
-            self._set_state(ShipperState.INITIAL_SYNC)
-            m.last_sent = start
-            next_seq = await run_initial_sync(vol, s.fs, self.sync, self.label)
-            self._set_state(ShipperState.STREAMING)
-        elif s.resync is not None:
-            s.replies = ReplyQueue()
-            m.last_sent = s.resync.start_seq
-            try:
-                next_seq = await run_resync(self.volume, s.fs, s.resync, s.replies, self.label)
-            finally:
-                s.replies = None
-            # RESYNCING until the target acks T applied (_on_ack)
-        else:
-            m.last_sent = next_seq - 1
-            self._set_state(ShipperState.STREAMING)
-        vol = self.volume
-        pending: tuple[int, bytes] | None = None
-        while True:
-            # Everything from here to the next await runs without commits in between.
-            if pending is None and next_seq <= vol.last_seq:
-                pending = self._read_record(s, next_seq)
-            if pending is not None:
-                seq, rec = pending
-                if m.may_send(len(rec)):
-                    m.txn_sent(seq, len(rec))
-                    self._tracker.set_size(seq, len(rec))
-                    pending = None
-                    next_seq = seq + 1
-                    await s.fs.send(Txn(seq, rec))
-                    continue
-            elif self._verify.wanted:
-                # Caught up: every transaction up to last_seq is sent, and the digests are
-                # computed before the next await, so they are of exactly that seq.
-                req = self._verify.next_request(vol)
-                if req is not None:
-                    await s.fs.send(req)
-                continue
-            # Nothing to do until a commit, an ACK (window) or a verify request.
-            self._wake = trio.Event()
-            await self._wake.wait()
-
-    def _read_record(self, s: _Session, seq: int) -> tuple[int, bytes] | None:
-        """Record ``seq`` from the log (synchronous); None if it is not committed yet."""
-        try:
-            if s.log_reader is None or s.reader_next != seq:
-                if s.log_reader is not None:
-                    s.log_reader.close()  # type: ignore[attr-defined]
-                s.log_reader = self.volume.samlog.scan_encoded(seq)
-            got = next(s.log_reader, None)
-        except LogError as exc:
-            s.log_reader = None
-            view = self._log_view()
-            if not view.holds(seq):
-                raise _OutOfSync(view.missing(seq))
-            raise LogError(f"cannot read seq {seq} from the log to ship it: {exc}", seq=seq)
-        if got is None:
-            s.log_reader = None
-            return None
-        s.reader_next = got[0] + 1
-        return got
-
-    # ------------------------------------------------------------------ reader / control
-
-    async def _read_loop(self, s: _Session) -> None:
-        while True:
-            with trio.move_on_after(self.silence):
-                msg = await s.fs.receive()
-                self._handle(s, msg)
-                continue
-            raise ConnectionClosed(f"target silent for {self.silence:g} s")
-
-    def _handle(self, s: _Session, msg: Message) -> None:
-        got = s.machine.handle(msg, tuple(self.on_message))
-        if got.route is Route.ACK:
-            assert isinstance(msg, Ack)
-            self._on_ack(s, msg, got.acked)
-        elif got.route is Route.PONG:
-            s.control_wake.set()
-        elif got.route is Route.VERIFY:
-            assert isinstance(msg, VerifyReply)
-            if s.replies is not None:
-                s.replies.put(msg)  # a resync's comparison
-            else:
-                self._verify.on_reply(msg)
-        elif got.route is Route.HOOK:
-            self.on_message[type(msg)](msg)
-        elif got.route is Route.FENCED:
-            raise _Fenced(got.text)
-        elif got.route is Route.REFUSED:
-            raise ConnectionClosed(got.text)
-
-    def _on_ack(self, s: _Session, ack: Ack, acked: int) -> None:
-        if acked:
-            self._acked.add(acked)
-        before = self.positions.applied_seq
-        r = s.resync
-        end = r.end_seq if r is not None and not r.done else None
-        finished = self.positions.on_ack(ack, resyncing=r is not None, resync_end=end)
-        if self.positions.applied_seq != before:
-            self._tracker.forget_upto(ack.applied_seq)
-        if finished and r is not None:
-            r.finish()
-            self._set_state(ShipperState.STREAMING)
-            log.info(
-                "target %s: resync done in %.1f s, consistent at seq %d",
-                self.label,
-                r.seconds,
-                ack.applied_seq,
-            )
-        self._wake.set()
-
-    async def _control_loop(self, s: _Session) -> None:
-        """PONG what the target PINGed; PING when a direction has been idle."""
-        fs = s.fs
-        ka = Keepalive(self.keepalive)
-        ka.arm(trio.current_time(), fs.bytes_sent, fs.bytes_received)
-        while True:
-            s.control_wake = trio.Event()
-            with trio.move_on_at(ka.next_tick):
-                await s.control_wake.wait()
-            for pong in s.machine.pongs():
-                await fs.send(pong)
-            if ka.due(trio.current_time()):
-                if ka.idle(fs.bytes_sent, fs.bytes_received):
-                    await fs.send(Ping(time.time_ns()))
-                ka.arm(trio.current_time(), fs.bytes_sent, fs.bytes_received)
 
 
 __all__ = ["Shipper", "ShipperState", "SyncProgress", "install_retention"]

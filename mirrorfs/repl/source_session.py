@@ -37,6 +37,18 @@ from mirrorfs.repl.wire import (
 log = logging.getLogger(__name__)
 
 
+class ShipperState(enum.StrEnum):
+    """What a shipper is doing (``status()["state"]``; ``reason`` says why for the last three)."""
+
+    CONNECTING = "connecting"
+    INITIAL_SYNC = "initial-sync"
+    RESYNCING = "resyncing"
+    STREAMING = "streaming"
+    OUT_OF_SYNC = "out-of-sync"
+    FENCED = "fenced"
+    ERROR = "error"
+
+
 class Route(enum.Enum):
     """Where an incoming frame goes (``SourceSession.handle``)."""
 
