@@ -9,7 +9,6 @@ import random
 import pytest
 import trio
 
-from mirrorfs.repl.shipper import Shipper
 from mirrorfs.repl.verify import (
     VerifyError,
     diff_volumes,
@@ -27,6 +26,7 @@ from tests.test_shipper import (
     commit_random,
     fill,
     make_source,
+    ship,
     wait_until,
 )
 
@@ -112,8 +112,8 @@ async def test_verify_target_over_the_connection(tmp_path, rng, nursery):
     src = make_source(tmp_path)
     fill(src, rng)
     target = MiniTarget(str(tmp_path / "replica"))
-    port = await nursery.start(target.serve)
-    shipper = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src")
+    await nursery.start(target.serve)
+    shipper = ship(src, target)
     with pytest.raises(VerifyError):
         await shipper.verify_round([(0, 1)], timeout=1)
     await nursery.start(shipper.run)
