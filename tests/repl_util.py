@@ -87,6 +87,21 @@ class MemoryListener:
         return client
 
 
+def holds_for(cond: Callable[[], bool], seconds: float, what: str) -> None:
+    """Check ``cond`` every 50 ms for ``seconds``; fail as soon as it is false.
+
+    For what must *not* happen (a stale source must not reach a replica): the check runs
+    the whole time, instead of sleeping and looking once at the end.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        if not cond():
+            raise AssertionError(f"no longer true: {what}")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nobody listens on right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
