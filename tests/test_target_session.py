@@ -38,6 +38,31 @@ from mirrorfs.store.errors import LogError, VolumeFailed
 PEER = Peer(AuthRole.SOURCE, "src", bytes(range(16)), ((1, 1),), 1, last_seq=10)
 
 
+class FakeStage:
+    """A ResyncStage that counts what was staged."""
+
+    def __init__(self, store: FakeStore) -> None:
+        self.store = store
+        self.staged = 0
+        self.end: int | None = None
+
+    def on_blocks(self, msg: SyncBlocks) -> None:
+        self.store.calls.append(("stage_blocks", msg.first_block))
+
+    def on_end(self, msg: SyncEnd) -> bool:
+        self.store.calls.append(("end_resync", msg.consistent_at_seq))
+        self.end = msg.consistent_at_seq
+        return self.end == self.staged
+
+    def on_txn(self, msg: Txn) -> bool:
+        self.store.calls.append(("stage_txn", msg.seq))
+        self.staged = msg.seq
+        return msg.seq == self.end
+
+    def positions(self) -> tuple[int, int]:
+        return (self.staged or self.store.received), self.store.applied
+
+
 class FakeStore:
     """A TargetStore that keeps positions in two numbers and logs every call."""
 
@@ -48,7 +73,7 @@ class FakeStore:
         self.block_count = 1024
         self.calls: list[tuple] = []
         self.fail: BaseException | None = None  # raised by the next receive_apply
-        self.resync_complete_at: int | None = None
+        self.stage: FakeStage | None = None
         self.refusal: str | None = None
         self.can_promote = True
 
@@ -76,33 +101,19 @@ class FakeStore:
     def finish_copy(self, msg: SyncEnd, volume_uuid: bytes) -> None:
         self.calls.append(("finish_copy", msg.consistent_at_seq))
 
-    def begin_resync(self, msg: SyncBegin, fork_seq: int | None, peer: Peer) -> None:
+    def begin_resync(self, msg: SyncBegin, fork_seq: int | None, peer: Peer) -> FakeStage:
         self.calls.append(("begin_resync", msg.start_seq, fork_seq))
+        self.stage = FakeStage(self)
+        return self.stage
 
-    def stage_blocks(self, msg: SyncBlocks) -> None:
-        self.calls.append(("stage_blocks", msg.first_block))
-
-    def end_resync(self, msg: SyncEnd) -> bool:
-        self.calls.append(("end_resync", msg.consistent_at_seq))
-        self.resync_complete_at = msg.consistent_at_seq
-        return msg.consistent_at_seq == self.staged
-
-    staged = 0
-
-    def stage_txn(self, msg: Txn) -> bool:
-        self.calls.append(("stage_txn", msg.seq))
-        self.staged = msg.seq
-        return msg.seq == self.resync_complete_at
-
-    def commit_resync(self) -> None:
+    def commit_resync(self, stage: FakeStage) -> None:
+        assert stage is self.stage
         self.calls.append(("commit_resync",))
-        self.received = self.applied = self.staged
+        self.received = self.applied = stage.staged
 
-    def abort_resync(self, why: str) -> None:
+    def abort_resync(self, stage: FakeStage, why: str) -> None:
+        assert stage is self.stage
         self.calls.append(("abort_resync", why))
-
-    def resync_positions(self) -> tuple[int, int]:
-        return (self.staged or self.received), self.applied
 
     def switchover_refusal(self, seq: int, *, busy: bool) -> str | None:
         if busy:
@@ -258,7 +269,7 @@ def test_diverged_replica_acks_the_fork_and_takes_only_a_rewind():
     )
     s.handle(SyncBegin(SyncKind.RESYNC, 4096, 1024, 20))
     assert store.calls[-1] == ("begin_resync", 20, 6)
-    store.staged = 20
+    store.stage.staged = 20
     assert s.handle(SyncEnd(20)).drop is None  # T == S, nothing to replay: applied at once
     assert store.calls[-1] == ("commit_resync",)
     assert s.fork_seq is None and s.ack(0.1, 2) == Ack(20, 20, 2)

@@ -298,11 +298,12 @@ class Receiver:
         with trio.move_on_after(BUSY_GRACE):
             try:
                 hello = await fs.receive()
+                vol = self.volume
                 if (
                     isinstance(hello, Hello)
-                    and self.store.present
-                    and not self.store.empty
-                    and (hello.epochs[-1][0] if hello.epochs else 0) < self.store.epoch
+                    and vol is not None
+                    and not vol.state.sync_state
+                    and (hello.epochs[-1][0] if hello.epochs else 0) < vol.state.epoch
                 ):
                     # A stale source (split brain): tell it that it is fenced, not merely
                     # that we are busy, or it would retry and keep taking writes. The

@@ -20,8 +20,9 @@ from mirrorfs.repl.handshake import Peer
 from mirrorfs.repl.initial_sync import finish_copy, start_replica
 from mirrorfs.repl.resync import TargetResync
 from mirrorfs.repl.switchover import switchover_refusal
+from mirrorfs.repl.target_session import ResyncStage
 from mirrorfs.repl.verify import range_digests
-from mirrorfs.repl.wire import Switchover, SwitchoverDone, SyncBegin, SyncBlocks, SyncEnd, Txn
+from mirrorfs.repl.wire import Switchover, SwitchoverDone, SyncBegin, SyncBlocks, SyncEnd
 from mirrorfs.store.nodestate import Role
 from mirrorfs.store.txn import Transaction
 from mirrorfs.store.volume import BITMAP_START, Volume
@@ -79,28 +80,21 @@ class ReplicaStore:
 
     @property
     def is_source(self) -> bool:
-        return self._vol.state.role != Role.TARGET.value
+        return self._vol().state.role != Role.TARGET.value
 
     @property
     def applied_seq(self) -> int:
-        return self._vol.last_seq
+        return self._vol().last_seq
 
     @property
     def block_count(self) -> int:
-        return self._vol.block_count
-
-    @property
-    def epoch(self) -> int:
-        """The current epoch of a consistent replica (0 while empty)."""
-        vol = self.volume
-        return vol.state.epoch if vol is not None and not vol.state.sync_state else 0
+        return self._vol().block_count
 
     @property
     def failed(self) -> str:
         vol = self.volume
         return vol.failed if vol is not None and vol.failed else ""
 
-    @property
     def _vol(self) -> Volume:
         assert self.volume is not None
         return self.volume
@@ -117,7 +111,7 @@ class ReplicaStore:
         }
 
     def positions(self) -> tuple[int, int]:
-        vol = self._vol
+        vol = self._vol()
         return vol.received_seq, vol.last_seq
 
     def status(self) -> dict[str, Any]:
@@ -135,7 +129,7 @@ class ReplicaStore:
     def judge_fork(self, peer: Peer) -> int | None:
         """Compare epoch histories (failback): adopt the source's, or return the fork seq
         after which this replica diverged (it then waits for a rewind resync)."""
-        vol = self._vol
+        vol = self._vol()
         verdict = judge(peer.epochs, vol.state.epochs, vol.received_seq)
         if verdict.diverged:
             log.warning(
@@ -151,14 +145,14 @@ class ReplicaStore:
 
     def digests(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         """Digests of the block file (run in a worker thread while nothing is applied)."""
-        return range_digests(self._vol, ranges)
+        return range_digests(self._vol(), ranges)
 
     # ------------------------------------------------------------------ streaming
 
     def receive_apply(self, seq: int, record: bytes) -> None:
         # No await from here to the end: the transaction is received, applied, and the
         # caches above are told, as one step of the trio loop.
-        vol = self._vol
+        vol = self._vol()
         txn = vol.receive(seq, record)
         vol.apply(txn)
         self._refresh_allocator(vol, txn)
@@ -202,12 +196,12 @@ class ReplicaStore:
             self.on_created(self.volume)
 
     def copy_blocks(self, msg: SyncBlocks) -> None:
-        vol = self._vol
+        vol = self._vol()
         vol.write_sync_blocks(msg.first_block, msg.blocks(vol.block_size))
         self.sync_blocks_copied += msg.nblocks
 
     def finish_copy(self, msg: SyncEnd, volume_uuid: bytes) -> None:
-        vol = self._vol
+        vol = self._vol()
         finish_copy(vol, msg, volume_uuid)
         log.info(
             "initial-sync copy done: %d blocks; consistent once seq %d is applied",
@@ -218,33 +212,18 @@ class ReplicaStore:
 
     # ------------------------------------------------------------------ resync
 
-    def begin_resync(self, msg: SyncBegin, fork_seq: int | None, peer: Peer) -> None:
+    def begin_resync(self, msg: SyncBegin, fork_seq: int | None, peer: Peer) -> TargetResync:
         epochs = [list(e) for e in peer.epochs]
-        self.resync = TargetResync(self._vol, msg, fork_seq=fork_seq, source_epochs=epochs)
+        self.resync = TargetResync(self._vol(), msg, fork_seq=fork_seq, source_epochs=epochs)
+        return self.resync
 
-    def stage_blocks(self, msg: SyncBlocks) -> None:
-        assert self.resync is not None
-        self.resync.on_blocks(msg)
-
-    def end_resync(self, msg: SyncEnd) -> bool:
-        assert self.resync is not None
-        return self.resync.on_end(msg)
-
-    def stage_txn(self, msg: Txn) -> bool:
-        assert self.resync is not None
-        return self.resync.on_txn(msg)
-
-    def resync_positions(self) -> tuple[int, int]:
-        assert self.resync is not None
-        return self.resync.positions()
-
-    def commit_resync(self) -> None:
+    def commit_resync(self, stage: ResyncStage) -> None:
         """Apply the staged group and tell the layers above, in one step (no await)."""
-        resync, vol = self.resync, self._vol
-        assert resync is not None
+        assert isinstance(stage, TargetResync)
+        vol = self._vol()
         self.resync = None  # (a failure below is not an abandoned stage: the record is set)
-        result = resync.commit()
-        self.last_resync = {**resync.as_dict(), "blocks_applied": result.blocks}
+        result = stage.commit()
+        self.last_resync = {**stage.as_dict(), "blocks_applied": result.blocks}
         try:
             if self.on_resynced is not None:
                 self.on_resynced(vol)
@@ -255,10 +234,10 @@ class ReplicaStore:
             log.exception("resync hooks failed after seq %d", result.end_seq)
         self._check_consistent(vol)
 
-    def abort_resync(self, why: str) -> None:
-        if self.resync is not None:
-            self.resync.abort(why)
-            self.resync = None
+    def abort_resync(self, stage: ResyncStage, why: str) -> None:
+        assert isinstance(stage, TargetResync)
+        self.resync = None
+        stage.abort(why)
 
     # ------------------------------------------------------------------ switchover
 

@@ -58,6 +58,21 @@ ACK_DELAY = 0.05  # never hold an ACK back longer than this while draining
 KEEPALIVE = 5.0  # send a PING after this long without sending anything
 
 
+class ResyncStage(Protocol):
+    """A resync being staged (mirrorfs.repl.resync.TargetResync); nothing is applied."""
+
+    def on_blocks(self, msg: SyncBlocks) -> None: ...
+
+    def on_end(self, msg: SyncEnd) -> bool:
+        """SYNC_END(T); True when the group is complete."""
+
+    def on_txn(self, msg: Txn) -> bool:
+        """TXN S+1..T staged; True when the group is complete."""
+
+    def positions(self) -> tuple[int, int]:
+        """(received, applied) for an ACK while staging."""
+
+
 class TargetStore(Protocol):
     """What a target session needs of its replica store; every call is synchronous.
 
@@ -92,22 +107,14 @@ class TargetStore(Protocol):
 
     def finish_copy(self, msg: SyncEnd, volume_uuid: bytes) -> None: ...
 
-    def begin_resync(self, msg: SyncBegin, fork_seq: int | None, peer: Peer) -> None: ...
+    def begin_resync(self, msg: SyncBegin, fork_seq: int | None, peer: Peer) -> ResyncStage:
+        """SYNC_BEGIN(RESYNC): open a stage over the replica as it is (A)."""
 
-    def stage_blocks(self, msg: SyncBlocks) -> None: ...
+    def commit_resync(self, stage: ResyncStage) -> None:
+        """Apply the complete group in one step and tell the layers above."""
 
-    def end_resync(self, msg: SyncEnd) -> bool:
-        """SYNC_END(T) staged; True when the group is complete."""
-
-    def stage_txn(self, msg: Txn) -> bool:
-        """TXN staged; True when the group is complete."""
-
-    def commit_resync(self) -> None:
-        """Apply the staged group in one step and tell the layers above."""
-
-    def abort_resync(self, why: str) -> None: ...
-
-    def resync_positions(self) -> tuple[int, int]: ...
+    def abort_resync(self, stage: ResyncStage, why: str) -> None:
+        """The session ended first: discard the stage; the replica stays at A."""
 
     def switchover_refusal(self, seq: int, *, busy: bool) -> str | None: ...
 
@@ -185,7 +192,7 @@ class TargetSession:
         self.expect_full_sync = empty  # we told the source we are empty
         self.syncing = False  # between SYNC_BEGIN(FULL) and SYNC_END
         self.ready = not empty  # TXNs welcome: not empty, or the copy is done
-        self.resyncing = False  # between SYNC_BEGIN(RESYNC) and its group
+        self.resync: ResyncStage | None = None  # between SYNC_BEGIN(RESYNC) and its group
         self.fork_seq = fork_seq  # diverged after this seq: only a rewind resync is welcome
         self.ack_delay = ack_delay
         self.keepalive = keepalive
@@ -197,7 +204,7 @@ class TargetSession:
 
     @property
     def phase(self) -> TargetPhase:
-        if self.resyncing:
+        if self.resync is not None:
             return TargetPhase.RESYNCING
         return TargetPhase.STREAMING if self.ready else TargetPhase.INITIAL_SYNC
 
@@ -247,8 +254,8 @@ class TargetSession:
         store = self.store
         if not store.present or not self.ready:
             raise _Drop(f"TXN {msg.seq} before the initial sync completed")
-        if self.resyncing:
-            if store.stage_txn(msg):
+        if self.resync is not None:
+            if self.resync.on_txn(msg):
                 self._finish_resync()
             return
         if store.is_source:
@@ -262,10 +269,9 @@ class TargetSession:
 
     def _on_sync_begin(self, msg: SyncBegin) -> None:
         if msg.kind is SyncKind.RESYNC:
-            if not self.store.present or not self.ready or self.syncing or self.resyncing:
+            if not self.store.present or not self.ready or self.syncing or self.resync:
                 raise _Drop("SYNC_BEGIN(RESYNC), but this target is not a consistent replica")
-            self.store.begin_resync(msg, self.fork_seq, self.peer)
-            self.resyncing = True
+            self.resync = self.store.begin_resync(msg, self.fork_seq, self.peer)
             return
         if not self.expect_full_sync or self.syncing or self.ready:
             raise _Drop("SYNC_BEGIN, but this target did not ask for an initial sync")
@@ -273,16 +279,16 @@ class TargetSession:
         self.syncing = True
 
     def _on_sync_blocks(self, msg: SyncBlocks) -> None:
-        if self.resyncing:
-            self.store.stage_blocks(msg)
+        if self.resync is not None:
+            self.resync.on_blocks(msg)
             return
         if not self.syncing or not self.store.present:
             raise _Drop("SYNC_BLOCKS outside of an initial sync")
         self.store.copy_blocks(msg)
 
     def _on_sync_end(self, msg: SyncEnd) -> None:
-        if self.resyncing:
-            if self.store.end_resync(msg):
+        if self.resync is not None:
+            if self.resync.on_end(msg):
                 self._finish_resync()
             return
         if not self.syncing or not self.store.present:
@@ -293,13 +299,14 @@ class TargetSession:
         # The ACK(S, S) that the contract asks for is the next coalesced ACK.
 
     def _finish_resync(self) -> None:
-        self.resyncing = False  # (a failure below is not an abandoned stage: the record is set)
-        self.store.commit_resync()
+        stage, self.resync = self.resync, None
+        assert stage is not None  # (a failure below is not an abandoned stage: it is recorded)
+        self.store.commit_resync(stage)
         self.fork_seq = None  # (a rewind adopted the source's history with the group)
 
     def _on_switchover(self, msg: Switchover) -> SwitchoverDone:
         """Check and promote in one step: nothing can be applied in between."""
-        busy = not self.ready or self.resyncing or self.fork_seq is not None
+        busy = not self.ready or self.resync is not None or self.fork_seq is not None
         why = self.store.switchover_refusal(msg.seq, busy=busy)
         done = self.store.promote(msg) if why is None else None
         if why is None and done is None:
@@ -345,8 +352,8 @@ class TargetSession:
         """The ACK to send now, or None (nothing to acknowledge, or nothing new)."""
         if not self.store.present or not self.ready:
             return None  # nothing to acknowledge before the initial-sync copy is complete
-        if self.resyncing:
-            pos = self.store.resync_positions()
+        if self.resync is not None:
+            pos = self.resync.positions()
         elif self.fork_seq is not None:  # diverged: only seqs up to the fork are the source's
             pos = (self.fork_seq, self.fork_seq)
         else:
@@ -374,6 +381,6 @@ class TargetSession:
 
     def close(self, why: str) -> None:
         """The session ended: an unfinished resync stage is discarded."""
-        if self.resyncing:
-            self.resyncing = False
-            self.store.abort_resync(why or "session ended")
+        stage, self.resync = self.resync, None
+        if stage is not None:
+            self.store.abort_resync(stage, why or "session ended")
