@@ -29,19 +29,20 @@ Concurrency (one trio thread):
   synchronously: it notes the commit time and sets an Event, nothing else. Retention
   (``install_retention``) runs inside ``Volume.checkpoint``, also synchronously: it reads the
   shippers' positions and the log directory, and may drop a pin; it never awaits.
-- Per connection, three tasks: the sender (sync, TXN stream, VERIFY_REQ), the reader (ACK,
-  PING, ERROR_STATE, VERIFY_REPLY) and a control task (PING/PONG), so that the reader never
-  blocks on a send and ACKs keep being read while the sender waits for socket space.
+- Per connection, three tasks (``Connection``, mirrorfs.repl.connection): the sender (sync,
+  TXN stream, VERIFY_REQ), the reader (ACK, PING, ERROR_STATE, VERIFY_REPLY) and a control
+  task (PING/PONG), so that the reader never blocks on a send and ACKs keep being read while
+  the sender waits for socket space.
 - Block file reads for the initial sync happen between awaits, so each chunk is a state at a
   transaction boundary; the target replays S+1..T over the fuzzy copy (physical redo is
   idempotent) and is consistent at T.
 - Everything the sender reads from the log is pinned (received_seq + 1 <= next seq), so a
   checkpoint that runs while the sender awaits cannot retire it, unless retention dropped
   the pin, in which case the target is out-of-sync anyway.
-- A resync pins S+1 in ``_position`` (synchronous, before the session's first await) and
-  keeps that pin, across a lost connection too, until an ACK says T is applied: a target
-  that dies after recording its group comes back at T and streams on from T+1. While it
-  runs, the reader hands VERIFY_REPLY frames to the resync (``Connection.replies``).
+- A resync pins S+1 in ``TargetPositions.plan`` (synchronous, before the session's first
+  await) and keeps that pin, across a lost connection too, until an ACK says T is applied:
+  a target that dies after recording its group comes back at T and streams on from T+1.
+  While it runs, the reader hands VERIFY_REPLY frames to the resync (``Connection.replies``).
 """
 
 from __future__ import annotations
