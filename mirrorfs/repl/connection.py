@@ -33,13 +33,13 @@ from mirrorfs.repl.source_session import (
     Route,
     ShipperState,
     SourceSession,
+    SourceVolume,
     TargetPositions,
 )
 from mirrorfs.repl.stream import ConnectionClosed, FramedStream
 from mirrorfs.repl.verify import VerifyChannel
 from mirrorfs.repl.wire import Ack, Message, Ping, ReplError, Txn, VerifyReply
 from mirrorfs.store.errors import LogError, StoreError
-from mirrorfs.store.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class Wakeup:
 class ShipperSide(Protocol):
     """What a connection needs of its shipper (per-target state, kept across connections)."""
 
-    volume: Volume
+    volume: SourceVolume
     positions: TargetPositions
     tracker: CommitTracker
     acked: RateMeter

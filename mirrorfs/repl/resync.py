@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from mirrorfs.repl.source_session import SourceVolume
 from mirrorfs.repl.stream import FramedStream
 from mirrorfs.repl.verify import (
     batches,
@@ -143,7 +144,7 @@ class ReplyQueue:
 
 
 async def run_resync(
-    volume: Volume,
+    volume: SourceVolume,
     fs: FramedStream,
     progress: ResyncProgress,
     replies: ReplyQueue,

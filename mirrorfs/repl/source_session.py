@@ -6,6 +6,7 @@ Two objects, both driven by the shipper (mirrorfs.repl.shipper), which does the 
   be sent now), the check of every ACK against what was sent, where each incoming frame
   goes (``handle``: ACK, PING to answer, VERIFY_REPLY, ERROR_STATE, REFUSE, a reply another
   module waits for, or a ProtocolError), and when to PING (``Keepalive``, ``now`` passed in).
+- ``SourceVolume``: what the source side reads of its volume (typed; a Volume is one).
 - ``TargetPositions``, one per target, across connections: the target's received/applied
   seqs, the log pins that keep what it still needs (a sync pin at S+1 during an initial sync
   or a resync, else received + 1), and the plan for a new connection from the handshake's
@@ -17,8 +18,9 @@ from __future__ import annotations
 import enum
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mirrorfs.repl.fork import ForkVerdict, judge
 from mirrorfs.repl.wire import (
@@ -33,8 +35,69 @@ from mirrorfs.repl.wire import (
     RefuseReason,
     VerifyReply,
 )
+from mirrorfs.store.txn import Transaction
 
 log = logging.getLogger(__name__)
+
+
+class SourceLog(Protocol):
+    """What the shipper reads of the source's SAM log."""
+
+    @property
+    def first_seq(self) -> int: ...
+
+    @property
+    def last_seq(self) -> int: ...
+
+    def scan_encoded(self, seq: int) -> Iterator[tuple[int, bytes]]: ...
+
+
+class SourceDevice(Protocol):
+    """What the initial sync and the resync read of the source's block file."""
+
+    @property
+    def fd(self) -> int: ...
+
+    def read(self, block: int, count: int) -> bytes: ...
+
+
+class SourceEpochs(Protocol):
+    @property
+    def epochs(self) -> Sequence[Sequence[int]]: ...
+
+
+class SourceVolume(Protocol):
+    """What the source side of replication needs of its volume (a store Volume is one).
+
+    Reads only, plus ``on_commit``, the hook through which the shipper learns of commits.
+    """
+
+    @property
+    def uuid(self) -> bytes: ...
+
+    @property
+    def last_seq(self) -> int: ...
+
+    @property
+    def in_flight_seq(self) -> int | None: ...
+
+    @property
+    def block_size(self) -> int: ...
+
+    @property
+    def block_count(self) -> int: ...
+
+    @property
+    def state(self) -> SourceEpochs: ...
+
+    @property
+    def samlog(self) -> SourceLog: ...
+
+    @property
+    def device(self) -> SourceDevice: ...
+
+    @property
+    def on_commit(self) -> list[Callable[[Transaction], None]]: ...
 
 
 class ShipperState(enum.StrEnum):
