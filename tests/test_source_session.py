@@ -138,3 +138,17 @@ def test_initial_sync_pin_goes_once_the_copy_is_acknowledged():
     assert p.sync_pin is None and p.retain_seq(stopped=False) == 31
     p.pin_dropped = "beyond the log cap"
     assert p.retain_seq(stopped=False) is None
+
+
+def test_resync_reply_is_compared_or_refused():
+    from mirrorfs.repl.resync import ResyncError, ResyncProgress, compare_reply
+
+    progress = ResyncProgress(base_seq=7, start_seq=20, blocks_total=1024)
+    batch = [(0, 64), (64, 64)]
+    a, b = b"a" * 32, b"b" * 32
+    assert compare_reply(progress, batch, [a, a], VerifyReply(7, [a, b]), "t:1") == [False, True]
+    assert progress.ranges_compared == 2 and progress.blocks_compared == 128
+    with pytest.raises(ResyncError, match="with seq 8 and 2 digest"):
+        compare_reply(progress, batch, [a, a], VerifyReply(8, [a, b]), "t:1")
+    with pytest.raises(ResyncError, match="1 digest.s. for 2: it moved"):
+        compare_reply(progress, batch, [a, a], VerifyReply(7, [a]), "t:1")

@@ -143,6 +143,27 @@ class ReplyQueue:
         return await self._receive.receive()
 
 
+def compare_reply(
+    progress: ResyncProgress,
+    batch: list[tuple[int, int]],
+    mine: list[bytes],
+    reply: VerifyReply,
+    label: str,
+) -> list[bool]:
+    """Which ranges of ``batch`` differ, from our digests and the target's VERIFY_REPLY
+    (pure). ResyncError when the reply is not for A or not for the whole batch: the target
+    moved, which a resync forbids."""
+    base = progress.base_seq
+    if reply.seq != base or len(reply.digests) != len(batch):
+        raise ResyncError(
+            f"target {label} answered VERIFY_REQ(seq {base}) with seq {reply.seq} and "
+            f"{len(reply.digests)} digest(s) for {len(batch)}: it moved during a resync"
+        )
+    progress.ranges_compared += len(batch)
+    progress.blocks_compared += sum(n for _, n in batch)
+    return [a != b for a, b in zip(mine, reply.digests, strict=True)]
+
+
 async def run_resync(
     volume: SourceVolume,
     fs: FramedStream,
@@ -172,15 +193,7 @@ async def run_resync(
             # Ask first, so that both sides hash at the same time.
             await fs.send(VerifyReq(base, batch))
             mine = await trio.to_thread.run_sync(range_digests, vol.device, batch)
-            reply = await replies.get()
-            if reply.seq != base or len(reply.digests) != len(batch):
-                raise ResyncError(
-                    f"target {label} answered VERIFY_REQ(seq {base}) with seq {reply.seq} and "
-                    f"{len(reply.digests)} digest(s) for {len(batch)}: it moved during a resync"
-                )
-            out += [a != b for a, b in zip(mine, reply.digests, strict=True)]
-            progress.ranges_compared += len(batch)
-            progress.blocks_compared += sum(n for _, n in batch)
+            out += compare_reply(progress, batch, mine, await replies.get(), label)
         progress.rounds += 1
         return out
 
