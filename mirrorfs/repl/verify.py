@@ -222,19 +222,32 @@ def diff_volumes(
 
 
 @dataclass(slots=True)
-class _Job:
+class VerifyJob:
+    """One comparison: its ranges, and once ``done`` the seq, both sides' digests or an error.
+
+    ``notify`` is called once when it is done (the waiting task's wake-up).
+    """
+
     ranges: list[Range]
-    done: trio.Event = field(default_factory=trio.Event)
+    notify: Callable[[], None] = lambda: None
+    done: bool = False
     seq: int = 0
     source: list[bytes] = field(default_factory=list)
     target: list[bytes] = field(default_factory=list)
     error: str = ""
 
+    def finish(self, error: str = "") -> None:
+        if error:
+            self.error = error
+        self.done = True
+        self.notify()
+
 
 class VerifyChannel:
     """The source's end of VERIFY_REQ / VERIFY_REPLY on one shipper's connections.
 
-    ``request`` (any task) queues a job and waits for it. The shipper's sender calls
+    ``request`` (any task) queues a job and waits for it; the rest is pure (``queue``,
+    ``next_request``, ``on_reply``, ``fail_all``: no await, no clock). The shipper's sender calls
     ``next_request`` once it has sent every committed transaction, and sends what it returns
     before awaiting anything else; its reader calls ``on_reply``. Replies come in request
     order, so jobs sent are a FIFO.
@@ -242,8 +255,8 @@ class VerifyChannel:
 
     def __init__(self, label: str) -> None:
         self.label = label
-        self._queued: deque[_Job] = deque()
-        self._sent: deque[_Job] = deque()
+        self._queued: deque[VerifyJob] = deque()
+        self._sent: deque[VerifyJob] = deque()
 
     @property
     def wanted(self) -> bool:
@@ -254,12 +267,12 @@ class VerifyChannel:
         self, ranges: list[Range], *, timeout: float, wake: Callable[[], None]
     ) -> tuple[int, list[bytes], list[bytes]]:
         """Digests of ``ranges`` on both sides at one seq: ``(seq, source, target)``."""
-        job = _Job(list(ranges))
-        self._queued.append(job)
+        done = trio.Event()
+        job = self.queue(ranges, notify=done.set)
         wake()
         with trio.move_on_after(timeout):
-            await job.done.wait()
-        if not job.done.is_set():
+            await done.wait()
+        if not job.done:
             if job in self._queued:
                 self._queued.remove(job)
             # (a job already sent stays in _sent: its late reply still pairs with it)
@@ -268,6 +281,12 @@ class VerifyChannel:
             raise VerifyError(job.error)
         return job.seq, job.source, job.target
 
+    def queue(self, ranges: Sequence[Range], *, notify: Callable[[], None]) -> VerifyJob:
+        """A job for ``ranges``, to be sent by the next ``next_request`` (pure)."""
+        job = VerifyJob(list(ranges), notify)
+        self._queued.append(job)
+        return job
+
     def next_request(self, volume: object) -> VerifyReq | None:
         """The next request, its source digests computed now (synchronously: at one seq)."""
         while self._queued:
@@ -275,8 +294,7 @@ class VerifyChannel:
             try:
                 job.source = range_digests(volume, job.ranges)
             except ValueError as exc:
-                job.error = str(exc)
-                job.done.set()
+                job.finish(str(exc))
                 continue
             job.seq = volume.last_seq  # type: ignore[attr-defined]
             self._sent.append(job)
@@ -289,19 +307,18 @@ class VerifyChannel:
         job = self._sent.popleft()
         if reply.seq != job.seq or len(reply.digests) != len(job.ranges):
             # The target was not at that seq (an empty reply): the caller retries.
-            job.error = (
+            job.finish(
                 f"target {self.label} answered VERIFY_REQ(seq {job.seq}, {len(job.ranges)} "
                 f"ranges) with seq {reply.seq}, {len(reply.digests)} digests"
             )
         else:
             job.target = list(reply.digests)
-        job.done.set()
+            job.finish()
 
     def fail_all(self, why: str) -> None:
         """The connection ended: every waiting request fails (the caller may retry)."""
         for job in (*self._sent, *self._queued):
-            job.error = why
-            job.done.set()
+            job.finish(why)
         self._sent.clear()
         self._queued.clear()
 
