@@ -20,8 +20,12 @@ import socket
 import stat
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+import trio
+import trio.testing
 
 from mirrorfs.node.control import ControlError, control_request, socket_path
 from tests.netproxy import FaultProxy
@@ -42,6 +46,60 @@ MiB = 1 << 20
 STDLIB = os.path.dirname(os.__file__)
 #: Small stdlib packages for a real tree: a few hundred files of text.
 TREE_PACKAGES = ("json", "email", "http", "urllib", "importlib", "xml", "asyncio", "encodings")
+
+
+class MemoryListener:
+    """A listener without sockets, for the session tests.
+
+    While ``serve`` runs, ``connect()`` (a ``Shipper``'s stream factory) returns one end of a
+    ``trio.testing.memory_stream_pair`` and serves the other end with ``handler`` in the
+    listener's nursery; otherwise it is refused, as a TCP connect to a closed port would be.
+    ``stop()`` ends the listener and every connection it served.
+    """
+
+    def __init__(self, handler: Callable[[trio.abc.Stream], Awaitable[None]]) -> None:
+        self.handler = handler
+        self.connections = 0
+        self._nursery: trio.Nursery | None = None
+
+    async def serve(self, task_status: trio.TaskStatus = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            try:
+                task_status.started(0)
+                await trio.sleep_forever()
+            finally:
+                if self._nursery is nursery:  # (not a listener restarted since)
+                    self._nursery = None
+
+    def stop(self) -> None:
+        assert self._nursery is not None
+        self._nursery.cancel_scope.cancel()
+        self._nursery = None
+
+    async def connect(self) -> trio.abc.Stream:
+        await trio.lowlevel.checkpoint()
+        if self._nursery is None:
+            raise ConnectionRefusedError(111, "Connection refused")
+        client, server = trio.testing.memory_stream_pair()
+        self.connections += 1
+        self._nursery.start_soon(self.handler, server)
+        return client
+
+
+def holds_for(cond: Callable[[], bool], seconds: float, what: str) -> None:
+    """Check ``cond`` every 50 ms for ``seconds``; fail as soon as it is false.
+
+    For what must *not* happen (a stale source must not reach a replica): the check runs
+    the whole time, instead of sleeping and looking once at the end.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        if not cond():
+            raise AssertionError(f"no longer true: {what}")
+        if time.monotonic() >= deadline:
+            return
+        time.sleep(0.05)
 
 
 def free_port() -> int:

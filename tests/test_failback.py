@@ -29,6 +29,7 @@ from tests.repl_util import (
     build_tree,
     finish_and_compare,
     free_port,
+    holds_for,
     status,
     stopped_status,
     target,
@@ -317,8 +318,8 @@ def test_split_brain_old_source_is_fenced(tmp_path):
         assert "epoch" in entry["reason"], entry
         wait_for(lambda: status(a)["fenced"], 10, "A to refuse writes")
         expect_errno(errno.EROFS, open, os.path.join(a_again.mountpoint, "split-brain"), "w")
-        # Nothing of A reached C, which still follows B.
-        time.sleep(1.0)
+        # Nothing of A reached C, which still follows B (checked for a second, not once).
+        holds_for(lambda: rc.status()["applied_seq"] == c_seq, 1.0, "C is still at its seq")
         cst = rc.status()
         assert cst["applied_seq"] == c_seq and cst["source_node_id"] == status(b.dir)["node_id"]
         assert _sha(os.path.join(rc.dir, "blocks")) == c_blocks

@@ -1,8 +1,8 @@
 """The target side of replication (repl.receiver) against a minimal in-test source.
 
 The source here is a real Volume driven by hand over FramedStream + handshake_source, so the
-receiver is tested on its own, frame by frame, over trio.testing.memory_stream_pair or real
-TCP on 127.0.0.1.
+receiver is tested on its own, frame by frame, over trio.testing.memory_stream_pair (the
+timing tests on trio's autojump_clock: no real sleeps) or real TCP on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -330,11 +330,11 @@ async def test_second_source_is_refused_while_one_is_active(tmp_path, source, ta
         await fs.aclose()
 
 
-async def test_same_source_reconnecting_replaces_its_dead_session(source, target):
+async def test_same_source_reconnecting_replaces_its_dead_session(source, target, autojump_clock):
     target.receiver.keepalive = 0.05
     async with trio.open_nursery() as nursery:
         old = await synced(nursery, target, source)  # then goes silent, as if cut off
-        await trio.sleep(0.2)
+        await trio.sleep(0.2)  # virtual time (autojump_clock): longer than two keepalives
         with pytest.raises(HandshakeRefused) as ei:
             await session(nursery, target, source)
         assert ei.value.reason is RefuseReason.BUSY
@@ -404,7 +404,7 @@ async def test_ping_verify_and_keepalive(source, target):
         await fs.aclose()
 
 
-async def test_silent_source_is_dropped(source, target):
+async def test_silent_source_is_dropped(source, target, autojump_clock):
     target.receiver.silence_timeout = 0.3
     target.receiver.keepalive = 100
     async with trio.open_nursery() as nursery:

@@ -1,8 +1,9 @@
 """Resync of an out-of-sync target (repl.resync, store.staging, Volume.commit_resync).
 
-Real volumes in tmp_path, a real Shipper and a real Receiver over TCP on 127.0.0.1. A target
-is forced out-of-sync with a small log cap and small segments: it goes away, the source
-writes enough to retire the segments it needs, it comes back and is resynced.
+Real volumes in tmp_path, a real Shipper and a real Receiver over memory streams (the
+shipper's ``connect`` factory, no sockets). A target is forced out-of-sync with a small log
+cap and small segments: it goes away, the source writes enough to retire the segments it
+needs, it comes back and is resynced.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mirrorfs.store.files import BLOCK_FILE
 from mirrorfs.store.samlog import SamLog
 from mirrorfs.store.staging import Stage, StagedBlocks, StagedTxn, stage_files
 from mirrorfs.store.volume import Volume
+from tests.repl_util import MemoryListener
 
 MiB = 1 << 20
 BS = 4096
@@ -43,27 +45,21 @@ def rng():
 
 
 class TargetServer:
-    """A Receiver behind a TCP listener on a fixed port that can go away and come back."""
+    """A Receiver behind a listener (memory streams) that can go away and come back."""
 
     def __init__(self, receiver: Receiver) -> None:
         self.receiver = receiver
-        self.port = 0
-        self._scope: trio.CancelScope | None = None
+        self.listener = MemoryListener(self._handle)
 
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        with trio.CancelScope() as self._scope:
-            task_status.started(self.port)
-            await trio.serve_listeners(self._handle, listeners)
+        await self.listener.serve(task_status=task_status)
 
     async def _handle(self, stream) -> None:
-        await self.receiver.serve(stream, "127.0.0.1")
+        await self.receiver.serve(stream, "mem")
 
     def stop(self) -> None:
         """Close the listener and the session (a stage in progress is discarded)."""
-        assert self._scope is not None
-        self._scope.cancel()
+        self.listener.stop()
 
 
 def make_source(tmp_path, size: int = 64 * MiB) -> Volume:
@@ -116,9 +112,14 @@ class Setup:
         self.shipper: Shipper
 
     async def start(self) -> None:
-        port = await self.nursery.start(self.server.serve)
+        await self.nursery.start(self.server.serve)
         self.shipper = Shipper(
-            self.src, ("127.0.0.1", port), secret=None, node_id="src", max_log_bytes=CAP
+            self.src,
+            ("mem", 0),
+            secret=None,
+            node_id="src",
+            max_log_bytes=CAP,
+            connect=self.server.listener.connect,
         )
         install_retention(self.src, [self.shipper])
         await self.nursery.start(self.shipper.run)
@@ -301,6 +302,11 @@ class Reader:
             raise AssertionError(f"{name!r}: version {int(version)} after {self.seen[name]}")
         self.seen[name] = int(version)
 
+    async def wait_reads(self, n: int) -> None:
+        """Until the reader has made ``n`` more reads."""
+        mark = self.reads
+        await wait_until(lambda: self.reads >= mark + n, what=f"{n} reads")
+
     async def run(self, receiver: Receiver) -> None:
         while not self.stop:
             for name in NAMES:
@@ -321,10 +327,10 @@ async def test_reader_on_the_replica_never_sees_an_error_or_a_torn_file(tmp_path
     await t.start()
     reader.fs = Filesystem(t.receiver.volume, read_only=True)
     nursery.start_soon(reader.run, t.receiver)
-    await trio.sleep(0.05)
+    await reader.wait_reads(len(NAMES) * 4)
 
     await t.force_out_of_sync(writer.round)
-    await trio.sleep(0.05)  # the reader keeps reading the replica as it was at A
+    await reader.wait_reads(len(NAMES) * 4)  # it keeps reading the replica as it was at A
     before = dict(reader.seen)
     await t.come_back()
     # The source keeps writing during the resync: S+1..T are staged, then applied with it.
@@ -332,7 +338,7 @@ async def test_reader_on_the_replica_never_sees_an_error_or_a_torn_file(tmp_path
         writer.round()
         await trio.sleep(0.01)
     await wait_until(t.caught_up, what="caught up")
-    await trio.sleep(0.05)
+    await reader.wait_reads(len(NAMES) * 4)  # whole rounds over the final state
     reader.stop = True
 
     r = t.shipper.status()["resync"]

@@ -1,9 +1,12 @@
-"""The shipper (source side of replication) against real volumes over real TCP on 127.0.0.1.
+"""The shipper (source side of replication) against real volumes, over memory streams.
 
 Most tests drive it against ``MiniTarget``, a small target built from FramedStream and
 handshake_target over a real replica Volume, with knobs a real receiver does not have (hold
 or delay ACKs, drop the connection after N transactions, count unacknowledged bytes). The
-last tests run it end to end against ``mirrorfs.repl.receiver.Receiver``.
+shipper reaches it through its ``connect`` factory (``MemoryListener``: no sockets), and the
+tests wait for events (a condition polled with a deadline, ``wait_all_tasks_blocked``), not
+for fixed sleeps. The last tests run it end to end against
+``mirrorfs.repl.receiver.Receiver``, over memory streams and, through a fault proxy, TCP.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
 from mirrorfs.repl.lag import install_retention, pinned_bytes
 from mirrorfs.repl.shipper import Shipper, ShipperState
@@ -33,6 +37,7 @@ from mirrorfs.repl.wire import (
     VerifyReq,
 )
 from mirrorfs.store.volume import Volume
+from tests.repl_util import MemoryListener
 
 MiB = 1 << 20
 BS = 4096
@@ -54,23 +59,23 @@ class MiniTarget:
         self.drop_after: int | None = None  # close the connection after this many TXNs
         self.disk_full = False  # answer the next TXN with ERROR_STATE and hang up
         self.mute = False  # ignore PINGs
+        self.pings = 0  # PINGs answered
         self.connections = 0
-        self.port = 0
         self._release = trio.Event()
-        self._scope: trio.CancelScope | None = None
+        self._listener = MemoryListener(self._handle)
 
     # -- lifecycle
     async def serve(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(self.port, host="127.0.0.1")
-        self.port = listeners[0].socket.getsockname()[1]
-        with trio.CancelScope() as self._scope:
-            task_status.started(self.port)
-            await trio.serve_listeners(self._handle, listeners)
+        """Listen (for ``connect``) until ``stop()``."""
+        await self._listener.serve(task_status=task_status)
 
     def stop(self) -> None:
         """Go away: close the listener and every connection."""
-        assert self._scope is not None
-        self._scope.cancel()
+        self._listener.stop()
+
+    async def connect(self) -> trio.abc.Stream:
+        """The shipper's stream factory: a memory stream to this target."""
+        return await self._listener.connect()
 
     def hold_acks(self) -> None:
         self.acks_held = True
@@ -180,6 +185,7 @@ class MiniTarget:
                     await answer_verify()
                 elif isinstance(msg, Ping) and not self.mute:
                     await fs.send(Pong(msg.timestamp_ns))
+                    self.pings += 1
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -226,6 +232,11 @@ async def wait_until(cond, timeout: float = 10.0, what: str = "condition") -> No
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def ship(src: Volume, target: MiniTarget, **kw) -> Shipper:
+    """A shipper to ``target`` over memory streams."""
+    return Shipper(src, ("mini", 0), secret=None, node_id="src", connect=target.connect, **kw)
+
+
 def caught_up(src: Volume, tgt: MiniTarget):
     def check() -> bool:
         v = tgt.volume
@@ -246,8 +257,8 @@ async def test_initial_sync_then_streaming(tmp_path, rng, nursery):
     src = make_source(tmp_path)
     fill(src, rng)
     target = MiniTarget(str(tmp_path / "replica"))
-    port = await nursery.start(target.serve)
-    shipper = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src")
+    await nursery.start(target.serve)
+    shipper = ship(src, target)
     await nursery.start(shipper.run)
     start = src.last_seq
 
@@ -279,8 +290,8 @@ async def test_commits_during_initial_sync(tmp_path, rng, nursery):
         src.write(b, rng.randbytes(BS))
     src.commit()
     target = MiniTarget(str(tmp_path / "replica"))
-    port = await nursery.start(target.serve)
-    shipper = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src")
+    await nursery.start(target.serve)
+    shipper = ship(src, target)
     await nursery.start(shipper.run)
     await wait_until(lambda: shipper.state is ShipperState.INITIAL_SYNC, what="sync start")
     while shipper.state is ShipperState.INITIAL_SYNC:
@@ -297,8 +308,8 @@ async def test_reconnect_resumes_without_gap_or_duplicate(tmp_path, rng, nursery
     src = make_source(tmp_path)
     fill(src, rng)
     target = MiniTarget(str(tmp_path / "replica"))
-    port = await nursery.start(target.serve)
-    shipper = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src")
+    await nursery.start(target.serve)
+    shipper = ship(src, target)
     await nursery.start(shipper.run)
     await wait_until(caught_up(src, target))
     first = src.last_seq + 1
@@ -315,16 +326,16 @@ async def test_reconnect_resumes_without_gap_or_duplicate(tmp_path, rng, nursery
 async def test_window_bounds_unacknowledged_bytes(tmp_path, rng, nursery):
     src = make_source(tmp_path)
     target = MiniTarget(str(tmp_path / "replica"))
-    port = await nursery.start(target.serve)
+    await nursery.start(target.serve)
     window = 64 << 10
-    shipper = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src", window_bytes=window)
+    shipper = ship(src, target, window_bytes=window)
     await nursery.start(shipper.run)
     await wait_until(caught_up(src, target))
 
     target.hold_acks()
     for _ in range(40):  # ~16 KiB records, 640 KiB in all
         commit_random(src, rng, blocks=4)
-    await trio.sleep(0.3)
+    await trio.testing.wait_all_tasks_blocked()  # the sender waits for the window to open
     assert 0 < target.max_unacked <= window
     assert len(target.seqs) < 40
     target.release_acks()
@@ -341,8 +352,8 @@ async def test_fan_out_slow_target_never_slows_commits(tmp_path, rng, nursery):
     )
     shippers = []
     for t in (fast, slow):
-        port = await nursery.start(t.serve)
-        s = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src", window_bytes=32 << 10)
+        await nursery.start(t.serve)
+        s = ship(src, t, window_bytes=32 << 10)
         shippers.append(s)
         await nursery.start(s.run)
     install_retention(src, shippers)
@@ -369,8 +380,8 @@ async def test_fan_out_slow_target_never_slows_commits(tmp_path, rng, nursery):
 async def test_lag_figures(tmp_path, rng, nursery):
     src = make_source(tmp_path)
     target = MiniTarget(str(tmp_path / "replica"))
-    port = await nursery.start(target.serve)
-    shipper = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src")
+    await nursery.start(target.serve)
+    shipper = ship(src, target)
     st = shipper.status()
     assert st["state"] == "connecting" and st["lag_txns"] is None
     await nursery.start(shipper.run)
@@ -380,7 +391,7 @@ async def test_lag_figures(tmp_path, rng, nursery):
     target.hold_acks()
     for _ in range(5):
         commit_random(src, rng)
-    await trio.sleep(0.2)
+    await wait_until(lambda: shipper.status()["lag_seconds"] >= 0.15, what="0.15 s of lag")
     st = shipper.status()
     assert st["lag_txns"] == 5
     assert st["lag_bytes"] >= 5 * 2 * BS
@@ -396,12 +407,10 @@ async def test_retention_pins_then_gives_up_beyond_max_log(tmp_path, rng, nurser
     src = make_source(tmp_path)
     src.samlog.segment_bytes = 32 << 10
     target = MiniTarget(str(tmp_path / "replica"))
-    port = await nursery.start(target.serve)
+    await nursery.start(target.serve)
     cap = 256 << 10
     # MiniTarget cannot be resynced: this is the behaviour without resync
-    shipper = Shipper(
-        src, ("127.0.0.1", port), secret=None, node_id="src", max_log_bytes=cap, allow_resync=False
-    )
+    shipper = ship(src, target, max_log_bytes=cap, allow_resync=False)
     install_retention(src, [shipper])
     await nursery.start(shipper.run)
     await wait_until(caught_up(src, target))
@@ -426,7 +435,7 @@ async def test_retention_pins_then_gives_up_beyond_max_log(tmp_path, rng, nurser
     await nursery.start(target.serve)
     shipper.retry()
     await wait_until(lambda: shipper.connections >= 2, what="probe")
-    await trio.sleep(0.1)
+    await trio.testing.wait_all_tasks_blocked()  # the probe is over: the shipper idles
     assert shipper.state is ShipperState.OUT_OF_SYNC
     assert "needs seq" in shipper.reason
     commit_random(src, rng)
@@ -449,8 +458,8 @@ async def test_unknown_target_does_not_pin_known_one_does(tmp_path, rng, nursery
     assert "connect" in nowhere.reason
 
     target = MiniTarget(str(tmp_path / "replica"))
-    port = await nursery.start(target.serve)
-    known = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src")
+    await nursery.start(target.serve)
+    known = ship(src, target)
     install_retention(src, [nowhere, known])
     await nursery.start(known.run)
     await wait_until(caught_up(src, target))
@@ -476,8 +485,8 @@ async def test_fenced_target_stops_shipping(tmp_path, rng, nursery):
     src = make_source(tmp_path)
     fill(src, rng)
     target = MiniTarget(str(tmp_path / "replica"))
-    port = await nursery.start(target.serve)
-    shipper = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src")
+    await nursery.start(target.serve)
+    shipper = ship(src, target)
     await nursery.start(shipper.run)
     await wait_until(caught_up(src, target))
     target.epochs = [(1, 1), (2, src.last_seq + 1)]  # the target was promoted meanwhile
@@ -486,15 +495,15 @@ async def test_fenced_target_stops_shipping(tmp_path, rng, nursery):
     await wait_until(lambda: shipper.state is ShipperState.FENCED, what="fenced")
     assert "epoch" in shipper.reason
     conns = shipper.connections
-    await trio.sleep(0.5)
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # it waits for a retry() only
     assert shipper.connections == conns  # no more attempts
 
 
 async def test_wrong_secret_is_an_error_with_reason(tmp_path, rng, nursery):
     src = make_source(tmp_path)
     target = MiniTarget(str(tmp_path / "replica"))
-    port = await nursery.start(target.serve)
-    shipper = Shipper(src, ("127.0.0.1", port), secret=b"s" * 32, node_id="src")
+    await nursery.start(target.serve)
+    shipper = Shipper(src, ("mini", 0), secret=b"s" * 32, node_id="src", connect=target.connect)
     await nursery.start(shipper.run)
     await wait_until(lambda: shipper.state is ShipperState.ERROR, what="error")
     assert "authentication" in shipper.reason
@@ -504,8 +513,8 @@ async def test_wrong_secret_is_an_error_with_reason(tmp_path, rng, nursery):
 async def test_target_error_state_is_reported_and_target_still_pinned(tmp_path, rng, nursery):
     src = make_source(tmp_path)
     target = MiniTarget(str(tmp_path / "replica"))
-    port = await nursery.start(target.serve)
-    shipper = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src")
+    await nursery.start(target.serve)
+    shipper = ship(src, target)
     install_retention(src, [shipper])
     await nursery.start(shipper.run)
     await wait_until(caught_up(src, target))
@@ -523,13 +532,13 @@ async def test_target_error_state_is_reported_and_target_still_pinned(tmp_path, 
 async def test_keepalive_and_silent_target(tmp_path, rng, nursery, caplog):
     src = make_source(tmp_path)
     target = MiniTarget(str(tmp_path / "replica"))
-    port = await nursery.start(target.serve)
-    shipper = Shipper(
-        src, ("127.0.0.1", port), secret=None, node_id="src", keepalive=0.1, silence=0.5
-    )
+    await nursery.start(target.serve)
+    shipper = ship(src, target, keepalive=0.1, silence=0.5)
     await nursery.start(shipper.run)
     await wait_until(caught_up(src, target))
-    await trio.sleep(1.0)  # idle, but PINGs are answered
+    pings = target.pings
+    # idle for longer than the silence limit, but PINGs are answered
+    await wait_until(lambda: target.pings >= pings + 8, what="eight keepalive PINGs")
     assert shipper.connections == 1 and shipper.state is ShipperState.STREAMING
     target.mute = True
     await wait_until(lambda: shipper.connections >= 2, what="drop of a silent target")
@@ -545,11 +554,24 @@ def receiver_cls():
 
 
 async def serve_receiver(nursery, receiver) -> int:
+    """``receiver`` behind a TCP listener on 127.0.0.1; its port."""
+
     async def handler(stream):
         await receiver.serve(stream, "127.0.0.1")
 
     listeners = await nursery.start(trio.serve_tcp, handler, 0)
     return listeners[0].socket.getsockname()[1]
+
+
+async def receiver_listener(nursery, receiver) -> MemoryListener:
+    """``receiver`` behind a MemoryListener (no sockets)."""
+
+    async def handler(stream):
+        await receiver.serve(stream, "mem")
+
+    listener = MemoryListener(handler)
+    await nursery.start(listener.serve)
+    return listener
 
 
 async def test_end_to_end_with_receiver(tmp_path, rng, nursery, receiver_cls):
@@ -560,8 +582,8 @@ async def test_end_to_end_with_receiver(tmp_path, rng, nursery, receiver_cls):
     rdir = str(tmp_path / "replica")
     os.makedirs(rdir)
     receiver = receiver_cls(rdir, None, secret=None, node_id="tgt")
-    port = await serve_receiver(nursery, receiver)
-    shipper = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src")
+    listener = await receiver_listener(nursery, receiver)
+    shipper = Shipper(src, ("mem", 0), secret=None, node_id="src", connect=listener.connect)
     await nursery.start(shipper.run)
 
     def done():

@@ -19,6 +19,7 @@ import time
 import pyfuse3
 import pytest
 import trio
+import trio.testing
 
 from mirrorfs.repl.switchover import switchover_refusal
 from mirrorfs.store.volume import Volume
@@ -74,7 +75,7 @@ async def test_write_gate_holds_modifying_requests_then_reopens_or_refuses():
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(mkdir, b"held")
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()  # the request waits at the gate
         assert done == [] and gate.waiting == 1  # held, not failed
         assert (await ops.getattr(1, CTX)).st_ino == 5  # reads go on
         gate.reopen()
@@ -83,7 +84,7 @@ async def test_write_gate_holds_modifying_requests_then_reopens_or_refuses():
     gate.close()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(mkdir, b"refused")
-        await trio.sleep(0.05)
+        await trio.testing.wait_all_tasks_blocked()
         assert gate.waiting == 1
         gate.refuse(errno.EROFS)
     assert done[-1] == errno.EROFS

@@ -9,8 +9,8 @@ import random
 import pytest
 import trio
 
-from mirrorfs.repl.shipper import Shipper
 from mirrorfs.repl.verify import (
+    VerifyChannel,
     VerifyError,
     diff_volumes,
     find_differences,
@@ -20,6 +20,7 @@ from mirrorfs.repl.verify import (
     verify_target,
     whole_volume,
 )
+from mirrorfs.repl.wire import ProtocolError, VerifyReply, VerifyReq
 from tests.test_shipper import (
     BS,
     MiniTarget,
@@ -27,6 +28,7 @@ from tests.test_shipper import (
     commit_random,
     fill,
     make_source,
+    ship,
     wait_until,
 )
 
@@ -112,8 +114,8 @@ async def test_verify_target_over_the_connection(tmp_path, rng, nursery):
     src = make_source(tmp_path)
     fill(src, rng)
     target = MiniTarget(str(tmp_path / "replica"))
-    port = await nursery.start(target.serve)
-    shipper = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src")
+    await nursery.start(target.serve)
+    shipper = ship(src, target)
     with pytest.raises(VerifyError):
         await shipper.verify_round([(0, 1)], timeout=1)
     await nursery.start(shipper.run)
@@ -145,3 +147,39 @@ async def test_verify_target_over_the_connection(tmp_path, rng, nursery):
     result = await verify_target(shipper, granularity=64, round_bytes=256 * BS)
     assert result.differing == [(64, 64), (1984, 64)], result.describe()
     assert result.blocks == src.block_count
+
+
+def test_verify_channel_pairs_replies_with_requests_in_order():
+    """The channel's bookkeeping, without a connection (its ``request`` only waits on it)."""
+
+    class Vol:
+        block_size, block_count, last_seq = BS, 8, 42
+
+        def read(self, block, count):
+            return bytes(count * BS)
+
+    ch = VerifyChannel("t:1")
+    woken: list[str] = []
+    first = ch.queue([(0, 4)], notify=lambda: woken.append("first"))
+    second = ch.queue([(4, 4), (0, 1)], notify=lambda: woken.append("second"))
+    bad = ch.queue([(6, 4)], notify=lambda: woken.append("bad"))
+    assert ch.wanted
+    assert ch.next_request(Vol()) == VerifyReq(42, [(0, 4)])
+    assert ch.next_request(Vol()) == VerifyReq(42, [(4, 4), (0, 1)])
+    assert ch.next_request(Vol()) is None and bad.done and "outside the volume" in bad.error
+    ch.on_reply(VerifyReply(42, [b"x" * 32]))
+    assert (
+        first.done
+        and first.target == [b"x" * 32]
+        and first.source == range_digests(Vol(), [(0, 4)])
+    )
+    ch.on_reply(VerifyReply(43, []))  # the target was elsewhere: that job fails, others go on
+    assert second.error == (
+        "target t:1 answered VERIFY_REQ(seq 42, 2 ranges) with seq 43, 0 digests"
+    )
+    assert woken == ["bad", "first", "second"]
+    with pytest.raises(ProtocolError, match="VERIFY_REPLY for seq 1 without a request"):
+        ch.on_reply(VerifyReply(1, []))
+    late = ch.queue([(0, 1)], notify=lambda: None)
+    ch.fail_all("connection lost")
+    assert late.done and late.error == "connection lost" and not ch.wanted

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import trio
 
+from mirrorfs.repl.source_session import SourceVolume
 from mirrorfs.repl.stream import FramedStream, Peer
 from mirrorfs.repl.wire import ProtocolError, SyncBegin, SyncBlocks, SyncEnd, SyncKind
 from mirrorfs.store.volume import BLOCK_SIZES, MIN_BLOCKS, Volume
@@ -59,7 +60,7 @@ class SyncProgress:
 
 
 async def run_initial_sync(
-    volume: Volume, fs: FramedStream, progress: SyncProgress, label: str
+    volume: SourceVolume, fs: FramedStream, progress: SyncProgress, label: str
 ) -> int:
     """Copy the block file's non-zero blocks; return the first seq to stream (S+1)."""
     vol = volume

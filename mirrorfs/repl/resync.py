@@ -46,8 +46,15 @@ from dataclasses import dataclass, field
 
 import trio
 
+from mirrorfs.repl.source_session import SourceVolume
 from mirrorfs.repl.stream import FramedStream
-from mirrorfs.repl.verify import find_differences, merge_ranges, range_digests, whole_volume
+from mirrorfs.repl.verify import (
+    batches,
+    find_differences,
+    merge_ranges,
+    range_digests,
+    whole_volume,
+)
 from mirrorfs.repl.wire import (
     ProtocolError,
     SyncBegin,
@@ -136,23 +143,29 @@ class ReplyQueue:
         return await self._receive.receive()
 
 
-def _batches(ranges: list[tuple[int, int]], max_blocks: int) -> list[list[tuple[int, int]]]:
-    out: list[list[tuple[int, int]]] = []
-    batch: list[tuple[int, int]] = []
-    total = 0
-    for r in ranges:
-        if batch and (total + r[1] > max_blocks or len(batch) >= MAX_REQ_RANGES):
-            out.append(batch)
-            batch, total = [], 0
-        batch.append(r)
-        total += r[1]
-    if batch:
-        out.append(batch)
-    return out
+def compare_reply(
+    progress: ResyncProgress,
+    batch: list[tuple[int, int]],
+    mine: list[bytes],
+    reply: VerifyReply,
+    label: str,
+) -> list[bool]:
+    """Which ranges of ``batch`` differ, from our digests and the target's VERIFY_REPLY
+    (pure). ResyncError when the reply is not for A or not for the whole batch: the target
+    moved, which a resync forbids."""
+    base = progress.base_seq
+    if reply.seq != base or len(reply.digests) != len(batch):
+        raise ResyncError(
+            f"target {label} answered VERIFY_REQ(seq {base}) with seq {reply.seq} and "
+            f"{len(reply.digests)} digest(s) for {len(batch)}: it moved during a resync"
+        )
+    progress.ranges_compared += len(batch)
+    progress.blocks_compared += sum(n for _, n in batch)
+    return [a != b for a, b in zip(mine, reply.digests, strict=True)]
 
 
 async def run_resync(
-    volume: Volume,
+    volume: SourceVolume,
     fs: FramedStream,
     progress: ResyncProgress,
     replies: ReplyQueue,
@@ -176,19 +189,11 @@ async def run_resync(
 
     async def compare(todo: list[tuple[int, int]]) -> list[bool]:
         out: list[bool] = []
-        for batch in _batches(todo, max_blocks):
+        for batch in batches(todo, max_blocks, MAX_REQ_RANGES):
             # Ask first, so that both sides hash at the same time.
             await fs.send(VerifyReq(base, batch))
             mine = await trio.to_thread.run_sync(range_digests, vol.device, batch)
-            reply = await replies.get()
-            if reply.seq != base or len(reply.digests) != len(batch):
-                raise ResyncError(
-                    f"target {label} answered VERIFY_REQ(seq {base}) with seq {reply.seq} and "
-                    f"{len(reply.digests)} digest(s) for {len(batch)}: it moved during a resync"
-                )
-            out += [a != b for a, b in zip(mine, reply.digests, strict=True)]
-            progress.ranges_compared += len(batch)
-            progress.blocks_compared += sum(n for _, n in batch)
+            out += compare_reply(progress, batch, mine, await replies.get(), label)
         progress.rounds += 1
         return out
 

@@ -1,7 +1,8 @@
 """The source side of replication: one ``Shipper`` per target.
 
-A shipper connects to its target (``trio.open_tcp_stream``, backoff 0.1 s doubling to 5 s),
-runs ``handshake_source``, then, per mirrorfs/INTERNALS.md "Replication session":
+A shipper connects to its target (``connect``, by default ``trio.open_tcp_stream`` to its
+address; backoff 0.1 s doubling to 5 s), runs ``handshake_source``, then, per
+mirrorfs/INTERNALS.md "Replication session":
 
 - an initial sync if the target is empty: SYNC_BEGIN(S), the non-zero blocks of the block
   file in chunks of at most 1 MiB (holes skipped with SEEK_DATA/SEEK_HOLE, zero chunks
@@ -17,42 +18,46 @@ runs ``handshake_source``, then, per mirrorfs/INTERNALS.md "Replication session"
 
 Several shippers can serve one volume (fan-out), each at its own pace.
 
+The shipper is the trio driver of pure parts: the handshake (mirrorfs.repl.handshake), the
+per-connection window, ACK checks, routing of incoming frames and keepalive timing
+(``SourceSession`` and ``Keepalive``, mirrorfs.repl.source_session), and the target's
+positions, pins and connection plan (``TargetPositions``, same module).
+
 Concurrency (one trio thread):
 
 - The commit path never waits for a shipper. ``Volume.commit`` calls ``_on_commit``
   synchronously: it notes the commit time and sets an Event, nothing else. Retention
   (``install_retention``) runs inside ``Volume.checkpoint``, also synchronously: it reads the
   shippers' positions and the log directory, and may drop a pin; it never awaits.
-- Per connection, three tasks: the sender (sync, TXN stream, VERIFY_REQ), the reader (ACK,
-  PING, ERROR_STATE, VERIFY_REPLY) and a control task (PING/PONG), so that the reader never
-  blocks on a send and ACKs keep being read while the sender waits for socket space.
+- Per connection, three tasks (``Connection``, mirrorfs.repl.connection): the sender (sync,
+  TXN stream, VERIFY_REQ), the reader (ACK, PING, ERROR_STATE, VERIFY_REPLY) and a control
+  task (PING/PONG), so that the reader never blocks on a send and ACKs keep being read while
+  the sender waits for socket space.
 - Block file reads for the initial sync happen between awaits, so each chunk is a state at a
   transaction boundary; the target replays S+1..T over the fuzzy copy (physical redo is
   idempotent) and is consistent at T.
 - Everything the sender reads from the log is pinned (received_seq + 1 <= next seq), so a
   checkpoint that runs while the sender awaits cannot retire it, unless retention dropped
   the pin, in which case the target is out-of-sync anyway.
-- A resync pins S+1 in ``_position`` (synchronous, before the session's first await) and
-  keeps that pin, across a lost connection too, until an ACK says T is applied: a target
-  that dies after recording its group comes back at T and streams on from T+1. While it
-  runs, the reader hands VERIFY_REPLY frames to the resync (``_Session.replies``).
+- A resync pins S+1 in ``TargetPositions.plan`` (synchronous, before the session's first
+  await) and keeps that pin, across a lost connection too, until an ACK says T is applied:
+  a target that dies after recording its group comes back at T and streams on from T+1.
+  While it runs, the reader hands VERIFY_REPLY frames to the resync (``Connection.replies``).
 """
 
 from __future__ import annotations
 
-import enum
+import functools
 import logging
-import time
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 
 import trio
 
-from mirrorfs.repl.fork import ForkVerdict, judge
-from mirrorfs.repl.initial_sync import SyncProgress, run_initial_sync
+from mirrorfs.repl.connection import Connection, Fenced, OutOfSync, Wakeup
+from mirrorfs.repl.initial_sync import SyncProgress
 from mirrorfs.repl.lag import CommitTracker, RateMeter, install_retention, lag_seconds
-from mirrorfs.repl.resync import ReplyQueue, ResyncProgress, run_resync
+from mirrorfs.repl.resync import ResyncProgress
+from mirrorfs.repl.source_session import LogView, Plan, PlanKind, ShipperState, TargetPositions
 from mirrorfs.repl.stream import (
     ConnectionClosed,
     FramedStream,
@@ -61,21 +66,8 @@ from mirrorfs.repl.stream import (
     handshake_source,
 )
 from mirrorfs.repl.verify import Range, VerifyChannel, VerifyError
-from mirrorfs.repl.wire import (
-    Ack,
-    ErrorState,
-    Message,
-    PeerState,
-    Ping,
-    Pong,
-    ProtocolError,
-    Refuse,
-    RefuseReason,
-    ReplError,
-    Txn,
-    VerifyReply,
-)
-from mirrorfs.store.errors import LogError, StoreError
+from mirrorfs.repl.wire import Message, ProtocolError, RefuseReason, ReplError
+from mirrorfs.store.errors import StoreError
 from mirrorfs.store.txn import Transaction
 from mirrorfs.store.volume import Volume
 
@@ -87,17 +79,7 @@ KEEPALIVE = 5.0
 SILENCE = 30.0
 PROBE_INTERVAL = 30.0  # how often an out-of-sync or diverged target is looked at again
 
-
-class ShipperState(enum.StrEnum):
-    """What a shipper is doing (``status()["state"]``; ``reason`` says why for the last three)."""
-
-    CONNECTING = "connecting"
-    INITIAL_SYNC = "initial-sync"
-    RESYNCING = "resyncing"
-    STREAMING = "streaming"
-    OUT_OF_SYNC = "out-of-sync"
-    FENCED = "fenced"
-    ERROR = "error"
+Connect = Callable[[], Awaitable[trio.abc.Stream]]  # opens one connection to the target
 
 
 _ROUTINE = (
@@ -106,31 +88,6 @@ _ROUTINE = (
     ShipperState.RESYNCING,
     ShipperState.STREAMING,
 )
-
-
-class _OutOfSync(ReplError):
-    """The target needs transactions this log no longer holds (or diverged from it)."""
-
-
-class _Fenced(ReplError):
-    """The target belongs to a newer epoch: this source is stale."""
-
-
-@dataclass(slots=True)
-class _Session:
-    """One connection's state."""
-
-    fs: FramedStream
-    inflight: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, record bytes)
-    unacked: int = 0
-    last_sent: int = 0  # highest seq sent (or the sync's start seq)
-    peer_error: str = ""  # what ERROR_STATE said
-    pong_due: list[int] = field(default_factory=list)
-    log_reader: Iterator[tuple[int, bytes]] | None = None
-    reader_next: int = 0
-    control_wake: trio.Event = field(default_factory=trio.Event)
-    resync: ResyncProgress | None = None  # a resync to run before streaming
-    replies: ReplyQueue | None = None  # where VERIFY_REPLY goes while it runs
 
 
 class Shipper:
@@ -150,9 +107,13 @@ class Shipper:
         probe_interval: float = PROBE_INTERVAL,
         keepalive: float = KEEPALIVE,
         silence: float = SILENCE,
+        connect: Connect | None = None,
     ) -> None:
         self.volume = volume
         self.address = address
+        # Where connections come from: TCP to ``address`` unless a test (or a relay) injects
+        # another stream factory, e.g. one end of trio.testing.memory_stream_pair.
+        self._connect: Connect = connect or functools.partial(trio.open_tcp_stream, *address)
         self.secret = secret
         self.node_id = node_id
         self.window_bytes = window_bytes
@@ -165,23 +126,17 @@ class Shipper:
         self.state = ShipperState.CONNECTING
         self.reason = ""
         self.target_node_id = ""
-        # The target's positions, None until a handshake told them (an unknown target pins
-        # nothing); kept across connections, so a known target keeps pinning while away.
-        self.received_seq: int | None = None
-        self.applied_seq: int | None = None
+        self.positions = TargetPositions()
         self.sync: SyncProgress | None = None
         self.resync: ResyncProgress | None = None  # the current or last resync
         self.connections = 0
         self._bytes_sent_before = 0  # wire bytes of finished connections
-        self._session: _Session | None = None
-        self._sync_pin: int | None = None
-        self._pin_dropped = ""  # why retention stopped pinning for this target
-        self._tracker = CommitTracker()
-        self._acked = RateMeter()
-        self._wake = trio.Event()  # the sender looks again (commit, ack, verify, pin drop)
+        self._session: Connection | None = None
+        self.tracker = CommitTracker()
+        self.acked = RateMeter()
+        self.wakeup = Wakeup()  # the sender looks again (commit, ack, verify, pin drop)
         self._retry = trio.Event()
-        self._session_scope: trio.CancelScope | None = None
-        self._verify = VerifyChannel(self.label)
+        self.verify = VerifyChannel(self.label)
         # Replies that other modules wait for (the switchover's), by message class; called
         # by the reader between two awaits.
         self.on_message: dict[type[Message], Callable[[Message], None]] = {}
@@ -190,24 +145,27 @@ class Shipper:
     def label(self) -> str:
         return f"{self.address[0]}:{self.address[1]}"
 
+    @property
+    def received_seq(self) -> int | None:
+        """The target's received seq (None until a handshake told it)."""
+        return self.positions.received_seq
+
+    @property
+    def applied_seq(self) -> int | None:
+        """The target's applied seq (None until a handshake told it)."""
+        return self.positions.applied_seq
+
     # ------------------------------------------------------------------ hooks (sync)
 
     def _on_commit(self, txn: Transaction) -> None:
         # Runs inside Volume.commit(): O(1), no I/O, never awaits.
-        self._tracker.note(txn)
-        self._wake.set()
+        self.tracker.note(txn)
+        self.wakeup.set()
 
     def retain_seq(self) -> int | None:
         """Lowest seq this target still needs from the log, None if it pins nothing."""
-        # An out-of-sync target needs what the log no longer holds: pinning the rest would
-        # only make the log grow without bound.
-        if self._pin_dropped or self.state in (ShipperState.FENCED, ShipperState.OUT_OF_SYNC):
-            return None
-        if self._sync_pin is not None:
-            return self._sync_pin
-        if self.received_seq is None:
-            return None
-        return self.received_seq + 1
+        stopped = self.state in (ShipperState.FENCED, ShipperState.OUT_OF_SYNC)
+        return self.positions.retain_seq(stopped=stopped)
 
     def drop_pin(self, reason: str) -> None:
         """Stop pinning the log for this target; it becomes out-of-sync.
@@ -215,17 +173,17 @@ class Shipper:
         Called from retention inside ``Volume.checkpoint`` (synchronously, in the commit path):
         it only flags, wakes the sender and cancels the connection.
         """
-        self._pin_dropped = reason
+        self.positions.pin_dropped = reason
         self._out_of_sync(reason)
-        if self._session_scope is not None:
-            self._session_scope.cancel()
-        self._wake.set()
+        if self._session is not None:
+            self._session.cancel()
+        self.wakeup.set()
 
     def retry(self) -> None:
         """Look at an out-of-sync, diverged or fenced target again now."""
         self._retry.set()
 
-    def _set_state(self, state: ShipperState, reason: str = "") -> None:
+    def set_state(self, state: ShipperState, reason: str = "") -> None:
         # out-of-sync, error and fenced log their reasons themselves, at warning level
         if state is not self.state and state in _ROUTINE:
             log.info("target %s: %s%s", self.label, state.value, f" ({reason})" if reason else "")
@@ -247,8 +205,9 @@ class Shipper:
         lag_txns = lag_bytes = lag_secs = None
         if applied is not None:
             lag_txns = max(0, last - applied)
-            lag_bytes = self._tracker.bytes_after(applied) if lag_txns else 0
-            lag_secs = round(lag_seconds(self._tracker, vol, applied), 3)
+            lag_bytes = self.tracker.bytes_after(applied) if lag_txns else 0
+            lag_secs = round(lag_seconds(self.tracker, vol, applied), 3)
+        s = self._session
         return {
             "address": self.label,
             "state": self.state.value,
@@ -260,9 +219,9 @@ class Shipper:
             "lag_txns": lag_txns,
             "lag_bytes": lag_bytes,
             "lag_seconds": lag_secs,
-            "throughput_bps": round(self._acked.rate(), 1),
+            "throughput_bps": round(self.acked.rate(), 1),
             "bytes_sent": self.bytes_sent,
-            "unacked_bytes": self._session.unacked if self._session is not None else 0,
+            "unacked_bytes": s.machine.unacked if s is not None else 0,
             "window_bytes": self.window_bytes,
             "initial_sync": self.sync.as_dict() if self.sync is not None else None,
             "resync": self.resync.as_dict() if self.resync is not None else None,
@@ -278,7 +237,7 @@ class Shipper:
         """Digests of ``ranges`` on both sides at one seq: ``(seq, source, target)``."""
         if self.state is not ShipperState.STREAMING:
             raise VerifyError(f"target {self.label} is {self.state.value}, not streaming")
-        return await self._verify.request(ranges, timeout=timeout, wake=self._wake.set)
+        return await self.verify.request(ranges, timeout=timeout, wake=self.wakeup.set)
 
     @property
     def session_id(self) -> int | None:
@@ -304,7 +263,7 @@ class Shipper:
                 if self._idle():
                     await self._wait_for_change()
                 elif self.state is ShipperState.ERROR:
-                    self._set_state(ShipperState.CONNECTING, self.reason)
+                    self.set_state(ShipperState.CONNECTING, self.reason)
                 streamed = await self._connect_once()
                 if streamed and self.state is not ShipperState.OUT_OF_SYNC:
                     delay = BACKOFF_MIN  # (a resync that keeps failing backs off)
@@ -313,7 +272,7 @@ class Shipper:
                     delay = min(delay * 2, BACKOFF_MAX)
         finally:
             self.volume.writer.unsubscribe(self._on_commit)
-            self._verify.fail_all("the shipper stopped")
+            self.verify.fail_all("the shipper stopped")
 
     def _idle(self) -> bool:
         """Whether to wait for a retry() or a probe instead of reconnecting with backoff."""
@@ -322,7 +281,7 @@ class Shipper:
         # An out-of-sync target that a resync can serve is reconnected like any other; one
         # that diverged (or with resync disabled) is only probed now and then.
         return self.state is ShipperState.OUT_OF_SYNC and not (
-            self.allow_resync and self._pin_dropped
+            self.allow_resync and self.positions.pin_dropped
         )
 
     async def _wait_for_change(self) -> None:
@@ -341,7 +300,7 @@ class Shipper:
         """One connection attempt and session; True if it got as far as shipping."""
         vol = self.volume
         try:
-            stream = await trio.open_tcp_stream(*self.address)
+            stream = await self._connect()
         except OSError as exc:
             self._note_failure(f"cannot connect: {exc.strerror or exc}")
             return False
@@ -359,27 +318,34 @@ class Shipper:
                 allow_initial_sync=self.allow_initial_sync,
             )
             self.target_node_id = peer.node_id
-            session = _Session(fs)
+            session = Connection(fs, self, self.window_bytes)
             self._session = session
             if peer.empty:
                 next_seq = 0
-                self.received_seq = self.applied_seq = None
+                self.positions.forget()
             else:
-                next_seq = self._position(session, peer.received_seq, peer.applied_seq, peer.epochs)
+                plan = self.positions.plan(
+                    self.log_view(),
+                    peer.received_seq,
+                    peer.applied_seq,
+                    peer.epochs,
+                    allow_resync=self.allow_resync,
+                )
+                next_seq = self._adopt(session, plan, peer.applied_seq)
             streamed = True
-            await self._session_tasks(session, next_seq)
+            await session.run(next_seq)
         except HandshakeRefused as exc:
             if exc.reason is RefuseReason.FENCED:
                 self._fence(str(exc))
             else:
                 self._note_failure(str(exc))
-        except _Fenced as exc:
+        except Fenced as exc:
             self._fence(str(exc))
-        except _OutOfSync as exc:
+        except OutOfSync as exc:
             self._out_of_sync(str(exc))
         except (ConnectionClosed, ProtocolError, HandshakeTimeout, OSError) as exc:
             s = self._session
-            why = s.peer_error if s is not None and s.peer_error else str(exc)
+            why = s.machine.peer_error if s is not None and s.machine.peer_error else str(exc)
             self._note_failure(why)
         except (ReplError, StoreError) as exc:
             log.exception("target %s: shipping failed", self.label)
@@ -390,306 +356,64 @@ class Shipper:
                 await fs.aclose()
         return streamed
 
-    def _position(
-        self,
-        s: _Session,
-        received: int,
-        applied: int,
-        epochs: Sequence[Sequence[int]] | None = None,
-    ) -> int:
-        """Adopt the target's handshake positions; the next seq to ship (synchronous).
+    def log_view(self) -> LogView:
+        vol, slog = self.volume, self.volume.samlog
+        return LogView(vol.last_seq, slog.first_seq, slog.last_seq, vol.state.epochs)
 
-        Pins set here are in place before the caller's next await, so a checkpoint that runs
-        meanwhile already sees them. ``epochs``: the target's epoch history; one that forked
-        from ours and holds seqs past the fork (an old source after a failover) gets a
-        rewind resync (mirrorfs.repl.fork).
+    def _adopt(self, s: Connection, plan: Plan, applied: int) -> int:
+        """Carry out the plan for a new connection; the next seq to ship (synchronous).
+
+        Pins that the plan set are in place before the caller's next await, so a checkpoint
+        that runs meanwhile already sees them.
         """
+        if self.positions.applied_seq is not None:
+            self.tracker.forget_upto(self.positions.applied_seq)
+        if plan.kind is PlanKind.OUT_OF_SYNC:
+            raise OutOfSync(plan.reason)
         vol = self.volume
-        verdict = judge(vol.state.epochs, epochs, received) if epochs is not None else None
-        if verdict is not None and verdict.diverged:
-            return self._rewind(s, received, applied, verdict)
-        if received > vol.last_seq or applied > received:
-            self._pin_dropped = ""  # a diverged target is not one a resync can serve
-            raise _OutOfSync(
-                f"the target has received seq {received} (applied {applied}) but this source "
-                f"is at seq {vol.last_seq}: it diverged (failback/resync needed)"
-            )
-        self.received_seq, self.applied_seq = received, applied
-        self._tracker.forget_upto(applied)
-        next_seq = received + 1
-        self._pin_dropped = ""
-        if not self._in_log(next_seq):
-            if not self.allow_resync:
-                raise _OutOfSync(self._missing(next_seq))
-            # Resync: pin S+1 now; the sender compares, copies, then streams from S+1.
-            start = vol.last_seq
-            self._sync_pin = start + 1
-            s.resync = self.resync = ResyncProgress(applied, start, vol.block_count)
-            self._set_state(ShipperState.RESYNCING, self._missing(next_seq))
-            return start + 1
-        # Streaming: the target's position pins from here on (a resync pin of an earlier
-        # connection is no longer needed: the target applied its group, or never will).
-        self._sync_pin = None
-        r = self.resync
-        if r is not None and not r.done and r.end_seq is not None and applied >= r.end_seq:
-            r.finish()  # its group was applied after the connection that sent it ended
-        self._set_state(ShipperState.STREAMING)
-        return next_seq
-
-    def _rewind(self, s: _Session, received: int, applied: int, verdict: ForkVerdict) -> int:
-        """Failback: resync a target that diverged after the fork F (it archives its own
-        seqs after F first). It holds a consistent volume at ``applied``, so the checksum
-        resync sends only the blocks that either side changed since the fork."""
-        assert verdict.fork_seq is not None
-        if not self.allow_resync:
-            self._pin_dropped = ""
-            raise _OutOfSync(verdict.describe(received) + " (resync disabled)")
-        vol = self.volume
-        fork = verdict.fork_seq
-        # Up to F it has what we have; the rest is its own (and acknowledged as F).
-        self.received_seq = self.applied_seq = min(fork, applied)
-        self._tracker.forget_upto(self.applied_seq)
-        self._pin_dropped = ""
-        start = vol.last_seq
-        self._sync_pin = start + 1
-        s.resync = self.resync = ResyncProgress(applied, start, vol.block_count, fork_seq=fork)
-        self._set_state(ShipperState.RESYNCING, verdict.describe(received))
-        log.warning(
-            "target %s %s: rewinding it by a resync", self.label, verdict.describe(received)
+        if plan.kind is PlanKind.STREAM:
+            r = self.resync
+            if r is not None and not r.done and r.end_seq is not None and applied >= r.end_seq:
+                r.finish()  # its group was applied after the connection that sent it ended
+            self.set_state(ShipperState.STREAMING)
+            return plan.next_seq
+        fork = plan.verdict.fork_seq if plan.verdict is not None else None
+        s.resync = self.resync = ResyncProgress(
+            applied, plan.start_seq, vol.block_count, fork_seq=fork
         )
-        return start + 1
-
-    def _in_log(self, seq: int) -> bool:
-        slog = self.volume.samlog
-        if seq == self.volume.last_seq + 1:
-            return True
-        return slog.first_seq != 0 and slog.first_seq <= seq <= slog.last_seq
-
-    def _missing(self, seq: int) -> str:
-        slog = self.volume.samlog
-        held = f"{slog.first_seq}..{slog.last_seq}" if slog.first_seq else "nothing"
-        return f"the target needs seq {seq} but the log holds {held} (resync needed)"
+        self.set_state(ShipperState.RESYNCING, plan.reason)
+        if plan.kind is PlanKind.REWIND:
+            log.warning("target %s %s: rewinding it by a resync", self.label, plan.reason)
+        return plan.next_seq
 
     def _out_of_sync(self, why: str) -> None:
         # Logged when the reason changes, not at every probe.
         if (self.state, self.reason) != (ShipperState.OUT_OF_SYNC, why):
             log.warning("target %s is out-of-sync: %s", self.label, why)
-        self._set_state(ShipperState.OUT_OF_SYNC, why)
+        self.set_state(ShipperState.OUT_OF_SYNC, why)
 
     def _note_failure(self, why: str) -> None:
-        if self.state is ShipperState.OUT_OF_SYNC and self._pin_dropped:
+        if self.state is ShipperState.OUT_OF_SYNC and self.positions.pin_dropped:
             return  # retention already said why
         if (self.state, self.reason) != (ShipperState.ERROR, why):
             log.warning("target %s: %s", self.label, why)
-        self._set_state(ShipperState.ERROR, why)
+        self.set_state(ShipperState.ERROR, why)
 
     def _fence(self, why: str) -> None:
         log.error("target %s: stopped shipping: %s", self.label, why)
-        self._set_state(ShipperState.FENCED, why)
+        self.set_state(ShipperState.FENCED, why)
 
     def _end_session(self, fs: FramedStream) -> None:
         self._bytes_sent_before += fs.bytes_sent
         s = self._session
         self._session = None
         if s is not None:
-            self._verify.fail_all(f"connection to {self.label} lost during verify")
-            if s.log_reader is not None:
-                s.log_reader.close()  # type: ignore[attr-defined]
+            self.verify.fail_all(f"connection to {self.label} lost during verify")
+            s.close()
         if self.received_seq is None:
             # An initial sync that did not finish restarts (with a new pin) next time.
-            self._sync_pin = None
+            self.positions.sync_pin = None
             self.sync = None
-
-    async def _session_tasks(self, s: _Session, next_seq: int) -> None:
-        """Run sender, reader and control tasks; the first failure ends all three."""
-        failure: list[BaseException] = []
-
-        async def guard(fn: Callable, *args: object) -> None:
-            try:
-                await fn(*args)
-            except (ReplError, StoreError, OSError) as exc:
-                failure.append(exc)
-                nursery.cancel_scope.cancel()
-            except Exception as exc:  # a bug: end this connection, keep the shipper alive
-                log.exception("target %s: unexpected error in %s", self.label, fn.__name__)
-                failure.append(ReplError(f"internal error: {exc!r}"))
-                nursery.cancel_scope.cancel()
-
-        with trio.CancelScope() as scope:
-            self._session_scope = scope
-            try:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(guard, self._read_loop, s)
-                    nursery.start_soon(guard, self._control_loop, s)
-                    nursery.start_soon(guard, self._send_loop, s, next_seq)
-            finally:
-                self._session_scope = None
-        if failure:
-            raise failure[0]
-        if self._pin_dropped:
-            raise _OutOfSync(self._pin_dropped)
-
-    # ------------------------------------------------------------------ sender
-
-    async def _send_loop(self, s: _Session, next_seq: int) -> None:
-        if next_seq == 0:
-            vol = self.volume
-            start = vol.last_seq
-            # Pinned before the first await, so no checkpoint can retire S+1 from under us.
-            self._sync_pin = start + 1
-            self._pin_dropped = ""
-            self.sync = SyncProgress(start, vol.block_count)
-            self._set_state(ShipperState.INITIAL_SYNC)
-            s.last_sent = start
-            next_seq = await run_initial_sync(vol, s.fs, self.sync, self.label)
-            self._set_state(ShipperState.STREAMING)
-        elif s.resync is not None:
-            s.replies = ReplyQueue()
-            s.last_sent = s.resync.start_seq
-            try:
-                next_seq = await run_resync(self.volume, s.fs, s.resync, s.replies, self.label)
-            finally:
-                s.replies = None
-            # RESYNCING until the target acks T applied (_on_ack)
-        else:
-            s.last_sent = next_seq - 1
-            self._set_state(ShipperState.STREAMING)
-        vol = self.volume
-        pending: tuple[int, bytes] | None = None
-        while True:
-            # Everything from here to the next await runs without commits in between.
-            if pending is None and next_seq <= vol.last_seq:
-                pending = self._read_record(s, next_seq)
-            if pending is not None:
-                seq, rec = pending
-                if not s.unacked or s.unacked + len(rec) <= self.window_bytes:
-                    s.inflight.append((seq, len(rec)))
-                    s.unacked += len(rec)
-                    s.last_sent = seq
-                    self._tracker.set_size(seq, len(rec))
-                    pending = None
-                    next_seq = seq + 1
-                    await s.fs.send(Txn(seq, rec))
-                    continue
-            elif self._verify.wanted:
-                # Caught up: every transaction up to last_seq is sent, and the digests are
-                # computed before the next await, so they are of exactly that seq.
-                req = self._verify.next_request(vol)
-                if req is not None:
-                    await s.fs.send(req)
-                continue
-            # Nothing to do until a commit, an ACK (window) or a verify request.
-            self._wake = trio.Event()
-            await self._wake.wait()
-
-    def _read_record(self, s: _Session, seq: int) -> tuple[int, bytes] | None:
-        """Record ``seq`` from the log (synchronous); None if it is not committed yet."""
-        try:
-            if s.log_reader is None or s.reader_next != seq:
-                if s.log_reader is not None:
-                    s.log_reader.close()  # type: ignore[attr-defined]
-                s.log_reader = self.volume.samlog.scan_encoded(seq)
-            got = next(s.log_reader, None)
-        except LogError as exc:
-            s.log_reader = None
-            if not self._in_log(seq):
-                raise _OutOfSync(self._missing(seq))
-            raise LogError(f"cannot read seq {seq} from the log to ship it: {exc}", seq=seq)
-        if got is None:
-            s.log_reader = None
-            return None
-        s.reader_next = got[0] + 1
-        return got
-
-    # ------------------------------------------------------------------ reader / control
-
-    async def _read_loop(self, s: _Session) -> None:
-        while True:
-            with trio.move_on_after(self.silence):
-                msg = await s.fs.receive()
-                self._handle(s, msg)
-                continue
-            raise ConnectionClosed(f"target silent for {self.silence:g} s")
-
-    def _handle(self, s: _Session, msg: Message) -> None:
-        if isinstance(msg, Ack):
-            self._on_ack(s, msg)
-        elif isinstance(msg, Ping):
-            s.pong_due.append(msg.timestamp_ns)
-            s.control_wake.set()
-        elif isinstance(msg, Pong):
-            pass
-        elif isinstance(msg, VerifyReply):
-            if s.replies is not None:
-                s.replies.put(msg)  # a resync's comparison
-            else:
-                self._verify.on_reply(msg)
-        elif isinstance(msg, ErrorState):
-            if msg.state is PeerState.OK:
-                s.peer_error = ""
-            else:
-                s.peer_error = f"target reports {msg.state.name.lower()}: {msg.text}"
-                log.warning("target %s: %s", self.label, s.peer_error)
-        elif type(msg) in self.on_message:
-            self.on_message[type(msg)](msg)
-        elif isinstance(msg, Refuse):
-            text = f"refused by the target: {msg.text or msg.reason.name.lower()}"
-            if msg.reason is RefuseReason.FENCED:
-                raise _Fenced(text)
-            raise ConnectionClosed(text)
-        else:
-            raise ProtocolError(f"unexpected {msg.TYPE.name} from target {self.label}")
-
-    def _on_ack(self, s: _Session, ack: Ack) -> None:
-        # ACKs come in order, so positions only move forward; the window opens as they do.
-        if ack.applied_seq > ack.received_seq or ack.received_seq > s.last_sent:
-            raise ProtocolError(
-                f"ACK received={ack.received_seq} applied={ack.applied_seq} but the last "
-                f"seq sent is {s.last_sent}"
-            )
-        acked = 0
-        while s.inflight and s.inflight[0][0] <= ack.received_seq:
-            acked += s.inflight.popleft()[1]
-        if acked:
-            s.unacked -= acked
-            self._acked.add(acked)
-        if self.received_seq is None or ack.received_seq > self.received_seq:
-            self.received_seq = ack.received_seq
-        if self.applied_seq is None or ack.applied_seq > self.applied_seq:
-            self.applied_seq = ack.applied_seq
-            self._tracker.forget_upto(ack.applied_seq)
-        r = s.resync
-        if r is not None:
-            # A resync's stage is not the replica: S+1 stays pinned until T is applied.
-            if r.end_seq is not None and ack.applied_seq >= r.end_seq and not r.done:
-                self._sync_pin = None
-                r.finish()
-                self._set_state(ShipperState.STREAMING)
-                log.info(
-                    "target %s: resync done in %.1f s, consistent at seq %d",
-                    self.label,
-                    r.seconds,
-                    ack.applied_seq,
-                )
-        elif self._sync_pin is not None and self.received_seq >= self._sync_pin - 1:
-            self._sync_pin = None  # the target has the copy; its position pins from now on
-        self._wake.set()
-
-    async def _control_loop(self, s: _Session) -> None:
-        """PONG what the target PINGed; PING when a direction has been idle."""
-        sent, received = s.fs.bytes_sent, s.fs.bytes_received
-        next_tick = trio.current_time() + self.keepalive
-        while True:
-            s.control_wake = trio.Event()
-            with trio.move_on_at(next_tick):
-                await s.control_wake.wait()
-            while s.pong_due:
-                await s.fs.send(Pong(s.pong_due.pop(0)))
-            if trio.current_time() >= next_tick:
-                if s.fs.bytes_sent == sent or s.fs.bytes_received == received:
-                    await s.fs.send(Ping(time.time_ns()))
-                sent, received = s.fs.bytes_sent, s.fs.bytes_received
-                next_tick = trio.current_time() + self.keepalive
 
 
 __all__ = ["Shipper", "ShipperState", "SyncProgress", "install_retention"]

@@ -10,7 +10,10 @@ same sequence number*:
 - ``find_differences(compare, ranges)`` narrows differing ranges down by bisection: each
   round asks ``compare`` which of a list of ranges differ, then splits those that do into
   ``fanout`` parts, until they are at most ``granularity`` blocks.
-- ``verify_target(shipper)`` runs that over a shipper's live connection (VERIFY_REQ /
+- ``Bisection`` is that loop, pure: ``todo`` are the ranges to compare next, ``feed`` takes
+  which of them differ. ``find_differences`` (async) and ``diff_volumes`` (local) drive it,
+  and so does the resync (repl/resync.py): the loop is written once.
+- ``verify_target(peer)`` runs that over a shipper's live connection (VERIFY_REQ /
   VERIFY_REPLY, INTERNALS.md "Replication session" step 6). The shipper computes the source
   digests in its sending task right after it sent transaction ``seq`` and before anything
   later, without awaiting in between, so no commit can slip in: that is how the source "holds
@@ -31,14 +34,11 @@ import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import trio
 
 from mirrorfs.repl.wire import ProtocolError, ReplError, VerifyReply, VerifyReq
-
-if TYPE_CHECKING:
-    from mirrorfs.repl.shipper import Shipper
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,15 @@ class VerifyError(ReplError):
     """A verification could not be carried out (no connection, bad reply, timeout)."""
 
 
-class _Device(Protocol):
-    block_size: int
-    block_count: int
+class _Geometry(Protocol):
+    @property
+    def block_size(self) -> int: ...
 
+    @property
+    def block_count(self) -> int: ...
+
+
+class _Device(_Geometry, Protocol):
     def read(self, block: int, count: int) -> bytes: ...
 
 
@@ -111,12 +116,17 @@ def _cut(r: Range, max_blocks: int) -> list[Range]:
     ]
 
 
-def _batches(ranges: list[Range], max_blocks: int) -> Iterator[list[Range]]:
-    """Consecutive groups of ranges of at most ``max_blocks`` blocks in all (or one range)."""
+def batches(
+    ranges: Sequence[Range], max_blocks: int, max_ranges: int | None = None
+) -> Iterator[list[Range]]:
+    """Consecutive groups of ranges of at most ``max_blocks`` blocks in all (or one range),
+    and of at most ``max_ranges`` ranges each when given."""
     batch: list[Range] = []
     total = 0
     for r in ranges:
-        if batch and total + r[1] > max_blocks:
+        if batch and (
+            total + r[1] > max_blocks or (max_ranges is not None and len(batch) >= max_ranges)
+        ):
             yield batch
             batch, total = [], 0
         batch.append(r)
@@ -136,6 +146,44 @@ def merge_ranges(ranges: Sequence[Range]) -> list[Range]:
     return out
 
 
+class Bisection:
+    """The bisection of differing ranges, without I/O: compare ``todo``, ``feed`` the answer.
+
+    Each round's answers may be of a later sequence number than the previous round's: a
+    range that stopped differing (both sides rewrote it since) is simply not reported.
+    """
+
+    def __init__(
+        self,
+        ranges: Sequence[Range],
+        *,
+        granularity: int = DEFAULT_GRANULARITY,
+        fanout: int = DEFAULT_FANOUT,
+    ) -> None:
+        self.granularity = granularity
+        self.fanout = fanout
+        self.todo: list[Range] = list(ranges)  # the ranges to compare next (empty: done)
+        self.found: list[Range] = []  # differing ranges of at most ``granularity`` blocks
+        self.rounds = 0
+
+    @property
+    def done(self) -> bool:
+        return not self.todo
+
+    def feed(self, differ: Sequence[bool]) -> None:
+        """Which ranges of ``todo`` differ (one bool each, in order): the next round."""
+        self.rounds += 1
+        nxt: list[Range] = []
+        for r, d in zip(self.todo, differ, strict=True):
+            if not d:
+                continue
+            if r[1] <= self.granularity:
+                self.found.append(r)
+            else:
+                nxt.extend(split_range(r, self.fanout, self.granularity))
+        self.todo = nxt
+
+
 async def find_differences(
     compare: Callable[[list[Range]], Awaitable[list[bool]]],
     ranges: Sequence[Range],
@@ -145,26 +193,12 @@ async def find_differences(
 ) -> tuple[list[Range], int]:
     """The ranges of at most ``granularity`` blocks that differ, and the rounds it took.
 
-    ``compare(ranges)`` says, per range, whether the two sides differ. Each round may be at
-    a later sequence number than the previous one: a range that stopped differing (both sides
-    rewrote it since) is simply not reported.
+    ``compare(ranges)`` says, per range, whether the two sides differ (``Bisection``).
     """
-    todo = list(ranges)
-    found: list[Range] = []
-    rounds = 0
-    while todo:
-        differ = await compare(todo)
-        rounds += 1
-        nxt: list[Range] = []
-        for r, d in zip(todo, differ, strict=True):
-            if not d:
-                continue
-            if r[1] <= granularity:
-                found.append(r)
-            else:
-                nxt.extend(split_range(r, fanout, granularity))
-        todo = nxt
-    return found, rounds
+    b = Bisection(ranges, granularity=granularity, fanout=fanout)
+    while not b.done:
+        b.feed(await compare(b.todo))
+    return b.found, b.rounds
 
 
 def diff_volumes(
@@ -176,36 +210,44 @@ def diff_volumes(
 ) -> list[Range]:
     """Differing ranges of two local block files or volumes (tests, tools)."""
     dev = _device(a)
-    todo = whole_volume(dev.block_count, granularity * fanout * fanout)
-    found: list[Range] = []
-    while todo:
-        da, db = range_digests(a, todo), range_digests(b, todo)
-        nxt: list[Range] = []
-        for r, x, y in zip(todo, da, db, strict=True):
-            if x == y:
-                continue
-            if r[1] <= granularity:
-                found.append(r)
-            else:
-                nxt.extend(split_range(r, fanout, granularity))
-        todo = nxt
-    return merge_ranges(found)
+    bis = Bisection(
+        whole_volume(dev.block_count, granularity * fanout * fanout),
+        granularity=granularity,
+        fanout=fanout,
+    )
+    while not bis.done:
+        da, db = range_digests(a, bis.todo), range_digests(b, bis.todo)
+        bis.feed([x != y for x, y in zip(da, db, strict=True)])
+    return merge_ranges(bis.found)
 
 
 @dataclass(slots=True)
-class _Job:
+class VerifyJob:
+    """One comparison: its ranges, and once ``done`` the seq, both sides' digests or an error.
+
+    ``notify`` is called once when it is done (the waiting task's wake-up).
+    """
+
     ranges: list[Range]
-    done: trio.Event = field(default_factory=trio.Event)
+    notify: Callable[[], None] = lambda: None
+    done: bool = False
     seq: int = 0
     source: list[bytes] = field(default_factory=list)
     target: list[bytes] = field(default_factory=list)
     error: str = ""
 
+    def finish(self, error: str = "") -> None:
+        if error:
+            self.error = error
+        self.done = True
+        self.notify()
+
 
 class VerifyChannel:
     """The source's end of VERIFY_REQ / VERIFY_REPLY on one shipper's connections.
 
-    ``request`` (any task) queues a job and waits for it. The shipper's sender calls
+    ``request`` (any task) queues a job and waits for it; the rest is pure (``queue``,
+    ``next_request``, ``on_reply``, ``fail_all``: no await, no clock). The shipper's sender calls
     ``next_request`` once it has sent every committed transaction, and sends what it returns
     before awaiting anything else; its reader calls ``on_reply``. Replies come in request
     order, so jobs sent are a FIFO.
@@ -213,8 +255,8 @@ class VerifyChannel:
 
     def __init__(self, label: str) -> None:
         self.label = label
-        self._queued: deque[_Job] = deque()
-        self._sent: deque[_Job] = deque()
+        self._queued: deque[VerifyJob] = deque()
+        self._sent: deque[VerifyJob] = deque()
 
     @property
     def wanted(self) -> bool:
@@ -225,12 +267,12 @@ class VerifyChannel:
         self, ranges: list[Range], *, timeout: float, wake: Callable[[], None]
     ) -> tuple[int, list[bytes], list[bytes]]:
         """Digests of ``ranges`` on both sides at one seq: ``(seq, source, target)``."""
-        job = _Job(list(ranges))
-        self._queued.append(job)
+        done = trio.Event()
+        job = self.queue(ranges, notify=done.set)
         wake()
         with trio.move_on_after(timeout):
-            await job.done.wait()
-        if not job.done.is_set():
+            await done.wait()
+        if not job.done:
             if job in self._queued:
                 self._queued.remove(job)
             # (a job already sent stays in _sent: its late reply still pairs with it)
@@ -239,6 +281,12 @@ class VerifyChannel:
             raise VerifyError(job.error)
         return job.seq, job.source, job.target
 
+    def queue(self, ranges: Sequence[Range], *, notify: Callable[[], None]) -> VerifyJob:
+        """A job for ``ranges``, to be sent by the next ``next_request`` (pure)."""
+        job = VerifyJob(list(ranges), notify)
+        self._queued.append(job)
+        return job
+
     def next_request(self, volume: object) -> VerifyReq | None:
         """The next request, its source digests computed now (synchronously: at one seq)."""
         while self._queued:
@@ -246,8 +294,7 @@ class VerifyChannel:
             try:
                 job.source = range_digests(volume, job.ranges)
             except ValueError as exc:
-                job.error = str(exc)
-                job.done.set()
+                job.finish(str(exc))
                 continue
             job.seq = volume.last_seq  # type: ignore[attr-defined]
             self._sent.append(job)
@@ -260,19 +307,18 @@ class VerifyChannel:
         job = self._sent.popleft()
         if reply.seq != job.seq or len(reply.digests) != len(job.ranges):
             # The target was not at that seq (an empty reply): the caller retries.
-            job.error = (
+            job.finish(
                 f"target {self.label} answered VERIFY_REQ(seq {job.seq}, {len(job.ranges)} "
                 f"ranges) with seq {reply.seq}, {len(reply.digests)} digests"
             )
         else:
             job.target = list(reply.digests)
-        job.done.set()
+            job.finish()
 
     def fail_all(self, why: str) -> None:
         """The connection ended: every waiting request fails (the caller may retry)."""
         for job in (*self._sent, *self._queued):
-            job.error = why
-            job.done.set()
+            job.finish(why)
         self._sent.clear()
         self._queued.clear()
 
@@ -300,8 +346,22 @@ class VerifyResult:
         return f"{self.target}: {n} block(s) differ at seq {self.seq}: {where}{more}"
 
 
+class VerifyPeer(Protocol):
+    """What ``verify_target`` needs of a shipper (mirrorfs.repl.shipper.Shipper is one)."""
+
+    @property
+    def volume(self) -> _Geometry: ...
+
+    @property
+    def label(self) -> str: ...
+
+    async def verify_round(
+        self, ranges: list[Range], *, timeout: float = 60.0
+    ) -> tuple[int, list[bytes], list[bytes]]: ...
+
+
 async def verify_target(
-    shipper: Shipper,
+    shipper: VerifyPeer,
     ranges: Sequence[Range] | None = None,
     *,
     granularity: int = DEFAULT_GRANULARITY,
@@ -340,7 +400,7 @@ async def verify_target(
 
     async def compare(todo: list[Range]) -> list[bool]:
         out: list[bool] = []
-        for batch in _batches(todo, max_blocks):
+        for batch in batches(todo, max_blocks):
             out += await one_request(batch)
         return out
 

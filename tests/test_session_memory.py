@@ -1,0 +1,161 @@
+"""A whole replication session, Shipper to Receiver, over memory streams on a virtual clock.
+
+No sockets (the shipper's ``connect`` factory hands out ``trio.testing.memory_stream_pair``
+ends) and no sleeps on the real clock (``autojump_clock``: trio jumps the clock whenever
+every task is blocked), so keepalive, silence and backoff timings of many seconds run in
+milliseconds and the same way every time.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import trio
+import trio.testing
+
+from mirrorfs.repl.receiver import Receiver, ReceiverState
+from mirrorfs.repl.shipper import Shipper, ShipperState
+from mirrorfs.repl.stream import FramedStream, handshake_target
+from mirrorfs.store.volume import Volume
+from tests.repl_util import MemoryListener
+
+MiB = 1 << 20
+BS = 4096
+
+
+@pytest.fixture
+def rng():
+    return random.Random(77)
+
+
+class Pair:
+    """A source volume, a Receiver on an empty directory, a Shipper between them."""
+
+    def __init__(self, tmp_path, **shipper_args) -> None:
+        path = str(tmp_path / "src")
+        Volume.create(path, 8 * MiB)
+        self.src = Volume.open(path)
+        self.rdir = str(tmp_path / "replica")
+        os.makedirs(self.rdir)
+        self.receiver = Receiver(self.rdir, None, secret=None, node_id="tgt")
+        self.listener = MemoryListener(self._serve)
+        self.shipper = Shipper(
+            self.src,
+            ("mem", 0),
+            secret=None,
+            node_id="src",
+            connect=self.listener.connect,
+            **shipper_args,
+        )
+
+    async def _serve(self, stream: trio.abc.Stream) -> None:
+        await self.receiver.serve(stream, "mem")
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self.listener.serve)
+        await nursery.start(self.shipper.run)
+
+    def commit(self, rng: random.Random, n: int = 1) -> None:
+        for _ in range(n):
+            self.src.write(rng.randrange(64, self.src.block_count), rng.randbytes(BS))
+            self.src.commit()
+
+    def caught_up(self) -> bool:
+        v = self.receiver.volume
+        return v is not None and v.consistent and v.last_seq == self.src.last_seq
+
+    def close(self) -> None:
+        self.src.close()
+        if self.receiver.volume is not None:
+            self.receiver.volume.close()
+
+
+async def settle() -> None:
+    """Until every task waits (for a frame, a timer or an event)."""
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_initial_sync_streaming_and_acks(tmp_path, rng, nursery, autojump_clock):
+    p = Pair(tmp_path)
+    p.commit(rng, 10)
+    await p.start(nursery)
+    await settle()
+    assert p.caught_up() and p.shipper.state is ShipperState.STREAMING
+    assert p.receiver.state is ReceiverState.STREAMING
+    p.commit(rng, 25)
+    await settle()
+    assert p.caught_up()
+    st = p.shipper.status()
+    assert st["received_seq"] == st["applied_seq"] == p.src.last_seq
+    assert st["unacked_bytes"] == 0 and st["connections"] == 1
+    assert p.src.device.read(0, p.src.block_count) == p.receiver.volume.device.read(
+        0, p.src.block_count
+    )
+    p.close()
+
+
+async def test_an_idle_session_lives_on_keepalives(tmp_path, rng, nursery, autojump_clock):
+    p = Pair(tmp_path, keepalive=5.0, silence=30.0)
+    await p.start(nursery)
+    await settle()
+    start = trio.current_time()
+    await trio.sleep(600)  # ten virtual minutes of silence from the writers
+    assert trio.current_time() - start >= 600
+    assert p.shipper.connections == 1 and p.shipper.state is ShipperState.STREAMING
+    assert p.receiver.status()["sessions"] == 1
+    p.commit(rng)
+    await settle()
+    assert p.caught_up()
+    p.close()
+
+
+async def test_a_cut_connection_is_resumed_after_backoff(tmp_path, rng, nursery, autojump_clock):
+    p = Pair(tmp_path)
+    await p.start(nursery)
+    await settle()
+    first = p.src.last_seq
+    # the target goes away: the connection breaks, reconnects are refused
+    p.listener.stop()
+    p.commit(rng, 3)
+    while "cannot connect" not in p.shipper.reason:
+        await trio.sleep(0.01)
+    assert p.shipper.state is ShipperState.ERROR and p.shipper.connections == 1
+    # it comes back: the next attempt (within the 5 s backoff cap) resumes from its position
+    await nursery.start(p.listener.serve)
+    await trio.sleep(5.0)
+    await settle()
+    assert p.caught_up() and p.shipper.connections == 2
+    assert p.receiver.volume.last_seq == first + 3
+    p.close()
+
+
+async def test_a_silent_target_is_dropped_after_the_silence_limit(
+    tmp_path, rng, nursery, autojump_clock
+):
+    p = Pair(tmp_path, keepalive=5.0, silence=30.0)
+    vol = p.src
+
+    async def mute(stream: trio.abc.Stream) -> None:
+        """A target that completes the handshake, then never says a thing."""
+        fs = FramedStream(stream)
+        await handshake_target(
+            fs,
+            secret=None,
+            volume_uuid=vol.uuid,
+            node_id="mute",
+            epochs=[tuple(e) for e in vol.state.epochs],
+            received_seq=vol.last_seq,
+            applied_seq=vol.last_seq,
+        )
+        await trio.sleep_forever()
+
+    p.listener.handler = mute
+    await p.start(nursery)
+    start = trio.current_time()
+    while p.shipper.reason != "target silent for 30 s":
+        await trio.sleep(0.01)
+    assert 30 <= trio.current_time() - start < 31
+    assert p.shipper.connections == 1  # (it reconnects after the backoff)
+    p.close()
