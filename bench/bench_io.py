@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -297,6 +298,10 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     return cfg, a
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def fio_version() -> str:
     proc = subprocess.run([need_fio(), "--version"], capture_output=True, text=True)
     return proc.stdout.strip()
@@ -309,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s: %(message)s",
     )
+    # Ctrl-C and SIGTERM unwind through every finally (unmounts, children), also when the
+    # shell that started us in the background made SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
     # nodes.py reads the control sockets with this checkout's mirrorfs.
     sys.path.insert(1, REPO_DIR)
     try:

@@ -70,6 +70,7 @@ def run_fio(
         "--name=" + rw,
         "--filename=" + path,
         "--ioengine=psync",
+        "--thread",  # the job in a thread, not a forked child that a kill would miss
         f"--rw={rw}",
         f"--bs={bs}",
         f"--size={size}",
@@ -89,16 +90,24 @@ def run_fio(
         argv.append("--end_fsync=1")
     limit = (seconds or 0) * 3 + 1800
     log.info("%s", " ".join(argv))
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=limit)
+        out, err = proc.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
         raise BenchError(f"fio {rw} did not finish in {limit:.0f} s") from None
+    finally:
+        # Also on Ctrl-C: fio must be gone (its files closed) before the mount is unmounted.
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     if proc.returncode != 0:
-        raise BenchError(f"fio {rw} exited with {proc.returncode}: {first_line(proc.stderr)}")
+        raise BenchError(f"fio {rw} exited with {proc.returncode}: {first_line(err)}")
     try:
-        job = json.loads(proc.stdout[proc.stdout.index("{") :])["jobs"][0]
+        job = json.loads(out[out.index("{") :])["jobs"][0]
     except (ValueError, KeyError, IndexError):
-        raise BenchError(f"fio {rw}: no json in its output: {first_line(proc.stdout)}") from None
+        raise BenchError(f"fio {rw}: no json in its output: {first_line(out)}") from None
     if job.get("error"):
         raise BenchError(f"fio {rw}: job error {job['error']}")
     side = job["write" if "write" in rw else "read"]
