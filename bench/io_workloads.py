@@ -81,7 +81,7 @@ def run_fio(
     if rw == "randwrite":
         argv.append("--overwrite=1")
     if seconds is not None:
-        argv.append(f"--runtime={seconds:g}")
+        argv.append(f"--runtime={max(1, round(seconds * 1000))}ms")
     if time_based:
         argv.append("--time_based=1")
     if io_size is not None:
