@@ -21,6 +21,7 @@ As root (FUSE mounts, echo 3 > /proc/sys/vm/drop_caches). See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -39,12 +41,11 @@ from common import (
     BenchError,
     MiB,
     describe_environment,
-    human_size,
     log_tail,
     parse_size,
     work_directory,
 )
-from io_report import derive, medians, render
+from io_report import derive, medians, render, render_cpu
 from io_targets import CPassthroughTarget, MirroredTarget, build_passthrough_ll
 from io_workloads import (
     SMALL,
@@ -57,6 +58,7 @@ from io_workloads import (
     run_fio,
     stat_files,
 )
+from meters import cpu_seconds
 from targets import MirrorfsTarget, PassthroughTarget, PlainTarget, Target
 
 log = logging.getLogger(__name__)
@@ -120,13 +122,34 @@ def run_workloads(t: Target, cfg: Config, pool: bytes, m: dict[str, Any], raw: d
     Each timed step starts quiesced (the previous step's data on disk and, for mirrorfs+1,
     applied by the replica); a cold step starts after a remount and drop_caches."""
     root = t.root
+    replica = t.replica if isinstance(t, MirroredTarget) else None
+
+    @contextlib.contextmanager
+    def step(key: str) -> Iterator[None]:
+        # CPU seconds of the FUSE server (and the replica) over the step: is it CPU-bound?
+        log.info("%s: %s", t.name, key)
+        pids = (t.pid, replica.pid if replica else None)
+        before = [cpu_seconds(p) for p in pids]
+        t0 = time.perf_counter()
+        yield
+        m[f"{key}_step_s"] = time.perf_counter() - t0
+        for label, pid, b in zip(("server", "replica"), pids, before, strict=True):
+            a = cpu_seconds(pid)
+            if a is not None and b is not None:
+                m[f"{key}_cpu_{label}"] = a - b
 
     def fio(key: str, *args: Any, **kwargs: Any) -> None:
-        log.info("%s: %s", t.name, key)
-        run = run_fio(*args, **kwargs)
+        with step(key):
+            run = run_fio(*args, **kwargs)
         m[key] = run.nbytes / MiB / run.seconds
         m[key + "_bytes"], m[key + "_s"], m[key + "_ios"] = run.nbytes, run.seconds, run.ios
         raw[key] = run.job
+
+    def loop(key: str, count: int, fn: Callable[[], float]) -> None:
+        t.quiesce()
+        with step(key):
+            m[key + "_s"] = fn()
+        m[key] = count / m[key + "_s"]
 
     big = os.path.join(root, "big")
     t.quiesce()
@@ -154,25 +177,24 @@ def run_workloads(t: Target, cfg: Config, pool: bytes, m: dict[str, Any], raw: d
     small = os.path.join(root, "small")
     os.mkdir(small)
     n = cfg.files
-    log.info("%s: %d small files", t.name, n)
-    t.quiesce()
-    m["create"] = n / create_files(small, n, pool)
-    t.quiesce()
-    m["stat"] = n / stat_files(small, n)
+    loop("create", n, lambda: create_files(small, n, pool))
+    loop("stat", n, lambda: stat_files(small, n))
     t.remount([])
-    m["read_small"] = n / read_files(small, n, pool)
-    t.quiesce()
-    m["delete"] = n / delete_files(small, n)
+    with step("read_small"):
+        m["read_small_s"] = read_files(small, n, pool)
+    m["read_small"] = n / m["read_small_s"]
+    loop("delete", n, lambda: delete_files(small, n))
     os.rmdir(small)
 
-    log.info("%s: fsync latency", t.name)
     t.quiesce()
-    m.update(fsync_latency(os.path.join(root, "fsync-lat"), cfg.fsyncs, cfg.seconds, pool))
+    with step("fsync"):
+        m.update(fsync_latency(os.path.join(root, "fsync-lat"), cfg.fsyncs, cfg.seconds, pool))
 
-    if isinstance(t, MirroredTarget):
-        log.info("%s: burst of %s", t.name, human_size(cfg.burst))
+    if replica is not None:
+        assert isinstance(t, MirroredTarget)
         t.quiesce()
-        m.update(burst_lag(os.path.join(root, "burst"), t.mfs.volume, cfg.burst, pool))
+        with step("burst"):
+            m.update(burst_lag(os.path.join(root, "burst"), t.mfs.volume, cfg.burst, pool))
 
 
 def run_round(
@@ -359,6 +381,11 @@ def main(argv: list[str] | None = None) -> int:
     print("MiB = 2^20 bytes, MB = 10^6; ratios of medians; latency: lower is better")
     print()
     print(render(med, cfg.targets, cfg))
+    cpu_table = render_cpu(med, cfg.targets)
+    if cpu_table:
+        print()
+        print("CPU of the FUSE server (+ the replica daemon) per second of each step, medians:")
+        print(cpu_table)
     failed = [r for r in rounds if r["errors"]]
     for r in failed:
         for err in r["errors"]:

@@ -79,6 +79,29 @@ def derive(metrics: dict[str, Any]) -> None:
     if lag is not None and catchup is not None:
         # No backlog: the replica kept up with the writer (an infinite ratio: met).
         metrics["absorb"] = lag / MiB / catchup if lag and catchup > 0 else math.inf
+    for key, _ in CPU_STEPS:
+        _cpu_share(metrics, key, "server")
+        _cpu_share(metrics, key, "replica")
+
+
+CPU_STEPS = (
+    ("seq_write", "seq write"),
+    ("seq_read", "seq read, cold"),
+    ("rand_read", "4 KiB random read, cold"),
+    ("rand_write", "4 KiB random write (with layout)"),
+    ("create", "create"),
+    ("stat", "stat"),
+    ("read_small", "read small files, cold"),
+    ("delete", "delete"),
+    ("fsync", "write+fsync loop"),
+    ("burst", "burst and catch-up"),
+)
+
+
+def _cpu_share(metrics: dict[str, Any], key: str, who: str) -> None:
+    cpu, wall = metrics.get(f"{key}_cpu_{who}"), metrics.get(f"{key}_step_s")
+    if cpu is not None and wall:
+        metrics[f"{key}_util_{who}"] = cpu / wall
 
 
 def medians(rounds: list[dict[str, Any]], names: list[str]) -> dict[str, dict[str, float]]:
@@ -177,3 +200,24 @@ def _absorb_cells(one: dict[str, float]) -> tuple[str, ...]:
         return ("", "", "", "kept up", goal, "met")
     ratio = absorb / write
     return ("", "", "", f"{ratio:.2f}x write", goal, _verdict(ratio >= MIN_ABSORB_RATIO))
+
+
+def render_cpu(med: dict[str, dict[str, float]], names: list[str]) -> str:
+    """CPU seconds of each FUSE server per wall second of each step (1.00 = one core
+    busy all the time: CPU-bound), the replica daemon's after a '+'; '' if none ran."""
+    fuse = [n for n in names if n != "plain"]
+    if not fuse:
+        return ""
+    lines: list[tuple[str, ...]] = [("step", *(LABELS[n] for n in fuse))]
+    for key, label in CPU_STEPS:
+        cells = []
+        for n in fuse:
+            server = med.get(n, {}).get(f"{key}_util_server")
+            replica = med.get(n, {}).get(f"{key}_util_replica")
+            cell = "-" if server is None else f"{server:.2f}"
+            if replica is not None:
+                cell += f" + {replica:.2f}"
+            cells.append(cell)
+        if any(c != "-" for c in cells):
+            lines.append((label, *cells))
+    return format_rows(lines, right=range(1, len(fuse) + 1))

@@ -204,7 +204,12 @@ def fsync_latency(path: str, count: int, budget: float, pool: bytes) -> dict[str
     finally:
         os.close(fd)
     ms = [t * 1000 for t in times]
-    return {"fsync_n": len(ms), "fsync_p50": percentile(ms, 50), "fsync_p99": percentile(ms, 99)}
+    return {
+        "fsync_n": len(ms),
+        "fsync_s": sum(times),
+        "fsync_p50": percentile(ms, 50),
+        "fsync_p99": percentile(ms, 99),
+    }
 
 
 # ---- the replica after a burst --------------------------------------------------------------
