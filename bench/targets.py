@@ -85,6 +85,15 @@ class Target:
         """Local files that hold *relpath*'s data (for fadvise without root)."""
         return [os.path.join(self.root, relpath)]
 
+    @property
+    def pid(self) -> int | None:
+        """The FUSE server process, if the target has one."""
+        return None
+
+    def quiesce(self) -> None:
+        """Before a timed workload: the previous one's data on disk (and on the target)."""
+        os.sync()
+
     def _note_rss(self, pid: int | None) -> None:
         hwm = read_hwm_kib(pid) if pid else None
         if hwm is not None:
@@ -108,13 +117,24 @@ class PassthroughTarget(Target):
     """(b) bench/passthrough.py over a local directory, run as our child process."""
 
     name = "passthrough"
+    prefix = "pt"  # of its directories and log in the work directory
 
     def __init__(self, workdir: str) -> None:
         super().__init__(workdir)
-        self.source = os.path.join(workdir, "pt-src")
-        self.mountpoint = os.path.join(workdir, "pt-mnt")
-        self.log_path = os.path.join(workdir, "passthrough.log")
+        self.source = os.path.join(workdir, f"{self.prefix}-src")
+        self.mountpoint = os.path.join(workdir, f"{self.prefix}-mnt")
+        self.log_path = os.path.join(workdir, f"{self.name}.log")
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The server process, while it runs."""
+        proc = self._proc
+        return proc.pid if proc is not None and proc.poll() is None else None
+
+    def argv(self) -> list[str]:
+        """The command that serves ``source`` at ``mountpoint`` in the foreground."""
+        return [sys.executable, PASSTHROUGH, self.source, self.mountpoint]
 
     @property
     def root(self) -> str:
@@ -130,7 +150,7 @@ class PassthroughTarget(Target):
         with open(self.log_path, "ab") as logf:
             # Own session: a Ctrl-C on the terminal reaches the benchmark, which unmounts.
             self._proc = subprocess.Popen(
-                [sys.executable, PASSTHROUGH, self.source, self.mountpoint],
+                self.argv(),
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
@@ -139,9 +159,9 @@ class PassthroughTarget(Target):
         deadline = time.monotonic() + MOUNT_TIMEOUT
         while not is_mounted(self.mountpoint):
             if self._proc.poll() is not None:
-                raise BenchError(f"passthrough exited with {self._proc.returncode} before mounting")
+                raise BenchError(f"{self.name} exited with {self._proc.returncode} before mounting")
             if time.monotonic() > deadline:
-                raise BenchError("passthrough did not mount in time")
+                raise BenchError(f"{self.name} did not mount in time")
             time.sleep(0.05)
 
     def _unmount(self) -> None:
@@ -156,7 +176,7 @@ class PassthroughTarget(Target):
                 try:
                     proc.wait(timeout=60)
                 except subprocess.TimeoutExpired:
-                    log.warning("passthrough (pid %d) still running: SIGTERM", proc.pid)
+                    log.warning("%s (pid %d) still running: SIGTERM", self.name, proc.pid)
                     proc.send_signal(signal.SIGTERM)
                     try:
                         proc.wait(timeout=30)
@@ -193,14 +213,33 @@ class MirrorfsTarget(Target):
         )
         self.volume_size = volume_size
         self.mkfs_args = mkfs_args
+        self.mount_args: list[str] = []  # for every mount of the volume
 
     @property
     def root(self) -> str:
         return self.mfs.mountpoint
 
+    @property
+    def pid(self) -> int | None:
+        """The mount process, while it runs."""
+        return self.mfs.our_pid()
+
     def setup(self) -> None:
         self.mfs.mkfs(volume_size_for(self.volume_size), *self.mkfs_args)
-        self.mfs.mount()
+        self._mount()
+
+    def _mount(self) -> None:
+        self.mfs.mount(*self.mount_args)
+
+    def quiesce(self) -> None:
+        # sync(2) does not reach FUSE: an fsync of a directory commits the whole volume.
+        if self.pid is not None:
+            fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.sync()
 
     def _unmount(self) -> None:
         self._note_rss(self.mfs.our_pid())
@@ -209,7 +248,7 @@ class MirrorfsTarget(Target):
     def remount(self, files: list[str]) -> None:
         self._unmount()
         drop_caches(files)
-        self.mfs.mount()
+        self._mount()
 
     def teardown(self) -> None:
         self._unmount()

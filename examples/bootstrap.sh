@@ -2,6 +2,7 @@
 # Sets up everything mirrorfs needs on a Debian machine (as root), then runs a job:
 #   bash examples/bootstrap.sh demo     the demo (examples/demo.py)
 #   bash examples/bootstrap.sh test     the test suite
+#   bash examples/bootstrap.sh bench [ARGS]   issue 8's I/O benchmark (bench/bench_io.py ARGS)
 # System packages are installed with apt-get only when missing; Python packages go into
 # .venv at the top of the checkout.
 set -euo pipefail
@@ -17,6 +18,10 @@ pkg-config --exists fuse3 2>/dev/null || need+=(libfuse3-dev)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v gcc >/dev/null 2>&1 || need+=(gcc)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
+# The benchmark runs fio; so do tests of the write path (its libaio engine).
+case "$job" in
+    bench|test) command -v fio >/dev/null 2>&1 || need+=(fio) ;;
+esac
 if command -v python3 >/dev/null 2>&1; then
     python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
     inc=$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
@@ -46,8 +51,11 @@ case "$job" in
         .venv/bin/ruff check mirrorfs tests bench examples
         exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" tests
         ;;
+    bench)
+        exec .venv/bin/python bench/bench_io.py "$@"
+        ;;
     *)
-        echo "usage: bash examples/bootstrap.sh demo|test" >&2
+        echo "usage: bash examples/bootstrap.sh demo|test|bench [ARGS]" >&2
         exit 2
         ;;
 esac
