@@ -8,6 +8,7 @@ milliseconds and the same way every time.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 
@@ -159,3 +160,55 @@ async def test_a_silent_target_is_dropped_after_the_silence_limit(
     assert 30 <= trio.current_time() - start < 31
     assert p.shipper.connections == 1  # (it reconnects after the backoff)
     p.close()
+
+
+async def test_a_connection_cut_under_the_receiver_is_one_line_not_a_bug(
+    tmp_path, rng, nursery, autojump_clock, caplog
+):
+    """The source's end of the connection goes away in the middle of a stream: the
+    receiver logs one line with the reason, never "receiver bug" with a traceback (the
+    reader and the processor share a channel, and the one that did not fail sees it end)."""
+    caplog.set_level(logging.INFO, logger="mirrorfs")
+    p = Pair(tmp_path)
+    clients: list[trio.abc.Stream] = []
+    connect = p.listener.connect
+
+    async def recording_connect() -> trio.abc.Stream:
+        stream = await connect()
+        clients.append(stream)
+        return stream
+
+    p.shipper._connect = recording_connect
+    await p.start(nursery)
+    await settle()
+    for _ in range(3):
+        p.commit(rng, 5)
+        await clients[-1].aclose()  # the link is cut under both ends
+        await settle()
+        await trio.sleep(6.0)  # past the shipper's backoff: it reconnects
+        await settle()
+    assert p.caught_up() and p.shipper.connections >= 4
+    bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert not bad, [r.getMessage() for r in bad]
+    dropped = [r for r in caplog.records if r.getMessage().startswith("dropped source")]
+    assert dropped, "the receiver said nothing of the cut"
+    p.close()
+
+
+@pytest.mark.parametrize("ending", [trio.EndOfChannel, trio.BrokenResourceError])
+async def test_a_session_task_that_sees_its_channel_end_is_not_a_bug(tmp_path, caplog, ending):
+    """The reader and the processor of a receiver session share a memory channel: when one
+    ends with the real reason, the other sees EndOfChannel / BrokenResourceError. That is
+    recorded as routine (the first reason wins), never logged as "receiver bug"."""
+    from mirrorfs.repl.receiver import _Session
+
+    receiver = Receiver(str(tmp_path), None, secret=None, node_id="tgt")
+    ses = _Session(fs=None, machine=None, address="mem")  # type: ignore[arg-type]
+
+    async def ends() -> None:
+        raise ending()
+
+    ses.drop("closed: connection reset by peer")  # what the failing task recorded first
+    await receiver._guard(ses, lambda s: ends())
+    assert ses.reason == "closed: connection reset by peer" and not ses.error
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -412,6 +412,10 @@ class Receiver:
             ses.drop(f"closed: {exc}")
         except (ProtocolError, HandshakeRefused) as exc:
             ses.drop(str(exc))
+        except (trio.EndOfChannel, trio.BrokenResourceError, trio.ClosedResourceError):
+            # The reader and the processor share a channel: when one ends (with the real
+            # reason, recorded first), the other sees the channel end. Routine, not a bug.
+            ses.drop("closed: the session's other task ended")
         except Exception as exc:
             log.exception("receiver bug")
             ses.drop(f"internal error: {exc!r}")

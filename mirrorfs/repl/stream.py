@@ -69,7 +69,8 @@ class FramedStream:
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionClosed(f"connection lost while sending {msg.TYPE.name}: {exc}")
+                why = str(exc) or type(exc).__name__
+                raise ConnectionClosed(f"connection lost while sending {msg.TYPE.name}: {why}")
         self.bytes_sent += len(data)
 
     async def receive(self) -> Message:
@@ -78,7 +79,7 @@ class FramedStream:
             try:
                 data = await self.stream.receive_some(self._receive_size)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionClosed(f"connection lost: {exc}")
+                raise ConnectionClosed(f"connection lost: {str(exc) or type(exc).__name__}")
             if not data:
                 if self._decoder.buffered:
                     raise ConnectionClosed(
