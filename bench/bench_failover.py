@@ -153,7 +153,7 @@ def phase_rto(workdir: str, res: Results, size: int, nfiles: int, ntxns: int) ->
 
         mounts.remove(src)
         promote_start = time.monotonic()
-        out, res.promote_cmd_s = run_output(cli, "promote", rep.volume, timeout=600)
+        out, res.promote_cmd_s = run_output(cli, "promote", rep.volume, "--force", timeout=600)
         assert rep.mountpoint is not None
         probe = os.path.join(rep.mountpoint, "first-write")
         t_write = time.monotonic()
@@ -214,7 +214,7 @@ def phase_failback(workdir: str, res: Results, diverged: int) -> None:
         proxy.stop()
         proxy = None
 
-        run_output(cli, "promote", b.volume, timeout=600)
+        run_output(cli, "promote", b.volume, "--force", timeout=600)
         b.pid = None
         assert b.mountpoint is not None
         b_src = adopt_mount(cli, b.volume, b.mountpoint)

@@ -1,4 +1,5 @@
-"""The mirrorfs demo: a source mirrored to a replica that is mounted read-only as it follows.
+"""The mirrorfs demo: a source mirrored to a replica that is mounted read-only as it follows,
+then promoted to the read-write source when the source is gone.
 
 Run it through ``bash examples/bootstrap.sh demo`` (which installs what it needs), as root.
 Everything happens under a temporary directory that is removed at the end; every mount the
@@ -24,13 +25,15 @@ def step(msg: str) -> None:
     print(f"\n== {msg}", flush=True)
 
 
-def run(*args: str) -> str:
+def run(*args: str, expect: int = 0) -> str:
+    """Run ``mirrorfs ARGS`` and show what it printed; stop the demo unless it exits with
+    ``expect``."""
     print("$ mirrorfs " + " ".join(args), flush=True)
     res = subprocess.run([*MIRRORFS, *args], capture_output=True, text=True)
     out = (res.stdout + res.stderr).strip()
     if out:
         print("  " + out.replace("\n", "\n  "), flush=True)
-    if res.returncode != 0:
+    if res.returncode != expect:
         raise SystemExit(f"demo: 'mirrorfs {' '.join(args)}' failed (exit {res.returncode})")
     return out
 
@@ -85,7 +88,7 @@ def main() -> int:
     os.mkdir(mnt)
     os.mkdir(rmnt)
     port = free_port()
-    mounted = False
+    mounted = promoted = False
     replica_pid = 0
     stdlib = os.path.dirname(os.__file__)
     try:
@@ -176,11 +179,30 @@ def main() -> int:
         if not same:
             raise SystemExit("demo: block files differ")
         run("fsck", src)
+
+        step("failover: promote the replica (it refuses while the source may still be alive)")
+        run("promote", rep, expect=1)
+        step("the source is unmounted, so we know it is down: promote --force")
+        # The replica daemon unmounts its read-only mount, starts epoch 2 and remounts the
+        # same mountpoint read-write: it is the source now.
+        run("promote", rep, "--force")
+        replica_pid = 0  # the daemon has exited; the promoted mount is a new process
+        promoted = True
+        with open(os.path.join(rmnt, "after-failover.txt"), "w") as f:
+            f.write("written on the promoted replica\n")
+            f.flush()
+            os.fsync(f.fileno())
+        print("  wrote after-failover.txt on", rmnt, "->", sorted(os.listdir(rmnt))[:6], "...")
+        run("status", rep)
+        run("umount", rmnt)
+        promoted = False
         step("done")
         return 0
     finally:
         if mounted:
             subprocess.run([*MIRRORFS, "umount", mnt], capture_output=True)
+        if promoted:
+            subprocess.run([*MIRRORFS, "umount", rmnt], capture_output=True)
         if replica_pid:
             stop_process(replica_pid)
         for m in (mnt, rmnt):

@@ -248,6 +248,11 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("dir", metavar="DIR", help="replica volume directory")
     p.add_argument(
+        "--force",
+        action="store_true",
+        help="promote even while the source is connected or was heard in the last 10 s",
+    )
+    p.add_argument(
         "--mount",
         metavar="MNT",
         help="mount read-write here (default: where the replica daemon had it mounted)",

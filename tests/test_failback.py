@@ -179,7 +179,7 @@ def test_unplanned_failover_and_failback(tmp_path):
 
         # Unplanned failover: B is promoted and mounted read-write at its mountpoint.
         t0 = time.monotonic()
-        out = _run_ok("promote", b.dir)
+        out = _run_ok("promote", b.dir, "--force")  # A was just killed: we know it is down
         rto = time.monotonic() - t0
         b_source = _promoted_mount(b.dir, b.mountpoint)
         st = status(b.dir)
@@ -302,7 +302,7 @@ def test_split_brain_old_source_is_fenced(tmp_path):
         wait_caught_up(a)
         kill_mount(a_src)
 
-        _run_ok("promote", b.dir)
+        _run_ok("promote", b.dir, "--force")  # A was just killed
         b_source = _promoted_mount(b.dir, b.mountpoint)
         rc = c.replica("c")
         _run_ok("mirror", b.dir, "--add", rc.address)

@@ -33,7 +33,17 @@ def test_unmount_and_promote_a_running_replica(tmp_path):
         expected = tree_signature(source.mountpoint)  # reads first: atime updates commit too
         seq = wait_caught_up(src)
 
+        # The source is alive and connected: promoting would make two sources.
         proc = run_cli("promote", rep.dir)
+        assert proc.returncode == 1
+        err = proc.stderr.strip()
+        assert "is still connected (last heard" in err and "pass --force" in err, err
+        assert len(err.splitlines()) == 1 and rep.alive()
+        st = rep.status()
+        assert st["source_address"] and st["last_contact"] > 0
+        assert "source: " in run_cli("status", rep.dir).stdout
+
+        proc = run_cli("promote", rep.dir, "--force")
         assert proc.returncode == 0, proc.stderr
         assert "epoch 1 -> 2" in proc.stdout and f"seq {seq + 1}" in proc.stdout
         assert "mounted read-write" in proc.stdout

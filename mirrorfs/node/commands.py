@@ -109,6 +109,11 @@ def format_status(volume_dir: str, st: dict[str, Any]) -> str:
     ):
         if key in st and st[key] not in ("", None):
             lines.append(f"  {key.replace('_', ' ')}: {st[key]}")
+    if st.get("source_address"):
+        last = float(st.get("last_contact") or 0.0)
+        heard = f"last heard {max(time.time() - last, 0.0):.1f}s ago" if last else "never heard"
+        node = f" (node {st['source_node_id']})" if st.get("source_node_id") else ""
+        lines.append(f"  source: {st['source_address']}{node}, {heard}")
     for a in st.get("archives") or []:
         lines.append(
             f"  archive: {a.get('path')} (epoch {a.get('epoch')}, {a.get('records')} diverged "
@@ -179,7 +184,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     _check_promoted_mirrors(args)
     t0 = time.monotonic()
     try:
-        reply = control_request(socket_path(volume_dir), {"cmd": "promote"}, timeout=120.0)
+        request = {"cmd": "promote", "force": bool(args.force)}
+        reply = control_request(socket_path(volume_dir), request, timeout=120.0)
     except ControlError as exc:
         if "no daemon is running" not in str(exc):
             raise CommandError(str(exc)) from None

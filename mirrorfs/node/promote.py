@@ -29,6 +29,34 @@ class PromoteError(Exception):
     """Promotion is refused (one-line reason)."""
 
 
+#: A source heard from this recently may still be alive: the link may have been cut (a
+#: partition, after which it goes on writing), not the source (a crash). Idle sources ping
+#: every 5 s, so a live one is heard at least that often while it is connected.
+RECENT_CONTACT = 10.0
+
+
+def check_source_gone(receiver: dict[str, Any], *, now: float | None = None) -> None:
+    """Refuse to promote while the source is connected or was heard within
+    ``RECENT_CONTACT`` seconds: that is how split brains start (``--force`` skips this).
+
+    ``receiver`` is the replica's receiver status (``Receiver.status()``)."""
+    now = time.time() if now is None else now
+    node, address = receiver.get("source_node_id"), receiver.get("source_address") or "?"
+    who = f"the source {node!r} at {address}" if node else f"the source at {address}"
+    last = float(receiver.get("last_contact") or 0.0)
+    heard = f"last heard {max(now - last, 0.0):.1f} s ago" if last else "never heard"
+    if receiver.get("state") in ("streaming", "initial-sync", "resyncing"):
+        raise PromoteError(
+            f"{who} is still connected ({heard}): promoting now would make two sources "
+            "(split brain); stop the source first, or pass --force"
+        )
+    if last and now - last < RECENT_CONTACT:
+        raise PromoteError(
+            f"{who} was {heard} and may still be alive behind a cut link: make sure it is "
+            f"down (or wait {RECENT_CONTACT:g} s), or pass --force"
+        )
+
+
 def apply_logged(volume: Volume) -> int:
     """Apply every received-but-unapplied transaction in the log; return how many."""
     n = 0

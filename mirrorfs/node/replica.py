@@ -249,7 +249,7 @@ class ReplicaNode:
 
     async def _cmd_promote(self, request: dict[str, Any]) -> dict[str, Any]:
         """Stop receiving, apply what is logged, start a new epoch, then exit the daemon."""
-        from mirrorfs.node.promote import PromoteError, promote_volume
+        from mirrorfs.node.promote import PromoteError, check_source_gone, promote_volume
 
         vol = self.receiver.volume if self.receiver is not None else None
         if vol is None or not vol.consistent:
@@ -261,6 +261,11 @@ class ReplicaNode:
             raise ControlError("already promoted")
         before = self.receiver.status() if self.receiver is not None else {}
         connected = before.get("state") == "streaming"
+        if not request.get("force"):
+            try:
+                check_source_gone(before)
+            except PromoteError as exc:
+                raise ControlError(str(exc)) from None
         # No transaction is received or applied after this: the sessions are cancelled.
         self._listen_scope.cancel()
         await self._listening_done.wait()

@@ -122,6 +122,7 @@ class ReceiverStatus:
     applied_seq: int = 0
     consistent: bool = False
     last_ack_time: float = 0.0  # wall clock of the last ACK sent (0: never)
+    last_contact: float = 0.0  # wall clock of the last frame from a source (0: never)
     bytes_received: int = 0  # over every session since the node started
     throughput: float = 0.0  # bytes/s received over the last THROUGHPUT_WINDOW seconds
     sync_blocks_copied: int = 0
@@ -430,6 +431,7 @@ class Receiver:
                 if cs.cancelled_caught:
                     raise _Drop(f"the source was silent for {self.silence_timeout:g} s")
                 ses.machine.received(trio.current_time())
+                self._status.last_contact = time.time()
                 await send.send(msg)
 
     async def _keepalive(self, ses: _Session) -> None:
