@@ -294,7 +294,11 @@ async def test_commits_during_initial_sync(tmp_path, rng, nursery):
     shipper = ship(src, target)
     await nursery.start(shipper.run)
     await wait_until(lambda: shipper.state is ShipperState.INITIAL_SYNC, what="sync start")
-    while shipper.state is ShipperState.INITIAL_SYNC:
+    # Commits while the copy runs (bounded: each one is an fsync, and a slow disk must not
+    # turn this into more catching up than the deadline allows).
+    for _ in range(300):
+        if shipper.state is not ShipperState.INITIAL_SYNC:
+            break
         commit_random(src, rng, blocks=4)
         await trio.sleep(0)
     await wait_until(caught_up(src, target), what="catch up")

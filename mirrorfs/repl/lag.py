@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from mirrorfs.store import record
 from mirrorfs.store.errors import StoreError
+from mirrorfs.store.segments import segment_first_seq
 from mirrorfs.store.txn import Transaction
 
 if TYPE_CHECKING:
@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Log segment files, as named by mirrorfs.store.segments.segment_name.
-_SEGMENT_RE = re.compile(r"^(\d{20})\.seg$")
 # Bytes a TXN record adds to its block data (record header, run and hint headers), for the
 # estimate of a record that was not read from the log yet.
 RECORD_OVERHEAD = 64
@@ -183,10 +181,10 @@ def log_segments(volume: Volume) -> list[tuple[int, int]]:
     directory = volume.samlog.directory
     out = []
     for name in os.listdir(directory):
-        m = _SEGMENT_RE.match(name)
-        if m:
+        first = segment_first_seq(name)
+        if first is not None:
             try:
-                out.append((int(m.group(1)), os.stat(os.path.join(directory, name)).st_size))
+                out.append((first, os.stat(os.path.join(directory, name)).st_size))
             except FileNotFoundError:
                 continue
     out.sort()

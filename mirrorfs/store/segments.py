@@ -29,6 +29,12 @@ def segment_name(first_seq: int) -> str:
     return f"{first_seq:020d}.seg"
 
 
+def segment_first_seq(name: str) -> int | None:
+    """The first sequence number in a segment file's name; None if ``name`` is no segment."""
+    m = _NAME_RE.match(name)
+    return int(m.group(1)) if m else None
+
+
 @dataclass(slots=True)
 class RecoveryReport:
     """What ``SamLog.open`` found and did; ``segment``/``offset`` say where the log was cut."""
