@@ -9,7 +9,7 @@ import pytest
 from mirrorfs.fs.filedata import FileData
 from mirrorfs.fs.filesystem import FsError
 from mirrorfs.fs.inodes import InodeTable, format_layout, read_super
-from mirrorfs.fs.xattrs import XATTR_CREATE, XATTR_REPLACE, XattrStore
+from mirrorfs.fs.xattrs import MAX_BLOCKS, XATTR_CREATE, XATTR_REPLACE, XattrStore
 from mirrorfs.store.volume import Volume
 
 
@@ -70,15 +70,43 @@ def test_limits(fs):
     assert err(xs.set, f, b"", b"v") == errno.EINVAL
     xs.set(f, b"n" * 255, b"v")
     assert err(xs.set, f, b"user.big", bytes(vol.block_size)) == errno.E2BIG
-    room = vol.block_size - 16 - 6 - 255 - 1  # what one block holds after the first entry
-    assert err(xs.set, f, b"user.fill", bytes(room)) == errno.ENOSPC
-    xs.set(f, b"user.fill", bytes(room - 6 - len(b"user.fill")))
-    assert err(xs.set, f, b"user.x", b"") == errno.ENOSPC
-    assert xs.list(f) == [b"n" * 255, b"user.fill"]
+    # Each chain block holds one value this big: MAX_BLOCKS of them, then ENOSPC.
+    big = vol.block_size - 24 - 6 - 16
+    for i in range(MAX_BLOCKS - 1):
+        xs.set(f, b"user.fill%05d" % i, bytes(big))
+    assert f.blocks == MAX_BLOCKS
     before = vol.allocator.free_count
+    assert err(xs.set, f, b"user.one-too-many", bytes(big)) == errno.ENOSPC
+    assert vol.allocator.free_count == before and f.blocks == MAX_BLOCKS  # nothing changed
+    assert len(xs.list(f)) == MAX_BLOCKS
     xs.free(f)
     assert f.xattr_block == 0 and f.blocks == 0
-    assert vol.allocator.free_count == before + 1
+    assert vol.allocator.free_count == before + MAX_BLOCKS
+
+
+def test_a_thousand_small_xattrs_chain_and_shrink_back(fs):
+    """As the POSIX suites expect of FUSE filesystems: 1,000 9-byte values on one file."""
+    vol, table, xs = fs
+    f = table.allocate(0o100644, 0, 0, 1)
+    free = vol.allocator.free_count
+    names = [b"user.attr%04d" % i for i in range(1000)]
+    for name in names:
+        xs.set(f, name, b"value%04d" % int(name[-4:]))
+    assert xs.list(f) == names
+    assert xs.get(f, b"user.attr0777") == b"value0777"
+    assert 2 <= f.blocks <= MAX_BLOCKS and len(xs.blocks(f)) == f.blocks
+    assert vol.allocator.free_count == free - f.blocks
+    xs.set(f, b"user.attr0500", b"replaced!")  # keeps its place
+    assert xs.list(f)[500] == b"user.attr0500" and xs.get(f, b"user.attr0500") == b"replaced!"
+    for name in names[1:]:
+        xs.remove(f, name)
+    # back to the one-block format of a volume written before chains existed
+    assert f.blocks == 1 and xs.list(f) == [names[0]]
+    assert vol.read(f.xattr_block)[:4] == (0x52544158).to_bytes(4, "little")
+    assert vol.allocator.free_count == free - 1
+    xs.remove(f, names[0])
+    assert f.xattr_block == 0 and f.blocks == 0 and vol.allocator.free_count == free
+    vol.close()
 
 
 def test_runs_include_xattr_block(fs):

@@ -380,3 +380,18 @@ def test_namespace_matches_a_model(vol_path, seed):
     with_fs(vol_path, run)
     report = run_check(vol_path)
     assert report.clean, report.describe()
+
+
+def test_a_chain_of_xattr_blocks_is_clean_and_freed_with_its_inode(vol_path):
+    def many(fs: Filesystem) -> None:
+        a = fs.create(ROOT_INO, b"many", 0o644, 0, 0)
+        for i in range(1000):
+            fs.setxattr(a.ino, b"user.attr%04d" % i, b"value%04d" % i)
+        fs.release(a.ino)
+
+    with_fs(vol_path, many)
+    report = run_check(vol_path)
+    assert report.clean, report.describe()
+    with_fs(vol_path, lambda fs: fs.unlink(ROOT_INO, b"many"))
+    report = run_check(vol_path)
+    assert report.clean, report.describe()

@@ -250,6 +250,18 @@ def test_xattrs(d):
     assert os.getxattr(d, "user.on-a-dir") == b"1"
 
 
+def test_a_thousand_xattrs_on_one_file(d):
+    p = os.path.join(d, "many")
+    open(p, "w").close()
+    for i in range(1000):
+        os.setxattr(p, f"user.attr{i:04d}", b"value%04d" % i)
+    assert len(os.listxattr(p)) == 1000
+    assert os.getxattr(p, "user.attr0999") == b"value0999"
+    for i in range(0, 1000, 2):
+        os.removexattr(p, f"user.attr{i:04d}")
+    assert sorted(os.listxattr(p)) == [f"user.attr{i:04d}" for i in range(1, 1000, 2)]
+
+
 def test_statfs_counts_change(rw, d):
     before = os.statvfs(rw.mnt)
     assert before.f_bsize == 4096 and before.f_blocks > 0 and before.f_files > 0

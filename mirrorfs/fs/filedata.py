@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from mirrorfs.fs.api import MAX_FILE_SIZE
 from mirrorfs.fs.extents import END_OF_FILE, UNWRITTEN, Extent, ExtentTree
 from mirrorfs.fs.layout import EXTENT_AREA_SIZE, FLAG_INLINE_DATA, Inode, fs_error
+from mirrorfs.fs.xattrs import read_chain
 from mirrorfs.store.blockstore import BlockStore
 from mirrorfs.store.errors import NoSpace
 
@@ -286,12 +287,17 @@ class FileData:
         inode.size = 0
 
     def runs(self, inode: Inode) -> Iterator[tuple[int, int]]:
-        """Every volume block the inode references: tree nodes, data extents, xattr block.
+        """Every volume block the inode references: tree nodes, data extents, xattr blocks.
 
         Their total length equals ``inode.blocks`` on a healthy filesystem.
         """
         if inode.xattr_block:
-            yield (inode.xattr_block, 1)
+            try:
+                chain = read_chain(self.volume, inode)[0]
+            except OSError:  # damaged: fsck reports the xattrs on their own
+                chain = [inode.xattr_block]
+            for block in chain:
+                yield (block, 1)
         if inode.flags & FLAG_INLINE_DATA:
             return
         for block in self.tree.node_blocks(inode):
