@@ -98,6 +98,7 @@ def test_fakes_refuse_unknown_names():
 # -- the adapter
 
 
+@pytest.mark.log_expected(r"unexpected error in", r"failsafe", r"forget\(")
 async def test_adapter_maps_errors():
     ops, fs, vol = make_ops()
     fs.fail["lookup"] = FsError(errno.ENAMETOOLONG)
@@ -120,6 +121,7 @@ async def test_adapter_maps_errors():
     assert vol.failed is None  # a storage failure: what is open may still be committed
 
 
+@pytest.mark.log_expected(r"unexpected error in rename", r"failsafe")
 async def test_adapter_bug_in_a_change_discards_the_open_transaction():
     ops, fs, vol = make_ops()
     fs.fail["rename"] = KeyError("a bug half-way through")

@@ -290,6 +290,7 @@ def test_unplanned_failover_and_failback(tmp_path):
 
 @_FUSE
 @pytest.mark.mount
+@pytest.mark.log_expected(r"fenced")
 def test_split_brain_old_source_is_fenced(tmp_path):
     c = Cluster(str(tmp_path))
     b_source: Mount | None = None

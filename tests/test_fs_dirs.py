@@ -98,6 +98,7 @@ def test_parse_rejects_damage(damage):
         parse_block(buf)
 
 
+@pytest.mark.log_expected(r"is damaged")
 def test_damaged_directory_is_eio_not_a_crash(fs):
     d = fs.mkdir(R, b"d", 0o755, 0, 0).ino
     touch(fs, d, b"x")

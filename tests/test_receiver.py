@@ -413,6 +413,7 @@ async def test_silent_source_is_dropped(source, target, autojump_clock):
     assert target.receiver.state is ReceiverState.DISCONNECTED
 
 
+@pytest.mark.log_expected(r"No space left on device")
 async def test_disk_full_sends_error_state(source, target):
     async with trio.open_nursery() as nursery:
         fs = await synced(nursery, target, source)

@@ -362,6 +362,7 @@ class _Crash(Exception):
     """Stands for the process being killed at this point."""
 
 
+@pytest.mark.log_expected(r"receiver bug")
 async def test_crash_before_the_record_discards_the_stage(tmp_path, nursery, rng, monkeypatch):
     t = Setup(tmp_path, nursery, rng)
     for _ in range(10):
@@ -399,6 +400,7 @@ async def test_crash_before_the_record_discards_the_stage(tmp_path, nursery, rng
     assert same_blocks(t.src, vol)
 
 
+@pytest.mark.log_expected(r"receiver bug")
 async def test_crash_after_the_record_is_finished_at_restart(tmp_path, nursery, rng, monkeypatch):
     t = Setup(tmp_path, nursery, rng)
     for _ in range(10):

@@ -260,6 +260,7 @@ def test_torn_seal_and_missing_next_segment(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["payload", "header"])
+@pytest.mark.log_expected(r"repair cut the log")
 def test_corrupt_middle_record(tmp_path, where):
     d = tmp_path / "log"
     log = new_log(d)
@@ -328,6 +329,7 @@ def test_bad_seal_trailer_is_corruption_and_repair_reseals(tmp_path):
     assert reopen(d).recovery_report.describe() == "clean"
 
 
+@pytest.mark.log_expected(r"repair cut the log")
 def test_sequence_gap_between_segments(tmp_path):
     d = tmp_path / "log"
     log = new_log(d, segment_bytes=2048)
@@ -396,6 +398,7 @@ def test_reset_and_interrupted_reset(tmp_path):
     log.close()
 
 
+@pytest.mark.log_expected(r"repair cut the log")
 def test_corrupt_segment_header(tmp_path):
     d = tmp_path / "log"
     log = new_log(d, segment_bytes=2048)

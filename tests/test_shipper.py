@@ -301,7 +301,7 @@ async def test_commits_during_initial_sync(tmp_path, rng, nursery):
             break
         commit_random(src, rng, blocks=4)
         await trio.sleep(0)
-    await wait_until(caught_up(src, target), what="catch up")
+    await wait_until(caught_up(src, target), timeout=60.0, what="catch up")
     assert target.volume.consistent
     # the copy overlapped commits: the replica was consistent only after replaying them
     assert target.volume.state.consistent_at > shipper.sync.start_seq
@@ -485,6 +485,7 @@ def test_pinned_bytes_counts_segments_from_seq_except_current():
     assert pinned_bytes(segs[:1], 1) == 0
 
 
+@pytest.mark.log_expected(r"fenced")
 async def test_fenced_target_stops_shipping(tmp_path, rng, nursery):
     src = make_source(tmp_path)
     fill(src, rng)

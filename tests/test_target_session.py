@@ -191,6 +191,7 @@ def test_ping_pong_refuse_and_unexpected():
     assert out.drop.reason == "refused by the source: going away"
 
 
+@pytest.mark.log_expected(r"cannot go on")
 def test_store_errors_become_drops():
     store = FakeStore()
     s = TargetSession(store, PEER, empty=False)

@@ -21,8 +21,12 @@ from dataclasses import dataclass
 
 import pytest
 
+from mirrorfs.store.files import DAEMON_LOG_FILE
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MOUNT_TIMEOUT = 30.0
+#: The log file of a daemon serving a volume directory (what checklogs reads).
+DAEMON_LOG = DAEMON_LOG_FILE
 
 
 def _env() -> dict[str, str]:
