@@ -1,17 +1,27 @@
-"""Group commit with the slow part in a worker thread (the source's commit policy).
+"""Group commit with the slow parts in worker threads (the source's commit policy).
 
 ``WritePath.seal`` closes the open transaction without I/O; ``WritePath.persist`` appends it
-to the SAM log, fsyncs the log and writes the blocks in place; ``WritePath.finish`` publishes
-it (last committed seq, shippers). The committer seals in the trio thread (between two
-awaits, so a handler's change is never split), hands the transaction to one persister task
-that runs ``persist`` in a worker thread, strictly one at a time and in seal order, and
-calls ``finish`` back in the trio thread. Meanwhile FUSE handlers keep running and fill the
-next transaction: a streaming writer does not wait for the log fsync and the in-place write.
+to the SAM log and fsyncs the log; ``WritePath.finish`` publishes it (in-place backlog, last
+committed seq, shippers). The committer seals in the trio thread (between two awaits, so a
+handler's change is never split), hands the transaction to one persister task that runs
+``persist`` in a worker thread, strictly one at a time and in seal order, and calls
+``finish`` back in the trio thread. Meanwhile FUSE handlers keep running and fill the next
+transaction: a streaming writer does not wait for the log fsync.
+
+The flusher task (``run`` starts it beside the persister) writes the in-place backlog
+(``store/inplace.py``) in a worker thread under its own ``trio.CapacityLimiter``: when the
+backlog passes ``flush_bytes``, when a checkpoint or a waiting writer asks, and every
+``flush_interval`` otherwise; it fsyncs the block file when a checkpoint is due, then lets
+the checkpointer record it. While it runs, ``InPlaceBlocks.driven`` is set, so the trio
+thread never writes or fsyncs the block file itself.
 
 When to seal is the policy here too: every ``interval`` (``group_commit``), when the open
 transaction grows big (``throttle``), on fsync (``commit``). The FUSE layer only calls it.
+``throttle`` also bounds memory: writers wait while more than ``max_in_flight_bytes`` are
+open or sealed, and while more than ``max_unflushed_bytes`` wait to be written in place.
 
-``fsync`` waits until the transaction holding everything written so far is finished.
+``fsync`` waits until the transaction holding everything written so far is finished: its
+log record is durable. The in-place write is not waited for.
 """
 
 from __future__ import annotations
@@ -40,16 +50,44 @@ class Failsafe(Protocol):
 class Committer:
     """Seals, queues and persists transactions of one volume, in order."""
 
-    def __init__(self, volume: Volume, *, max_in_flight_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        volume: Volume,
+        *,
+        max_in_flight_bytes: int = 64 << 20,
+        max_unflushed_bytes: int | None = None,
+        flush_bytes: int = 8 << 20,
+        flush_interval: float = 0.2,
+    ) -> None:
         self.volume = volume
         self.max_in_flight_bytes = max_in_flight_bytes
+        self.max_unflushed_bytes = (
+            volume.writer.max_unflushed_bytes if max_unflushed_bytes is None else max_unflushed_bytes
+        )
+        self.flush_bytes = flush_bytes
+        self.flush_interval = flush_interval
         self._send, self._recv = trio.open_memory_channel(math.inf)
         self._done = trio.Event()
+        self._flush_wanted = trio.Event()
+        self._flushed = trio.Event()
         self._finished_seq = 0
         self._running = False
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The persister task: one transaction at a time, in seal order."""
+        """The persister task (one transaction at a time, in seal order) and the flusher."""
+        dev = self.volume.device
+        dev.driven, dev.wake = True, self._wake_flusher
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._flusher, name="in-place flusher")
+                await self._persister(task_status)
+                nursery.cancel_scope.cancel()
+        finally:
+            # No flush thread runs any more (to_thread waits for its thread): whoever
+            # comes next (close, drain) flushes inline.
+            dev.driven = False
+
+    async def _persister(self, task_status: trio.TaskStatus[None]) -> None:
         writer = self.volume.writer
         self._running = True
         task_status.started()
@@ -69,9 +107,38 @@ class Committer:
                     else:
                         writer.finish(txn)
                         self._finished_seq = txn.seq
+                        if self.volume.device.backlog_bytes >= self.flush_bytes:
+                            self._flush_wanted.set()
                     self._wake()
         finally:
             self._running = False
+
+    def _wake_flusher(self) -> None:
+        self._flush_wanted.set()
+
+    async def _flusher(self) -> None:
+        """Write the in-place backlog in a worker thread, batch after batch."""
+        vol = self.volume
+        dev = vol.device
+        limiter = trio.CapacityLimiter(1)
+        while True:
+            with trio.move_on_after(self.flush_interval):
+                await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            while (dev.has_backlog or dev.sync_wanted) and not vol.failed:
+                try:
+                    # (not abandoned on cancel: a batch always completes before shutdown)
+                    await trio.to_thread.run_sync(dev.flush_step, limiter=limiter)
+                except OSError as exc:
+                    # Durable in the log; the replay at the next open writes it in place.
+                    vol.condition.fail(f"cannot write the block file: {exc.strerror or exc}")
+                    log.error("%s: cannot write the block file: %s", vol.path, exc)
+                self._flushed.set()
+                self._flushed = trio.Event()
+                self._wake()
+                vol.checkpointer.maybe_checkpoint()
+                if dev.backlog_bytes < self.flush_bytes and not dev.sync_wanted:
+                    break  # let more pile up (coalescing), unless someone waits
 
     async def group_commit(self, interval: float, failsafe: Failsafe) -> None:
         """Seal the open transaction every ``interval`` seconds when it holds anything.
@@ -132,3 +199,9 @@ class Committer:
             if vol.failed:
                 raise VolumeFailed(vol.failed)
             await self._done.wait()
+        dev = vol.device
+        while dev.driven and dev.backlog_bytes > self.max_unflushed_bytes:
+            if vol.failed:
+                raise VolumeFailed(vol.failed)
+            self._flush_wanted.set()
+            await self._flushed.wait()
