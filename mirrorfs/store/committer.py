@@ -61,9 +61,9 @@ class Committer:
     ) -> None:
         self.volume = volume
         self.max_in_flight_bytes = max_in_flight_bytes
-        self.max_unflushed_bytes = (
-            volume.writer.max_unflushed_bytes if max_unflushed_bytes is None else max_unflushed_bytes
-        )
+        if max_unflushed_bytes is None:
+            max_unflushed_bytes = volume.writer.max_unflushed_bytes
+        self.max_unflushed_bytes = max_unflushed_bytes
         self.flush_bytes = flush_bytes
         self.flush_interval = flush_interval
         self._send, self._recv = trio.open_memory_channel(math.inf)
