@@ -34,6 +34,7 @@ import trio
 
 from mirrorfs.store.errors import VolumeFailed
 from mirrorfs.store.volume import Volume
+from mirrorfs.store.writepath import MAX_UNFLUSHED_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ class Committer:
         self.volume = volume
         self.max_in_flight_bytes = max_in_flight_bytes
         if max_unflushed_bytes is None:
-            max_unflushed_bytes = volume.writer.max_unflushed_bytes
+            max_unflushed_bytes = MAX_UNFLUSHED_BYTES
         self.max_unflushed_bytes = max_unflushed_bytes
         self.flush_bytes = flush_bytes
         self.flush_interval = flush_interval
