@@ -230,3 +230,57 @@ def test_committer_writers_wait_at_the_bound(vol_path):
     finally:
         vol.close()
     assert raw(vol_path, start + 496, 16) == fill(496, 16)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_commits_flushes_and_crashes_match_a_model(tmp_path, seed):
+    """Writes, commits, flusher batches, checkpoints and crashes against a dict model."""
+    import random
+
+    rnd = random.Random(seed)
+    path = str(tmp_path / "vol")
+    Volume.create(path, 4 * MiB)
+    vol = Volume.open(path)
+    area = vol.allocator.allocate(64)[0][0]
+    vol.commit()
+    durable: dict[int, bytes] = {}  # what the committed transactions wrote
+    open_: dict[int, bytes] = {}
+    for step in range(400):
+        op = rnd.random()
+        if op < 0.5:
+            first = rnd.randrange(64)
+            n = rnd.randrange(1, min(8, 64 - first) + 1)
+            data = bytes([rnd.randrange(1, 256)]) * (BS * n)
+            if rnd.random() < 0.5:
+                vol.write(area + first, memoryview(data))
+            else:
+                vol.write(area + first, bytearray(data))
+            for i in range(n):
+                open_[first + i] = data[:BS]
+        elif op < 0.7:
+            vol.commit()
+            durable.update(open_)
+            open_.clear()
+        elif op < 0.8:
+            vol.device.flush_step(sync=rnd.random() < 0.3)
+        elif op < 0.85:
+            vol.checkpointer.checkpoint()
+        elif op < 0.9:
+            vol.device.driven = True
+            vol.checkpointer.every_seconds = 0
+            vol.checkpointer.maybe_checkpoint()
+            vol.checkpointer.every_seconds = 30.0
+            vol.device.driven = False
+        elif op < 0.95:
+            crash(vol)
+            open_.clear()
+            vol = Volume.open(path)
+        i = rnd.randrange(64)
+        want = open_.get(i, durable.get(i, bytes(BS)))
+        assert vol.read(area + i) == want, f"step {step}, block {i}"
+        assert vol.device.read(area + i, 1) == durable.get(i, bytes(BS))
+        assert vol.state.checkpointed_seq <= max(vol.device.synced_seq, vol.recovery.last_seq)
+    vol.close()  # commits what is open
+    durable.update(open_)
+    got = raw(path, area, 64)
+    assert got == b"".join(durable.get(i, bytes(BS)) for i in range(64))
