@@ -284,3 +284,42 @@ def test_random_commits_flushes_and_crashes_match_a_model(tmp_path, seed):
     durable.update(open_)
     got = raw(path, area, 64)
     assert got == b"".join(durable.get(i, bytes(BS)) for i in range(64))
+
+
+def test_a_target_with_a_flusher_defers_its_applies(tmp_path):
+    import shutil
+
+    from mirrorfs.store.flusher import Flusher
+
+    src_path, dst_path = str(tmp_path / "src"), str(tmp_path / "dst")
+    Volume.create(src_path, 8 * MiB)
+    shutil.copytree(src_path, dst_path)  # same volume at seq 1
+    src = Volume.open(src_path)
+    start = src.allocator.allocate(64)[0][0]
+    for i in range(16):
+        src.write(start + 4 * i, fill(i, 4))
+        src.commit()
+    dst = Volume.open(dst_path)
+    flusher = Flusher(dst, flush_bytes=1 << 30, flush_interval=1e9)  # never on its own
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(flusher.run)
+            for seq, rec in src.samlog.scan_encoded(2):
+                dst.applier.apply(dst.applier.receive(seq, bytes(rec)))
+            assert dst.unflushed_bytes > 0  # deferred, not written in place
+            assert raw(dst_path, start, 4) == bytes(4 * BS)
+            assert dst.read(start, 64) == src.read(start, 64)
+            assert dst.device.read(start, 64) == src.device.read(start, 64)
+            flusher.want()
+            await flusher.wait_below(0)
+            assert raw(dst_path, start, 4) == fill(0, 4)
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+        assert dst.last_seq == src.last_seq
+    finally:
+        src.close()
+        dst.close()
+    assert raw(src_path, 0, 2048) == raw(dst_path, 0, 2048)

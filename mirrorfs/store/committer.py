@@ -8,12 +8,11 @@ handler's change is never split), hands the transaction to one persister task th
 ``finish`` back in the trio thread. Meanwhile FUSE handlers keep running and fill the next
 transaction: a streaming writer does not wait for the log fsync.
 
-The flusher task (``run`` starts it beside the persister) writes the in-place backlog
-(``store/inplace.py``) in a worker thread under its own ``trio.CapacityLimiter``: when the
-backlog passes ``flush_bytes``, when a checkpoint or a waiting writer asks, and every
-``flush_interval`` otherwise; it fsyncs the block file when a checkpoint is due, then lets
-the checkpointer record it. While it runs, ``InPlaceBlocks.driven`` is set, so the trio
-thread never writes or fsyncs the block file itself.
+``run`` also runs the flusher (``store/flusher.py``) beside the persister: it writes the
+in-place backlog (``store/inplace.py``) in a worker thread under its own
+``trio.CapacityLimiter``, fsyncs the block file when a checkpoint is due and lets the
+checkpointer record it. While it runs, the trio thread never writes or fsyncs the block
+file itself.
 
 When to seal is the policy here too: every ``interval`` (``group_commit``), when the open
 transaction grows big (``throttle``), on fsync (``commit``). The FUSE layer only calls it.
@@ -33,6 +32,7 @@ from typing import Protocol
 import trio
 
 from mirrorfs.store.errors import VolumeFailed
+from mirrorfs.store.flusher import Flusher
 from mirrorfs.store.volume import Volume
 from mirrorfs.store.writepath import MAX_UNFLUSHED_BYTES
 
@@ -65,28 +65,20 @@ class Committer:
         if max_unflushed_bytes is None:
             max_unflushed_bytes = MAX_UNFLUSHED_BYTES
         self.max_unflushed_bytes = max_unflushed_bytes
-        self.flush_bytes = flush_bytes
-        self.flush_interval = flush_interval
+        self.flusher = Flusher(volume, flush_bytes=flush_bytes, flush_interval=flush_interval)
         self._send, self._recv = trio.open_memory_channel(math.inf)
         self._done = trio.Event()
-        self._flush_wanted = trio.Event()
-        self._flushed = trio.Event()
         self._finished_seq = 0
         self._running = False
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The persister task (one transaction at a time, in seal order) and the flusher."""
-        dev = self.volume.device
-        dev.driven, dev.wake = True, self._wake_flusher
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._flusher, name="in-place flusher")
-                await self._persister(task_status)
-                nursery.cancel_scope.cancel()
-        finally:
-            # No flush thread runs any more (to_thread waits for its thread): whoever
-            # comes next (close, drain) flushes inline.
-            dev.driven = False
+        # When it ends, no flush thread runs any more (to_thread waits for its thread):
+        # whoever comes next (close, drain) flushes inline.
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.flusher.run, name="in-place flusher")
+            await self._persister(task_status)
+            nursery.cancel_scope.cancel()
 
     async def _persister(self, task_status: trio.TaskStatus[None]) -> None:
         writer = self.volume.writer
@@ -108,38 +100,10 @@ class Committer:
                     else:
                         writer.finish(txn)
                         self._finished_seq = txn.seq
-                        if self.volume.device.backlog_bytes >= self.flush_bytes:
-                            self._flush_wanted.set()
+                        self.flusher.note_commit()
                     self._wake()
         finally:
             self._running = False
-
-    def _wake_flusher(self) -> None:
-        self._flush_wanted.set()
-
-    async def _flusher(self) -> None:
-        """Write the in-place backlog in a worker thread, batch after batch."""
-        vol = self.volume
-        dev = vol.device
-        limiter = trio.CapacityLimiter(1)
-        while True:
-            with trio.move_on_after(self.flush_interval):
-                await self._flush_wanted.wait()
-            self._flush_wanted = trio.Event()
-            while (dev.has_backlog or dev.sync_wanted) and not vol.failed:
-                try:
-                    # (not abandoned on cancel: a batch always completes before shutdown)
-                    await trio.to_thread.run_sync(dev.flush_step, limiter=limiter)
-                except OSError as exc:
-                    # Durable in the log; the replay at the next open writes it in place.
-                    vol.condition.fail(f"cannot write the block file: {exc.strerror or exc}")
-                    log.error("%s: cannot write the block file: %s", vol.path, exc)
-                self._flushed.set()
-                self._flushed = trio.Event()
-                self._wake()
-                vol.checkpointer.maybe_checkpoint()
-                if dev.backlog_bytes < self.flush_bytes and not dev.sync_wanted:
-                    break  # let more pile up (coalescing), unless someone waits
 
     async def group_commit(self, interval: float, failsafe: Failsafe) -> None:
         """Seal the open transaction every ``interval`` seconds when it holds anything.
@@ -200,9 +164,5 @@ class Committer:
             if vol.failed:
                 raise VolumeFailed(vol.failed)
             await self._done.wait()
-        dev = vol.device
-        while dev.driven and dev.backlog_bytes > self.max_unflushed_bytes:
-            if vol.failed:
-                raise VolumeFailed(vol.failed)
-            self._flush_wanted.set()
-            await self._flushed.wait()
+        if vol.device.driven and vol.device.backlog_bytes > self.max_unflushed_bytes:
+            await self.flusher.wait_below(self.max_unflushed_bytes)
