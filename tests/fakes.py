@@ -162,13 +162,15 @@ class FakeVolume:
 
     #: Bookkeeping of the fake itself (not names of ``Volume``).
     RECORDING = frozenset({"commits"})
-    __slots__ = ("pending_bytes", "commits", "condition", "writer")
+    __slots__ = ("pending_bytes", "commits", "condition", "writer", "device")
 
     def __init__(self) -> None:
         self.pending_bytes = 0
         self.commits = 0
         self.condition = VolumeCondition()
         self.writer = FakeWriter()
+        # What the committer's throttle reads of the in-place backlog (no flusher here).
+        self.device = SimpleNamespace(driven=False, backlog_bytes=0)
 
     @property
     def failed(self) -> str | None:

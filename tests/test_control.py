@@ -33,7 +33,7 @@ from mirrorfs.repl.stream import HandshakeRefused
 from mirrorfs.repl.wire import RefuseReason
 from mirrorfs.store.files import CONTROL_SOCKET, REPLICA_PID_FILE
 from mirrorfs.store.volume import Volume
-from tests.test_receiver import Source, block_file
+from tests.test_receiver import Source, block_file, source_blocks
 from tests.util import _env, is_mounted, lazy_unmount, needs_fuse
 
 
@@ -165,7 +165,7 @@ async def test_daemon_initial_sync_streaming_status_and_shutdown(tmp_path, sourc
             source.change(2)
             last = await source.ship(fs, start + 1)
             await source.ack(fs, last)
-            assert block_file(rdir) == block_file(source.path)
+            assert block_file(rdir) == source_blocks(source)
 
             st = (await request(sock, {"cmd": "status"}))["status"]
             assert st["state"] == "streaming" and st["consistent"]
@@ -208,7 +208,7 @@ async def test_daemon_initial_sync_streaming_status_and_shutdown(tmp_path, sourc
         finally:
             other.close()
         nursery.cancel_scope.cancel()
-    assert block_file(rdir) == block_file(source.path)
+    assert block_file(rdir) == source_blocks(source)
 
 
 async def test_daemon_refuses_what_it_must(tmp_path):

@@ -128,6 +128,12 @@ def block_file(path: str) -> bytes:
         return f.read()
 
 
+def source_blocks(source: Source) -> bytes:
+    """The source's block file once its deferred in-place writes are in it."""
+    source.vol.flush_in_place()
+    return block_file(source.path)
+
+
 async def expect_closed(fs: FramedStream, timeout: float = 5.0) -> list[Message]:
     """Read until the receiver drops the connection; return what it sent before."""
     got = []
@@ -213,13 +219,13 @@ async def test_initial_sync_then_streaming(source, target):
         assert (ack.received_seq, ack.applied_seq) == (start, start)
         assert target.vol.consistent and target.consistent_at == [start]
         assert target.created == 1
-        assert block_file(target.path) == block_file(source.path)
+        assert block_file(target.path) == source_blocks(source)
 
         source.change(4)
         last = await source.ship(fs, start + 1)
         ack = await source.ack(fs, last)
         assert (ack.received_seq, ack.applied_seq) == (last, last) == (source.vol.last_seq,) * 2
-        assert block_file(target.path) == block_file(source.path)
+        assert block_file(target.path) == source_blocks(source)
         assert [t.seq for t in target.applied] == list(range(start + 1, last + 1))
         kinds = {h.kind for t in target.applied for h in t.hints}
         assert HintKind.ENTRY_ADDED in kinds and HintKind.INODE_UPDATED in kinds
@@ -256,7 +262,7 @@ async def test_sync_with_concurrent_commits_is_consistent_only_at_T(source, targ
         await source.ship(fs, start + 1)
         await source.ack(fs, end)
         assert target.vol.consistent and target.consistent_at == [end]
-        assert block_file(target.path) == block_file(source.path)
+        assert block_file(target.path) == source_blocks(source)
         await fs.aclose()
 
 
@@ -281,7 +287,7 @@ async def test_flipped_byte_in_frame_drops_and_reconnect_resumes(source, target,
         assert not peer.empty and peer.received_seq == before == peer.applied_seq
         last = await source.ship(fs, peer.received_seq + 1)
         await source.ack(fs, last)
-        assert block_file(target.path) == block_file(source.path)
+        assert block_file(target.path) == source_blocks(source)
         await fs.aclose()
 
 
@@ -379,7 +385,7 @@ async def test_interrupted_copy_restarts_from_scratch(source, target):
     assert target.vol.state.sync_state == "full" and not target.vol.consistent
     async with trio.open_nursery() as nursery:
         fs = await synced(nursery, target, source)  # asserts the target says "empty" again
-        assert block_file(target.path) == block_file(source.path)
+        assert block_file(target.path) == source_blocks(source)
         await fs.aclose()
     assert target.created == 2
 
@@ -445,7 +451,7 @@ async def test_over_tcp(source, target):
         await source.ack(fs, start)
         source.change(2)
         await source.ack(fs, await source.ship(fs, start + 1))
-        assert block_file(target.path) == block_file(source.path)
+        assert block_file(target.path) == source_blocks(source)
         await fs.aclose()
         nursery.cancel_scope.cancel()
 
@@ -477,13 +483,13 @@ async def test_end_to_end_with_shipper(source, target):
         shipper_mod.install_retention(source.vol, [shipper])
         await nursery.start(shipper.run)
         await wait_applied(target, source.vol.last_seq)
-        assert block_file(target.path) == block_file(source.path)
+        assert block_file(target.path) == source_blocks(source)
         for _ in range(5):  # streaming, with commits racing the shipper
             source.change(2, size=20000)
             await trio.sleep(0.01)
         await wait_applied(target, source.vol.last_seq)
         assert target.vol.last_seq == source.vol.last_seq and target.vol.consistent
-        assert block_file(target.path) == block_file(source.path)
+        assert block_file(target.path) == source_blocks(source)
         st = shipper.status()
         with trio.fail_after(5):
             while shipper.status()["applied_seq"] != source.vol.last_seq:

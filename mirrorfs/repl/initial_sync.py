@@ -70,6 +70,7 @@ async def run_initial_sync(
     await fs.send(SyncBegin(SyncKind.FULL, bs, count, start))
     per_chunk = max(1, SYNC_CHUNK // bs)
     zeros = bytes(per_chunk * bs)
+    vol.flush_in_place()  # SEEK_DATA sees the raw file: commits <= S must be in it
     for first, end in data_runs(vol.device.fd, bs, count):
         progress.blocks_done = first
         block = first

@@ -8,6 +8,9 @@ A target takes transactions shipped by its source, in order:
              received.
 ``apply``    write it in place (the next one in order), keep the allocator in step with
              the bitmap blocks it wrote, maybe checkpoint; it can be acked as applied.
+             When a flusher runs on this volume (``store/flusher.py``, started by the
+             daemon), the in-place write is deferred like the source's: reads (and the
+             read-only mount) see it at once, whole; the flusher writes it later.
 
 Every caller (the receiver, ``promote``'s apply of what is logged) gets the allocator kept
 right here, so nothing above needs to know the bitmap layout.
@@ -135,10 +138,15 @@ class ApplyPath:
             raise LogError(f"apply out of order: seq {txn.seq} after {vol.last_seq}")
         if vol.has_local_changes:
             raise VolumeError("cannot apply shipped transactions over local changes")
-        try:
-            vol.write_in_place(txn.runs)
-        except OSError as exc:
-            vol.fail(f"cannot write the block file: {exc.strerror or exc}")
+        if vol.device.driven:
+            # A flusher runs (store/flusher.py): defer, in one synchronous step, so that a
+            # reader of the read-only mount sees the whole transaction or none of it.
+            vol.defer_in_place(txn.seq, txn.runs)
+        else:
+            try:
+                vol.write_in_place(txn.runs)
+            except OSError as exc:
+                vol.fail(f"cannot write the block file: {exc.strerror or exc}")
         vol._last_seq = txn.seq
         vol.refresh_allocator(txn.runs)
         st = vol.state

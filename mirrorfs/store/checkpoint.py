@@ -1,13 +1,23 @@
-"""Checkpointing: make the block file durable up to ``last_seq`` and retire log segments.
+"""Checkpointing: make the block file durable up to a seq and retire log segments.
 
-A checkpoint fsyncs the block file, records the checkpointed sequence number in node.json
-and retires the log segments that nobody needs any more: not past the checkpoint, not
-what a target still needs (the retention policy that the source's replication installs),
-not the diverged seqs a demoted source keeps (``keep_log_from``).
+A checkpoint records in node.json a sequence number whose blocks are all in place and
+fsync'd (``checkpointed_seq``: recovery replays the log from the one after), and retires
+the log segments that nobody needs any more: not past the checkpoint, not what a target
+still needs (the retention policy that the source's replication installs), not the
+diverged seqs a demoted source keeps (``keep_log_from``).
+
+Two ways to get there. ``checkpoint`` (close, an apply that completes an initial sync, no
+flusher running) writes whatever is deferred in place and fsyncs the block file itself,
+then records ``last_seq``. ``maybe_checkpoint`` with a running flusher (the mount) never
+writes or fsyncs the block file in the volume thread: when a checkpoint is due it asks the
+flusher to fsync after its next batch (``InPlaceBlocks.sync_wanted``) and records
+``synced_seq``, the newest seq in place *and* fsync'd, once that passes the checkpoint. So
+``checkpointed_seq`` never passes a transaction whose blocks are not durable in place.
 
 It runs in the commit path (after a commit or an apply, when enough log bytes or time
-passed), synchronously: the retention policy must not await. It must not run while a
-``persist`` is in flight in a worker thread, which owns the log then.
+passed, and after each flusher batch), synchronously: the retention policy must not await.
+It must not run while a ``persist`` is in flight in a worker thread, which owns the log
+then.
 """
 
 from __future__ import annotations
@@ -64,13 +74,28 @@ class Checkpointer:
         # Not while a persist may be running in a worker thread: it owns the log then.
         if vol.condition.failed or vol.read_only or vol._sealed:
             return
-        if vol.state.checkpointed_seq == vol.last_seq:
+        st = vol.state
+        if st.checkpointed_seq == vol.last_seq:
             return
-        if (
+        due = (
             self._log_bytes >= self.every_bytes
             or time.monotonic() - self._last >= self.every_seconds
-        ):
+        )
+        if not due:
+            return
+        dev = vol.device
+        if not dev.driven:
             self.checkpoint()
+            return
+        synced = min(dev.synced_seq, vol.last_seq)
+        if synced > st.checkpointed_seq:
+            st.checkpointed_seq = synced
+            st.save(vol.path)
+            self.restart_clock()
+            self._retire()
+        if dev.synced_seq < vol.last_seq:
+            dev.sync_wanted = True
+            dev.wake()
 
     def checkpoint(self) -> None:
         """Make the block file durable up to the last commit and retire log segments.
@@ -86,6 +111,11 @@ class Checkpointer:
             st.checkpointed_seq = vol.last_seq
             st.save(vol.path)
         self.restart_clock()
+        self._retire()
+
+    def _retire(self) -> None:
+        vol = self.volume
+        st = vol.state
         keep = self._retain_from()
         upto = st.checkpointed_seq
         if keep is not None:

@@ -1,17 +1,26 @@
-"""Group commit with the slow part in a worker thread (the source's commit policy).
+"""Group commit with the slow parts in worker threads (the source's commit policy).
 
 ``WritePath.seal`` closes the open transaction without I/O; ``WritePath.persist`` appends it
-to the SAM log, fsyncs the log and writes the blocks in place; ``WritePath.finish`` publishes
-it (last committed seq, shippers). The committer seals in the trio thread (between two
-awaits, so a handler's change is never split), hands the transaction to one persister task
-that runs ``persist`` in a worker thread, strictly one at a time and in seal order, and
-calls ``finish`` back in the trio thread. Meanwhile FUSE handlers keep running and fill the
-next transaction: a streaming writer does not wait for the log fsync and the in-place write.
+to the SAM log and fsyncs the log; ``WritePath.finish`` publishes it (in-place backlog, last
+committed seq, shippers). The committer seals in the trio thread (between two awaits, so a
+handler's change is never split), hands the transaction to one persister task that runs
+``persist`` in a worker thread, strictly one at a time and in seal order, and calls
+``finish`` back in the trio thread. Meanwhile FUSE handlers keep running and fill the next
+transaction: a streaming writer does not wait for the log fsync.
+
+``run`` also runs the flusher (``store/flusher.py``) beside the persister: it writes the
+in-place backlog (``store/inplace.py``) in a worker thread under its own
+``trio.CapacityLimiter``, fsyncs the block file when a checkpoint is due and lets the
+checkpointer record it. While it runs, the trio thread never writes or fsyncs the block
+file itself.
 
 When to seal is the policy here too: every ``interval`` (``group_commit``), when the open
 transaction grows big (``throttle``), on fsync (``commit``). The FUSE layer only calls it.
+``throttle`` also bounds memory: writers wait while more than ``max_in_flight_bytes`` are
+open or sealed, and while more than ``max_unflushed_bytes`` wait to be written in place.
 
-``fsync`` waits until the transaction holding everything written so far is finished.
+``fsync`` waits until the transaction holding everything written so far is finished: its
+log record is durable. The in-place write is not waited for.
 """
 
 from __future__ import annotations
@@ -23,7 +32,9 @@ from typing import Protocol
 import trio
 
 from mirrorfs.store.errors import VolumeFailed
+from mirrorfs.store.flusher import Flusher
 from mirrorfs.store.volume import Volume
+from mirrorfs.store.writepath import MAX_UNFLUSHED_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +51,36 @@ class Failsafe(Protocol):
 class Committer:
     """Seals, queues and persists transactions of one volume, in order."""
 
-    def __init__(self, volume: Volume, *, max_in_flight_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        volume: Volume,
+        *,
+        max_in_flight_bytes: int = 64 << 20,
+        max_unflushed_bytes: int | None = None,
+        flush_bytes: int = 8 << 20,
+        flush_interval: float = 0.2,
+    ) -> None:
         self.volume = volume
         self.max_in_flight_bytes = max_in_flight_bytes
+        if max_unflushed_bytes is None:
+            max_unflushed_bytes = MAX_UNFLUSHED_BYTES
+        self.max_unflushed_bytes = max_unflushed_bytes
+        self.flusher = Flusher(volume, flush_bytes=flush_bytes, flush_interval=flush_interval)
         self._send, self._recv = trio.open_memory_channel(math.inf)
         self._done = trio.Event()
         self._finished_seq = 0
         self._running = False
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """The persister task: one transaction at a time, in seal order."""
+        """The persister task (one transaction at a time, in seal order) and the flusher."""
+        # When it ends, no flush thread runs any more (to_thread waits for its thread):
+        # whoever comes next (close, drain) flushes inline.
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.flusher.run, name="in-place flusher")
+            await self._persister(task_status)
+            nursery.cancel_scope.cancel()
+
+    async def _persister(self, task_status: trio.TaskStatus[None]) -> None:
         writer = self.volume.writer
         self._running = True
         task_status.started()
@@ -69,6 +100,7 @@ class Committer:
                     else:
                         writer.finish(txn)
                         self._finished_seq = txn.seq
+                        self.flusher.note_commit()
                     self._wake()
         finally:
             self._running = False
@@ -132,3 +164,5 @@ class Committer:
             if vol.failed:
                 raise VolumeFailed(vol.failed)
             await self._done.wait()
+        if vol.device.driven and vol.device.backlog_bytes > self.max_unflushed_bytes:
+            await self.flusher.wait_below(self.max_unflushed_bytes)

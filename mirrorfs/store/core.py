@@ -6,13 +6,17 @@ replay, close) and without the two paths built on it: the source's write path
 
 - the block file (``device``), the SAM log (``samlog``), node.json (``state``), the
   superblock (``sb``) and the allocator;
-- the layers that reads see over the block file: the sealed transactions still being
-  persisted (oldest first) and the open transaction (``BlockOverlay`` + hints);
+- the layers that reads see, newest last: the block file, the committed transactions not
+  yet written in place (``device``, an ``InPlaceBlocks``: ``store/inplace.py``), the sealed
+  transactions still being logged (oldest first), the open transaction (``BlockOverlay``
+  + hints);
 - ``last_seq``, the last transaction committed (source) or applied (target);
 - its ``condition``: failed, fenced, frozen (``VolumeFlag``), each with a reason.
 
 The choke point: every block write of the volume, data or metadata, passes through
-``write``; ``write_in_place`` is the only code that writes the block file.
+``write``; ``device`` is the only code that writes the block file: ``defer_in_place`` (the
+source's commits, written later by the flusher) and ``write_in_place`` (direct: applies,
+replay, sync copies; it first flushes what is deferred).
 
 Concurrency: used from one trio thread; ``write``/``hint``/``read`` never await, so a
 filesystem operation lands whole in one transaction.
@@ -28,6 +32,7 @@ from mirrorfs.store.allocator import ExtentAllocator
 from mirrorfs.store.device import BlockFile
 from mirrorfs.store.errors import VolumeFailed
 from mirrorfs.store.geometry import BITMAP_START, VolumeSuper
+from mirrorfs.store.inplace import InPlaceBlocks
 from mirrorfs.store.nodestate import NodeState
 from mirrorfs.store.overlay import BlockOverlay
 from mirrorfs.store.samlog import SamLog
@@ -120,7 +125,8 @@ class VolumeCore:
         self.read_only = read_only
         self.state = state
         self.samlog = samlog
-        self.device = device
+        # The block file as of the last commit: what is not in place yet is merged in.
+        self.device = InPlaceBlocks(device, seq=max(state.checkpointed_seq, samlog.last_seq))
         self.condition = VolumeCondition()
         self.sb: VolumeSuper
         self.allocator: ExtentAllocator  # set by load_allocator once the superblock is read
@@ -175,6 +181,11 @@ class VolumeCore:
         """Whether an open or sealed transaction holds anything."""
         return bool(self._overlay or self._hints or self._sealed)
 
+    @property
+    def unflushed_bytes(self) -> int:
+        """Bytes committed but not yet written in place (the flusher's backlog)."""
+        return self.device.backlog_bytes
+
     def load_allocator(self) -> None:
         """(Re)build the allocator from the bitmap blocks of the current superblock."""
         self.allocator = ExtentAllocator(self, BITMAP_START, self.sb.block_count)
@@ -221,9 +232,18 @@ class VolumeCore:
         self._hints.append(hint)
 
     def write_in_place(self, runs: list[tuple[int, bytes]]) -> None:
-        """The only code that writes the block file (commits, applies, replay, syncs)."""
+        """Write ``runs`` in place now, after whatever is deferred (applies, replay, syncs)."""
         for start, data in runs:
             self.device.write(start, data)
+
+    def defer_in_place(self, seq: int, runs: list[tuple[int, bytes]]) -> None:
+        """Hand committed transaction ``seq`` to the flusher (no I/O; reads see it)."""
+        self.device.defer(seq, runs)
+
+    def flush_in_place(self) -> None:
+        """Write every deferred block in place now (no fsync): for readers of the raw
+        block file (SEEK_DATA/SEEK_HOLE of the initial sync)."""
+        self.device.flush()
 
     def check_usable(self) -> None:
         """VolumeFailed if the volume failed."""

@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 class BlockFile:
     """A file of ``block_count`` blocks of ``block_size`` bytes.
 
-    Only the volume writes through it (``VolumeCore.write_in_place``): this class has no notion of
-    transactions, it just moves runs of blocks.
+    Only ``store/inplace.py`` (``InPlaceBlocks``, the volume's ``device``) writes through
+    it: this class has no notion of transactions, it just moves runs of blocks.
     """
 
     def __init__(self, path: str, block_size: int, block_count: int, *, read_only: bool = False):

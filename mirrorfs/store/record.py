@@ -80,8 +80,12 @@ MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 1 << 20
 # Below this many payload bytes compression cannot pay for itself.
 _MIN_COMPRESS = 64
-# Payloads larger than this are sampled before lz4 is tried on all of them.
+# Payloads larger than this are sampled before lz4 is tried on all of them: _SAMPLES slices
+# of _SAMPLE_SLICE bytes; lz4 runs on the whole payload only if they shrink below _WORTH.
 _SAMPLE = 64 << 10
+_SAMPLES = 16
+_SAMPLE_SLICE = 4 << 10
+_WORTH = 0.75
 _U64 = 1 << 64
 
 HEADER = struct.Struct("<4sBBHIIQQQII")
@@ -200,28 +204,31 @@ def check_block_size(block_size: int) -> None:
 
 
 def _worth_compressing(parts: list, raw_length: int) -> bool:
-    """Guess from a sample whether lz4 will save space, without compressing everything.
+    """Guess from small samples whether lz4 will save space, without joining anything.
 
-    Random or already-compressed file data is common; trying lz4 on tens of MiB of it costs
-    more than the write itself. Small payloads (metadata) are simply tried whole.
+    Random or already-compressed file data is common; joining and compressing tens of MiB
+    of it costs more than the write itself. Small payloads (metadata) are tried whole.
+    Larger ones are sampled at ``_SAMPLES`` points spread evenly over the payload bytes,
+    each slice taken from within one part and compressed on its own, so the very
+    compressible headers and metadata blocks weigh in by their size, not more: a little
+    metadata in front of megabytes of random data does not make the whole payload look
+    compressible. Compress only when the samples promise a real saving.
     """
     if raw_length <= _SAMPLE:
         return True
-    # Take slices spread over the payload by size: a transaction is usually a little
-    # metadata (very compressible) and a lot of file data, which decides the outcome.
-    step = raw_length // 8
-    sample = []
-    pos = 0
-    next_at = 0
-    for p in parts:
-        n = len(p)
-        while next_at < pos + n and len(sample) < 8:
-            off = next_at - pos
-            sample.append(bytes(p[off : off + _SAMPLE // 8]))
-            next_at += step
-        pos += n
-    joined = b"".join(sample)
-    return len(lz4.block.compress(joined, store_size=False)) < 0.9 * len(joined)
+    step = raw_length / _SAMPLES
+    packed = taken = 0
+    i, part_start = 0, 0
+    for k in range(_SAMPLES):
+        at = int((k + 0.5) * step)
+        while part_start + len(parts[i]) <= at:
+            part_start += len(parts[i])
+            i += 1
+        off = at - part_start
+        piece = parts[i][off : off + _SAMPLE_SLICE]
+        taken += len(piece)
+        packed += len(lz4.block.compress(piece, store_size=False))
+    return packed < _WORTH * taken
 
 
 def _frame_parts(

@@ -116,17 +116,20 @@ def _pread(fd: int, n: int, offset: int) -> bytes:
 
 def _pwrite_all(fd: int, data: bytes | list, offset: int) -> None:
     """Write ``data`` (one buffer or a list of buffers, without joining them) at ``offset``."""
-    bufs = [memoryview(b).cast("B") for b in (data if isinstance(data, list) else [data])]
-    bufs = [b for b in bufs if b.nbytes]
-    while bufs:
-        n = os.pwritev(fd, bufs[:512], offset)  # IOV_MAX is 1024 on Linux
+    # (every buffer here is bytes-like of format "B", so len() counts bytes; a view is
+    # made only of a buffer that a short write cut)
+    bufs = [b for b in (data if isinstance(data, list) else [data]) if len(b)]
+    i = 0
+    while i < len(bufs):
+        n = os.pwritev(fd, bufs[i : i + 512], offset)  # IOV_MAX is 1024 on Linux
         offset += n
-        while n and bufs:
-            if n >= bufs[0].nbytes:
-                n -= bufs[0].nbytes
-                bufs.pop(0)
+        while n and i < len(bufs):
+            size = len(bufs[i])
+            if n >= size:
+                n -= size
+                i += 1
             else:
-                bufs[0] = bufs[0][n:]
+                bufs[i] = memoryview(bufs[i])[n:]
                 n = 0
 
 

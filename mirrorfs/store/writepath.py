@@ -6,15 +6,19 @@ group commit) while FUSE handlers keep filling the next transaction:
 
 ``seal``     (volume thread, no I/O) close the open transaction, give it its seq; its
              blocks stay visible to reads until ``finish``.
-``persist``  (any thread, one at a time, in seal order) append it to the SAM log, fsync
-             the log (write-ahead), then write its blocks in place.
-``finish``   (volume thread) publish it: ``last_seq``, the commit listeners (shippers),
-             maybe a checkpoint.
+``persist``  (any thread, one at a time, in seal order) append it to the SAM log and fsync
+             the log: the one synchronous write, all that an fsync waits for.
+``finish``   (volume thread) publish it: hand its blocks to the in-place backlog
+             (``store/inplace.py``: written later by the flusher, coalesced), ``last_seq``,
+             the commit listeners (shippers), maybe a checkpoint.
 
-``commit`` is the three in a row; ``drain`` persists and finishes what is still sealed
-(shutdown). What upper layers hook in here is explicit: commit listeners
-(``subscribe``), the replication's "not yet received" probe (``watch_replication``) and
-the write gate of the read-write mount (``attach_gate``, a ``WriteHold``).
+Write-ahead holds by construction: a transaction reaches the backlog only in ``finish``,
+after its log fsync. ``commit`` is the three in a row; ``drain`` persists and finishes what
+is still sealed (shutdown). Without a running flusher (``InPlaceBlocks.driven`` false:
+tests, tools), ``finish`` flushes inline once the backlog passes ``max_unflushed_bytes``.
+What upper layers hook in here is explicit: commit listeners (``subscribe``), the
+replication's "not yet received" probe (``watch_replication``) and the write gate of the
+read-write mount (``attach_gate``, a ``WriteHold``).
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ from mirrorfs.store.overlay import BlockOverlay
 from mirrorfs.store.txn import Transaction
 
 log = logging.getLogger(__name__)
+
+#: Bytes the block file may lag behind the log before writers wait (or flush inline).
+MAX_UNFLUSHED_BYTES = 64 << 20
 
 #: Called with each committed transaction, in the commit path: O(1), no I/O, no await.
 CommitListener = Callable[[Transaction], None]
@@ -68,6 +75,7 @@ class WritePath:
         self._listeners: list[CommitListener] = []
         self._pending: Callable[[], bool] = _nothing_pending
         self._gate: WriteHold | None = None
+        self.max_unflushed_bytes = MAX_UNFLUSHED_BYTES
 
     # -- hooks of the upper layers
     def subscribe(self, listener: CommitListener) -> None:
@@ -117,10 +125,10 @@ class WritePath:
 
     # -- the three phases
     def commit(self) -> int | None:
-        """Seal the open transaction: log it, fsync the log, then write it in place.
+        """Seal the open transaction, log it and fsync the log, publish it.
 
-        Returns its sequence number, or None if there was nothing to commit. The log is
-        always fsynced before the in-place write (write-ahead).
+        Returns its sequence number, or None if there was nothing to commit. Its blocks go
+        to the in-place backlog, written after the log fsync (write-ahead).
         """
         self.drain()
         txn = self.seal()
@@ -170,7 +178,7 @@ class WritePath:
         return txn
 
     def persist(self, txn: Transaction) -> int:
-        """Append a sealed transaction to the log, fsync it, write it in place.
+        """Append a sealed transaction to the log and fsync it (nothing else).
 
         Safe to run in a worker thread while the trio thread keeps reading and writing the
         volume, as long as persists run one at a time and in seal order (the caller holds a
@@ -183,11 +191,6 @@ class WritePath:
             vol.samlog.sync()
         except OSError as exc:
             vol.fail(f"cannot append to the SAM log: {exc.strerror or exc}")
-        try:
-            vol.write_in_place(txn.runs)
-        except OSError as exc:
-            # The transaction is durable in the log; recovery will write it in place.
-            vol.fail(f"cannot write the block file: {exc.strerror or exc}")
         self.checkpointer.note_logged(nbytes)
         self._persisted_seq = txn.seq
         return nbytes
@@ -197,7 +200,17 @@ class WritePath:
         vol = self.volume
         done, _ = vol._sealed.pop(0)
         assert done is txn, "transactions finished out of order"
+        # Same step as the pop: a reader in this thread finds the blocks in one layer or
+        # the other, never in neither.
+        vol.defer_in_place(txn.seq, txn.runs)
         vol._last_seq = txn.seq
         for listener in self._listeners:
             listener(txn)
+        dev = vol.device
+        if not dev.driven and dev.backlog_bytes > self.max_unflushed_bytes:
+            try:
+                dev.flush()
+            except OSError as exc:
+                # Durable in the log; the replay at the next open writes it in place.
+                vol.fail(f"cannot write the block file: {exc.strerror or exc}")
         self.checkpointer.maybe_checkpoint()
