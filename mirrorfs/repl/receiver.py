@@ -25,8 +25,13 @@ reconnects. A full disk (ENOSPC / VolumeFailed) is reported with ERROR_STATE fir
 
 Concurrency (one trio loop, shared with the FUSE handlers of a read-only mount):
 
-- ``serve`` checks and sets ``_active`` without awaiting in between, so two connections can
-  never both become the active source.
+- Nothing is held for a connection before its peer has proved the secret (with no secret,
+  before its handshake completed): until then it only counts against ``limiter``
+  (mirrorfs.repl.admission: handshakes in progress per address and in total; refused at
+  once beyond), under one deadline for the whole handshake. The source slot (``_busy``) is
+  checked and taken by ``_SlotGate.admit``, called by the handshake machine in the step
+  that sends ACCEPT, with no await in between, so two connections can never both become
+  the active source, and a slow or hostile client never holds it.
 - Per session, a reader task decodes frames into a bounded channel (back-pressure on the
   TCP stream), a processor task handles them, and a keepalive task pings.
 - The processor handles a TXN between two awaits: receive, apply, refresh the allocator,
