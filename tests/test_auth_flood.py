@@ -21,8 +21,9 @@ import trio.testing
 
 from mirrorfs.fs.filesystem import ROOT_INO, Filesystem
 from mirrorfs.repl.admission import HandshakeLimiter, host_of
+from mirrorfs.repl.auth import AuthRole, compute_proof
 from mirrorfs.repl.handshake import HandshakeRefused, Peer, SourceHandshake, TargetHandshake
-from mirrorfs.repl.receiver import Receiver, ReceiverState
+from mirrorfs.repl.receiver import Receiver, ReceiverState, _SlotGate
 from mirrorfs.repl.stream import (
     HANDSHAKE_BUFFER,
     RECEIVE_SIZE,
@@ -32,6 +33,7 @@ from mirrorfs.repl.stream import (
     handshake_target,
 )
 from mirrorfs.repl.wire import (
+    PROTOCOL_VERSION,
     Accept,
     Auth,
     Hello,
@@ -202,8 +204,6 @@ def test_gate_sees_unacceptable_sources_and_stale_ones_are_fenced_without_it():
     src, tgt = machines(gate, src_uuid=bytes(16 * [7]))  # wrong volume, right secret
     (reply,) = tgt.receive(wire_copy(src.hello())).send
     # (a real source refuses the wrong volume itself; a forged one sends AUTH anyway)
-    from mirrorfs.repl.auth import AuthRole, compute_proof
-
     proof = compute_proof(
         SECRET,
         AuthRole.SOURCE,
@@ -287,9 +287,10 @@ async def test_handshake_buffers_a_bounded_amount(autojump_clock):
     assert fs.receive_limit is None  # the session after a handshake is not limited
 
 
-async def test_receiver_holds_nothing_for_a_slow_client(tmp_path, autojump_clock, caplog):
+@pytest.mark.parametrize("secret", [SECRET, None], ids=["secret", "loopback-no-secret"])
+async def test_receiver_holds_nothing_for_a_slow_client(tmp_path, autojump_clock, caplog, secret):
     caplog.set_level(logging.INFO, "mirrorfs")
-    rcv = Receiver(str(tmp_path / "dst"), None, secret=SECRET, node_id="dst")
+    rcv = Receiver(str(tmp_path / "dst"), None, secret=secret, node_id="dst")
     a, b = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(trickle, a, hello_bytes())
@@ -301,6 +302,41 @@ async def test_receiver_holds_nothing_for_a_slow_client(tmp_path, autojump_clock
         assert rcv.limiter.pending == 0 and not rcv._busy
         nursery.cancel_scope.cancel()
     assert "handshake with 10.9.9.9:1 failed" in caplog.text and "timed out" in caplog.text
+
+
+def source_peer(node_id: str = "src") -> Peer:
+    return Peer(
+        role=AuthRole.SOURCE,
+        node_id=node_id,
+        volume_uuid=UUID,
+        epochs=((1, 1),),
+        protocol_version=PROTOCOL_VERSION,
+        initial_sync_allowed=True,
+    )
+
+
+def test_slot_gate_takes_the_slot_only_when_admitting(tmp_path):
+    rcv = Receiver(str(tmp_path / "dst"), None, secret=SECRET, node_id="dst")
+    hello = Hello(UUID, "other", [(1, 1)], 0, os.urandom(32))
+    first = _SlotGate(rcv, "127.0.0.1:1", rcv.store.handshake_args())
+    second = _SlotGate(rcv, "127.0.0.2:1", rcv.store.handshake_args())
+    assert first.hello(hello) is None and not rcv._busy  # a HELLO takes nothing
+    assert first.admit(source_peer(), False) is None and not rcv._busy  # refused by the checks
+    assert first.admit(source_peer(), True) is None and rcv._busy and first.held
+    # While it holds the slot, another source is told BUSY at HELLO and, had it got
+    # further, once authenticated; neither takes anything.
+    assert second.hello(hello).reason is RefuseReason.BUSY
+    assert second.admit(source_peer("other"), True).reason is RefuseReason.BUSY
+    assert not second.held
+
+
+def test_slot_gate_refuses_when_the_replica_moved_on_during_the_handshake(tmp_path):
+    rcv = Receiver(str(tmp_path / "dst"), None, secret=SECRET, node_id="dst")
+    stale = {**rcv.store.handshake_args(), "received_seq": 99}  # not what it is now
+    gate = _SlotGate(rcv, "127.0.0.1:1", stale)
+    refuse = gate.admit(source_peer(), True)
+    assert refuse.reason is RefuseReason.BUSY and "moved on" in refuse.text
+    assert not rcv._busy and not gate.held
 
 
 # ------------------------------------------------------------------------ real TCP

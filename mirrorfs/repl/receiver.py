@@ -322,7 +322,13 @@ class Receiver:
                 gate=gate,
                 **gate.announced,
             )
-        except (HandshakeRefused, HandshakeTimeout, ConnectionClosed, ProtocolError) as exc:
+        except HandshakeRefused as exc:
+            if exc.by_peer:
+                log.warning("handshake with %s failed: %s", address or "source", exc)
+            else:
+                log.warning("refused source at %s: %s", address or "?", exc)
+            return None
+        except (HandshakeTimeout, ConnectionClosed, ProtocolError) as exc:
             log.warning("handshake with %s failed: %s", address or "source", exc)
             return None
 
