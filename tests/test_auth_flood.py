@@ -596,3 +596,52 @@ async def test_total_cap_refuses_at_once_with_one_line(tmp_path, caplog):
     assert closed == 20 and len(refusals) == 1  # one line for the burst, not twenty
     assert "at most 3" in refusals[0].getMessage() and refusals[0].levelno == logging.WARNING
     assert_clean_log(caplog)
+
+
+async def test_replica_daemon_lets_the_source_in_past_idle_strangers(tmp_path, caplog):
+    """The daemon's own listener (ReplicaNode), with a secret: 40 silent connections from
+    one address and a loris from the source's own do not keep the source out."""
+    from mirrorfs.node.replica import ReplicaConfig, run_replica
+    from mirrorfs.repl import shipper as shipper_mod
+
+    caplog.set_level(logging.INFO, "mirrorfs")
+    rdir = str(tmp_path / "replica")
+    src = SourceVolume(str(tmp_path / "src"))
+    src.change(2)
+    idle: list[trio.SocketStream] = []
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                cfg = ReplicaConfig(rdir, host="127.0.0.1", port=0, secret=SECRET)
+                node = await nursery.start(run_replica, cfg)
+                for _ in range(40):
+                    idle.append(
+                        await trio.open_tcp_stream(
+                            "127.0.0.1", node.port, local_address="127.0.0.7"
+                        )
+                    )
+                loris = await trio.open_tcp_stream("127.0.0.1", node.port)
+                idle.append(loris)  # (closed at the end, with the others)
+                nursery.start_soon(trickle, loris, hello_bytes("loris"))
+                with trio.fail_after(5):
+                    while node.receiver.limiter.pending < 9:  # 8 idle (the cap) + the loris
+                        await trio.sleep(0.01)
+                shipper = shipper_mod.Shipper(
+                    src.vol, ("127.0.0.1", node.port), secret=SECRET, node_id="src"
+                )
+                shipper_mod.install_retention(src.vol, [shipper])
+                nursery.start_soon(shipper.run)
+                with trio.fail_after(5):
+                    while True:
+                        st = node.status()  # what the control socket's status answers
+                        if st["state"] == "streaming":
+                            break
+                        await trio.sleep(0.05)
+                assert st["source_node_id"] == "src" and st["sessions"] == 1
+                nursery.cancel_scope.cancel()
+    finally:
+        for stream in idle:
+            await stream.aclose()
+        src.close()
+    assert "refusing connection from 127.0.0.7" in caplog.text
+    assert_clean_log(caplog)
