@@ -25,6 +25,13 @@ A side that refuses sends REFUSE and raises ``HandshakeRefused``; the other side
 the REFUSE and raises ``HandshakeRefused`` too, with ``by_peer`` set. The target checks
 volume and epoch only after the source has proven itself, so an unauthenticated peer learns
 nothing but the protocol version. Nothing is applied or shipped before ACCEPT.
+
+The target's ``TargetGate`` is where its caller decides about what a source holds (the
+replica's one source slot). ``gate.hello`` sees the HELLO and may refuse at once (BUSY:
+another source holds the slot), which holds nothing; ``gate.admit`` is called only once the
+source has proved the secret, in the same step as the ACCEPT that follows, and is where
+the slot is taken (or BUSY answered, if another source took it meanwhile). A stale source
+is told FENCED, busy or not, but only once it has proved itself.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import enum
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from mirrorfs.repl.auth import AuthRole, compute_proof, new_nonce, verify_proof
 from mirrorfs.repl.wire import (
@@ -299,10 +307,28 @@ class SourceHandshake(_Machine):
         return Step(send=[Auth(proof)])
 
 
+class TargetGate(Protocol):
+    """What the target's caller decides during the handshake (see ``TargetHandshake``)."""
+
+    def hello(self, hello: Hello) -> Refuse | None:
+        """Before HELLO_REPLY, unauthenticated: a REFUSE to send instead, or None."""
+        ...
+
+    def admit(self, peer: Peer, acceptable: bool) -> Refuse | None:
+        """The source proved the secret: a REFUSE to send instead of ACCEPT, or None."""
+        ...
+
+
 class TargetHandshake(_Machine):
     """The target's half: ``receive`` HELLO, then AUTH.
 
     ``volume_uuid`` None (or all zero) means this target is empty and wants an initial sync.
+    ``gate``, if given: ``gate.hello(hello)`` once the HELLO's version is right, before
+    anything is answered; ``gate.admit(peer, acceptable)`` once the source has proved the
+    secret (not when the checks find it fenced), ``acceptable`` saying whether the volume
+    and epoch checks passed. Each returns a REFUSE to send instead, or None; ``admit``
+    returning None with ``acceptable`` means the caller has admitted the source, and
+    ACCEPT follows.
     """
 
     def __init__(
@@ -316,7 +342,9 @@ class TargetHandshake(_Machine):
         applied_seq: int,
         protocol_version: int = PROTOCOL_VERSION,
         nonce: bytes | None = None,
+        gate: TargetGate | None = None,
     ) -> None:
+        self.gate = gate
         self.own_uuid = volume_uuid or ZERO_UUID
         if len(self.own_uuid) != UUID_SIZE:
             raise ValueError(f"volume uuid must be {UUID_SIZE} bytes")
@@ -348,6 +376,9 @@ class TargetHandshake(_Machine):
             )
         if hello.volume_uuid == ZERO_UUID:
             return _refusal(RefuseReason.PROTOCOL, f"{who} announced no volume")
+        refuse = self.gate.hello(hello) if self.gate is not None else None
+        if refuse is not None:
+            return _refusal(refuse.reason, refuse.text)
         proof = compute_proof(
             self.secret,
             AuthRole.TARGET,
@@ -385,8 +416,22 @@ class TargetHandshake(_Machine):
         ):
             return _auth_failed(who)
         initial = bool(hello.flags & HelloFlags.INITIAL_SYNC_ALLOWED)
+        peer = Peer(
+            role=AuthRole.SOURCE,
+            node_id=hello.node_id,
+            volume_uuid=hello.volume_uuid,
+            epochs=tuple(tuple(e) for e in hello.epochs),  # type: ignore[misc]
+            protocol_version=hello.protocol_version,
+            last_seq=hello.last_seq,
+            initial_sync_allowed=initial,
+        )
         problem = check_volume(hello.volume_uuid, self.own_uuid, initial)
         problem = problem or check_epochs(hello.epochs, self.epochs)
+        fenced = problem is not None and problem[0] is RefuseReason.FENCED
+        if self.gate is not None and not fenced:
+            refuse = self.gate.admit(peer, problem is None)
+            if refuse is not None:
+                return _refusal(refuse.reason, refuse.text)
         if problem:
             return _refusal(problem[0], f"{who}: {problem[1]}")
         self._phase = _Phase.DONE
@@ -396,15 +441,4 @@ class TargetHandshake(_Machine):
             _last_epoch(hello.epochs),
             hello.last_seq,
         )
-        return Step(
-            send=[Accept()],
-            peer=Peer(
-                role=AuthRole.SOURCE,
-                node_id=hello.node_id,
-                volume_uuid=hello.volume_uuid,
-                epochs=tuple(tuple(e) for e in hello.epochs),  # type: ignore[misc]
-                protocol_version=hello.protocol_version,
-                last_seq=hello.last_seq,
-                initial_sync_allowed=initial,
-            ),
-        )
+        return Step(send=[Accept()], peer=peer)

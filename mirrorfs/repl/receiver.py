@@ -25,8 +25,13 @@ reconnects. A full disk (ENOSPC / VolumeFailed) is reported with ERROR_STATE fir
 
 Concurrency (one trio loop, shared with the FUSE handlers of a read-only mount):
 
-- ``serve`` checks and sets ``_active`` without awaiting in between, so two connections can
-  never both become the active source.
+- Nothing is held for a connection before its peer has proved the secret (with no secret,
+  before its handshake completed): until then it only counts against ``limiter``
+  (mirrorfs.repl.admission: handshakes in progress per address and in total; refused at
+  once beyond), under one deadline for the whole handshake. The source slot (``_busy``) is
+  checked and taken by ``_SlotGate.admit``, called by the handshake machine in the step
+  that sends ACCEPT, with no await in between, so two connections can never both become
+  the active source, and a slow or hostile client never holds it.
 - Per session, a reader task decodes frames into a bounded channel (back-pressure on the
   TCP stream), a processor task handles them, and a keepalive task pings.
 - The processor handles a TXN between two awaits: receive, apply, refresh the allocator,
@@ -52,6 +57,7 @@ from typing import Any
 
 import trio
 
+from mirrorfs.repl.admission import HandshakeLimiter, host_of
 from mirrorfs.repl.lag import RateMeter
 from mirrorfs.repl.replica_store import OnApplied, OnSwitchover, OnVolume, ReplicaStore
 from mirrorfs.repl.stream import (
@@ -87,7 +93,6 @@ log = logging.getLogger(__name__)
 KEEPALIVE = 5.0  # send a PING after this long without sending anything
 SILENCE_TIMEOUT = 30.0  # drop a source that sent nothing for this long
 QUEUE_FRAMES = 64  # frames decoded ahead of the processor
-BUSY_GRACE = 5.0  # how long a refused second source has to send its HELLO
 THROUGHPUT_WINDOW = 10.0  # seconds of history behind the throughput figure
 
 
@@ -193,6 +198,7 @@ class Receiver:
         keepalive: float = KEEPALIVE,
         silence_timeout: float = SILENCE_TIMEOUT,
         handshake_timeout: float = 10.0,
+        limiter: HandshakeLimiter | None = None,
     ) -> None:
         self.volume_dir = volume_dir
         self.secret = secret
@@ -209,6 +215,7 @@ class Receiver:
         self.keepalive = keepalive
         self.silence_timeout = silence_timeout
         self.handshake_timeout = handshake_timeout
+        self.limiter = limiter or HandshakeLimiter()
         self._status = ReceiverStatus()
         self._active: _Session | None = None
         self._busy = False
@@ -271,88 +278,63 @@ class Receiver:
     async def serve(self, stream: trio.abc.Stream, address: str = "") -> None:
         """Serve one connected source until it goes away or something is wrong.
 
+        Nothing is held for the connection until its peer has proved the secret: before
+        that it only counts against the caps on handshakes in progress (``limiter``: a
+        connection beyond them is closed at once), and its handshake has one deadline.
         Never raises for what the peer does: every ending is logged as one line.
         """
         address = address or _peer_address(stream)
+        host = host_of(address)
+        admission = self.limiter.admit(host, trio.current_time())
+        if not admission.admitted:
+            if admission.log:
+                more = (
+                    f" ({admission.suppressed} more refused since)" if admission.suppressed else ""
+                )
+                log.warning(
+                    "refusing connection from %s: %s%s", address or "?", admission.reason, more
+                )
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                await stream.aclose()
+            return
         fs = FramedStream(stream)
+        gate = _SlotGate(self, address, self.store.handshake_args())
         try:
-            # Checked and set with no await in between: at most one active source.
-            if self._busy:
-                await self._refuse_busy(fs, address)
-                return
-            self._busy = True
             try:
-                await self._serve_locked(fs, address)
+                peer = await self._authenticate(fs, address, gate)
             finally:
-                self._busy = False
+                self.limiter.release(host)
+            if peer is not None:
+                await self._serve_locked(fs, address, peer)
         finally:
+            if gate.held:
+                self._busy = False
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
                 await fs.aclose()
 
-    async def _refuse_busy(self, fs: FramedStream, address: str) -> None:
-        active = self._active
-        who = f"{active.address} ({active.peer.node_id!r})" if active else "another source"
-        text = f"this target already follows {who}"
-        log.warning("refusing source at %s: %s", address or "?", text)
-        # Read its HELLO first: closing with unread data would reset the connection and the
-        # peer might never see the REFUSE.
-        with trio.move_on_after(BUSY_GRACE):
-            try:
-                hello = await fs.receive()
-                vol = self.volume
-                if (
-                    isinstance(hello, Hello)
-                    and vol is not None
-                    and not vol.state.sync_state
-                    and (hello.epochs[-1][0] if hello.epochs else 0) < vol.state.epoch
-                ):
-                    # A stale source (split brain): tell it that it is fenced, not merely
-                    # that we are busy, or it would retry and keep taking writes. The
-                    # handshake authenticates it first and refuses FENCED (nothing applied).
-                    await self._fence_stale(fs, address, hello)
-                    return
-                if (
-                    isinstance(hello, Hello)
-                    and active is not None
-                    and hello.node_id == active.peer.node_id
-                    and active.machine.looks_dead(trio.current_time())
-                ):
-                    # The same source, back from a crash or a cut, while its old connection
-                    # looks dead (a live one pings): drop the old one so that its retry
-                    # succeeds now instead of after SILENCE_TIMEOUT.
-                    active.drop(f"the source reconnected from {address}")
-                await fs.send(Refuse(RefuseReason.BUSY, text))
-            except (ReplError, trio.BrokenResourceError):
-                pass
-
-    async def _fence_stale(self, fs: FramedStream, address: str, hello: Hello) -> None:
+    async def _authenticate(self, fs: FramedStream, address: str, gate: _SlotGate) -> Peer | None:
+        """The handshake, with ``gate`` deciding about the slot; None (logged) if it failed."""
         try:
-            await handshake_target(
+            return await handshake_target(
                 fs,
                 secret=self.secret,
                 timeout=self.handshake_timeout,
-                hello=hello,
-                **self.store.handshake_args(),
+                gate=gate,
+                **gate.announced,
             )
-        except (HandshakeRefused, HandshakeTimeout, ConnectionClosed, ProtocolError) as exc:
-            log.warning("stale source at %s: %s", address or "?", exc)
-            return
-        # (only if its history was not older after all: then we are just busy)
-        await fs.send(Refuse(RefuseReason.BUSY, "this target already follows another source"))
+        except HandshakeRefused as exc:
+            if exc.by_peer:
+                log.warning("handshake with %s failed: %s", address or "source", exc)
+            else:
+                log.warning("refused source at %s: %s", address or "?", exc)
+            return None
+        except (HandshakeTimeout, ConnectionClosed, ProtocolError) as exc:
+            log.warning("handshake with %s failed: %s", address or "source", exc)
+            return None
 
-    async def _serve_locked(self, fs: FramedStream, address: str) -> None:
+    async def _serve_locked(self, fs: FramedStream, address: str, peer: Peer) -> None:
         store = self.store
         empty = store.empty
-        try:
-            peer = await handshake_target(
-                fs,
-                secret=self.secret,
-                timeout=self.handshake_timeout,
-                **store.handshake_args(),
-            )
-        except (HandshakeRefused, HandshakeTimeout, ConnectionClosed, ProtocolError) as exc:
-            log.warning("handshake with %s failed: %s", address or "source", exc)
-            return
         fork = store.judge_fork(peer) if not empty else None
         machine = TargetSession(
             store,
@@ -499,8 +481,80 @@ class Receiver:
                 pass
 
 
+class _SlotGate:
+    """One connection's say on the single source slot (a ``TargetGate``).
+
+    Called by the handshake machine between two awaits, so each check and the claim are one
+    step. Nothing is taken before the peer proved the secret: ``hello`` only reads the
+    slot (and refuses a second source at once, as BUSY, holding nothing); ``admit`` takes
+    it (``held``), which the connection gives back when it ends.
+    """
+
+    def __init__(self, receiver: Receiver, address: str, announced: dict[str, Any]) -> None:
+        self.receiver = receiver
+        self.address = address
+        self.announced = announced  # what our HELLO_REPLY says of the replica
+        self.held = False
+
+    def _text(self) -> str:
+        active = self.receiver._active
+        who = f"{active.address} ({active.peer.node_id!r})" if active else "another source"
+        return f"this target already follows {who}"
+
+    def hello(self, hello: Hello) -> Refuse | None:
+        rcv = self.receiver
+        if not rcv._busy:
+            return None
+        active = rcv._active
+        if active is not None and hello.node_id == active.peer.node_id:
+            return None  # maybe that source back from a cut: ``admit`` decides, authenticated
+        vol = rcv.volume
+        if (
+            vol is not None
+            and not vol.state.sync_state
+            and (hello.epochs[-1][0] if hello.epochs else 0) < vol.state.epoch
+        ):
+            # A stale source (split brain): once it proved itself, the handshake tells it
+            # that it is fenced, not merely that we are busy, or it would retry and keep
+            # taking writes.
+            return None
+        return Refuse(RefuseReason.BUSY, self._text())
+
+    def admit(self, peer: Peer, acceptable: bool) -> Refuse | None:
+        rcv = self.receiver
+        if rcv._busy:
+            active = rcv._active
+            if (
+                active is not None
+                and peer.node_id == active.peer.node_id
+                and active.machine.looks_dead(trio.current_time())
+            ):
+                # The same source, back from a crash or a cut, while its old connection looks
+                # dead (a live one pings): drop the old one so that its retry succeeds now
+                # instead of after SILENCE_TIMEOUT.
+                active.drop(f"the source reconnected from {self.address}")
+            return Refuse(RefuseReason.BUSY, self._text())
+        if not acceptable:
+            return None  # the handshake refuses it (wrong volume ...): nothing taken
+        if rcv.store.handshake_args() != self.announced:
+            # Another source was served during this handshake: what our HELLO_REPLY
+            # announced is out of date, and this source would plan from it.
+            return Refuse(RefuseReason.BUSY, "the target moved on during the handshake")
+        rcv._busy = self.held = True
+        return None
+
+
 def _peer_address(stream: trio.abc.Stream) -> str:
-    """``host:port`` of a socket stream's peer ("" for other streams)."""
+    """``host:port`` of a socket stream's peer ("" for other streams).
+
+    A wrapped stream (``trio.SSLStream``) is looked through to its transport, so that the
+    per-address cap on handshakes counts TLS peers by their address too.
+    """
+    for _ in range(8):  # (a bound, against a stream that wraps itself)
+        inner = getattr(stream, "transport_stream", None)
+        if getattr(stream, "socket", None) is not None or inner is None:
+            break
+        stream = inner
     sock = getattr(stream, "socket", None)
     try:
         host, port = sock.getpeername()[:2] if sock is not None else ("", 0)

@@ -5,8 +5,11 @@ socket, a TLS stream, or ``trio.testing.memory_stream_pair`` in tests).
 
 The handshake itself is pure (``mirrorfs.repl.handshake``: ``SourceHandshake`` and
 ``TargetHandshake``, with the exchange drawn in its docstring); ``handshake_source`` and
-``handshake_target`` drive it over a ``FramedStream`` with a deadline, and send its REFUSE
-best effort (``_REFUSE_GRACE``).
+``handshake_target`` drive it over a ``FramedStream`` with one deadline for the whole
+exchange (a peer that trickles a byte at a time cannot stretch it), and send its REFUSE
+best effort (``_REFUSE_GRACE``, inside that deadline). While a handshake runs, the stream
+buffers at most ``HANDSHAKE_BUFFER`` bytes of an incomplete frame (a handshake frame is
+small; an unauthenticated peer must not make us hold up to MAX_FRAME per connection).
 
 Concurrency: ``send`` may be called from several tasks (a lock serialises whole frames);
 ``receive`` from one task at a time.
@@ -24,6 +27,7 @@ from mirrorfs.repl.handshake import (
     Peer,
     SourceHandshake,
     Step,
+    TargetGate,
     TargetHandshake,
 )
 from mirrorfs.repl.wire import (
@@ -41,6 +45,8 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE = 256 * 1024
 # How long we wait for the peer to take a REFUSE before giving up on telling it.
 _REFUSE_GRACE = 1.0
+# The most a handshake may buffer: a HELLO with MAX_EPOCHS epochs is about 64 KiB.
+HANDSHAKE_BUFFER = 256 * 1024
 
 
 class ConnectionClosed(ReplError):
@@ -61,6 +67,8 @@ class FramedStream:
         self._send_lock = trio.Lock()
         self.bytes_sent = 0
         self.bytes_received = 0
+        #: The most bytes ``receive`` buffers towards one frame (None: MAX_FRAME's bound).
+        self.receive_limit: int | None = None
 
     async def send(self, msg: Message) -> None:
         """Send one message (ConnectionClosed if the peer is gone)."""
@@ -89,6 +97,9 @@ class FramedStream:
                 raise ConnectionClosed("connection closed by peer")
             self.bytes_received += len(data)
             self._decoder.feed(data)
+            limit = self.receive_limit
+            if limit is not None and self._decoder.buffered > limit:
+                raise ProtocolError(f"more than {limit} bytes without a complete frame")
         return msg
 
     async def aclose(self) -> None:
@@ -96,8 +107,9 @@ class FramedStream:
 
 
 async def _refuse(fs: FramedStream, refuse: Refuse) -> None:
-    """Tell the peer (best effort, with a short grace)."""
-    log.warning("refusing peer: %s", refuse.text)
+    """Tell the peer (best effort, with a short grace). The caller logs the refusal once,
+    with the peer's address (HandshakeRefused carries the same text)."""
+    log.debug("refusing peer: %s", refuse.text)
     with trio.move_on_after(_REFUSE_GRACE):
         try:
             await fs.send(refuse)
@@ -169,12 +181,16 @@ async def handshake_target(
     protocol_version: int = PROTOCOL_VERSION,
     timeout: float = 10.0,
     hello: Hello | None = None,
+    gate: TargetGate | None = None,
 ) -> Peer:
     """Run the target's half of the handshake (``TargetHandshake``); return the source.
 
     ``volume_uuid`` None (or all zero) means this target is empty and wants an initial
-    sync. ``hello``: the source's HELLO, already read by the caller. Raises like
-    ``handshake_source``; nothing may be applied unless this returns.
+    sync. ``hello``: the source's HELLO, already read by the caller. ``gate``: the caller's
+    decisions on the HELLO and, once the source proved the secret, before ACCEPT (see
+    ``TargetHandshake``); what ``gate.admit`` takes, the caller gives back if this raises.
+    ``timeout`` bounds the whole exchange. Raises like ``handshake_source``; nothing may be
+    applied unless this returns.
     """
     machine = TargetHandshake(
         secret=secret,
@@ -184,13 +200,18 @@ async def handshake_target(
         received_seq=received_seq,
         applied_seq=applied_seq,
         protocol_version=protocol_version,
+        gate=gate,
     )
+    fs.receive_limit = HANDSHAKE_BUFFER
     try:
+        # One deadline for everything: reads that each bring a byte do not extend it.
         with trio.fail_after(timeout):
             first = machine.receive(hello) if hello is not None else Step()
             return await _drive(fs, machine, first)
     except trio.TooSlowError:
         raise HandshakeTimeout(f"handshake with the source timed out after {timeout:g} s")
+    finally:
+        fs.receive_limit = None
 
 
 __all__ = [
