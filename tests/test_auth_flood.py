@@ -522,6 +522,7 @@ async def test_slow_loris_and_flood_do_not_keep_the_source_out(tmp_path, caplog)
                             await trio.sleep(0.05)
                     attack.stop.set()
                 nursery.cancel_scope.cancel()
+        src.vol.flush_in_place()  # the source's deferred in-place writes into its file
         assert block_file(rcv.volume_dir) == block_file(src.path)
         st = rcv.status()
         # One session ever, the source's: no attacker got past the handshake.
