@@ -471,3 +471,71 @@ def test_tls_daemons_and_mounts(tmp_path, pki):
             assert "Traceback" not in text
     finally:
         cluster.close()
+
+
+def test_successor_argv_carries_the_tls_options(pki):
+    """The promoted replica's successor mount gets the replica's TLS files (the old
+    source's replica daemon gets the source's: node/switchover.py switch_source)."""
+    from mirrorfs.node.replica import ReplicaConfig
+    from mirrorfs.node.switchover import successor_argv
+
+    files = pki.node("rep")
+    cfg = ReplicaConfig("/srv/rep", tls=load_tls(files))
+    report = {"mountpoint": "/mnt/rep", "mirror_to": "127.0.0.1:7401"}
+    argv = successor_argv("/srv/rep", report, cfg)
+    assert argv[-6:] == files.argv()
+    assert successor_argv("/srv/rep", report, ReplicaConfig("/srv/rep"))[-2:] == [
+        "--mirror",
+        "127.0.0.1:7401",
+    ]
+
+
+@pytest.mark.mount
+def test_switchover_with_tls(tmp_path, pki):
+    """A source and its replica with TLS switch roles: the successors the handover starts
+    get the TLS options too (a TLS replica refuses a plain source, and the reverse), so the
+    new source streams to the old one and status says TLS on both."""
+    from tests.repl_util import (
+        Cluster,
+        assert_blocks_identical,
+        free_port,
+        status,
+        target,
+        wait_caught_up,
+    )
+    from tests.test_switchover import _retire, _successors, _switchover
+    from tests.util import run_cli
+
+    c = Cluster(str(tmp_path))
+    try:
+        b = c.replica("b", start=False)
+        proc = run_cli(
+            "replica", b.dir, "--listen", b.address, "--mount", b.mountpoint,
+            *pki.node("b").argv(),
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        with open(os.path.join(b.dir, "replica.pid")) as f:
+            b.pid = int(f.read())
+        a = c.mkfs("a")
+        a_src = c.mount_source(a, [b.address], extra=tuple(pki.node("a").argv()))
+        with open(os.path.join(a_src.mountpoint, "before"), "wb") as f:
+            f.write(os.urandom(100_000))
+            os.fsync(f.fileno())
+        wait_caught_up(a)
+
+        a_port = free_port()
+        _switchover(a, b.address, f"127.0.0.1:{a_port}")
+        _retire(c, a_src)
+        b_source, ra = _successors(
+            c, source=b.dir, source_mnt=b.mountpoint, replica=a, port=a_port,
+            replica_mnt=a_src.mountpoint,
+        )  # fmt: skip
+        with open(os.path.join(b.mountpoint, "after"), "wb") as f:
+            f.write(os.urandom(100_000))
+            os.fsync(f.fileno())
+        wait_caught_up(b.dir)
+        assert status(b.dir)["tls"] is True and ra.status()["tls"] is True
+        assert target(status(b.dir), ra.address)["state"] == "streaming"
+        assert_blocks_identical(b.dir, a)
+    finally:
+        c.close()
