@@ -85,6 +85,10 @@ def derive(metrics: dict[str, Any]) -> None:
     if metrics.get("burst_s") is not None and catchup is not None:
         # From the first write of the burst to the replica having applied all of it.
         metrics["replicated"] = metrics["burst_bytes"] / MiB / (metrics["burst_s"] + catchup)
+    cpu = [metrics.get(f"burst_cpu_{who}") for who in ("server", "replica")]
+    if metrics.get("burst_bytes") and None not in cpu:
+        # Less sensitive to other load on the machine than the rates.
+        metrics["burst_cpu_per_gib"] = sum(cpu) / (metrics["burst_bytes"] / (1 << 30))
     for key, _ in CPU_STEPS:
         _cpu_share(metrics, key, "server")
         _cpu_share(metrics, key, "replica")
@@ -238,6 +242,7 @@ TLS_ROWS = (
     ("catchup_s", "  then the replica caught up after", "s", False),
     ("absorb", "  replica's rate catching up (backlog / time)", "MiB/s", True),
     ("replicated", "  replicated: burst / (write + catch-up)", "MiB/s", True),
+    ("burst_cpu_per_gib", "  CPU s of source + replica per GiB of it", "s", False),
     ("create", "create 4 KiB files", "files/s", True),
 )
 
