@@ -539,3 +539,59 @@ def test_switchover_with_tls(tmp_path, pki):
         assert_blocks_identical(b.dir, a)
     finally:
         c.close()
+
+
+async def test_tls_flipped_byte_and_cut_are_one_line_drops(tmp_path, pki, nursery, caplog):
+    """A byte flipped on the wire fails TLS's record check (not the frame CRC): the target
+    drops the connection with a one-line reason, the source reconnects and resumes; a cut
+    connection too. Frames larger than a TLS record arrive whole (the receive drain)."""
+    from tests.netproxy import Direction
+
+    caplog.set_level(logging.INFO)
+    rng = random.Random(5)
+    src = make_source(tmp_path)
+    rdir = str(tmp_path / "replica")
+    os.makedirs(rdir)
+    receiver = Receiver(rdir, None, secret=SECRET, node_id="tgt")
+    try:
+        src.write(300, rng.randbytes(BS * 200))  # one 800 KiB transaction: many TLS records
+        src.commit()
+        port = await listen(nursery, receiver, load_tls(pki.node("t")))
+        proxy = RecordingProxy(target=("127.0.0.1", port))
+        pport = await nursery.start(proxy.run)
+        address = ("127.0.0.1", pport)
+        shipper = Shipper(
+            src,
+            address,
+            secret=SECRET,
+            node_id="src",
+            connect=connector(address, load_tls(pki.node("s"))),
+        )
+        await nursery.start(shipper.run)
+
+        def caught_up() -> bool:
+            v = receiver.volume
+            return v is not None and v.consistent and v.last_seq == src.last_seq
+
+        await wait_until(caught_up, what="the initial sync")
+        proxy.flip_after(40_000, Direction.UP)
+        for _ in range(3):
+            src.write(rng.randrange(64, 1000), rng.randbytes(BS * 16))
+            src.commit()
+        await wait_until(lambda: shipper.connections >= 2, what="the reconnect after the flip")
+        await wait_until(caught_up, what="resume after the flip")
+        proxy.cut_after(30_000, Direction.UP)
+        src.write(1200, rng.randbytes(BS * 30))
+        src.commit()
+        await wait_until(lambda: shipper.connections >= 3, what="the reconnect after the cut")
+        await wait_until(caught_up, what="resume after the cut")
+        assert src.device.read(0, src.block_count) == receiver.volume.device.read(
+            0, src.block_count
+        )
+        dropped = [r.getMessage() for r in caplog.records if "dropped source" in r.getMessage()]
+        assert any("TLS error with the source" in m for m in dropped), dropped
+        no_tracebacks(caplog)
+    finally:
+        src.close()
+        if receiver.volume is not None:
+            receiver.volume.close()

@@ -52,6 +52,7 @@ HANDSHAKE_TIMEOUT = 10.0  # the same deadline as the replication handshake's
 _ALERT_GRACE = 1.0  # how long we try to hand the peer our TLS alert or REFUSE
 _TLS_RECORD_HANDSHAKE = 0x16  # first byte of every TLS ClientHello
 _MAX_PEM = 1 << 20
+_TRANSPORT_READ = 256 * 1024  # as FramedStream's reads
 
 Connect = Callable[[], Awaitable[trio.abc.Stream]]
 
@@ -250,7 +251,7 @@ def describe_failure(exc: BaseException, who: str, *, handshake: bool = False) -
         text = cause.strerror or str(cause) or type(cause).__name__
         if handshake:
             return f"TLS handshake with {who} failed: {text}"
-        return f"connection to {who} lost: {text}"
+        return text  # (FramedStream says "connection lost: ...", as without TLS)
     return str(cause) or type(cause).__name__
 
 
@@ -288,6 +289,7 @@ class TlsStream(trio.abc.Stream):
     def __init__(self, ssl_stream: trio.SSLStream, who: str) -> None:
         self.ssl_stream = ssl_stream
         self.who = who
+        self._pending_error: ssl.SSLError | None = None
 
     @property
     def socket(self) -> object:
@@ -309,10 +311,45 @@ class TlsStream(trio.abc.Stream):
         await self.ssl_stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._pending_error is not None:
+            exc, self._pending_error = self._pending_error, None
+            raise trio.BrokenResourceError(describe_failure(exc, self.who)) from exc
         try:
-            return await self.ssl_stream.receive_some(max_bytes)
+            data = await self.ssl_stream.receive_some(max_bytes)
         except trio.BrokenResourceError as exc:
             raise trio.BrokenResourceError(describe_failure(exc, self.who)) from exc
+        if data and max_bytes is not None and len(data) < max_bytes:
+            return self._drain(data, max_bytes)
+        return data
+
+    def _drain(self, data: bytes | bytearray, max_bytes: int) -> bytes | bytearray:
+        """``data`` and the records already received behind it, up to ``max_bytes``.
+
+        SSLStream.receive_some returns one TLS record (16 KiB) per call, each call a trip
+        through the scheduler: a 1 MiB frame took 64 of them. The records that are already
+        in the stream's incoming buffer are decrypted here in one synchronous step, the way
+        SSLStream itself calls its SSLObject (no await while touching it). ``_ssl_object``
+        is not public API: without it, this returns ``data`` as it is. An error is kept for
+        the next call, so that the bytes before it are delivered first.
+        """
+        obj = getattr(self.ssl_stream, "_ssl_object", None)
+        if not isinstance(obj, ssl.SSLObject):
+            return data
+        parts = [data]
+        size = len(data)
+        while size < max_bytes:
+            try:
+                more = obj.read(max_bytes - size)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLError as exc:
+                self._pending_error = exc
+                break
+            if not more:
+                break  # close_notify: the next receive_some returns b""
+            parts.append(more)
+            size += len(more)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def aclose(self) -> None:
         # close_notify first (a clean end the peer can tell from a cut), never raising.
@@ -356,9 +393,11 @@ class _PlainStream(trio.abc.Stream):
         await self.stream.aclose()
 
 
-class _FirstBytes(trio.abc.Stream):
-    """The transport under a server-side SSLStream, remembering the first bytes it read (to
-    tell a plain mirrorfs peer from garbage when the handshake fails)."""
+class _Transport(trio.abc.Stream):
+    """The TCP stream under an SSLStream: reads in large chunks (SSLStream asks for "some",
+    which a SocketStream answers with at most 64 KiB: fewer trips for the bulk of the data,
+    which flows to the target), and remembers the first bytes (to tell a plain mirrorfs peer
+    from garbage when the server's handshake fails)."""
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self.stream = stream
@@ -375,7 +414,7 @@ class _FirstBytes(trio.abc.Stream):
         await self.stream.wait_send_all_might_not_block()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self.stream.receive_some(max_bytes)
+        data = await self.stream.receive_some(max_bytes or _TRANSPORT_READ)
         if len(self.first) < len(MAGIC):
             self.first += bytes(data[: len(MAGIC) - len(self.first)])
         return data
@@ -399,7 +438,7 @@ async def open_tls_stream(
     """
     who = "the target"
     tcp = await trio.open_tcp_stream(*address)
-    ssl_stream = trio.SSLStream(tcp, tls.client, server_side=False)
+    ssl_stream = trio.SSLStream(_Transport(tcp), tls.client, server_side=False)
     try:
         with trio.fail_after(timeout):
             await ssl_stream.do_handshake()
@@ -454,7 +493,7 @@ async def accept(
         return _PlainStream(stream)
     address = peer_address(stream) or "?"
     who = "the source"
-    first = _FirstBytes(stream)
+    first = _Transport(stream)
     ssl_stream = trio.SSLStream(first, tls.server, server_side=True)
     try:
         with trio.fail_after(timeout):
