@@ -595,3 +595,24 @@ async def test_tls_flipped_byte_and_cut_are_one_line_drops(tmp_path, pki, nurser
         src.close()
         if receiver.volume is not None:
             receiver.volume.close()
+
+
+async def test_close_is_bounded_when_the_peer_reads_nothing(pki, nursery, autojump_clock):
+    """The close_notify of a closing TlsStream waits for socket space at most a second: a
+    peer that reads nothing more cannot hang a close that runs under a shield."""
+    import trio.testing
+
+    from mirrorfs.repl.tls import _Transport
+
+    client_end, server_end = trio.testing.lockstep_stream_pair()  # a send waits for a read
+    server = trio.SSLStream(server_end, load_tls(pki.node("t")).server, server_side=True)
+    client_ssl = trio.SSLStream(
+        _Transport(client_end), load_tls(pki.node("s")).client, server_side=False
+    )
+    nursery.start_soon(server.do_handshake)
+    await client_ssl.do_handshake()
+    client = TlsStream(client_ssl, "the target")
+    start = trio.current_time()
+    with trio.CancelScope(shield=True):
+        await client.aclose()  # the server never reads the close_notify
+    assert trio.current_time() - start <= 1.5

@@ -352,11 +352,16 @@ class TlsStream(trio.abc.Stream):
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def aclose(self) -> None:
-        # close_notify first (a clean end the peer can tell from a cut), never raising.
-        try:
-            await self.ssl_stream.aclose()
-        except (trio.BrokenResourceError, ssl.SSLError, OSError):
-            pass
+        # close_notify first (a clean end the peer can tell from a cut), never raising, and
+        # bounded: callers close under a shield, and a peer that reads nothing more (full
+        # socket buffers) would block the close_notify forever.
+        with trio.move_on_after(_ALERT_GRACE) as scope:
+            try:
+                await self.ssl_stream.aclose()
+            except (trio.BrokenResourceError, ssl.SSLError, OSError):
+                pass
+        if scope.cancelled_caught:
+            await trio.aclose_forcefully(self.ssl_stream.transport_stream)
 
 
 class _PlainStream(trio.abc.Stream):
@@ -508,6 +513,9 @@ async def accept(
             log.warning(
                 "refusing peer at %s: %s", address, describe_failure(exc, who, handshake=True)
             )
+    except BaseException:  # cancelled (the listener stops): the socket goes too
+        await _close_quietly(stream)
+        raise
     else:
         log.debug("TLS from %s: %s %s", address, ssl_stream.version(), ssl_stream.cipher())
         return TlsStream(ssl_stream, who)
