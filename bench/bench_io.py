@@ -45,8 +45,13 @@ from common import (
     parse_size,
     work_directory,
 )
-from io_report import derive, medians, render, render_cpu
-from io_targets import CPassthroughTarget, MirroredTarget, build_passthrough_ll
+from io_report import derive, medians, render, render_cpu, render_tls
+from io_targets import (
+    CPassthroughTarget,
+    MirroredTarget,
+    TlsMirroredTarget,
+    build_passthrough_ll,
+)
 from io_workloads import (
     SMALL,
     burst_lag,
@@ -63,7 +68,7 @@ from targets import MirrorfsTarget, PassthroughTarget, PlainTarget, Target
 
 log = logging.getLogger(__name__)
 
-TARGETS = ("plain", "passthrough_ll", "passthrough", "mirrorfs", "mirrorfs+1")
+TARGETS = ("plain", "passthrough_ll", "passthrough", "mirrorfs", "mirrorfs+1", "mirrorfs+1tls")
 KiB4 = 4 << 10
 
 # Full run / --quick (an explicit option wins over both).
@@ -113,6 +118,8 @@ def make_target(name: str, workdir: str, cfg: Config, ll_binary: str | None) -> 
         return PassthroughTarget(workdir)
     if name == "mirrorfs":
         return MirrorfsTarget(workdir, cfg.volume_bytes(), cfg.mkfs_args)
+    if name == "mirrorfs+1tls":
+        return TlsMirroredTarget(workdir, cfg.volume_bytes(), cfg.mkfs_args)
     return MirroredTarget(workdir, cfg.volume_bytes(), cfg.mkfs_args)
 
 
@@ -279,7 +286,12 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
     )
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 1 round")
     p.add_argument("--rounds", type=int, help="rounds (default 3; 1 with --quick)")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset")
+    p.add_argument("--targets", default=",".join(TARGETS[:-1]), help="comma-separated subset")
+    p.add_argument(
+        "--tls",
+        action="store_true",
+        help="also run mirrorfs+1 with TLS on the link (mirrorfs+1tls) beside mirrorfs+1",
+    )
     p.add_argument("--size", help="sequential file (default 512M)")
     p.add_argument("--rand-size", help="random-write file (default 64M)")
     p.add_argument("--seconds", type=float, help="random-write/read time (default 20)")
@@ -298,6 +310,8 @@ def parse_args(argv: list[str] | None) -> tuple[Config, argparse.Namespace]:
         return given if given is not None else DEFAULTS[key][1 if a.quick else 0]
 
     targets = [t.strip() for t in a.targets.split(",") if t.strip()]
+    if a.tls:
+        targets += ["mirrorfs+1", "mirrorfs+1tls"]
     unknown = [t for t in targets if t not in TARGETS]
     if unknown or not targets:
         p.error(f"unknown targets {unknown}; choose from {','.join(TARGETS)}")
@@ -378,9 +392,16 @@ def main(argv: list[str] | None = None) -> int:
     if ll_binary:
         print(f"C ll = libfuse passthrough_ll (gcc -O2), defaults: {ll_binary}")
     print("pt.py = bench/passthrough.py; mfs+1 = mirrorfs + replica on 127.0.0.1 (mounted)")
+    if "mirrorfs+1tls" in cfg.targets:
+        print("mfs+1 TLS = mfs+1 with --tls-cert/--tls-key/--tls-ca on both (TLS 1.3, P-256)")
     print("MiB = 2^20 bytes, MB = 10^6; ratios of medians; latency: lower is better")
     print()
     print(render(med, cfg.targets, cfg))
+    tls_table = render_tls(med, cfg.targets)
+    if tls_table:
+        print()
+        print("replication with TLS (mfs+1 TLS) against without (mfs+1), medians:")
+        print(tls_table)
     cpu_table = render_cpu(med, cfg.targets)
     if cpu_table:
         print()

@@ -352,10 +352,12 @@ class ReplicaDaemon:
         self.mountpoint = mountpoint
         self.pid: int | None = None
         self.port = 0
+        self.extra_args: list[str] = []  # e.g. --tls-cert/--tls-key/--tls-ca
 
     def start(self) -> None:
         """Start the daemon (it detaches); learn its pid and the port it listens on."""
         extra = ["--mount", self.mountpoint] if self.mountpoint else []
+        extra += self.extra_args
         if self.mountpoint:
             os.makedirs(self.mountpoint, exist_ok=True)
         self.cli.run(

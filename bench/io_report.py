@@ -22,7 +22,10 @@ LABELS = {
     "passthrough": "pt.py",
     "mirrorfs": "mirrorfs",
     "mirrorfs+1": "mfs+1",
+    "mirrorfs+1tls": "mfs+1 TLS",
 }
+#: TLS may cost at most 15% of the replication throughput (issue 9).
+MIN_TLS_RATIO = 0.85
 
 
 @dataclass(slots=True)
@@ -79,6 +82,13 @@ def derive(metrics: dict[str, Any]) -> None:
     if lag is not None and catchup is not None:
         # No backlog: the replica kept up with the writer (an infinite ratio: met).
         metrics["absorb"] = lag / MiB / catchup if lag and catchup > 0 else math.inf
+    if metrics.get("burst_s") is not None and catchup is not None:
+        # From the first write of the burst to the replica having applied all of it.
+        metrics["replicated"] = metrics["burst_bytes"] / MiB / (metrics["burst_s"] + catchup)
+    cpu = [metrics.get(f"burst_cpu_{who}") for who in ("server", "replica")]
+    if metrics.get("burst_bytes") and None not in cpu:
+        # Less sensitive to other load on the machine than the rates.
+        metrics["burst_cpu_per_gib"] = sum(cpu) / (metrics["burst_bytes"] / (1 << 30))
     for key, _ in CPU_STEPS:
         _cpu_share(metrics, key, "server")
         _cpu_share(metrics, key, "replica")
@@ -143,6 +153,8 @@ def render(med: dict[str, dict[str, float]], names: list[str], cfg: Any) -> str:
     header += ("mfs/C", "target", "", "+1/mfs", "target", "")
     lines: list[tuple[str, ...]] = [header]
     mfs, c, one = (med.get(n, {}) for n in ("mirrorfs", "passthrough_ll", "mirrorfs+1"))
+    if not one:
+        one = med.get("mirrorfs+1tls", {})
 
     def goal_cells(value: float | None, goal: float | None, text: str) -> tuple[str, str, str]:
         if value is None:
@@ -173,7 +185,7 @@ def render(med: dict[str, dict[str, float]], names: list[str], cfg: Any) -> str:
         "absorb": lambda: _absorb_cells(one),
     }
     for row in rows_for(cfg):
-        if row.mirrored and "mirrorfs+1" not in names:
+        if row.mirrored and not {"mirrorfs+1", "mirrorfs+1tls"} & set(names):
             continue
         values = [med.get(n, {}).get(row.key) for n in names]
         cells: tuple[str, ...]
@@ -221,3 +233,38 @@ def render_cpu(med: dict[str, dict[str, float]], names: list[str]) -> str:
         if any(c != "-" for c in cells):
             lines.append((label, *cells))
     return format_rows(lines, right=range(1, len(fuse) + 1))
+
+
+#: The rows of the TLS comparison: (key, label, unit, higher is better).
+TLS_ROWS = (
+    ("seq_write", "seq write on the source, fsync at end", "MiB/s", True),
+    ("burst_write", "burst: seq write on the source, fsync", "MiB/s", True),
+    ("catchup_s", "  then the replica caught up after", "s", False),
+    ("absorb", "  replica's rate catching up (backlog / time)", "MiB/s", True),
+    ("replicated", "  replicated: burst / (write + catch-up)", "MiB/s", True),
+    ("burst_cpu_per_gib", "  CPU s of source + replica per GiB of it", "s", False),
+    ("create", "create 4 KiB files", "files/s", True),
+)
+
+
+def render_tls(med: dict[str, dict[str, float]], names: list[str]) -> str:
+    """mirrorfs+1 with TLS against without, side by side ("" unless both ran); the goal:
+    TLS costs under 15% (TLS / plain >= MIN_TLS_RATIO, the inverse for times)."""
+    if "mirrorfs+1" not in names or "mirrorfs+1tls" not in names:
+        return ""
+    plain, tls = med.get("mirrorfs+1", {}), med.get("mirrorfs+1tls", {})
+    lines: list[tuple[str, ...]] = [
+        ("figure", "unit", "mfs+1", "mfs+1 TLS", "TLS/plain", "target", "")
+    ]
+    goal = f">= {MIN_TLS_RATIO:.2f}x"
+    for key, label, unit, higher in TLS_ROWS:
+        a, b = plain.get(key), tls.get(key)
+        ratio = _ratio(b, a) if higher else _ratio(a, b)
+        digits = 0 if unit == "files/s" else 2 if unit == "s" else 1
+        cells = (
+            ("", goal, "")
+            if ratio is None
+            else (f"{ratio:.2f}x", goal, _verdict(ratio >= MIN_TLS_RATIO))
+        )
+        lines.append((label, unit, _fmt(a, digits), _fmt(b, digits), *cells))
+    return format_rows(lines, right=range(2, 5))

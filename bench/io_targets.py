@@ -110,10 +110,12 @@ class MirroredTarget(MirrorfsTarget):
             os.path.join(workdir, "rep-mnt"),
         )
         self.replica_rss_kib: int | None = None
+        self.tls_args: list[str] = []  # the source's --tls-* options
 
     def setup(self) -> None:
         self.replica.start()
-        self.mount_args = ["--mirror", f"127.0.0.1:{listen_port(self.replica.volume)}"]
+        address = f"127.0.0.1:{listen_port(self.replica.volume)}"
+        self.mount_args = ["--mirror", address, *self.tls_args]
         super().setup()
         wait_streaming(self.mfs.volume, self.replica.mountpoint)
 
@@ -136,3 +138,52 @@ class MirroredTarget(MirrorfsTarget):
             if hwm is not None:
                 self.replica_rss_kib = max(self.replica_rss_kib or 0, hwm)
             self.replica.stop()
+
+
+class TlsMirroredTarget(MirroredTarget):
+    """(f) The same as mirrorfs+1, with TLS on the link (``--tls-cert/--tls-key/--tls-ca``
+    on both, certificates made with openssl as README.md shows): what TLS costs."""
+
+    name = "mirrorfs+1tls"
+
+    def setup(self) -> None:
+        pki = os.path.join(self.workdir, "pki")
+        self.replica.extra_args = make_certificates(pki, "replica")
+        self.tls_args = make_certificates(pki, "source")
+        super().setup()
+
+
+def make_certificates(directory: str, node: str) -> list[str]:
+    """A CA in *directory* (made once) and a certificate for *node* signed by it, with the
+    ``openssl`` commands of README.md; the node's ``--tls-*`` options."""
+    os.makedirs(directory, exist_ok=True)
+    ca_key, ca = os.path.join(directory, "ca.key"), os.path.join(directory, "ca.pem")
+    key, csr = os.path.join(directory, f"{node}.key"), os.path.join(directory, f"{node}.csr")
+    cert, ext = os.path.join(directory, f"{node}.pem"), os.path.join(directory, f"{node}.ext")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    steps = []
+    if not os.path.exists(ca):
+        steps.append(
+            ["req", "-x509", "-new", *ec, "-keyout", ca_key, "-out", ca, "-days", "30"]
+            + ["-subj", "/CN=mirrorfs bench CA"]
+            + ["-addext", "basicConstraints=critical,CA:TRUE"]
+            + ["-addext", "keyUsage=critical,keyCertSign,cRLSign"]
+        )
+    with open(ext, "w") as f:
+        f.write(
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n"
+            "extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName=IP:127.0.0.1\n"
+        )
+    steps.append(["req", "-new", *ec, "-keyout", key, "-out", csr, "-subj", f"/CN={node}"])
+    steps.append(
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"]
+        + ["-out", cert, "-days", "30", "-extfile", ext]
+    )
+    if shutil.which("openssl") is None:
+        raise BenchError("openssl not found (apt-get install openssl): needed for --tls")
+    for argv in steps:
+        proc = subprocess.run(["openssl", *argv], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise BenchError(f"openssl {argv[0]} failed: {first_line(proc.stderr)}")
+    os.chmod(key, 0o600)
+    return ["--tls-cert", cert, "--tls-key", key, "--tls-ca", ca]

@@ -156,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ship the volume's transactions to this target (repeatable)",
     )
     _add_secret_arguments(p)
+    add_tls_arguments(p)
     p.add_argument(
         "--max-log",
         type=_size_arg,
@@ -198,6 +199,18 @@ def _add_secret_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    """TLS on the replication link (mirrorfs.repl.tls): all three options, or none."""
+    group = p.add_argument_group(
+        "TLS 1.3 on the replication link, certificates verified both ways (all three or none)"
+    )
+    group.add_argument("--tls-cert", metavar="FILE", help="this node's certificate (PEM)")
+    group.add_argument("--tls-key", metavar="FILE", help="its private key (PEM, unencrypted)")
+    group.add_argument(
+        "--tls-ca", metavar="FILE", help="the CA certificate that signs every node's (PEM)"
+    )
+
+
 def add_replica_arguments(p: argparse.ArgumentParser) -> None:
     """Arguments of ``mirrorfs replica`` on the argparse subparser ``p`` (sets func)."""
     p.add_argument("dir", metavar="DIR", help="replica volume directory (created if missing)")
@@ -218,6 +231,7 @@ def add_replica_arguments(p: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback address without a secret"
     )
+    add_tls_arguments(p)
     p.add_argument("--foreground", action="store_true", help="do not detach")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=replica_command.cmd_replica)
@@ -267,6 +281,7 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
         help="start mirroring the new source to this target at once (repeatable)",
     )
     _add_secret_arguments(p)
+    add_tls_arguments(p)
     p.set_defaults(func=commands.cmd_promote)
 
     p = sub.add_parser(

@@ -206,7 +206,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     for line in describe(report):
         print(line)
     if mountpoint:
-        _mount_promoted(volume_dir, mountpoint, args.mirrors, args.secret_file, args.insecure)
+        _mount_promoted(volume_dir, mountpoint, args)
         print(f"  mounted read-write at {mountpoint} ({time.monotonic() - t0:.2f}s after promote)")
     elif args.mirrors:
         print(
@@ -217,33 +217,38 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 
 def _check_promoted_mirrors(args: argparse.Namespace) -> None:
-    """Refuse, before promoting, to mirror the new source unauthenticated off this machine.
-    (A malformed address is reported by the mount after the promotion, as before.)"""
+    """Refuse, before promoting, to mirror the new source unauthenticated off this machine,
+    or with TLS files that cannot be used. (A malformed address is reported by the mount
+    after the promotion, as before.)"""
     from mirrorfs.repl.auth import PeerPolicyError, check_peer_policy
+    from mirrorfs.repl.tls import TlsError, load_tls, tls_from_args
 
+    try:
+        files = tls_from_args(args)
+        if files is not None:
+            load_tls(files)
+    except TlsError as exc:
+        raise CommandError(f"{exc}; nothing was promoted") from None
+    secret = b"given" if args.secret_file else None
     for address in args.mirrors:
         try:
             host, port = parse_address(address)
         except ValueError:
             continue
         try:
-            check_peer_policy(host, port, b"given" if args.secret_file else None, args.insecure)
+            check_peer_policy(host, port, secret, args.insecure, tls=files is not None)
         except PeerPolicyError as exc:
             raise CommandError(f"{exc}; nothing was promoted") from None
 
 
-def _mount_promoted(
-    volume_dir: str,
-    mountpoint: str,
-    mirrors: list[str],
-    secret_file: str | None,
-    insecure: bool,
-) -> None:
-    """``mirrorfs mount volume_dir mountpoint [--mirror ...]`` after a promotion; a failure
-    is printed as the mount's own error, then as the promotion's (CommandError)."""
+def _mount_promoted(volume_dir: str, mountpoint: str, args: argparse.Namespace) -> None:
+    """``mirrorfs mount volume_dir mountpoint [--mirror ...]`` after a promotion (with the
+    promote command's secret and TLS options); a failure is printed as the mount's own
+    error, then as the promotion's (CommandError)."""
     from mirrorfs.node.volume_commands import MountArgs, cmd_mount
 
     failed = f"promoted, but mounting {mountpoint} read-write failed"
+    mirrors = args.mirrors
     for address in mirrors:
         try:
             parse_address(address)
@@ -256,7 +261,14 @@ def _mount_promoted(
     try:
         cmd_mount(
             MountArgs(
-                volume_dir, mountpoint, mirrors=mirrors, secret_file=secret_file, insecure=insecure
+                volume_dir,
+                mountpoint,
+                mirrors=mirrors,
+                secret_file=args.secret_file,
+                insecure=args.insecure,
+                tls_cert=getattr(args, "tls_cert", None),
+                tls_key=getattr(args, "tls_key", None),
+                tls_ca=getattr(args, "tls_ca", None),
             )
         )
     except (CliError, OSError) as exc:

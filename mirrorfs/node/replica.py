@@ -36,6 +36,7 @@ from mirrorfs.fuse.lifecycle import PidFile, watch_signals
 from mirrorfs.node.control import ControlError, ControlServer, socket_path
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.receiver import Receiver
+from mirrorfs.repl.tls import TlsConfig, accept, peer_address
 from mirrorfs.repl.wire import Switchover, SwitchoverDone, SwitchoverResult
 from mirrorfs.store.files import (
     BLOCK_FILE,
@@ -85,6 +86,9 @@ class ReplicaConfig:
     #: Where ``secret`` came from: passed on to the mount that a switchover starts.
     secret_file: str | None = None
     insecure: bool = False
+    #: TLS for every source (``--tls-cert/--tls-key/--tls-ca``; also passed on to the
+    #: mount a switchover starts).
+    tls: TlsConfig | None = None
     #: Extra FUSE options for the read-only mount (e.g. ``allow_other``).
     mount_options: Sequence[str] = field(default_factory=tuple)
     write_pid_file: bool = True
@@ -164,7 +168,7 @@ class ReplicaNode:
     ) -> None:
         """Serve until cancelled; ``started`` with this node once it listens."""
         cfg = self.cfg
-        check_listen_policy(cfg.host, cfg.secret, cfg.insecure)
+        check_listen_policy(cfg.host, cfg.secret, cfg.insecure, tls=cfg.tls is not None)
         if cfg.mountpoint:
             from mirrorfs.fuse.mount import MountError, check_mountpoint
 
@@ -235,9 +239,21 @@ class ReplicaNode:
         try:
             with self._listen_scope:
                 assert self.receiver is not None
-                await trio.serve_listeners(self.receiver.serve, listeners, task_status=task_status)
+                await trio.serve_listeners(self._serve_one, listeners, task_status=task_status)
         finally:
             self._listening_done.set()
+
+    async def _serve_one(self, stream: trio.SocketStream) -> None:
+        """One accepted connection: its TLS handshake (or the plain-TCP check), then the
+        receiver; a peer refused there never reaches the receiver."""
+        address = peer_address(stream)
+        served = await accept(stream, self.cfg.tls, timeout=self._handshake_timeout())
+        if served is not None:
+            assert self.receiver is not None
+            await self.receiver.serve(served, address)
+
+    def _handshake_timeout(self) -> float:
+        return self.receiver.handshake_timeout if self.receiver is not None else 10.0
 
     def _close_volume(self) -> None:
         vol = self.receiver.volume if self.receiver is not None else None
@@ -334,6 +350,7 @@ class ReplicaNode:
     def status(self) -> dict[str, Any]:
         out: dict[str, Any] = {"role": "target", "volume_dir": self.path}
         out["listen"] = f"{self.cfg.host or '*'}:{self.port}"
+        out["tls"] = self.cfg.tls is not None
         if self.receiver is not None:
             out.update(self.receiver.status())
         out["mountpoint"] = self.cfg.mountpoint or ""

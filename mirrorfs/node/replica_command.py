@@ -32,10 +32,13 @@ def cmd_replica(args: Any) -> int:
 
 def _replica_config(args: Any) -> ReplicaConfig:
     from mirrorfs.repl.auth import load_secret
+    from mirrorfs.repl.tls import load_tls, tls_from_args
 
     host, port = args.listen
     secret = load_secret(args.secret_file) if args.secret_file else None
-    check_listen_policy(host, secret, args.insecure)
+    files = tls_from_args(args)
+    tls = load_tls(files) if files is not None else None
+    check_listen_policy(host, secret, args.insecure, tls=tls is not None)
     return ReplicaConfig(
         volume_dir=os.path.abspath(args.dir),
         host=host,
@@ -44,6 +47,7 @@ def _replica_config(args: Any) -> ReplicaConfig:
         secret=secret,
         secret_file=os.path.abspath(args.secret_file) if args.secret_file else None,
         insecure=args.insecure,
+        tls=tls,
         mount_options=tuple(args.options),
     )
 
@@ -62,6 +66,8 @@ def _replica_detached(args: Any) -> int:
         extra += ["--secret-file", os.path.abspath(args.secret_file)]
     if args.insecure:
         extra.append("--insecure")
+    if cfg.tls is not None:
+        extra += cfg.tls.files.argv()
     if getattr(args, "debug", False):
         extra.append("--debug")
     argv = ["replica", volume_dir, "--listen", format_address(host, port), *extra]

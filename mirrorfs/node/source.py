@@ -24,6 +24,7 @@ from mirrorfs.repl.address import parse_address
 from mirrorfs.repl.auth import PeerPolicyError, check_peer_policy
 from mirrorfs.repl.lag import install_retention
 from mirrorfs.repl.shipper import Shipper
+from mirrorfs.repl.tls import TlsConfig, connector
 from mirrorfs.repl.verify import VerifyError, verify_target
 from mirrorfs.store.volume import Volume
 
@@ -42,6 +43,9 @@ class SourceConfig:
     force: bool = False
     #: Ship to non-loopback targets without a secret (``mount --insecure``).
     insecure: bool = False
+    #: TLS for every target (``--tls-cert/--tls-key/--tls-ca``; also passed on to the
+    #: replica daemon a switchover starts).
+    tls: TlsConfig | None = None
 
 
 class SourceNode:
@@ -113,7 +117,9 @@ class SourceNode:
         if address in self.shippers:
             raise ControlError(f"already mirroring to {address[0]}:{address[1]}")
         try:
-            check_peer_policy(*address, self.cfg.secret, self.cfg.insecure)
+            check_peer_policy(
+                *address, self.cfg.secret, self.cfg.insecure, tls=self.cfg.tls is not None
+            )
         except PeerPolicyError as exc:
             raise ControlError(str(exc)) from None
         assert self._nursery is not None
@@ -124,6 +130,7 @@ class SourceNode:
             node_id=self.volume.state.node_id,
             window_bytes=self.cfg.window_bytes,
             max_log_bytes=self.cfg.max_log_bytes,
+            connect=connector(address, self.cfg.tls),
         )
         scope = trio.CancelScope()
         self.shippers[address] = shipper
@@ -161,6 +168,7 @@ class SourceNode:
             "read_only": bool(vol.failed),
             "failed": vol.failed or "",
             "fenced": vol.condition.fenced,
+            "tls": self.cfg.tls is not None,
             "pid": os.getpid(),
             "targets": [s.status() for s in self.shippers.values()],
         }

@@ -181,6 +181,8 @@ async def switch_source(node: Any, req: SwitchoverRequest) -> dict[str, Any]:
         argv += ["--mount", req.mountpoint]
     if node.cfg.secret_file:
         argv += ["--secret-file", node.cfg.secret_file]
+    if node.cfg.tls is not None:
+        argv += node.cfg.tls.files.argv()
     helper = spawn(vol.path, argv)
     log.warning(
         "switchover to %s done: seq %d, epoch %d from seq %d; writes held %.3f s",
@@ -243,4 +245,6 @@ def successor_argv(volume_dir: str, report: dict[str, Any], cfg: Any) -> list[st
         argv += ["-o", opt]
     if cfg.secret_file:
         argv += ["--secret-file", cfg.secret_file]
+    if cfg.tls is not None:
+        argv += cfg.tls.files.argv()
     return argv

@@ -82,6 +82,9 @@ class MountArgs:
     mirrors: list[str] = field(default_factory=list)
     secret_file: str | None = None
     insecure: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
     max_log: int | None = None
     force: bool = False
     debug: bool = False
@@ -101,6 +104,13 @@ def _passthrough_mount_args(args: Any) -> list[str]:
         extra += ["--secret-file", os.path.abspath(args.secret_file)]
     if args.insecure:
         extra.append("--insecure")
+    for option, path in (
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+        ("--tls-ca", args.tls_ca),
+    ):
+        if path:
+            extra += [option, os.path.abspath(path)]
     if args.max_log:
         extra += ["--max-log", str(args.max_log)]
     if args.force:
@@ -114,13 +124,30 @@ def cmd_mount(args: Any) -> int:
     """``mirrorfs mount DIR MNT``: returns once mounted (``--foreground``: at unmount)."""
     if args.read_only and args.mirrors:
         raise CliError("a read-only mount ships nothing: --mirror needs a read-write mount")
-    check_mirrors(args.mirrors, secret_given=bool(args.secret_file), insecure=args.insecure)
+    tls = check_tls(args)
+    check_mirrors(
+        args.mirrors, secret_given=bool(args.secret_file), insecure=args.insecure, tls=tls
+    )
     if args.foreground:
         return _mount_foreground(args)
     return _mount_detached(args)
 
 
-def check_mirrors(mirrors: list[str], *, secret_given: bool, insecure: bool) -> None:
+def check_tls(args: Any) -> bool:
+    """Whether TLS options are given; the files are checked here, before anything starts
+    (one-line TlsError), and loaded again by the child that uses them."""
+    from mirrorfs.repl.tls import load_tls, tls_from_args
+
+    files = tls_from_args(args)
+    if files is None:
+        return False
+    load_tls(files)
+    return True
+
+
+def check_mirrors(
+    mirrors: list[str], *, secret_given: bool, insecure: bool, tls: bool = False
+) -> None:
     """Refuse unauthenticated targets off this machine before anything is started (the
     child loads and checks the secret itself; here only whether one is given matters)."""
     from mirrorfs.repl.address import parse_address
@@ -128,7 +155,7 @@ def check_mirrors(mirrors: list[str], *, secret_given: bool, insecure: bool) -> 
 
     for address in mirrors:
         host, port = parse_address(address)
-        check_peer_policy(host, port, b"given" if secret_given else None, insecure)
+        check_peer_policy(host, port, b"given" if secret_given else None, insecure, tls=tls)
 
 
 def _mount_detached(args: Any) -> int:
@@ -165,7 +192,9 @@ def _source_service(args: Any):
     from mirrorfs.node.source import SourceConfig, SourceNode
     from mirrorfs.repl.address import parse_address
     from mirrorfs.repl.auth import load_secret
+    from mirrorfs.repl.tls import load_tls, tls_from_args
 
+    files = tls_from_args(args)
     cfg = SourceConfig(
         mirrors=[parse_address(a) for a in args.mirrors],
         secret=load_secret(args.secret_file) if args.secret_file else None,
@@ -173,6 +202,7 @@ def _source_service(args: Any):
         max_log_bytes=args.max_log,
         force=args.force,
         insecure=args.insecure,
+        tls=load_tls(files) if files is not None else None,
     )
 
     def make(volume, mountpoint):

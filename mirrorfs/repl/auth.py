@@ -17,8 +17,9 @@ bytes; a side with a secret refuses it, and a side without one refuses a real pr
 configuration where only one side has a secret fails the handshake with a clear reason.
 
 What this does not give: confidentiality or integrity of the frames after the handshake (a
-man in the middle could hijack the authenticated stream). Use TLS or a private network for
-that.
+man in the middle could hijack the authenticated stream). TLS (``--tls-cert``, ``--tls-key``,
+``--tls-ca``: mirrorfs.repl.tls) gives both; the proof then runs inside it. For the loopback
+rules below, TLS counts as authentication (its certificates are verified both ways).
 """
 
 from __future__ import annotations
@@ -185,14 +186,17 @@ def is_loopback(host: str) -> bool:
     return addr.is_loopback
 
 
-def check_listen_policy(host: str, secret: bytes | None, insecure: bool) -> None:
+def check_listen_policy(
+    host: str, secret: bytes | None, insecure: bool, *, tls: bool = False
+) -> None:
     """Refuse to listen on a reachable address without authentication.
 
-    Without a secret, only loopback addresses are allowed, unless ``insecure`` says the
-    operator wants it anyway (then a warning is logged). An empty host or 0.0.0.0 / :: means
-    every interface and is not loopback.
+    Without a secret or TLS (``tls``: mutual certificate verification, mirrorfs.repl.tls),
+    only loopback addresses are allowed, unless ``insecure`` says the operator wants it
+    anyway (then a warning is logged). An empty host or 0.0.0.0 / :: means every interface
+    and is not loopback.
     """
-    if secret is not None or is_loopback(host):
+    if secret is not None or tls or is_loopback(host):
         return
     where = host or "all interfaces"
     if insecure:
@@ -204,10 +208,13 @@ def check_listen_policy(host: str, secret: bytes | None, insecure: bool) -> None
     )
 
 
-def check_peer_policy(host: str, port: int, secret: bytes | None, insecure: bool) -> None:
+def check_peer_policy(
+    host: str, port: int, secret: bytes | None, insecure: bool, *, tls: bool = False
+) -> None:
     """Refuse to ship a volume to a reachable address without authentication: the same
-    rule as ``check_listen_policy``, on the source's side, checked before any connection."""
-    if secret is not None or is_loopback(host):
+    rule as ``check_listen_policy`` (a secret or TLS), on the source's side, checked before
+    any connection."""
+    if secret is not None or tls or is_loopback(host):
         return
     where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if insecure:
