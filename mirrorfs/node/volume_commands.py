@@ -291,6 +291,8 @@ def cmd_fsck(args: Any) -> int:
     volume = Volume.open(path, read_only=not args.repair, repair_log=args.repair)
     try:
         # With repair, fsck commits its fixes and checks again: ``clean`` is the final state.
+        if volume.recovery.replayed or volume.recovery.log_note:
+            print(f"log: {volume.recovery.describe()}")
         report = fsck.check(volume, repair=args.repair)
         lines = report.describe()
         print(lines if isinstance(lines, str) else "\n".join(lines))

@@ -7,6 +7,10 @@ trailer on a non-last segment is corruption: ``CorruptRecord`` unless ``repair=T
 which cuts the log there. Segments of a lower generation are leftovers of an interrupted
 ``reset`` and are deleted. What was done goes into the ``RecoveryReport``
 (``SamLog.recovery_report``).
+
+``look_only`` (a check that must not write, ``fsck`` without ``--repair``) validates the
+same way but changes no file: a torn tail is left in place and only not read, superseded
+segments and leftovers are only skipped, and corruption raises as without ``repair``.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class LogRecovery:
         self.report = report
         self.generation = 1
         self.epoch = 0  # epoch of the last record seen, for later SEAL headers
+        self.look_only = False
 
     def _read_header(self, name: str) -> SegmentHeader:
         with open(self.directory / name, "rb") as f:
@@ -62,11 +67,13 @@ class LogRecovery:
             raise record.corrupt("first seq does not match the file name", name, 0, hdr.first_seq)
         return hdr
 
-    def run(self, repair: bool) -> list[_Segment]:
+    def run(self, repair: bool, *, look_only: bool = False) -> list[_Segment]:
         """Validate the log, recover from a crash; the segments kept, oldest first."""
         if not self.directory.is_dir():
             raise LogError(f"no SAM log at {self.directory}")
-        leftovers = list(self.directory.glob("*.seg.tmp"))
+        self.look_only = self.report.look_only = look_only
+        repair = repair and not look_only
+        leftovers = [] if look_only else list(self.directory.glob("*.seg.tmp"))
         for leftover in leftovers:
             leftover.unlink()  # an interrupted segment creation, never used
         names = sorted(n for n in os.listdir(self.directory) if _NAME_RE.match(n))
@@ -82,7 +89,8 @@ class LogRecovery:
         self.generation = max(gens, default=1)
         for name, hdr in list(entries):
             if isinstance(hdr, SegmentHeader) and hdr.generation < self.generation:
-                os.unlink(self.directory / name)
+                if not look_only:
+                    os.unlink(self.directory / name)
                 self.report.superseded_segments.append(name)
                 entries.remove((name, hdr))
         kept: list[_Segment] = []
@@ -130,7 +138,8 @@ class LogRecovery:
             return True
         after, after_txns = _count_valid(path, scan.end + 1) if scan.error else (0, 0)
         if scan.error and scan.torn_candidate and is_last and after == 0:
-            _truncate(path, scan.end)
+            if not self.look_only:
+                _truncate(path, scan.end)
             r = self.report
             r.torn_bytes, r.segment, r.offset = size - scan.end, name, scan.end
             kept.append(seg)

@@ -97,14 +97,18 @@ class SamLog:
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
         repair: bool = False,
         compress: bool = True,
+        look_only: bool = False,
     ) -> SamLog:
-        """Open the log, validate it and recover from a crash (see the module docstring)."""
+        """Open the log, validate it and recover from a crash (see the module docstring).
+
+        ``look_only``: validate without changing any file (a torn tail is only not read);
+        such a log can be scanned, not appended to."""
         self = cls(Path(directory), volume_uuid, block_size)
         self.segment_bytes, self.compress = segment_bytes, compress
         recovery = LogRecovery(self.directory, volume_uuid, block_size, self.recovery_report)
-        self._segments = recovery.run(repair)
+        self._segments = recovery.run(repair, look_only=look_only)
         self._generation, self._epoch = recovery.generation, recovery.epoch
-        if not self._segments[-1].sealed:
+        if not self._segments[-1].sealed and not look_only:
             self._fd = os.open(self.directory / self._segments[-1].name, os.O_RDWR)
         report = self.recovery_report
         report.segments, report.last_seq = len(self._segments), self.last_seq

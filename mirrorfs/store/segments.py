@@ -50,6 +50,7 @@ class RecoveryReport:
     superseded_segments: list[str] = field(default_factory=list)  # by an interrupted reset
     resealed_segments: list[str] = field(default_factory=list)
     reason: str = ""
+    look_only: bool = False  # found, not done: the files were left as they are
 
     @property
     def changed(self) -> bool:
@@ -64,8 +65,9 @@ class RecoveryReport:
             return "clean"
         parts = []
         if self.torn_bytes:
+            verb = "found (and left)" if self.look_only else "dropped"
             parts.append(
-                f"dropped a torn tail of {self.torn_bytes} bytes at offset {self.offset} "
+                f"{verb} a torn tail of {self.torn_bytes} bytes at offset {self.offset} "
                 f"of segment {self.segment}"
             )
         if self.repaired:
@@ -77,7 +79,8 @@ class RecoveryReport:
         if self.resealed_segments:
             parts.append(f"resealed {', '.join(self.resealed_segments)}")
         if self.superseded_segments:
-            parts.append(f"removed {len(self.superseded_segments)} segment(s) left by a reset")
+            verb = "skipped" if self.look_only else "removed"
+            parts.append(f"{verb} {len(self.superseded_segments)} segment(s) left by a reset")
         return "; ".join(parts) + f"; last good seq {self.last_seq}"
 
 

@@ -75,13 +75,16 @@ class ReplayReport:
     first_seq: int = 0
     last_seq: int = 0
     log_note: str = ""
+    in_memory: bool = False  # a read-only open: replayed for reads, the block file untouched
 
     def describe(self) -> str:
         """One line for humans; "clean" when nothing was done."""
         parts = []
         if self.replayed:
+            where = " in memory (read-only)" if self.in_memory else ""
             parts.append(
                 f"replayed {self.replayed} transaction(s) seq {self.first_seq}..{self.last_seq}"
+                f"{where}"
             )
         if self.log_note:
             parts.append(self.log_note)
@@ -254,15 +257,21 @@ class Volume(VolumeCore):
         state = NodeState.load(path)
         vuuid = bytes.fromhex(state.volume_uuid)
         bs = state.block_size
+        # Read-only (a check that must not write): the log is validated without being
+        # changed, and the replay below goes to memory, not to the block file.
         samlog = SamLog.open(
-            os.path.join(path, LOG_DIR), volume_uuid=vuuid, block_size=bs, repair=repair_log
+            os.path.join(path, LOG_DIR),
+            volume_uuid=vuuid,
+            block_size=bs,
+            repair=repair_log and not read_only,
+            look_only=read_only,
         )
         block_file = os.path.join(path, BLOCK_FILE)
         size = os.path.getsize(block_file) if os.path.exists(block_file) else -1
         if size <= 0 or size % bs:
             samlog.close()
             raise VolumeError(f"{block_file}: missing or has a bad size")
-        device = BlockFile(block_file, bs, size // bs)
+        device = BlockFile(block_file, bs, size // bs, read_only=read_only)
         vol = cls(
             path, read_only=read_only, state=state, samlog=samlog, device=device, lock_fd=lock_fd
         )
@@ -272,10 +281,17 @@ class Volume(VolumeCore):
         if fresh is not None:
             vol.sb = fresh
             return vol
+        if state.resync and read_only:
+            vol.close()
+            raise VolumeError(
+                f"{path}: a resync group was being applied when the node stopped; it is "
+                "finished at the next read-write open (mount, or fsck --repair)"
+            )
         if state.resync:
             vol.applier.redo_resync()  # a resync group was being applied: finish it first
         else:
-            remove_stages(path)  # a resync that never reached its group: discarded
+            if not read_only:
+                remove_stages(path)  # a resync that never reached its group: discarded
             vol._replay()
         vol.sb = VolumeSuper.unpack(device.read(0, 1), block_file)
         if vol.sb.uuid != vuuid or vol.sb.block_size != bs:
@@ -293,13 +309,17 @@ class Volume(VolumeCore):
         if self.samlog.last_seq < start:
             return
         rep = self.recovery
+        rep.in_memory = self.read_only
         for txn in self.samlog.scan(start):
-            self.write_in_place(txn.runs)
+            if self.read_only:
+                self.defer_in_place(txn.seq, txn.runs)  # seen by reads, never written
+            else:
+                self.write_in_place(txn.runs)
             if not rep.replayed:
                 rep.first_seq = txn.seq
             rep.replayed += 1
             rep.last_seq = txn.seq
-        if rep.replayed:
+        if rep.replayed and not self.read_only:
             self.device.sync()
             self.state.checkpointed_seq = rep.last_seq
             self.state.save(self.path)
@@ -325,7 +345,7 @@ class Volume(VolumeCore):
         if self._lock_fd < 0:
             return
         try:
-            if not self.failed:
+            if not self.failed and not self.read_only:
                 self.commit()  # drains sealed transactions first
                 self.checkpoint()
         finally:
