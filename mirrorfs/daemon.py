@@ -103,7 +103,12 @@ def run_detached(argv: list[str], log_path: str, what: str) -> int:
     finally:
         os.close(write_fd)
     with os.fdopen(read_fd, "rb") as pipe:
-        message = pipe.read().decode(errors="replace").strip()
+        lines = pipe.read().decode(errors="replace").strip().splitlines()
+    # What the daemon warned of while it started (a log recovery, a weak secret) is the
+    # user's to see, not only the log file's.
+    while lines and lines[0].startswith("warning: "):
+        print(f"{PROG}: {lines.pop(0)}", file=sys.stderr)
+    message = lines[0].strip() if lines else ""
     if message == "ok":
         return 0
     if message.startswith("error: "):
@@ -119,18 +124,36 @@ def setup_daemon_logging(volume_dir: str, *, debug: bool, ready_fd: int | None) 
     setup_logging(debug, log_file=log_file, stderr=ready_fd is None, level=logging.INFO)
 
 
+class _StartupWarnings(logging.Handler):
+    """The WARNING lines of a daemon's start (before it reports ready), one line each."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if len(self.lines) < 10:
+            self.lines.append(" ".join(record.getMessage().split()))
+
+
 def run_foreground(
     what: str, ready_fd: int | None, serve: Callable[[Callable[[], None]], object]
 ) -> int:
     """Run ``serve(on_ready)`` until it returns, telling the ready pipe ``ready_fd`` (if any)
     "ok" when ``on_ready`` is called, or the one-line error that came first."""
     pending = ready_fd
+    startup = _StartupWarnings() if ready_fd is not None else None
+    if startup is not None:
+        logging.getLogger().addHandler(startup)
 
     def report(message: str) -> None:
         nonlocal pending
+        if startup is not None:
+            logging.getLogger().removeHandler(startup)
         if pending is not None:
+            lines = [f"warning: {w}" for w in (startup.lines if startup else [])]
             try:
-                os.write(pending, message.encode() + b"\n")
+                os.write(pending, "\n".join([*lines, message]).encode() + b"\n")
                 os.close(pending)
             except OSError:
                 pass  # the parent is gone: nobody to tell

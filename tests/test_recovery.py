@@ -85,6 +85,10 @@ def test_torn_tail_after_crash_is_dropped(tmp_path):
     m = mount(vol, mnt)
     try:
         assert {"f0", "f1", "f2"} <= set(os.listdir(mnt))
+        # Said to the user, not only to the log file (it once mounted without a word).
+        warned = [line for line in m.stderr.splitlines() if line.startswith("mirrorfs: warning:")]
+        assert len(warned) == 1 and "dropped a torn tail of" in warned[0], m.stderr
+        assert "replayed" in warned[0]
     finally:
         cleanup(m)
     with open(os.path.join(vol, "mirrorfs.log")) as f:

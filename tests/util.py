@@ -168,6 +168,7 @@ class Mount:
     volume: str
     mountpoint: str
     popen: subprocess.Popen | None = None  # set for --foreground children
+    stderr: str = ""  # what ``mirrorfs mount`` printed (its start-up warnings)
 
     def alive(self) -> bool:
         if self.popen is not None:
@@ -197,7 +198,7 @@ def mount(
         with open(os.path.join(volume, "mount.pid")) as f:
             pid = int(f.read())
         assert is_mounted(mountpoint), f"{mountpoint} not in /proc/mounts after mount"
-        return Mount(pid, volume, mountpoint)
+        return Mount(pid, volume, mountpoint, stderr=proc.stderr)
 
     # stderr to a file, not a pipe: nobody reads it while the mount runs, and a full pipe
     # would block the mount process.

@@ -112,8 +112,8 @@ class SamLog:
             self._fd = os.open(self.directory / self._segments[-1].name, os.O_RDWR)
         report = self.recovery_report
         report.segments, report.last_seq = len(self._segments), self.last_seq
-        if report.changed:
-            log.warning("SAM log %s: %s", self.directory, report.describe())
+        if report.changed:  # (Volume.open warns of it, with what it replayed)
+            log.info("SAM log %s: %s", self.directory, report.describe())
         return self
 
     # ------------------------------------------------------------------ properties
