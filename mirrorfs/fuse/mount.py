@@ -44,6 +44,7 @@ import pyfuse3
 import trio
 
 from mirrorfs.fs.filesystem import Filesystem
+from mirrorfs.fuse.bdi import raise_readahead
 from mirrorfs.fuse.invalidate import KernelInvalidator
 from mirrorfs.fuse.lifecycle import PidFile, watch_signals
 from mirrorfs.fuse.operations import DEFAULT_COMMIT_BOUND, Operations
@@ -204,6 +205,8 @@ class FuseSession:
         except OSError as exc:
             raise MountError(f"{mountpoint} does not answer: {exc.strerror}") from None
         log.info("mounted at %s (dev %d:%d)", mountpoint, os.major(st.st_dev), os.minor(st.st_dev))
+        # Before anyone opens a file: a file's readahead window is fixed when it is opened.
+        raise_readahead(st.st_dev)
         if self.invalidator is not None:
             # Not before: the kernel takes no invalidation before it has sent INIT.
             nursery.start_soon(self.invalidator.run, name="invalidator")
