@@ -48,7 +48,11 @@ class Attr:
 
 @dataclass(slots=True)
 class SetAttr:
-    """Fields to change; None leaves a field as it is. ctime is set to now by the filesystem."""
+    """Fields to change; None leaves a field as it is.
+
+    ``ctime_ns`` None: the filesystem sets ctime to now; given: the caller's (the kernel's
+    writeback cache keeps ctime itself and sends it).
+    """
 
     mode: int | None = None
     uid: int | None = None
@@ -56,6 +60,7 @@ class SetAttr:
     size: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
+    ctime_ns: int | None = None
 
 
 @dataclass(slots=True)

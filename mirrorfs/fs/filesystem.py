@@ -260,7 +260,7 @@ class Filesystem(NamespaceOps):
         return self._attr(self._get(ino))
 
     def setattr(self, ino: int, changes: SetAttr) -> Attr:
-        """chmod, chown, truncate, utimes in one call; ctime becomes now."""
+        """chmod, chown, truncate, utimes in one call; ctime becomes now (or the one given)."""
         self._writable()
         inode = self._get(ino)
         now = self._now()
@@ -296,7 +296,7 @@ class Filesystem(NamespaceOps):
             inode.atime_ns = clamp_time(changes.atime_ns)
         if changes.mtime_ns is not None:
             inode.mtime_ns = clamp_time(changes.mtime_ns)
-        inode.ctime_ns = now
+        inode.ctime_ns = now if changes.ctime_ns is None else clamp_time(changes.ctime_ns)
         self.inodes.put(inode)
         return self._attr(inode)
 

@@ -59,6 +59,9 @@ SUBTYPE = "mirrorfs"
 #: How long the mount may take to answer its first stat before it is declared failed.
 READY_TIMEOUT = 30.0
 
+#: ``-o`` options that mirrorfs takes itself rather than passing them to libfuse.
+WRITEBACK_OPTION = "writeback_cache"
+
 #: A trio task function taking ``task_status`` (started with ``nursery.start``).
 Service = Callable[..., Awaitable[None]]
 
@@ -78,6 +81,10 @@ class MountConfig:
     options: Sequence[str] = field(default_factory=tuple)
     commit_interval: float = 0.5
     commit_bound: int = DEFAULT_COMMIT_BOUND
+    #: The kernel's writeback cache (also ``-o writeback_cache``): small writes coalesce in
+    #: the page cache, but EFBIG and ENOSPC then come at fsync/close, not at write
+    #: (fuse/operations.py). Never on a read-only mount.
+    writeback_cache: bool = False
     write_pid_file: bool = True
     #: Services started next to the FUSE session of a read-write mount (the node layer
     #: passes the source's replication here): each is called with the volume and the
@@ -95,9 +102,18 @@ def fuse_options(volume_dir: str, extra: Sequence[str] = (), *, read_only: bool)
     for opt in extra:
         opts.update(o.strip() for o in opt.split(",") if o.strip())
     opts.discard("rw")
+    opts.discard(WRITEBACK_OPTION)  # ours (MountConfig.writeback_cache), unknown to libfuse
     if read_only:
         opts.add("ro")
     return opts
+
+
+def wants_writeback(cfg: MountConfig) -> bool:
+    """Whether the mount of ``cfg`` uses the kernel's writeback cache."""
+    asked = cfg.writeback_cache or any(
+        o.strip() == WRITEBACK_OPTION for opt in cfg.options for o in opt.split(",")
+    )
+    return asked and not cfg.read_only
 
 
 def check_mountpoint(mountpoint: str) -> str:
@@ -244,7 +260,13 @@ async def _run(cfg: MountConfig, on_ready: Callable[[], None] | None) -> None:
 
         fs = Filesystem(volume, read_only=cfg.read_only)
         stack.callback(fs.close)
-        ops = Operations(fs, volume, read_only=cfg.read_only, commit_bound=cfg.commit_bound)
+        ops = Operations(
+            fs,
+            volume,
+            read_only=cfg.read_only,
+            commit_bound=cfg.commit_bound,
+            writeback_cache=wants_writeback(cfg),
+        )
         stack.callback(_final_commit, ops, volume)
 
         session = stack.enter_context(FuseSession(ops, mountpoint, options))
