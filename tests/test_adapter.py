@@ -246,6 +246,13 @@ async def test_adapter_writeback_takes_the_kernels_offsets_and_ctime(tmp_path):
         )
         got = await ops.setattr(attr.st_ino, new, fields, fi.fh, CTX)
         assert (got.st_mtime_ns, got.st_ctime_ns) == (1_000_000_000_123, 2_000_000_000_456)
+        # truncate(2) to the same size: the kernel sends no times and keeps its own, so the
+        # filesystem keeps them too (its stat must agree with the kernel's after eviction).
+        new.st_size = 8195
+        fields.update_mtime = fields.update_ctime = False
+        fields.update_size = True
+        got = await ops.setattr(attr.st_ino, new, fields, fi.fh, CTX)
+        assert (got.st_mtime_ns, got.st_ctime_ns) == (1_000_000_000_123, 2_000_000_000_456)
         await ops.release(fi.fh)
     finally:
         fs.close()

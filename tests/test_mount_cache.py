@@ -19,7 +19,17 @@ from types import SimpleNamespace
 import pytest
 
 from mirrorfs.fuse.bdi import READAHEAD_KB, bdi_path
-from tests.util import cleanup, fsck, mkfs, mount, mounted, mounts_fuse, needs_fuse, umount
+from tests.util import (
+    cleanup,
+    fsck,
+    mkfs,
+    mount,
+    mounted,
+    mounts_fuse,
+    needs_fuse,
+    umount,
+    wait_for,
+)
 
 MiB = 1 << 20
 WRITEBACK = ("-o", "writeback_cache")
@@ -249,6 +259,8 @@ def test_enospc_on_a_full_volume(tmp_path, args):
         assert err is not None and err.errno == errno.ENOSPC, err
         # The mount stays writable where there is room.
         os.unlink(p)
+        # The blocks come back once the kernel forgets the inode (release, forget).
+        wait_for(lambda: os.statvfs(mnt).f_bavail > 100, 10, "space to come back")
         with open(os.path.join(mnt, "after"), "wb") as f:
             f.write(chunk)
             os.fsync(f.fileno())

@@ -51,7 +51,9 @@ class SetAttr:
     """Fields to change; None leaves a field as it is.
 
     ``ctime_ns`` None: the filesystem sets ctime to now; given: the caller's (the kernel's
-    writeback cache keeps ctime itself and sends it).
+    writeback cache keeps ctime itself and sends it). ``caller_times``: the caller owns
+    mtime and ctime of a regular file (the writeback cache): the filesystem changes them
+    only to the values given, never to now, so that they stay what the kernel shows.
     """
 
     mode: int | None = None
@@ -61,6 +63,7 @@ class SetAttr:
     atime_ns: int | None = None
     mtime_ns: int | None = None
     ctime_ns: int | None = None
+    caller_times: bool = False
 
 
 @dataclass(slots=True)
