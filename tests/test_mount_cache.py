@@ -274,19 +274,30 @@ def test_enospc_on_a_full_volume(tmp_path, args):
 
 
 def _model_run(rw, seed: int, seconds: float, remounts: int) -> None:
-    """Random writes, truncates, reads, fsyncs and remounts against a bytearray model."""
+    """Random writes (buffered and O_DIRECT), truncates, reads, fsyncs and remounts against
+    a bytearray model; the reads go through the buffered handle, so they see the page cache."""
     rnd = random.Random(seed)
     p = os.path.join(rw.mnt, f"model-{seed}")
     model = bytearray()
     fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    dfd = os.open(p, os.O_RDWR | os.O_DIRECT)
     deadline = time.monotonic() + seconds
     remount_every = max(seconds / (remounts + 1), 0.5)
     next_remount = time.monotonic() + remount_every
     log: list[str] = []
     try:
         while time.monotonic() < deadline:
-            op = rnd.choices(["write", "truncate", "read", "fsync"], [50, 10, 30, 5])[0]
-            if op == "write":
+            op = rnd.choices(["write", "direct", "truncate", "read", "fsync"], [40, 10, 10, 30, 5])
+            op = op[0]
+            if op == "direct":
+                off = 4096 * rnd.randrange(0, len(model) // 4096 + 64)
+                data = rnd.randbytes(4096 * rnd.choice([1, 3, 16]))
+                assert os.pwritev(dfd, [_aligned(data)], off) == len(data)
+                if off > len(model):
+                    model.extend(bytes(off - len(model)))
+                model[off : off + len(data)] = data
+                log.append(f"direct {off} {len(data)}")
+            elif op == "write":
                 off = rnd.randrange(0, max(len(model), 1) + rnd.choice([1, 4096, 3 * MiB]))
                 data = rnd.randbytes(rnd.choice([1, 17, 4096, 5000, 65536, 300_000]))
                 assert os.pwrite(fd, data, off) == len(data)
@@ -313,14 +324,17 @@ def _model_run(rw, seed: int, seconds: float, remounts: int) -> None:
             assert os.fstat(fd).st_size == len(model), (seed, log[-20:])
             if time.monotonic() >= next_remount:
                 os.close(fd)
-                fd = -1
+                os.close(dfd)
+                fd = dfd = -1
                 _remount(rw)
                 log.append("remount")
                 fd = os.open(p, os.O_RDWR)
+                dfd = os.open(p, os.O_RDWR | os.O_DIRECT)
                 next_remount = time.monotonic() + remount_every
     finally:
-        if fd >= 0:
-            os.close(fd)
+        for f in (fd, dfd):
+            if f >= 0:
+                os.close(f)
     _remount(rw)
     with open(p, "rb") as f:
         assert f.read() == bytes(model), (seed, log[-20:])

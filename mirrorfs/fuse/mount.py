@@ -269,7 +269,9 @@ async def _run(cfg: MountConfig, on_ready: Callable[[], None] | None) -> None:
         )
         stack.callback(_final_commit, ops, volume)
 
-        session = stack.enter_context(FuseSession(ops, mountpoint, options))
+        session = stack.enter_context(
+            FuseSession(ops, mountpoint, options, invalidator=ops.invalidator)
+        )
         services: list[Service] = [functools.partial(watch_signals, _terminate)]
         if not cfg.read_only:
             services += _commit_services(ops, volume, cfg.commit_interval)

@@ -35,11 +35,11 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
-import trio
 
 from mirrorfs.fs.filesystem import MAX_FILE_SIZE, Attr, Filesystem, FsError, SetAttr
 from mirrorfs.fuse.gate import WriteGate
-from mirrorfs.fuse.pagecache import DirectWriteCache, drop_pages
+from mirrorfs.fuse.invalidate import KernelInvalidator
+from mirrorfs.fuse.pagecache import DirectWriteCache
 from mirrorfs.store.committer import Committer
 from mirrorfs.store.errors import NoSpace, VolumeFailed
 
@@ -153,6 +153,9 @@ class Operations(pyfuse3.Operations):
         self._dir_handles: dict[int, int] = {}
         self._next_fh = 1
         self._direct_writes = DirectWriteCache()
+        #: Drops kernel pages that O_DIRECT writes made stale (fuse/pagecache.py); the mount
+        #: runs it (FuseSession's ``invalidator``). None on a read-only mount.
+        self.invalidator = None if read_only else KernelInvalidator()
 
     # -- state
 
@@ -382,10 +385,10 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.EFBIG)
             offset = off
         written = self.fs.write(handle.ino, offset, buf)
-        if handle.direct and self._direct_writes.needs_invalidation(handle.ino):
-            # Before the answer, outside the trio thread (fuse/pagecache.py).
-            ok = await trio.to_thread.run_sync(drop_pages, handle.ino)
-            self._direct_writes.invalidated(handle.ino, ok)
+        invalidator = self.invalidator
+        if handle.direct and invalidator and self._direct_writes.direct_write(handle.ino):
+            # From the invalidator's task, never awaited here (fuse/pagecache.py).
+            invalidator.add_inodes((handle.ino,))
         # Bound the memory of the open transaction and of those being persisted; the write
         # itself already succeeded, so a commit failure switches to failsafe (via _boundary)
         # and says EIO.
