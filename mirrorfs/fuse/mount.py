@@ -9,8 +9,10 @@
 
 Tasks in the session's nursery (one trio loop, one thread): ``pyfuse3.main`` (the request
 handlers), the caller's services, ``ready`` (reports the mount as live once a stat through
-it succeeds) and, on a mount whose volume changes underneath it, the kernel-cache
-invalidator (fuse/invalidate.py), started once the mount answers.
+it succeeds, after raising the mount's readahead to 1 MiB: fuse/bdi.py) and the kernel-cache
+invalidator (fuse/invalidate.py), started once the mount answers: on the replica for the
+blocks applied underneath it, on the read-write mount for pages an O_DIRECT write made
+stale (fuse/pagecache.py).
 
 The read-write mount sets itself up in one ``AsyncExitStack`` (S3QL's pattern), so whatever
 failed, the steps that did happen are undone in reverse order:
