@@ -22,6 +22,7 @@ from mirrorfs.fuse.bdi import READAHEAD_KB, bdi_path
 from tests.util import (
     cleanup,
     fsck,
+    kill_mount,
     mkfs,
     mount,
     mounted,
@@ -230,6 +231,40 @@ def test_truncate_while_dirty_pages_exist(rw, d):
     assert len(data) == 2 * MiB + 1
     assert data[: MiB + 5] == head
     assert data[MiB + 5 :] == bytes(MiB - 5) + b"z"
+
+
+# -- durability
+
+
+@pytest.mark.parametrize("args", [(), WRITEBACK], ids=["plain", "writeback"])
+def test_fsync_is_durable_through_the_cache(tmp_path, args):
+    """What fsync returned for survives a SIGKILL of the mount (with the writeback cache
+    the kernel writes the dirty pages back before it sends FSYNC)."""
+    vol, mnt = tmp_path / "vol", tmp_path / "mnt"
+    mnt.mkdir()
+    mkfs(vol, "64M")
+    data = os.urandom(3 * MiB + 123)
+    m = mount(vol, mnt, *args)
+    try:
+        p = os.path.join(mnt, "f")
+        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            for off in range(0, len(data), 4096):  # small writes: cached with writeback
+                os.pwrite(fd, data[off : off + 4096], off)
+            os.fsync(fd)
+            st = os.fstat(fd)
+        finally:
+            os.close(fd)
+        kill_mount(m)  # SIGKILL: nothing after the fsync is committed
+    finally:
+        cleanup(m)
+    with mounted(vol, mnt, *args):
+        again = os.stat(os.path.join(mnt, "f"))
+        assert (again.st_size, again.st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+        with open(os.path.join(mnt, "f"), "rb") as f:
+            assert f.read() == data
+    proc = fsck(vol)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 # -- a full volume
