@@ -215,3 +215,47 @@ async def test_adapter_readdir_counts_accepted_entries(monkeypatch):
     await ops.readdir(fh, 0, object())
     assert [n for n, _ in accepted] == [b".", b"..", b"f0", b"f1"]
     assert fs.refs == {10: 1, 11: 1}  # "." and ".." and the refused entry are not counted
+
+
+async def test_adapter_writeback_takes_the_kernels_offsets_and_ctime(tmp_path):
+    """With the writeback cache: O_APPEND writes land at the kernel's offset (its size may be
+    ahead of ours), and a SETATTR's ctime is kept rather than replaced by now."""
+    path = str(tmp_path / "vol")
+    Volume.create(path, 16 << 20)
+    vol = Volume.open(path)
+    Filesystem.format(vol, inode_count=64)
+    fs = Filesystem(vol)
+    ops = Operations(fs, vol, writeback_cache=True)
+    assert ops.enable_writeback_cache
+    assert not Operations(fs, vol, read_only=True, writeback_cache=True).enable_writeback_cache
+    try:
+        fi, attr = await ops.create(1, b"f", 0o100644, os.O_WRONLY | os.O_APPEND, CTX)
+        assert await ops.write(fi.fh, 8192, b"abc") == 3  # the kernel's EOF, not ours (0)
+        assert fs.read(attr.st_ino, 8192, 3) == b"abc"
+        assert fs.getattr(attr.st_ino).size == 8195
+        assert await fuse_errno(ops.write(fi.fh, MAX_FILE_SIZE, b"x")) == errno.EFBIG
+        new = pyfuse3.EntryAttributes()
+        new.st_mtime_ns = 1_000_000_000_123
+        new.st_ctime_ns = 2_000_000_000_456
+        fields = SimpleNamespace(
+            update_size=False,
+            update_mode=False,
+            update_uid=False,
+            update_gid=False,
+            update_atime=False,
+            update_mtime=True,
+            update_ctime=True,
+        )
+        got = await ops.setattr(attr.st_ino, new, fields, fi.fh, CTX)
+        assert (got.st_mtime_ns, got.st_ctime_ns) == (1_000_000_000_123, 2_000_000_000_456)
+        # truncate(2) to the same size: the kernel sends no times and keeps its own, so the
+        # filesystem keeps them too (its stat must agree with the kernel's after eviction).
+        new.st_size = 8195
+        fields.update_mtime = fields.update_ctime = False
+        fields.update_size = True
+        got = await ops.setattr(attr.st_ino, new, fields, fi.fh, CTX)
+        assert (got.st_mtime_ns, got.st_ctime_ns) == (1_000_000_000_123, 2_000_000_000_456)
+        await ops.release(fi.fh)
+    finally:
+        fs.close()
+        vol.close()

@@ -48,7 +48,13 @@ class Attr:
 
 @dataclass(slots=True)
 class SetAttr:
-    """Fields to change; None leaves a field as it is. ctime is set to now by the filesystem."""
+    """Fields to change; None leaves a field as it is.
+
+    ``ctime_ns`` None: the filesystem sets ctime to now; given: the caller's (the kernel's
+    writeback cache keeps ctime itself and sends it). ``caller_times``: the caller owns
+    mtime and ctime of a regular file (the writeback cache): the filesystem changes them
+    only to the values given, never to now, so that they stay what the kernel shows.
+    """
 
     mode: int | None = None
     uid: int | None = None
@@ -56,6 +62,8 @@ class SetAttr:
     size: int | None = None
     atime_ns: int | None = None
     mtime_ns: int | None = None
+    ctime_ns: int | None = None
+    caller_times: bool = False
 
 
 @dataclass(slots=True)

@@ -260,11 +260,13 @@ class Filesystem(NamespaceOps):
         return self._attr(self._get(ino))
 
     def setattr(self, ino: int, changes: SetAttr) -> Attr:
-        """chmod, chown, truncate, utimes in one call; ctime becomes now."""
+        """chmod, chown, truncate, utimes in one call; ctime becomes now (or the one given)."""
         self._writable()
         inode = self._get(ino)
         now = self._now()
         size = changes.size
+        # The writeback cache owns a regular file's times: only the ones it sends count.
+        own_times = not (changes.caller_times and stat.S_ISREG(inode.mode))
         if size is not None:
             if stat.S_ISDIR(inode.mode):
                 raise FsError(errno.EISDIR)
@@ -278,7 +280,8 @@ class Filesystem(NamespaceOps):
             if size != inode.size:
                 self.data.truncate(inode, size)
             # The truncate syscalls update mtime/ctime even when the size stays (Linux VFS).
-            inode.mtime_ns = now
+            if own_times:
+                inode.mtime_ns = now
         if changes.mode is not None:
             inode.mode = stat.S_IFMT(inode.mode) | (changes.mode & 0o7777)
         if changes.uid is not None or changes.gid is not None:
@@ -296,7 +299,10 @@ class Filesystem(NamespaceOps):
             inode.atime_ns = clamp_time(changes.atime_ns)
         if changes.mtime_ns is not None:
             inode.mtime_ns = clamp_time(changes.mtime_ns)
-        inode.ctime_ns = now
+        if changes.ctime_ns is not None:
+            inode.ctime_ns = clamp_time(changes.ctime_ns)
+        elif own_times:
+            inode.ctime_ns = now
         self.inodes.put(inode)
         return self._attr(inode)
 

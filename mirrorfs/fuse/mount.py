@@ -9,8 +9,10 @@
 
 Tasks in the session's nursery (one trio loop, one thread): ``pyfuse3.main`` (the request
 handlers), the caller's services, ``ready`` (reports the mount as live once a stat through
-it succeeds) and, on a mount whose volume changes underneath it, the kernel-cache
-invalidator (fuse/invalidate.py), started once the mount answers.
+it succeeds, after raising the mount's readahead to 1 MiB: fuse/bdi.py) and the kernel-cache
+invalidator (fuse/invalidate.py), started once the mount answers: on the replica for the
+blocks applied underneath it, on the read-write mount for pages an O_DIRECT write made
+stale (fuse/pagecache.py).
 
 The read-write mount sets itself up in one ``AsyncExitStack`` (S3QL's pattern), so whatever
 failed, the steps that did happen are undone in reverse order:
@@ -44,6 +46,7 @@ import pyfuse3
 import trio
 
 from mirrorfs.fs.filesystem import Filesystem
+from mirrorfs.fuse.bdi import raise_readahead
 from mirrorfs.fuse.invalidate import KernelInvalidator
 from mirrorfs.fuse.lifecycle import PidFile, watch_signals
 from mirrorfs.fuse.operations import DEFAULT_COMMIT_BOUND, Operations
@@ -57,6 +60,9 @@ FSNAME_PREFIX = "mirrorfs:"
 SUBTYPE = "mirrorfs"
 #: How long the mount may take to answer its first stat before it is declared failed.
 READY_TIMEOUT = 30.0
+
+#: ``-o`` options that mirrorfs takes itself rather than passing them to libfuse.
+WRITEBACK_OPTION = "writeback_cache"
 
 #: A trio task function taking ``task_status`` (started with ``nursery.start``).
 Service = Callable[..., Awaitable[None]]
@@ -77,6 +83,10 @@ class MountConfig:
     options: Sequence[str] = field(default_factory=tuple)
     commit_interval: float = 0.5
     commit_bound: int = DEFAULT_COMMIT_BOUND
+    #: The kernel's writeback cache (also ``-o writeback_cache``): small writes coalesce in
+    #: the page cache, but EFBIG and ENOSPC then come at fsync/close, not at write
+    #: (fuse/operations.py). Never on a read-only mount.
+    writeback_cache: bool = False
     write_pid_file: bool = True
     #: Services started next to the FUSE session of a read-write mount (the node layer
     #: passes the source's replication here): each is called with the volume and the
@@ -94,9 +104,18 @@ def fuse_options(volume_dir: str, extra: Sequence[str] = (), *, read_only: bool)
     for opt in extra:
         opts.update(o.strip() for o in opt.split(",") if o.strip())
     opts.discard("rw")
+    opts.discard(WRITEBACK_OPTION)  # ours (MountConfig.writeback_cache), unknown to libfuse
     if read_only:
         opts.add("ro")
     return opts
+
+
+def wants_writeback(cfg: MountConfig) -> bool:
+    """Whether the mount of ``cfg`` uses the kernel's writeback cache."""
+    asked = cfg.writeback_cache or any(
+        o.strip() == WRITEBACK_OPTION for opt in cfg.options for o in opt.split(",")
+    )
+    return asked and not cfg.read_only
 
 
 def check_mountpoint(mountpoint: str) -> str:
@@ -204,6 +223,8 @@ class FuseSession:
         except OSError as exc:
             raise MountError(f"{mountpoint} does not answer: {exc.strerror}") from None
         log.info("mounted at %s (dev %d:%d)", mountpoint, os.major(st.st_dev), os.minor(st.st_dev))
+        # Before anyone opens a file: a file's readahead window is fixed when it is opened.
+        raise_readahead(st.st_dev)
         if self.invalidator is not None:
             # Not before: the kernel takes no invalidation before it has sent INIT.
             nursery.start_soon(self.invalidator.run, name="invalidator")
@@ -241,10 +262,18 @@ async def _run(cfg: MountConfig, on_ready: Callable[[], None] | None) -> None:
 
         fs = Filesystem(volume, read_only=cfg.read_only)
         stack.callback(fs.close)
-        ops = Operations(fs, volume, read_only=cfg.read_only, commit_bound=cfg.commit_bound)
+        ops = Operations(
+            fs,
+            volume,
+            read_only=cfg.read_only,
+            commit_bound=cfg.commit_bound,
+            writeback_cache=wants_writeback(cfg),
+        )
         stack.callback(_final_commit, ops, volume)
 
-        session = stack.enter_context(FuseSession(ops, mountpoint, options))
+        session = stack.enter_context(
+            FuseSession(ops, mountpoint, options, invalidator=ops.invalidator)
+        )
         services: list[Service] = [functools.partial(watch_signals, _terminate)]
         if not cfg.read_only:
             services += _commit_services(ops, volume, cfg.commit_interval)

@@ -7,7 +7,17 @@ Nothing here knows about blocks or inodes on disk. The adapter only
 - maps every failure to a ``FUSEError`` (see ``_boundary``), because in pyfuse3 any other
   exception that escapes a handler ends ``pyfuse3.main`` and leaves the mountpoint dead,
 - commits the volume where POSIX asks for durability (fsync, fsyncdir) and when the open
-  transaction grows past a bound (so memory stays bounded between group commits).
+  transaction grows past a bound (so memory stays bounded between group commits),
+- keeps the kernel's page cache right after O_DIRECT writes (fuse/pagecache.py).
+
+The kernel's writeback cache (``writeback_cache``, off by default) changes what arrives:
+the kernel owns size, mtime and ctime of regular files and sends them in SETATTR, applies
+O_APPEND itself (every WRITE carries its real offset), writes pages back later through any
+writable handle, also one opened O_WRONLY (and reads through it to fill partial pages), and
+sends writes past the filesystem's size. The handlers below take the offsets and times the
+kernel sends as they are in that mode. What no handler can keep in that mode: a write
+past the maximum file size or into a full volume succeeds into the page cache, and its
+EFBIG or ENOSPC comes at writeback, reported by fsync or close, not by write.
 
 Concurrency: no handler awaits anything. Each one runs between two checkpoints of the trio
 loop, so a handler is atomic with respect to the group-commit task and to other handlers;
@@ -28,6 +38,8 @@ import pyfuse3
 
 from mirrorfs.fs.filesystem import MAX_FILE_SIZE, Attr, Filesystem, FsError, SetAttr
 from mirrorfs.fuse.gate import WriteGate
+from mirrorfs.fuse.invalidate import KernelInvalidator
+from mirrorfs.fuse.pagecache import DirectWriteCache
 from mirrorfs.store.committer import Committer
 from mirrorfs.store.errors import NoSpace, VolumeFailed
 
@@ -95,12 +107,18 @@ class _Handle:
     ino: int
     flags: int
 
+    @property
+    def direct(self) -> bool:
+        """Opened with O_DIRECT: reads and writes go around the page cache."""
+        return bool(self.flags & os.O_DIRECT)
+
 
 class Operations(pyfuse3.Operations):
     """pyfuse3 request handlers over a ``Filesystem`` on a ``Volume``."""
 
-    # Writes go through to the filesystem as they happen (no kernel write-back cache): the
-    # group commit and fsync then see every byte that write(2) returned for.
+    # Default: writes go through to the filesystem as they happen (no kernel writeback
+    # cache), so that write(2) itself answers EFBIG and ENOSPC. pyfuse3 reads this at INIT;
+    # __init__ sets it per mount (``writeback_cache``).
     enable_writeback_cache = False
 
     def __init__(
@@ -112,8 +130,12 @@ class Operations(pyfuse3.Operations):
         entry_timeout: float = 2.0,
         attr_timeout: float = 2.0,
         commit_bound: int = DEFAULT_COMMIT_BOUND,
+        writeback_cache: bool = False,
     ) -> None:
         super().__init__()
+        #: The kernel's writeback cache (see the module docstring); never on a read-only
+        #: mount, whose volume may change underneath it (the replica).
+        self.enable_writeback_cache = bool(writeback_cache and not read_only)
         self.fs = fs
         self.volume = volume
         self.read_only = read_only
@@ -130,6 +152,10 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._dir_handles: dict[int, int] = {}
         self._next_fh = 1
+        self._direct_writes = DirectWriteCache()
+        #: Drops kernel pages that O_DIRECT writes made stale (fuse/pagecache.py); the mount
+        #: runs it (FuseSession's ``invalidator``). None on a read-only mount.
+        self.invalidator = None if read_only else KernelInvalidator()
 
     # -- state
 
@@ -229,7 +255,7 @@ class Operations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        changes = SetAttr()
+        changes = SetAttr(caller_times=self.enable_writeback_cache)
         if fields.update_size:
             if attr.st_size > MAX_FILE_SIZE:
                 raise pyfuse3.FUSEError(errno.EFBIG)
@@ -245,6 +271,10 @@ class Operations(pyfuse3.Operations):
             changes.atime_ns = attr.st_atime_ns
         if fields.update_mtime:
             changes.mtime_ns = attr.st_mtime_ns
+        if fields.update_ctime:
+            # Only with the writeback cache: the kernel's own ctime of a cached write or
+            # change, which its stat shows; keep the same one.
+            changes.ctime_ns = attr.st_ctime_ns
         return self._entry(self.fs.setattr(inode, changes))
 
     @_boundary()
@@ -300,11 +330,13 @@ class Operations(pyfuse3.Operations):
 
     # -- files
 
-    def _file_info(self, fh: int) -> pyfuse3.FileInfo:
+    def _file_info(self, fh: int, handle: _Handle) -> pyfuse3.FileInfo:
         # keep_cache: on a read-write source every change passes through this kernel, so the
-        # page cache stays valid across opens; a read-only mount may be a replica whose
-        # blocks change underneath, so it drops the cache on each open.
-        return pyfuse3.FileInfo(fh=fh, keep_cache=not self.read_only)
+        # page cache stays valid across opens (direct writes: fuse/pagecache.py); a read-only
+        # mount may be a replica whose blocks change underneath, so it drops the cache on
+        # each open.
+        keep = self._direct_writes.opened(handle.ino, direct=handle.direct)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep and not self.read_only)
 
     @_boundary()
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
@@ -320,8 +352,8 @@ class Operations(pyfuse3.Operations):
             self.fs.setattr(inode, SetAttr(size=0))
         self.fs.open(inode)
         fh = self._new_fh()
-        self._handles[fh] = _Handle(inode, flags)
-        return self._file_info(fh)
+        handle = self._handles[fh] = _Handle(inode, flags)
+        return self._file_info(fh, handle)
 
     @_boundary(modifies=True)
     async def create(
@@ -334,8 +366,8 @@ class Operations(pyfuse3.Operations):
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         attr = self.fs.create(parent_inode, name, mode, ctx.uid, ctx.gid)  # +1 ref, +1 handle
         fh = self._new_fh()
-        self._handles[fh] = _Handle(attr.ino, flags)
-        return self._file_info(fh), self._entry(attr)
+        handle = self._handles[fh] = _Handle(attr.ino, flags)
+        return self._file_info(fh, handle), self._entry(attr)
 
     @_boundary()
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -344,13 +376,19 @@ class Operations(pyfuse3.Operations):
     @_boundary(modifies=True)
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handle(fh)
-        if handle.flags & os.O_APPEND:
+        if handle.flags & os.O_APPEND and not self.enable_writeback_cache:
             offset: int | None = None  # the filesystem writes at its own EOF
         else:
+            # With the writeback cache the kernel applies O_APPEND itself: its size, which
+            # may be ahead of ours (dirty pages), is where the data belongs.
             if off + len(buf) > MAX_FILE_SIZE:
                 raise pyfuse3.FUSEError(errno.EFBIG)
             offset = off
         written = self.fs.write(handle.ino, offset, buf)
+        invalidator = self.invalidator
+        if handle.direct and invalidator and self._direct_writes.direct_write(handle.ino):
+            # From the invalidator's task, never awaited here (fuse/pagecache.py).
+            invalidator.add_inodes((handle.ino,))
         # Bound the memory of the open transaction and of those being persisted; the write
         # itself already succeeded, so a commit failure switches to failsafe (via _boundary)
         # and says EIO.
@@ -366,6 +404,7 @@ class Operations(pyfuse3.Operations):
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh, None)
         if handle is not None:
+            self._direct_writes.released(handle.ino, direct=handle.direct)
             self.fs.release(handle.ino)
 
     @_boundary()
