@@ -1,6 +1,7 @@
 """The initial (full) sync of an empty target (mirrorfs/INTERNALS.md, "Replication session" step 2).
 
-Source side (``run_initial_sync``, called by the shipper's sending task):
+Source side (``run_initial_sync``, called by the shipper's sending task, drives
+``InitialSyncRound`` of mirrorfs.repl.source_rounds, which decides what is sent):
 
 SYNC_BEGIN(FULL, geometry, S), the non-zero blocks of the block file in chunks of at most
 1 MiB (holes skipped with SEEK_DATA/SEEK_HOLE, zero chunks skipped, lz4 when it helps),

@@ -34,8 +34,11 @@ records after F (mirrorfs.store.archive); it acknowledges F, not X, until the gr
 and the group adopts the source's epoch history in the same node.json record.
 
 ``run_resync`` is the source's side (called by the shipper's sending task; it awaits between
-chunks, so FUSE and commits go on). ``TargetResync`` is the target's side: the receiver calls
-it between two awaits for each frame of the resync; it never awaits.
+chunks, so FUSE and commits go on): a thin driver of ``ResyncRound``
+(mirrorfs.repl.source_rounds), which decides every frame; the driver sends them, digests its
+ranges in a thread and reads the differing blocks between two awaits. ``TargetResync`` is
+the target's side: the receiver calls it between two awaits for each frame of the resync; it
+never awaits.
 """
 
 from __future__ import annotations

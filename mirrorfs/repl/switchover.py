@@ -14,7 +14,9 @@ acknowledged as applied and the source froze its volume at ``seq``)::
 The outcomes for the source: promoted (it becomes a target of the new source), refused or
 not sent (nothing changed anywhere: it stays the source), or unknown (the request left but
 no answer came back: the target may be a source now, so the old one must not take writes).
-The orchestration (write gate, drain, roles, processes) is mirrorfs.node.switchover.
+``SwitchoverRequest`` holds the source's decisions (pure); ``request_switchover`` drives it
+and waits on one event, set by the answer or by the end of the connection. The
+orchestration (write gate, drain, roles, processes) is mirrorfs.node.switchover.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ same sequence number*:
 - ``Bisection`` is that loop, pure: ``todo`` are the ranges to compare next, ``feed`` takes
   which of them differ. ``find_differences`` (async) and ``diff_volumes`` (local) drive it,
   and so does the resync (repl/resync.py): the loop is written once.
+- ``VerifyRound`` is ``verify_target``'s decisions, pure: the batches of each round, the
+  retries of a failed one, the result.
 - ``verify_target(peer)`` runs that over a shipper's live connection (VERIFY_REQ /
   VERIFY_REPLY, INTERNALS.md "Replication session" step 6). The shipper computes the source
   digests in its sending task right after it sent transaction ``seq`` and before anything
