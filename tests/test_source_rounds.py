@@ -8,10 +8,14 @@ take what came in and give what goes out: no trio, no socket, no clock. The last
 from __future__ import annotations
 
 import hashlib
+import os
 
 import pytest
 import trio
+import trio.testing
 
+from mirrorfs.repl.initial_sync import run_initial_sync
+from mirrorfs.repl.resync import ReplyQueue, run_resync
 from mirrorfs.repl.source_rounds import (
     SEND_CHUNK,
     InitialSyncRound,
@@ -20,7 +24,7 @@ from mirrorfs.repl.source_rounds import (
     ResyncRound,
     SyncProgress,
 )
-from mirrorfs.repl.stream import ConnectionClosed
+from mirrorfs.repl.stream import ConnectionClosed, FramedStream
 from mirrorfs.repl.switchover import (
     SwitchoverFailed,
     SwitchoverRequest,
@@ -48,7 +52,8 @@ class Blocks:
     """A block file as a dict (absent: zeros); digests like range_digests, over contents."""
 
     def __init__(self, count: int, content: dict[int, bytes] | None = None) -> None:
-        self.count = count
+        self.count = self.block_count = count
+        self.block_size = BS
         self.content = dict(content or {})
 
     def read(self, block: int, n: int) -> bytes:
@@ -279,3 +284,110 @@ async def test_request_switchover_times_out_or_fails_to_send(autojump_clock):
     assert trio.current_time() - t0 == pytest.approx(30)
     with pytest.raises(SwitchoverFailed, match="^cannot send the switchover request: target"):
         await request_switchover(FakeShipper(fail=True), 7, "m:1")
+
+
+# -- the thin drivers over a memory stream: they send exactly what the rounds say
+
+
+class FakeWriter:
+    in_flight_seq: int | None = 13
+
+
+class FakeVolume:
+    """What run_resync / run_initial_sync read of a source volume."""
+
+    def __init__(self, device, last_seq: int = 12) -> None:
+        self.device = device
+        self.block_size = BS
+        self.block_count = device.block_count
+        self.last_seq = last_seq
+        self.writer = FakeWriter()
+        self.flushed = 0
+
+    def flush_in_place(self) -> None:
+        self.flushed += 1
+
+
+class FileBlocks(Blocks):
+    """Blocks in a sparse file (SEEK_DATA sees its holes)."""
+
+    def __init__(self, path, count: int, content: dict[int, bytes]) -> None:
+        super().__init__(count, content)
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.ftruncate(self.fd, count * BS)
+        for b, data in content.items():
+            os.pwrite(self.fd, data, b * BS)
+
+
+async def collect(fs: FramedStream, until: type) -> list:
+    out = []
+    while not out or not isinstance(out[-1], until):
+        out.append(await fs.receive())
+    return out
+
+
+async def test_run_resync_sends_what_the_round_says(autojump_clock, nursery):
+    src = Blocks(1000, {10: b"a" * BS, 11: b"b" * BS, 700: b"c" * BS})
+    tgt = Blocks(1000, {10: b"x" * BS})
+    expected, _ = run_resync_round(src, tgt)
+    a, b = trio.testing.memory_stream_pair()
+    fa, fb = FramedStream(a), FramedStream(b)
+    replies = ReplyQueue()
+    got: list = []
+
+    async def target() -> None:
+        while True:
+            msg = await fb.receive()
+            got.append(msg)
+            if isinstance(msg, VerifyReq):
+                replies.put(VerifyReply(5, tgt.digests(msg.ranges)))
+            elif isinstance(msg, SyncEnd):
+                return
+
+    nursery.start_soon(target)
+    progress = ResyncProgress(base_seq=5, start_seq=9, blocks_total=1000)
+    assert await run_resync(FakeVolume(src), fa, progress, replies, "t:1") == 10
+    await wait_all_received(got, SyncEnd)
+    assert got == expected
+    assert progress.wire_bytes == fa.bytes_sent and progress.phase == "replaying"
+
+
+async def wait_all_received(got: list, last: type) -> None:
+    while not got or not isinstance(got[-1], last):
+        await trio.sleep(0.01)
+
+
+async def test_run_initial_sync_sends_the_data_runs(tmp_path, autojump_clock, nursery):
+    content = {3: b"q" * BS, 700: b"r" * BS, 701: bytes(BS)}
+    dev = FileBlocks(tmp_path / "blocks", 2048, content)
+    try:
+        vol = FakeVolume(dev, last_seq=12)
+        vol.writer.in_flight_seq = None  # (an instance attribute: this volume's only)
+        a, b = trio.testing.memory_stream_pair()
+        fa, fb = FramedStream(a), FramedStream(b)
+        got: list = []
+
+        async def target() -> None:
+            got.extend(await collect(fb, SyncEnd))
+
+        nursery.start_soon(target)
+        progress = SyncProgress(start_seq=4, blocks_total=2048)
+        assert await run_initial_sync(vol, fa, progress, "t:1") == 5
+        await wait_all_received(got, SyncEnd)
+    finally:
+        os.close(dev.fd)
+    assert vol.flushed == 1
+    assert got[0] == SyncBegin(SyncKind.FULL, BS, 2048, 4) and got[-1] == SyncEnd(12)
+    blocks = {}
+    for m in got[1:-1]:
+        assert isinstance(m, SyncBlocks)
+        data = m.blocks(BS)
+        for i in range(m.nblocks):
+            blocks[m.first_block + i] = data[i * BS : (i + 1) * BS]
+    assert {k: v for k, v in blocks.items() if v != bytes(BS)} == {
+        3: b"q" * BS,
+        700: b"r" * BS,
+    }
+    assert progress.blocks_done == 2048 and progress.blocks_sent == sum(
+        m.nblocks for m in got[1:-1]
+    )
