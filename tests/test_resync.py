@@ -409,12 +409,13 @@ async def test_crash_after_the_record_is_finished_at_restart(tmp_path, nursery, 
     await t.force_out_of_sync(lambda: write_run(t.src, rng))
     tv = t.receiver.volume
 
-    real_find = resync_mod.find_differences
+    real_begin = resync_mod.ResyncRound.begin
 
-    async def find_with_commits(*args, **kwargs):
+    def begin_with_commits(self):  # SYNC_BEGIN is out, the comparison not begun
+        msg = real_begin(self)
         for _ in range(3):  # S+1..S+3 overlap the resync and land in the group
             write_run(t.src, rng)
-        return await real_find(*args, **kwargs)
+        return msg
 
     appended = []
     real_append = SamLog.append_encoded
@@ -425,7 +426,7 @@ async def test_crash_after_the_record_is_finished_at_restart(tmp_path, nursery, 
         appended.append(seq)
         return real_append(self, seq, rec)
 
-    monkeypatch.setattr(resync_mod, "find_differences", find_with_commits)
+    monkeypatch.setattr(resync_mod.ResyncRound, "begin", begin_with_commits)
     monkeypatch.setattr(SamLog, "append_encoded", append_then_die)
     await t.come_back()
     await wait_until(lambda: appended and t.receiver.state.value != "resyncing", what="crash")

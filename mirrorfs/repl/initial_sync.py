@@ -1,6 +1,7 @@
 """The initial (full) sync of an empty target (mirrorfs/INTERNALS.md, "Replication session" step 2).
 
-Source side (``run_initial_sync``, called by the shipper's sending task):
+Source side (``run_initial_sync``, called by the shipper's sending task, drives
+``InitialSyncRound`` of mirrorfs.repl.source_rounds, which decides what is sent):
 
 SYNC_BEGIN(FULL, geometry, S), the non-zero blocks of the block file in chunks of at most
 1 MiB (holes skipped with SEEK_DATA/SEEK_HOLE, zero chunks skipped, lz4 when it helps),
@@ -23,82 +24,58 @@ import errno
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import trio
 
+from mirrorfs.repl.source_rounds import SYNC_CHUNK, InitialSyncRound, SyncProgress
 from mirrorfs.repl.source_session import SourceVolume
 from mirrorfs.repl.stream import FramedStream, Peer
-from mirrorfs.repl.wire import ProtocolError, SyncBegin, SyncBlocks, SyncEnd, SyncKind
+from mirrorfs.repl.wire import ProtocolError, SyncBegin, SyncEnd
 from mirrorfs.store.volume import BLOCK_SIZES, MIN_BLOCKS, Volume
 
 log = logging.getLogger(__name__)
 
-SYNC_CHUNK = 1 << 20
-
-
-@dataclass(slots=True)
-class SyncProgress:
-    """Initial sync progress: blocks scanned (sent or skipped) out of the volume's."""
-
-    start_seq: int
-    blocks_total: int
-    blocks_done: int = 0
-    blocks_sent: int = 0
-    bytes_sent: int = 0
-
-    def as_dict(self) -> dict:
-        pct = 100.0 * self.blocks_done / self.blocks_total if self.blocks_total else 100.0
-        return {
-            "start_seq": self.start_seq,
-            "blocks_total": self.blocks_total,
-            "blocks_done": self.blocks_done,
-            "blocks_sent": self.blocks_sent,
-            "bytes_sent": self.bytes_sent,
-            "percent": round(pct, 1),
-        }
+__all__ = [
+    "SYNC_CHUNK",
+    "SyncProgress",
+    "data_runs",
+    "finish_copy",
+    "run_initial_sync",
+    "start_replica",
+]
 
 
 async def run_initial_sync(
     volume: SourceVolume, fs: FramedStream, progress: SyncProgress, label: str
 ) -> int:
-    """Copy the block file's non-zero blocks; return the first seq to stream (S+1)."""
+    """Copy the block file's non-zero blocks; return the first seq to stream (S+1).
+
+    The decisions (which blocks, in which chunks, the SYNC_BEGIN/SYNC_END seqs) are
+    ``InitialSyncRound``'s; this sends what it says and reads what it asks for.
+    """
     vol = volume
     bs, count = vol.block_size, vol.block_count
-    start = progress.start_seq
-    log.info("target %s: initial sync of %d blocks from seq %d", label, count, start)
-    await fs.send(SyncBegin(SyncKind.FULL, bs, count, start))
-    per_chunk = max(1, SYNC_CHUNK // bs)
-    zeros = bytes(per_chunk * bs)
+    m = InitialSyncRound(progress, bs, count)
+    log.info("target %s: initial sync of %d blocks from seq %d", label, count, progress.start_seq)
+    await fs.send(m.begin())
     vol.flush_in_place()  # SEEK_DATA sees the raw file: commits <= S must be in it
-    for first, end in data_runs(vol.device.fd, bs, count):
-        progress.blocks_done = first
-        block = first
-        while block < end:
-            n = min(per_chunk, end - block)
-            raw = vol.device.read(block, n)  # committed state, between two awaits
-            block += n
-            if raw == zeros[: len(raw)]:
-                progress.blocks_done = block
-                await trio.lowlevel.checkpoint()  # let FUSE requests and commits in
-                continue
-            msg = SyncBlocks.pack(block - n, raw, bs)
-            await fs.send(msg)
-            progress.blocks_done = block
-            progress.blocks_sent += n
-            progress.bytes_sent += len(msg.data)
-    progress.blocks_done = count
-    end_seq = max(vol.last_seq, vol.writer.in_flight_seq or 0)  # every block read is <= this seq
-    await fs.send(SyncEnd(end_seq))
+    for block, n in m.chunks(data_runs(vol.device.fd, bs, count)):
+        msg = m.on_chunk(block, vol.device.read(block, n))  # committed state, between awaits
+        if msg is None:
+            await trio.lowlevel.checkpoint()  # let FUSE requests and commits in
+            continue
+        await fs.send(msg)
+    end = m.end(vol.last_seq, vol.writer.in_flight_seq)
+    await fs.send(end)
     log.info(
         "target %s: initial sync copied %d blocks (%d bytes on the wire), consistent at "
         "seq %d once applied",
         label,
         progress.blocks_sent,
         progress.bytes_sent,
-        end_seq,
+        end.consistent_at_seq,
     )
-    return start + 1
+    return m.first_to_stream
 
 
 def start_replica(

@@ -34,27 +34,34 @@ records after F (mirrorfs.store.archive); it acknowledges F, not X, until the gr
 and the group adopts the source's epoch history in the same node.json record.
 
 ``run_resync`` is the source's side (called by the shipper's sending task; it awaits between
-chunks, so FUSE and commits go on). ``TargetResync`` is the target's side: the receiver calls
-it between two awaits for each frame of the resync; it never awaits.
+chunks, so FUSE and commits go on): a thin driver of ``ResyncRound``
+(mirrorfs.repl.source_rounds), which decides every frame; the driver sends them, digests its
+ranges in a thread and reads the differing blocks between two awaits. ``TargetResync`` is
+the target's side: the receiver calls it between two awaits for each frame of the resync; it
+never awaits.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import trio
 
+from mirrorfs.repl.source_rounds import (
+    FANOUT,
+    GRANULARITY,
+    MAX_REQ_RANGES,
+    ROUND_BYTES,
+    SEND_CHUNK,
+    ResyncError,
+    ResyncProgress,
+    ResyncRound,
+    compare_reply,
+)
 from mirrorfs.repl.source_session import SourceVolume
 from mirrorfs.repl.stream import FramedStream
-from mirrorfs.repl.verify import (
-    batches,
-    find_differences,
-    merge_ranges,
-    range_digests,
-    whole_volume,
-)
+from mirrorfs.repl.verify import range_digests
 from mirrorfs.repl.wire import (
     ProtocolError,
     SyncBegin,
@@ -64,69 +71,25 @@ from mirrorfs.repl.wire import (
     SyncKind,
     Txn,
     VerifyReply,
-    VerifyReq,
 )
 from mirrorfs.store.archive import archive_diverged
 from mirrorfs.store.volume import ResyncResult, Volume
 
 log = logging.getLogger(__name__)
 
-GRANULARITY = 64  # blocks: the unit a difference is narrowed down to (and sent as)
-FANOUT = 16  # parts a differing range is split into per round
-ROUND_BYTES = 64 << 20  # bytes digested per VERIFY_REQ
-MAX_REQ_RANGES = 4096  # ranges per VERIFY_REQ
-SEND_CHUNK = 1 << 20  # bytes of block data per SYNC_BLOCKS
-
-
-class ResyncError(ProtocolError):
-    """The target did not answer as a resync needs (the shipper reconnects and retries)."""
-
-
-@dataclass(slots=True)
-class ResyncProgress:
-    """A resync as the source sees it (``status()["resync"]``)."""
-
-    base_seq: int  # A: where the target was
-    start_seq: int  # S: the log is pinned from S+1
-    blocks_total: int
-    fork_seq: int | None = None  # a rewind (failback): the target diverged after this seq
-    end_seq: int | None = None  # T, once SYNC_END is sent
-    phase: str = "comparing"  # comparing, sending, replaying (S+1..T), done
-    rounds: int = 0
-    ranges_compared: int = 0
-    blocks_compared: int = 0
-    blocks_differing: int = 0
-    blocks_sent: int = 0
-    bytes_sent: int = 0  # SYNC_BLOCKS data on the wire (after lz4)
-    wire_bytes: int = 0  # everything sent from SYNC_BEGIN to SYNC_END, frames included
-    started: float = field(default_factory=time.monotonic)
-    seconds: float = 0.0  # SYNC_BEGIN to the target's ACK of T applied
-
-    @property
-    def done(self) -> bool:
-        return self.phase == "done"
-
-    def finish(self) -> None:
-        self.phase = "done"
-        self.seconds = time.monotonic() - self.started
-
-    def as_dict(self) -> dict:
-        return {
-            "base_seq": self.base_seq,
-            "start_seq": self.start_seq,
-            "fork_seq": self.fork_seq,
-            "end_seq": self.end_seq,
-            "phase": self.phase,
-            "rounds": self.rounds,
-            "ranges_compared": self.ranges_compared,
-            "blocks_compared": self.blocks_compared,
-            "blocks_total": self.blocks_total,
-            "blocks_differing": self.blocks_differing,
-            "blocks_sent": self.blocks_sent,
-            "bytes_sent": self.bytes_sent,
-            "wire_bytes": self.wire_bytes,
-            "seconds": round(self.seconds or time.monotonic() - self.started, 3),
-        }
+__all__ = [
+    "FANOUT",
+    "GRANULARITY",
+    "MAX_REQ_RANGES",
+    "ROUND_BYTES",
+    "SEND_CHUNK",
+    "ReplyQueue",
+    "ResyncError",
+    "ResyncProgress",
+    "TargetResync",
+    "compare_reply",
+    "run_resync",
+]
 
 
 class ReplyQueue:
@@ -141,27 +104,6 @@ class ReplyQueue:
 
     async def get(self) -> VerifyReply:
         return await self._receive.receive()
-
-
-def compare_reply(
-    progress: ResyncProgress,
-    batch: list[tuple[int, int]],
-    mine: list[bytes],
-    reply: VerifyReply,
-    label: str,
-) -> list[bool]:
-    """Which ranges of ``batch`` differ, from our digests and the target's VERIFY_REPLY
-    (pure). ResyncError when the reply is not for A or not for the whole batch: the target
-    moved, which a resync forbids."""
-    base = progress.base_seq
-    if reply.seq != base or len(reply.digests) != len(batch):
-        raise ResyncError(
-            f"target {label} answered VERIFY_REQ(seq {base}) with seq {reply.seq} and "
-            f"{len(reply.digests)} digest(s) for {len(batch)}: it moved during a resync"
-        )
-    progress.ranges_compared += len(batch)
-    progress.blocks_compared += sum(n for _, n in batch)
-    return [a != b for a, b in zip(mine, reply.digests, strict=True)]
 
 
 async def run_resync(
@@ -180,45 +122,27 @@ async def run_resync(
     to ``replies``. Raises ResyncError when the target answers for another seq than A.
     """
     vol = volume
-    bs, count = vol.block_size, vol.block_count
-    base, start = progress.base_seq, progress.start_seq
+    m = ResyncRound(
+        progress, vol.block_size, vol.block_count, label, granularity=granularity, fanout=fanout
+    )
     wire0 = fs.bytes_sent
-    log.info("target %s: resync from seq %d (it has seq %d)", label, start, base)
-    await fs.send(SyncBegin(SyncKind.RESYNC, bs, count, start))
-    max_blocks = max(1, ROUND_BYTES // bs)
-
-    async def compare(todo: list[tuple[int, int]]) -> list[bool]:
-        out: list[bool] = []
-        for batch in batches(todo, max_blocks, MAX_REQ_RANGES):
-            # Ask first, so that both sides hash at the same time.
-            await fs.send(VerifyReq(base, batch))
-            mine = await trio.to_thread.run_sync(range_digests, vol.device, batch)
-            out += compare_reply(progress, batch, mine, await replies.get(), label)
-        progress.rounds += 1
-        return out
-
-    top = whole_volume(count, min(granularity * fanout * fanout, max_blocks))
-    found, _ = await find_differences(compare, top, granularity=granularity, fanout=fanout)
-    differing = merge_ranges(found)
-    progress.blocks_differing = sum(n for _, n in differing)
-    progress.phase = "sending"
-    per_chunk = max(1, SEND_CHUNK // bs)
-    for first, n in differing:
-        block, end = first, first + n
-        while block < end:
-            k = min(per_chunk, end - block)
-            raw = vol.device.read(block, k)  # committed content, some seq in S..T
-            msg = SyncBlocks.pack(block, raw, bs)
-            block += k
-            await fs.send(msg)
-            progress.blocks_sent += k
-            progress.bytes_sent += len(msg.data)
-    # Every block read or digested so far reflects a state at or before this seq, including
-    # a transaction that the persist worker may have been writing in place meanwhile.
-    end_seq = max(vol.last_seq, vol.writer.in_flight_seq or 0)
-    await fs.send(SyncEnd(end_seq))
-    progress.end_seq = end_seq
-    progress.phase = "replaying"
+    log.info(
+        "target %s: resync from seq %d (it has seq %d)",
+        label,
+        progress.start_seq,
+        progress.base_seq,
+    )
+    await fs.send(m.begin())
+    while (req := m.next_request()) is not None:
+        # Ask first, so that both sides hash at the same time.
+        await fs.send(req)
+        mine = await trio.to_thread.run_sync(range_digests, vol.device, req.ranges)
+        m.on_reply(mine, await replies.get())
+    for block, n in m.chunks():
+        # Committed content, of some seq in S..T; read between two awaits.
+        await fs.send(m.on_chunk(block, vol.device.read(block, n)))
+    end = m.end(vol.last_seq, vol.writer.in_flight_seq)
+    await fs.send(end)
     progress.wire_bytes = fs.bytes_sent - wire0
     log.info(
         "target %s: resync compared %d block(s) in %d round(s), %d differ; sent %d block(s) "
@@ -230,9 +154,9 @@ async def run_resync(
         progress.blocks_sent,
         progress.bytes_sent,
         progress.wire_bytes,
-        end_seq,
+        end.consistent_at_seq,
     )
-    return start + 1
+    return m.first_to_stream
 
 
 class TargetResync:

@@ -140,6 +140,8 @@ class Shipper:
         # Replies that other modules wait for (the switchover's), by message class; called
         # by the reader between two awaits.
         self.on_message: dict[type[Message], Callable[[Message], None]] = {}
+        # Called when a connection ends (a switchover request waits for its answer or this).
+        self.on_session_end: list[Callable[[], None]] = []
 
     @property
     def label(self) -> str:
@@ -410,6 +412,8 @@ class Shipper:
         if s is not None:
             self.verify.fail_all(f"connection to {self.label} lost during verify")
             s.close()
+        for notify in list(self.on_session_end):
+            notify()
         if self.received_seq is None:
             # An initial sync that did not finish restarts (with a new pin) next time.
             self.positions.sync_pin = None

@@ -14,7 +14,9 @@ acknowledged as applied and the source froze its volume at ``seq``)::
 The outcomes for the source: promoted (it becomes a target of the new source), refused or
 not sent (nothing changed anywhere: it stays the source), or unknown (the request left but
 no answer came back: the target may be a source now, so the old one must not take writes).
-The orchestration (write gate, drain, roles, processes) is mirrorfs.node.switchover.
+``SwitchoverRequest`` holds the source's decisions (pure); ``request_switchover`` drives it
+and waits on one event, set by the answer or by the end of the connection. The
+orchestration (write gate, drain, roles, processes) is mirrorfs.node.switchover.
 """
 
 from __future__ import annotations
@@ -54,50 +56,92 @@ def switchover_refusal(volume: Any, seq: int, *, busy: bool = False) -> str | No
     return None
 
 
+class SwitchoverRequest:
+    """The source's side of SWITCHOVER / SWITCHOVER_DONE, without I/O.
+
+    ``request`` is the frame to send; ``send_failed``, ``on_reply`` and ``on_closed`` are what
+    can happen next; once ``settled`` (an answer came or the connection ended), ``outcome``
+    gives the PROMOTED answer or raises (``timed_out`` too, when no event came in time).
+    """
+
+    def __init__(self, label: str, seq: int, mirror_to: str) -> None:
+        self.label = label
+        self.seq = seq
+        self.mirror_to = mirror_to
+        self.reply: SwitchoverDone | None = None  # the first answer
+        self.closed = False  # the connection ended: no answer can come any more
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more to wait for."""
+        return self.reply is not None or self.closed
+
+    def request(self) -> Switchover:
+        return Switchover(self.seq, self.mirror_to)
+
+    def send_failed(self, exc: Exception) -> SwitchoverFailed:
+        """What to raise when the request could not be sent. The stream may hold part of the
+        frame; whatever the target got is incomplete, and it acts on whole frames only."""
+        return SwitchoverFailed(f"cannot send the switchover request: {exc}")
+
+    def on_reply(self, msg: SwitchoverDone) -> None:
+        if self.reply is None:
+            self.reply = msg
+
+    def on_closed(self) -> None:
+        self.closed = True
+
+    def outcome(self) -> SwitchoverDone:
+        """The PROMOTED answer; SwitchoverFailed (refused) or SwitchoverUnknown (no answer,
+        or one that the old source must not follow)."""
+        reply, label, seq = self.reply, self.label, self.seq
+        if reply is None:
+            raise SwitchoverUnknown(
+                f"target {label} did not answer the switchover request at seq {seq}"
+            )
+        if reply.result is not SwitchoverResult.PROMOTED:
+            raise SwitchoverFailed(f"target {label} refused: {reply.text or 'no reason'}")
+        if reply.start_seq != seq + 1:
+            # A promoted target at another seq would be a bug there; the old source must not
+            # follow it blindly.
+            raise SwitchoverUnknown(
+                f"target {label} was promoted from seq {reply.start_seq}, not {seq + 1}"
+            )
+        return reply
+
+
 async def request_switchover(
     shipper: Any, seq: int, mirror_to: str, *, timeout: float = 30.0
 ) -> SwitchoverDone:
     """Ask the target of ``shipper`` to take over at ``seq``; its PROMOTED answer.
 
     Raises SwitchoverFailed (refused, or not sent) or SwitchoverUnknown (sent, no answer
-    within ``timeout`` or the connection ended first).
+    within ``timeout`` or the connection ended first). Waits on an event that the answer or
+    the end of the connection (``shipper.on_session_end``) sets.
     """
-    answers: list[SwitchoverDone] = []
-    got = trio.Event()
+    m = SwitchoverRequest(shipper.label, seq, mirror_to)
+    settled = trio.Event()
 
     def on_reply(msg: Any) -> None:
-        answers.append(msg)
-        got.set()
+        m.on_reply(msg)
+        settled.set()
 
-    session = shipper.session_id
+    def on_end() -> None:
+        m.on_closed()
+        settled.set()
+
     shipper.on_message[SwitchoverDone] = on_reply
+    shipper.on_session_end.append(on_end)
     try:
         try:
-            await shipper.send_message(Switchover(seq, mirror_to))
+            await shipper.send_message(m.request())
         except ReplError as exc:
-            # The stream may hold part of the frame; whatever the target got is incomplete,
-            # and it acts on whole frames only.
-            raise SwitchoverFailed(f"cannot send the switchover request: {exc}") from None
+            raise m.send_failed(exc) from None
         with trio.move_on_after(timeout):
-            while not got.is_set():
-                if shipper.session_id != session:
-                    break  # the connection ended: the answer cannot come any more
-                with trio.move_on_after(0.05):
-                    await got.wait()
+            await settled.wait()  # an answer, or the connection ended: it cannot come
     finally:
         shipper.on_message.pop(SwitchoverDone, None)
-    if not answers:
-        raise SwitchoverUnknown(
-            f"target {shipper.label} did not answer the switchover request at seq {seq}"
-        )
-    reply = answers[0]
-    if reply.result is not SwitchoverResult.PROMOTED:
-        raise SwitchoverFailed(f"target {shipper.label} refused: {reply.text or 'no reason'}")
-    if reply.start_seq != seq + 1:
-        # A promoted target at another seq would be a bug there; the old source must not
-        # follow it blindly.
-        raise SwitchoverUnknown(
-            f"target {shipper.label} was promoted from seq {reply.start_seq}, not {seq + 1}"
-        )
+        shipper.on_session_end.remove(on_end)
+    reply = m.outcome()
     log.info("target %s took over: epoch %d from seq %d", shipper.label, reply.epoch, seq + 1)
     return reply

@@ -13,6 +13,8 @@ same sequence number*:
 - ``Bisection`` is that loop, pure: ``todo`` are the ranges to compare next, ``feed`` takes
   which of them differ. ``find_differences`` (async) and ``diff_volumes`` (local) drive it,
   and so does the resync (repl/resync.py): the loop is written once.
+- ``VerifyRound`` is ``verify_target``'s decisions, pure: the batches of each round, the
+  retries of a failed one, the result.
 - ``verify_target(peer)`` runs that over a shipper's live connection (VERIFY_REQ /
   VERIFY_REPLY, INTERNALS.md "Replication session" step 6). The shipper computes the source
   digests in its sending task right after it sent transaction ``seq`` and before anything
@@ -360,6 +362,69 @@ class VerifyPeer(Protocol):
     ) -> tuple[int, list[bytes], list[bytes]]: ...
 
 
+class VerifyRound:
+    """The decisions of ``verify_target``, without I/O: which batch to compare next, when to
+    retry, what was found.
+
+    ``next_batch`` gives the ranges of the next VERIFY_REQ (None: done); the driver answers
+    with ``on_answer`` (the seq and both sides' digests) or ``on_failure`` (the request
+    failed: True means ask the same batch again, False that ``attempts`` are used up).
+    """
+
+    def __init__(
+        self,
+        label: str,
+        block_size: int,
+        block_count: int,
+        ranges: Sequence[Range] | None = None,
+        *,
+        granularity: int = DEFAULT_GRANULARITY,
+        fanout: int = DEFAULT_FANOUT,
+        attempts: int = 3,
+        round_bytes: int = ROUND_BYTES,
+    ) -> None:
+        self.max_blocks = max(1, round_bytes // block_size)
+        if ranges is None:
+            ranges = whole_volume(block_count, min(granularity * fanout * fanout, self.max_blocks))
+        cut = [p for r in ranges for p in _cut(r, self.max_blocks)]
+        self.result = VerifyResult(label, 0, sum(c for _, c in cut))
+        self.attempts = attempts
+        self._bisection = Bisection(cut, granularity=granularity, fanout=fanout)
+        self._batches: deque[list[Range]] = deque()  # of this round, not answered yet
+        self._differ: list[bool] = []
+        self._failures = 0  # of the batch in front
+
+    @property
+    def done(self) -> bool:
+        return self._bisection.done and not self._batches
+
+    def next_batch(self) -> list[Range] | None:
+        """The ranges of the next request (the same again after a failure); None: done."""
+        if not self._batches:
+            if self._bisection.done:
+                self.result.differing = merge_ranges(self._bisection.found)
+                self.result.rounds = self._bisection.rounds
+                return None
+            self._batches.extend(batches(self._bisection.todo, self.max_blocks))
+            self._differ = []
+        return self._batches[0]
+
+    def on_answer(self, seq: int, mine: Sequence[bytes], theirs: Sequence[bytes]) -> None:
+        """Both sides' digests of the batch in front, at ``seq``."""
+        self._batches.popleft()
+        self._failures = 0
+        if not self.result.seq:
+            self.result.seq = seq
+        self._differ += [x != y for x, y in zip(mine, theirs, strict=True)]
+        if not self._batches:
+            self._bisection.feed(self._differ)
+
+    def on_failure(self) -> bool:
+        """The request for the batch in front failed; True: ask it again."""
+        self._failures += 1
+        return self._failures < self.attempts
+
+
 async def verify_target(
     shipper: VerifyPeer,
     ranges: Sequence[Range] | None = None,
@@ -378,36 +443,26 @@ async def verify_target(
     answer in ``timeout`` seconds per request.
     """
     vol = shipper.volume
-    max_blocks = max(1, round_bytes // vol.block_size)
-    if ranges is None:
-        ranges = whole_volume(vol.block_count, min(granularity * fanout * fanout, max_blocks))
-    ranges = [p for r in ranges for p in _cut(r, max_blocks)]
-    result = VerifyResult(shipper.label, 0, sum(c for _, c in ranges))
-
-    async def one_request(batch: list[Range]) -> list[bool]:
-        for attempt in range(attempts):
-            try:
-                seq, mine, theirs = await shipper.verify_round(batch, timeout=timeout)
-            except VerifyError as exc:
-                if attempt + 1 == attempts:
-                    raise
-                log.info("verify of %s: %s; retrying", shipper.label, exc)
-                continue
-            if not result.seq:
-                result.seq = seq
-            return [x != y for x, y in zip(mine, theirs, strict=True)]
-        raise AssertionError("unreachable")
-
-    async def compare(todo: list[Range]) -> list[bool]:
-        out: list[bool] = []
-        for batch in batches(todo, max_blocks):
-            out += await one_request(batch)
-        return out
-
-    found, result.rounds = await find_differences(
-        compare, ranges, granularity=granularity, fanout=fanout
+    m = VerifyRound(
+        shipper.label,
+        vol.block_size,
+        vol.block_count,
+        ranges,
+        granularity=granularity,
+        fanout=fanout,
+        attempts=attempts,
+        round_bytes=round_bytes,
     )
-    result.differing = merge_ranges(found)
+    while (batch := m.next_batch()) is not None:
+        try:
+            seq, mine, theirs = await shipper.verify_round(batch, timeout=timeout)
+        except VerifyError as exc:
+            if not m.on_failure():
+                raise
+            log.info("verify of %s: %s; retrying", shipper.label, exc)
+            continue
+        m.on_answer(seq, mine, theirs)
+    result = m.result
     if result.differing:
         log.warning("verify: %s", result.describe())
     else:
