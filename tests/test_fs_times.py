@@ -149,3 +149,42 @@ def test_times_outside_the_format_are_clamped_and_the_volume_stays_writable(vol_
     finally:
         fs.close()
         vol.close()
+
+
+@pytest.mark.parametrize(
+    "policy, diratime, file_moves, dir_moves",
+    [
+        ("relatime", True, False, False),  # atime newer than mtime/ctime, less than a day old
+        ("strictatime", True, True, True),
+        ("strictatime", False, True, False),  # nodiratime
+        ("noatime", True, False, False),
+    ],
+)
+def test_atime_policies(vol_path, policy, diratime, file_moves, dir_moves):
+    from mirrorfs.fs.api import AtimePolicy
+    from mirrorfs.store.volume import Volume
+
+    vol = Volume.open(vol_path)
+    fs = Filesystem(vol, atime=AtimePolicy(policy), diratime=diratime)
+    try:
+        ino = mkfile(fs, R, b"f", b"data")
+        d = fs.mkdir(R, b"d", 0o755, 0, 0).ino
+        for i in (ino, d):  # atime just after mtime/ctime: relatime leaves it alone
+            node = fs.inodes.get(i)
+            node.atime_ns = max(node.mtime_ns, node.ctime_ns) + 1
+            fs.inodes.put(node)
+        before_f, before_d = fs.getattr(ino).atime_ns, fs.getattr(d).atime_ns
+        fs.open(ino)
+        fs.read(ino, 0, 4)
+        fs.release(ino)
+        list(fs.readdir(d, 0))
+        assert (fs.getattr(ino).atime_ns != before_f) == file_moves
+        assert (fs.getattr(d).atime_ns != before_d) == dir_moves
+        # noatime: not even an atime older than mtime moves (relatime would refresh it)
+        if policy == "noatime":
+            _age(fs, ino)
+            fs.read(ino, 0, 4)
+            assert fs.getattr(ino).atime_ns == 1_000
+    finally:
+        fs.close()
+        vol.close()

@@ -409,3 +409,34 @@ def test_allow_other_and_ownership(tmp_path):
         sub = os.stat(os.path.join(mnt, "sgid", "sub"))
         assert sub.st_gid == 4242 and sub.st_mode & stat.S_ISGID
         assert os.stat(os.path.join(mnt, "sgid", "file")).st_gid == 4242
+
+
+def test_atime_mount_options_are_applied_by_mirrorfs(tmp_path):
+    """noatime keeps atime still; strictatime moves it on every read; nodiratime and
+    relatime are accepted (libfuse rejects all but noatime: mirrorfs applies them)."""
+    vol = tmp_path / "vol"
+    mkfs(vol, "16M")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    path = os.path.join(mnt, "f")
+    with mounted(vol, mnt):
+        with open(path, "wb") as f:
+            f.write(b"data")
+        os.utime(path, ns=(10**18, 10**18 + 1))  # atime older than mtime: relatime moves it
+    with mounted(vol, mnt, "-o", "noatime,nodiratime"):
+        with open(path, "rb") as f:
+            f.read()
+        os.listdir(mnt)
+        assert os.stat(path).st_atime_ns == 10**18
+    with mounted(vol, mnt, "-o", "strictatime"):
+        seen = []
+        for _ in range(2):  # relatime would move it once (atime <= ctime), then not again
+            with open(path, "rb") as f:
+                # A read served from the kernel's page cache never reaches a FUSE
+                # filesystem (no filesystem of FUSE sees it): drop the file's pages first.
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+                f.read()
+            seen.append(os.stat(path).st_atime_ns)
+        assert 10**18 < seen[0] < seen[1]
+    with mounted(vol, mnt, "-o", "relatime"), open(path, "rb") as f:
+        assert f.read() == b"data"

@@ -7,10 +7,23 @@ none of them, so that the storage primitives (layout, extents, filedata) can rai
 
 from __future__ import annotations
 
+import enum
 import errno
 from dataclasses import dataclass
 
 MAX_FILE_SIZE = 1 << 44  # 16 TiB; larger sizes get EFBIG
+
+
+class AtimePolicy(enum.Enum):
+    """When reads update atime: the mount options of Linux (``-o relatime`` etc.)."""
+
+    RELATIME = "relatime"  # when not newer than mtime/ctime, or a day old (the default)
+    STRICTATIME = "strictatime"  # on every read
+    NOATIME = "noatime"  # never
+
+
+#: The atime mount options, applied by mirrorfs itself (libfuse rejects all but noatime).
+ATIME_OPTIONS = frozenset(p.value for p in AtimePolicy) | {"nodiratime"}
 # Inode times are int64 nanoseconds: 1677-09-21 to 2262-04-11. Times outside are clamped to
 # the nearest one, as Linux clamps to a filesystem's range (ext4: 1901 to 2446).
 TIME_MIN_NS = -(1 << 63)

@@ -29,7 +29,15 @@ import time
 from collections.abc import Iterable, Iterator
 
 from mirrorfs.fs import filedata, inodes, xattrs
-from mirrorfs.fs.api import MAX_FILE_SIZE, Attr, FsError, SetAttr, StatFs, clamp_time
+from mirrorfs.fs.api import (
+    MAX_FILE_SIZE,
+    AtimePolicy,
+    Attr,
+    FsError,
+    SetAttr,
+    StatFs,
+    clamp_time,
+)
 from mirrorfs.fs.directories import DirectoryStore
 from mirrorfs.fs.layout import Inode
 from mirrorfs.fs.namespace import LINK_MAX, MAX_NAME, MAX_SYMLINK, NamespaceOps, check_name
@@ -62,10 +70,20 @@ FALLOC_FL_KEEP_SIZE = 1
 class Filesystem(NamespaceOps):
     """The filesystem on an opened Volume (see the module docstring)."""
 
-    def __init__(self, volume: BlockStore, *, read_only: bool = False) -> None:
-        """Open the filesystem on an opened Volume; frees orphan inodes left by a crash."""
+    def __init__(
+        self,
+        volume: BlockStore,
+        *,
+        read_only: bool = False,
+        atime: AtimePolicy = AtimePolicy.RELATIME,
+        diratime: bool = True,
+    ) -> None:
+        """Open the filesystem on an opened Volume; frees orphan inodes left by a crash.
+
+        ``atime`` and ``diratime`` say when reads update atime (``-o noatime`` etc.)."""
         self.volume = volume
         self.read_only = bool(read_only or volume.read_only)
+        self.atime, self.diratime = atime, diratime
         self.block_size: int = volume.block_size
         self.sb = inodes.read_super(volume)
         self.inodes = inodes.InodeTable(volume, self.sb)
@@ -216,12 +234,16 @@ class Filesystem(NamespaceOps):
         self._opens.pop(inode.ino, None)
 
     def _touch_atime(self, inode: Inode) -> None:
-        """relatime: update atime only when it is not newer than mtime/ctime or a day old."""
-        if self.read_only:
+        """A read's atime update, by the policy: relatime (only when atime is not newer than
+        mtime/ctime or a day old), strictatime (always) or noatime (never)."""
+        if self.read_only or self.atime is AtimePolicy.NOATIME:
+            return
+        if not self.diratime and stat.S_ISDIR(inode.mode):
             return
         now = self._now()
         a = inode.atime_ns
-        if a <= inode.mtime_ns or a <= inode.ctime_ns or now - a >= RELATIME_NS:
+        strict = self.atime is AtimePolicy.STRICTATIME
+        if strict or a <= inode.mtime_ns or a <= inode.ctime_ns or now - a >= RELATIME_NS:
             inode.atime_ns = now
             self.inodes.put(inode)
 

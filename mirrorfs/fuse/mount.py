@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from mirrorfs.fs.api import ATIME_OPTIONS, AtimePolicy
 from mirrorfs.fs.filesystem import Filesystem
 from mirrorfs.fuse.bdi import raise_readahead
 from mirrorfs.fuse.invalidate import KernelInvalidator
@@ -105,9 +106,25 @@ def fuse_options(volume_dir: str, extra: Sequence[str] = (), *, read_only: bool)
         opts.update(o.strip() for o in opt.split(",") if o.strip())
     opts.discard("rw")
     opts.discard(WRITEBACK_OPTION)  # ours (MountConfig.writeback_cache), unknown to libfuse
+    # atime options are ours to apply (atime_policy); libfuse rejects all but noatime, which
+    # it passes to the kernel (so that /proc/mounts shows it).
+    opts -= ATIME_OPTIONS - {"noatime"}
     if read_only:
         opts.add("ro")
     return opts
+
+
+def atime_policy(extra: Sequence[str]) -> tuple[AtimePolicy, bool]:
+    """(when reads update atime, whether directories' atime too) from the ``-o`` values; the
+    last of relatime/strictatime/noatime wins, as in mount(8)."""
+    policy, diratime = AtimePolicy.RELATIME, True
+    for opt in extra:
+        for o in (o.strip() for o in opt.split(",")):
+            if o == "nodiratime":
+                diratime = False
+            elif o in ATIME_OPTIONS:
+                policy = AtimePolicy(o)
+    return policy, diratime
 
 
 def wants_writeback(cfg: MountConfig) -> bool:
@@ -260,7 +277,8 @@ async def _run(cfg: MountConfig, on_ready: Callable[[], None] | None) -> None:
         if cfg.write_pid_file:
             stack.enter_context(PidFile(os.path.join(volume_dir, MOUNT_PID_FILE)))
 
-        fs = Filesystem(volume, read_only=cfg.read_only)
+        atime, diratime = atime_policy(cfg.options)
+        fs = Filesystem(volume, read_only=cfg.read_only, atime=atime, diratime=diratime)
         stack.callback(fs.close)
         ops = Operations(
             fs,
