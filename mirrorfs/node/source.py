@@ -37,7 +37,7 @@ class SourceConfig:
     #: Where ``secret`` came from: passed on to the replica daemon a switchover starts.
     secret_file: str | None = None
     max_log_bytes: int | None = None
-    window_bytes: int = 8 << 20
+    window_bytes: int = 32 << 20
     #: Keep accepting writes even after meeting a newer epoch (split brain on purpose).
     force: bool = False
     #: Ship to non-loopback targets without a secret (``mount --insecure``).

@@ -504,7 +504,7 @@ class Receiver:
                     if out.drop is not None:
                         await pipe.flush()  # the TXNs before it count
                         await self._dropped(ses, out.drop)
-                    if self.store.group_full:
+                    if self.store.group.full:
                         await pipe.flush()
                     await self._answer_verify(ses)
                     if machine.ack_due(trio.current_time()):

@@ -8,12 +8,14 @@ the layers above, and what the status reports of the last initial sync and resyn
 Streaming TXNs go through three stages (driven by mirrorfs.repl.receiver):
 
 ``receive_apply``  (trio thread, what the session machine calls) takes TXN seq into the
-                   group being collected; only its sequence number is checked here.
-``log_group``      (a worker thread, under the receiver's ``CapacityLimiter(1)``, which
+                   group being collected (``self.group``, mirrorfs.repl.replica_log); only
+                   its sequence number is checked here.
+``GroupLog.log``   (a worker thread, under the receiver's ``CapacityLimiter(1)``, which
                    also serializes checkpoints, so one thread at a time owns the SAM log)
                    validates each record once, appends it, then ONE fsync for the group.
-                   Only then ``logged`` moves the received position that ACKs report:
-                   nothing is acknowledged as received before its fsync returned.
+                   Only then ``GroupLog.logged`` moves the received position that ACKs
+                   report (``positions``): nothing is acknowledged as received before its
+                   fsync returned.
 ``apply_step``     (trio thread, synchronous) applies whole transactions in place, several
                    per step up to a byte budget, and calls ``on_applied`` for each in that
                    same step, with no await in between: a FUSE request on the read-only
@@ -49,21 +51,19 @@ applies them from the log at the end of the session, in one step, so the replica
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from mirrorfs.repl.fork import judge
 from mirrorfs.repl.handshake import Peer
 from mirrorfs.repl.initial_sync import finish_copy, start_replica
+from mirrorfs.repl.replica_log import CheckpointClock, GroupLog
 from mirrorfs.repl.resync import TargetResync
 from mirrorfs.repl.switchover import switchover_refusal
 from mirrorfs.repl.target_session import ResyncStage
 from mirrorfs.repl.verify import range_digests
 from mirrorfs.repl.wire import Switchover, SwitchoverDone, SyncBegin, SyncBlocks, SyncEnd
-from mirrorfs.store.errors import LogError
 from mirrorfs.store.nodestate import Role
 from mirrorfs.store.txn import Transaction
 from mirrorfs.store.volume import Volume
@@ -74,17 +74,7 @@ OnApplied = Callable[[Transaction], None]
 OnVolume = Callable[[Volume], None]
 OnSwitchover = Callable[[Switchover], SwitchoverDone]
 
-GROUP_BYTES = 32 << 20  # record bytes appended before one fsync, at most
 APPLY_STEP_BYTES = 8 << 20  # in-place bytes per step of the loop (whole transactions)
-
-
-@dataclass(slots=True)
-class LoggedGroup:
-    """What ``log_group`` did: the transactions now durable (in order) and, if one failed,
-    why (the ones before it are durable all the same)."""
-
-    txns: list[Transaction] = field(default_factory=list)
-    error: Exception | None = None
 
 
 class ReplicaStore:
@@ -115,15 +105,9 @@ class ReplicaStore:
         self.sync_blocks_copied = 0
         self.sync_blocks_total = 0
         self._consistent_reported = volume is not None and volume.consistent
-        # The group being collected, the last seq taken into the pipeline (0: none since it
-        # was idle), and the received position that ACKs may report while a group is being
-        # logged (None: the log is durable as it stands).
-        self._group: list[tuple[int, bytes]] = []
-        self._group_bytes = 0
-        self._taken_seq = 0
-        self._durable_seq: int | None = None
-        self._applied_bytes = 0  # in-place bytes since the last checkpoint
-        self._checkpoint_clock = time.monotonic()
+        self.group = GroupLog()  # TXNs taken, logged with one fsync (repl/replica_log.py)
+        self.checkpoints = CheckpointClock()
+        self.apply_step_bytes = APPLY_STEP_BYTES
 
     # ------------------------------------------------------------------ what it holds
 
@@ -175,8 +159,7 @@ class ReplicaStore:
     def positions(self) -> tuple[int, int]:
         """(received, applied): received is what is durable in the log, never more."""
         vol = self._vol()
-        received = vol.received_seq if self._durable_seq is None else self._durable_seq
-        return received, vol.last_seq
+        return self.group.received(vol), vol.last_seq
 
     def status(self) -> dict[str, Any]:
         """The volume's part of the receiver's status."""
@@ -215,25 +198,8 @@ class ReplicaStore:
 
     def receive_apply(self, seq: int, record: bytes) -> None:
         """Take TXN ``seq`` into the group being collected (module docstring): logged by
-        ``log_group``, then applied by ``apply_step``. Raises LogError out of sequence."""
-        vol = self._vol()
-        vol.check_usable()
-        expect = max(self._taken_seq, vol.received_seq) + 1
-        if seq != expect:
-            raise LogError(f"out of sequence: got seq {seq}, expected {expect}", seq=seq)
-        self._group.append((seq, record))
-        self._group_bytes += len(record)
-        self._taken_seq = seq
-
-    @property
-    def has_group(self) -> bool:
-        """TXNs were taken and are not logged yet."""
-        return bool(self._group)
-
-    @property
-    def group_full(self) -> bool:
-        """The group is as large as one fsync should cover: log it now."""
-        return self._group_bytes >= GROUP_BYTES
+        ``GroupLog.log``, then applied by ``apply_step``. Raises LogError out of sequence."""
+        self.group.take(self._vol(), seq, record)
 
     @property
     def overlap_ok(self) -> bool:
@@ -242,43 +208,11 @@ class ReplicaStore:
         vol = self.volume
         return vol is not None and vol.consistent
 
-    def take_group(self) -> list[tuple[int, bytes]]:
-        """The collected group, for ``log_group`` (trio thread, before the thread starts)."""
-        group, self._group, self._group_bytes = self._group, [], 0
-        if group and self._durable_seq is None:
-            self._durable_seq = self._vol().received_seq
-        return group
-
-    def log_group(self, group: list[tuple[int, bytes]]) -> LoggedGroup:
-        """Validate and append every record of ``group``, then fsync once (a worker thread:
-        the caller's limiter makes it the only one that touches the SAM log)."""
-        applier = self._vol().applier
-        out = LoggedGroup()
-        for seq, record in group:
-            try:
-                out.txns.append(applier.receive(seq, record, sync=False))
-            except Exception as exc:  # the ones before it are logged: they count
-                out.error = exc
-                break
-        if out.txns:
-            try:
-                applier.sync_log()
-            except Exception as exc:  # the volume is failed: nothing of the group counts
-                return LoggedGroup([], exc)
-        return out
-
-    def logged(self, group: LoggedGroup) -> None:
-        """``log_group`` returned (trio thread): its transactions may be acked as received."""
-        if group.txns:
-            self._durable_seq = group.txns[-1].seq
-        if self._durable_seq == self._vol().received_seq and not self.failed:
-            self._durable_seq = None
-
-    def apply_step(self, pending: deque[Transaction], max_bytes: int = APPLY_STEP_BYTES) -> int:
+    def apply_step(self, pending: deque[Transaction]) -> int:
         """Apply whole transactions from ``pending`` (durable, in order) in place, up to
-        ``max_bytes`` (at least one), and tell the layers above: one step, no await. Returns
-        how many."""
-        vol = self._vol()
+        ``apply_step_bytes`` (at least one), and tell the layers above: one step, no await.
+        Returns how many."""
+        vol, max_bytes = self._vol(), self.apply_step_bytes
         n = size = 0
         while pending and (n == 0 or size < max_bytes):
             txn = pending[0]
@@ -289,7 +223,7 @@ class ReplicaStore:
             pending.popleft()
             nbytes = sum(len(data) for _, data in txn.runs)
             size += nbytes
-            self._applied_bytes += nbytes
+            self.checkpoints.applied(nbytes)
             n += 1
             self._notify(txn)
         self._check_consistent(vol)
@@ -302,38 +236,13 @@ class ReplicaStore:
             except Exception:
                 log.exception("on_applied failed for seq %d", txn.seq)
 
-    def checkpoint_due(self) -> bool:
-        """Enough was applied (bytes or time) since the last checkpoint."""
-        vol = self.volume
-        if vol is None or vol.failed or vol.state.checkpointed_seq == vol.last_seq:
-            return False
-        ck = vol.checkpointer
-        elapsed = time.monotonic() - self._checkpoint_clock
-        return self._applied_bytes >= ck.every_bytes or elapsed >= ck.every_seconds
-
-    def presync(self) -> None:
-        """fsync the block file (a worker thread, beside the logging; nothing is applied
-        meanwhile): the checkpoint's own fsync then has little left to write."""
-        self._vol().device.sync()
-
-    def checkpoint(self) -> None:
-        """Checkpoint the replica (a worker thread under the log's limiter; the caller
-        applies nothing meanwhile, so ``last_seq`` is what the block-file fsync covers)."""
-        self._vol().checkpointer.checkpoint()
-
-    def checkpointed(self) -> None:
-        """``checkpoint`` returned (trio thread)."""
-        self._applied_bytes = 0
-        self._checkpoint_clock = time.monotonic()
-
     def settle(self) -> int:
         """The session ended: forget the group not logged, apply what is logged but not
         applied (from the log), in one step. Returns how many were applied."""
-        self._group, self._group_bytes, self._taken_seq = [], 0, 0
         vol = self.volume
         if vol is None or vol.failed or self.resync is not None:
             return 0
-        self._durable_seq = None
+        self.group.reset()
         if vol.received_seq <= vol.last_seq or vol.state.sync_state:
             return 0
         vol.applier.sync_log()  # (a cancelled group may not have had its fsync)
@@ -364,7 +273,7 @@ class ReplicaStore:
 
     def start_copy(self, msg: SyncBegin, peer: Peer) -> None:
         old, self.volume = self.volume, None
-        self._taken_seq, self._durable_seq = 0, None
+        self.group.reset()
         self.volume = start_replica(self.volume_dir, old, msg, peer, self.node_id)
         self._consistent_reported = False
         self.sync_blocks_copied, self.sync_blocks_total = 0, msg.block_count
@@ -390,7 +299,7 @@ class ReplicaStore:
 
     def begin_resync(self, msg: SyncBegin, fork_seq: int | None, peer: Peer) -> TargetResync:
         epochs = [list(e) for e in peer.epochs]
-        self._taken_seq = 0  # (the group ends here: the receiver logged and applied it)
+        self.group.reset()  # (every TXN before it is logged and applied: nothing is lost)
         self.resync = TargetResync(self._vol(), msg, fork_seq=fork_seq, source_epochs=epochs)
         return self.resync
 

@@ -6,10 +6,10 @@ machine, which takes it into the store's group (``ReplicaStore.receive_apply``).
 ``flush``   when the reader's queue is drained (or the group is ``GROUP_BYTES`` big): a
             worker thread, under ``limiter`` (a ``trio.CapacityLimiter(1)``: one thread at a
             time owns the SAM log), validates and appends every record of the group and
-            fsyncs ONCE (``ReplicaStore.log_group``); meanwhile the loop serves FUSE requests
-            and reads frames. Then one ACK: received = the group's last seq, never before
-            the fsync returned. Then the group goes to the applier, through a channel of
-            ``APPLY_QUEUE`` groups (back-pressure, bounded memory).
+            fsyncs ONCE (``GroupLog.log``, mirrorfs.repl.replica_log); meanwhile the loop
+            serves FUSE requests and reads frames. Then one ACK: received = the group's
+            last seq, never before the fsync returned. Then the group goes to the applier,
+            through a channel of ``APPLY_QUEUE`` groups (back-pressure, bounded memory).
 ``apply``   the applier task: whole transactions in place, several per step
             (``ReplicaStore.apply_step``: ``on_applied`` for each in that same step, no await
             inside), the loop serving FUSE requests between steps; group N is applied while
@@ -73,7 +73,7 @@ class TxnPipeline:
     @property
     def busy(self) -> bool:
         """Work in flight: a group collected or being logged, groups not applied yet."""
-        return bool(self.store.has_group or self.batches or self.threads)
+        return bool(self.store.group.pending or self.batches or self.threads)
 
     async def _in_thread(self, fn: Callable[[], Any], limiter: trio.CapacityLimiter | None):
         self.threads += 1
@@ -85,13 +85,15 @@ class TxnPipeline:
     async def flush(self, *, drain: bool = False) -> None:
         """Log the collected group (append, one fsync), ACK it as received and hand it to
         the applier; with ``drain``, then wait until everything logged is applied."""
-        store = self.store
-        if store.has_group:
+        store, glog = self.store, self.store.group
+        if glog.pending:
             if not store.overlap_ok:
                 await self.applied_all()  # see ReplicaStore.overlap_ok
-            group = store.take_group()
-            done = await self._in_thread(lambda: store.log_group(group), self.limiter)
-            store.logged(done)
+            vol = store.volume
+            assert vol is not None
+            group = glog.take_group(vol)
+            done = await self._in_thread(lambda: glog.log(vol, group), self.limiter)
+            glog.logged(vol, done)
             if done.error is not None:
                 # (what was logged before it is applied by ``settle``, the session ending)
                 await self._dropped(self.machine.failed("TXN", done.error).drop)
@@ -126,12 +128,13 @@ class TxnPipeline:
                 self._progress = trio.Event()
                 if not self.batches or machine.ack_due(trio.current_time()):
                     await self._ack()
-                if store.checkpoint_due():
+                if store.checkpoints.due(store.volume):
                     await self._checkpoint()
 
     async def _checkpoint(self) -> None:
         # This task applies nothing meanwhile: last_seq is what the block-file fsync covers.
-        store = self.store
-        await self._in_thread(store.presync, None)
-        await self._in_thread(store.checkpoint, self.limiter)
-        store.checkpointed()
+        vol, clock = self.store.volume, self.store.checkpoints
+        assert vol is not None
+        await self._in_thread(lambda: clock.presync(vol), None)
+        await self._in_thread(lambda: clock.checkpoint(vol), self.limiter)
+        clock.done()
