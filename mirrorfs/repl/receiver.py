@@ -525,6 +525,10 @@ class Receiver:
         raise _Drop(drop.reason, error=drop.error)
 
     async def _answer_verify(self, ses: _Session) -> None:
+        if ses.machine.pending_verify and ses.pipeline is not None:
+            # Nothing may be applied while the digests are computed: let the applier finish
+            # (the processor, which feeds it, waits here and below).
+            await ses.pipeline.flush(drain=True)
         while (item := ses.machine.next_verify()) is not None:
             if isinstance(item, VerifyReply):
                 await self._send(ses, item)
