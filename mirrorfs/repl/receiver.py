@@ -13,7 +13,8 @@ mirrorfs/INTERNALS.md ("Replication session"):
                              write_sync_blocks, finish_sync_copy), then ACK(S, S); or a
                              resync of a consistent one (repl/resync.py: staged, then
                              applied as one group when TXN T is staged)
-    TXN                      Volume.receive (log + fsync) and Volume.apply, then ACK
+    TXN                      logged in groups (one fsync each), ACK(received); applied in
+                             batches, ACK(applied) (mirrorfs.repl.txn_pipeline)
     PING / VERIFY_REQ        PONG / VERIFY_REPLY (once applied_seq reaches the asked seq)
     SWITCHOVER               SWITCHOVER_DONE: checked (repl/switchover.py), then promoted by
                              ``on_switchover`` in the same step; no TXN is taken after that
@@ -30,20 +31,16 @@ Concurrency (one trio loop, shared with the FUSE handlers of a read-only mount):
 - Per session, a reader task decodes frames into a bounded channel (back-pressure on the
   TCP stream), a processor task handles them, an applier task applies what is logged, and
   a keepalive task pings.
-- TXNs are a pipeline (mirrorfs.repl.txn_pipeline, over mirrorfs.repl.replica_store): the
-  processor collects the TXNs that the reader has queued into a group, a worker thread
-  appends them and fsyncs ONCE (under ``log_limiter``, a ``trio.CapacityLimiter(1)``)
-  while the loop serves FUSE requests, then one ACK says received = the group's last seq
-  (never before the fsync returned). The applier task applies whole transactions in steps,
-  ``on_applied`` for each in the same step with no await inside, so a FUSE request served
-  by the same loop sees a replica before or after each whole transaction, never in
-  between, and never with caches older than the blocks. Group N is applied while group
-  N+1 is logged.
-- Every frame that is not a TXN is handled once every TXN before it is logged and applied:
-  a SWITCHOVER, a VERIFY_REQ, a SYNC_BEGIN see the replica at the last TXN, and nothing is
-  applied while a VERIFY_REQ's digests are computed.
-- A session that ends leaves nothing logged and unapplied: ``ReplicaStore.settle`` applies
-  it from the log once the session's tasks (and threads) have ended.
+- TXNs are a pipeline (mirrorfs.repl.txn_pipeline): the processor collects the TXNs that
+  the reader queued into a group, a worker thread under ``log_limiter`` (a
+  ``trio.CapacityLimiter(1)``) appends them and fsyncs ONCE while the loop serves FUSE
+  requests, then one ACK says received = the group's last seq (never before the fsync
+  returned); the applier task applies whole transactions in steps, ``on_applied`` for each
+  in the same step with no await inside, so a FUSE request served by the same loop sees a
+  replica before or after each whole transaction, never in between, and never with caches
+  older than the blocks. A frame that is not a TXN waits until every TXN before it is
+  logged and applied; what a session that ends logged is applied by
+  ``ReplicaStore.settle``.
 - ACKs are coalesced: one after the processor has drained what the reader had queued (and
   logged it), one when the applier has applied everything queued, and at least every
   ``ACK_DELAY`` while either keeps working.
