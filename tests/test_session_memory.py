@@ -73,20 +73,24 @@ class Pair:
             self.receiver.volume.close()
 
 
-async def settle() -> None:
-    """Until every task waits (for a frame, a timer or an event)."""
+async def settle(p: Pair | None = None) -> None:
+    """Until every task waits (for a frame, a timer or an event) and the receiver's worker
+    threads are done (a task waiting for one counts as blocked)."""
     await trio.testing.wait_all_tasks_blocked()
+    while p is not None and p.receiver.busy:
+        await trio.sleep(0.001)
+        await trio.testing.wait_all_tasks_blocked()
 
 
 async def test_initial_sync_streaming_and_acks(tmp_path, rng, nursery, autojump_clock):
     p = Pair(tmp_path)
     p.commit(rng, 10)
     await p.start(nursery)
-    await settle()
+    await settle(p)
     assert p.caught_up() and p.shipper.state is ShipperState.STREAMING
     assert p.receiver.state is ReceiverState.STREAMING
     p.commit(rng, 25)
-    await settle()
+    await settle(p)
     assert p.caught_up()
     st = p.shipper.status()
     assert st["received_seq"] == st["applied_seq"] == p.src.last_seq
@@ -100,14 +104,14 @@ async def test_initial_sync_streaming_and_acks(tmp_path, rng, nursery, autojump_
 async def test_an_idle_session_lives_on_keepalives(tmp_path, rng, nursery, autojump_clock):
     p = Pair(tmp_path, keepalive=5.0, silence=30.0)
     await p.start(nursery)
-    await settle()
+    await settle(p)
     start = trio.current_time()
     await trio.sleep(600)  # ten virtual minutes of silence from the writers
     assert trio.current_time() - start >= 600
     assert p.shipper.connections == 1 and p.shipper.state is ShipperState.STREAMING
     assert p.receiver.status()["sessions"] == 1
     p.commit(rng)
-    await settle()
+    await settle(p)
     assert p.caught_up()
     p.close()
 
@@ -115,7 +119,7 @@ async def test_an_idle_session_lives_on_keepalives(tmp_path, rng, nursery, autoj
 async def test_a_cut_connection_is_resumed_after_backoff(tmp_path, rng, nursery, autojump_clock):
     p = Pair(tmp_path)
     await p.start(nursery)
-    await settle()
+    await settle(p)
     first = p.src.last_seq
     # the target goes away: the connection breaks, reconnects are refused
     p.listener.stop()
@@ -126,7 +130,7 @@ async def test_a_cut_connection_is_resumed_after_backoff(tmp_path, rng, nursery,
     # it comes back: the next attempt (within the 5 s backoff cap) resumes from its position
     await nursery.start(p.listener.serve)
     await trio.sleep(5.0)
-    await settle()
+    await settle(p)
     assert p.caught_up() and p.shipper.connections == 2
     assert p.receiver.volume.last_seq == first + 3
     p.close()
@@ -180,13 +184,13 @@ async def test_a_connection_cut_under_the_receiver_is_one_line_not_a_bug(
 
     p.shipper._connect = recording_connect
     await p.start(nursery)
-    await settle()
+    await settle(p)
     for _ in range(3):
         p.commit(rng, 5)
         await clients[-1].aclose()  # the link is cut under both ends
-        await settle()
+        await settle(p)
         await trio.sleep(6.0)  # past the shipper's backoff: it reconnects
-        await settle()
+        await settle(p)
     assert p.caught_up() and p.shipper.connections >= 4
     bad = [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
     assert not bad, [r.getMessage() for r in bad]

@@ -38,7 +38,10 @@ class SourceConfig:
     #: Where ``secret`` came from: passed on to the replica daemon a switchover starts.
     secret_file: str | None = None
     max_log_bytes: int | None = None
-    window_bytes: int = 8 << 20
+    #: TXN bytes shipped and not yet acknowledged as received. Several 16 MiB transactions
+    #: (the commit bound) must fit: with one in flight the target can neither group its
+    #: fsyncs nor log one transaction while the next one travels (stop-and-wait).
+    window_bytes: int = 64 << 20
     #: Keep accepting writes even after meeting a newer epoch (split brain on purpose).
     force: bool = False
     #: Ship to non-loopback targets without a secret (``mount --insecure``).

@@ -13,7 +13,8 @@ mirrorfs/INTERNALS.md ("Replication session"):
                              write_sync_blocks, finish_sync_copy), then ACK(S, S); or a
                              resync of a consistent one (repl/resync.py: staged, then
                              applied as one group when TXN T is staged)
-    TXN                      Volume.receive (log + fsync) and Volume.apply, then ACK
+    TXN                      logged in groups (one fsync each), ACK(received); applied in
+                             batches, ACK(applied) (mirrorfs.repl.txn_pipeline)
     PING / VERIFY_REQ        PONG / VERIFY_REPLY (once applied_seq reaches the asked seq)
     SWITCHOVER               SWITCHOVER_DONE: checked (repl/switchover.py), then promoted by
                              ``on_switchover`` in the same step; no TXN is taken after that
@@ -33,13 +34,21 @@ Concurrency (one trio loop, shared with the FUSE handlers of a read-only mount):
   that sends ACCEPT, with no await in between, so two connections can never both become
   the active source, and a slow or hostile client never holds it.
 - Per session, a reader task decodes frames into a bounded channel (back-pressure on the
-  TCP stream), a processor task handles them, and a keepalive task pings.
-- The processor handles a TXN between two awaits: receive, apply, refresh the allocator,
-  then ``on_applied(txn)`` (which drops the filesystem's caches of what changed). A FUSE
-  request served by the same loop therefore sees a replica before or after a whole
-  transaction, never in between, and never with caches older than the blocks.
-- ACKs are coalesced: one after the processor has drained what the reader had queued, and
-  at least every ``ACK_DELAY`` while it keeps draining.
+  TCP stream), a processor task handles them, an applier task applies what is logged, and
+  a keepalive task pings.
+- TXNs are a pipeline (mirrorfs.repl.txn_pipeline): the processor collects the TXNs that
+  the reader queued into a group, a worker thread under ``log_limiter`` (a
+  ``trio.CapacityLimiter(1)``) appends them and fsyncs ONCE while the loop serves FUSE
+  requests, then one ACK says received = the group's last seq (never before the fsync
+  returned); the applier task applies whole transactions in steps, ``on_applied`` for each
+  in the same step with no await inside, so a FUSE request served by the same loop sees a
+  replica before or after each whole transaction, never in between, and never with caches
+  older than the blocks. A frame that is not a TXN waits until every TXN before it is
+  logged and applied; what a session that ends logged is applied by
+  ``ReplicaStore.settle``.
+- ACKs are coalesced: one after the processor has drained what the reader had queued (and
+  logged it), one when the applier has applied everything queued, and at least every
+  ``ACK_DELAY`` while either keeps working.
 - During a resync nothing is applied (frames go to the stage, VERIFY_REQ is answered at the
   unchanging applied seq A); the frame that completes the stage applies the whole group and
   calls ``on_resynced`` in the same step, so a reader sees A, then T, never a mix.
@@ -75,6 +84,7 @@ from mirrorfs.repl.target_session import (
     TargetSession,
     failure_report,
 )
+from mirrorfs.repl.txn_pipeline import TxnPipeline
 from mirrorfs.repl.wire import (
     ErrorState,
     Hello,
@@ -84,8 +94,10 @@ from mirrorfs.repl.wire import (
     Refuse,
     RefuseReason,
     ReplError,
+    Txn,
     VerifyReply,
 )
+from mirrorfs.store.errors import StoreError
 from mirrorfs.store.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -149,6 +161,7 @@ class _Session:
     reason: str = ""
     error: bool = False
     cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
+    pipeline: TxnPipeline | None = None  # set once the session's tasks start
 
     @property
     def peer(self) -> Peer:
@@ -221,6 +234,7 @@ class Receiver:
         self._busy = False
         self._rate = RateMeter(window=THROUGHPUT_WINDOW)
         self._bytes_before = 0  # bytes received by the sessions that ended
+        self._log_limiter: trio.CapacityLimiter | None = None  # one thread owns the SAM log
 
     # ------------------------------------------------------------------------------ status
 
@@ -247,6 +261,13 @@ class Receiver:
         if active is not None:
             return _PHASE_STATE[active.machine.phase]
         return self._status.state
+
+    @property
+    def busy(self) -> bool:
+        """TXNs are being logged or applied (tests wait for this to end, as worker threads
+        do not count as running tasks for ``trio.testing.wait_all_tasks_blocked``)."""
+        active = self._active
+        return active is not None and active.pipeline is not None and active.pipeline.busy
 
     def status(self) -> dict[str, Any]:
         """A JSON-able snapshot (positions read from the volume now)."""
@@ -362,13 +383,25 @@ class Receiver:
                     raise _Drop(f"the replica volume is failed: {store.failed}", error=True)
                 async with trio.open_nursery() as nursery:
                     send, receive = trio.open_memory_channel[Message](QUEUE_FRAMES)
+                    ses.pipeline = pipe = TxnPipeline(
+                        store,
+                        machine,
+                        self.log_limiter,
+                        ack=lambda: self._ack(ses),
+                        dropped=lambda drop: self._dropped(ses, drop),
+                    )
                     nursery.start_soon(self._guard, ses, self._read, send)
-                    nursery.start_soon(self._guard, ses, self._process, receive)
+                    nursery.start_soon(self._guard, ses, self._process, receive, pipe)
+                    nursery.start_soon(self._guard, ses, self._apply, pipe)
                     nursery.start_soon(self._guard, ses, self._keepalive)
         except _Drop as exc:  # raised before the nursery started
             ses.drop(str(exc), error=exc.error)
         finally:
             machine.close(ses.reason or "session ended")
+            try:  # every task and thread has ended: apply what was logged and not applied
+                store.settle()
+            except (StoreError, OSError) as exc:
+                log.error("cannot apply what the last session logged: %s", exc)
             self._sample()
             self._bytes_before += fs.bytes_received
             self._active = None
@@ -422,19 +455,36 @@ class Receiver:
             if ses.machine.ping_due(trio.current_time()):
                 await self._send(ses, Ping(time.time_ns()))
 
-    async def _process(self, ses: _Session, receive: trio.MemoryReceiveChannel[Message]) -> None:
+    @property
+    def log_limiter(self) -> trio.CapacityLimiter:
+        """The one worker thread that appends to / fsyncs / checkpoints the SAM log."""
+        if self._log_limiter is None:
+            self._log_limiter = trio.CapacityLimiter(1)
+        return self._log_limiter
+
+    async def _process(
+        self,
+        ses: _Session,
+        receive: trio.MemoryReceiveChannel[Message],
+        pipe: TxnPipeline,
+    ) -> None:
         machine = ses.machine
         async with receive:
             while True:
                 msg = await receive.receive()
-                # Drain what the reader has queued, then acknowledge once (coalesced ACKs),
-                # but never hold an ACK back longer than ACK_DELAY.
+                # Drain what the reader has queued (TXNs join the group), then log the group
+                # and acknowledge once (coalesced), never holding an ACK back > ACK_DELAY.
                 while True:
+                    if not isinstance(msg, Txn):
+                        await pipe.flush(drain=True)
                     out = machine.handle(msg)
                     for reply in out.send:
                         await self._send(ses, reply)
                     if out.drop is not None:
+                        await pipe.flush()  # the TXNs before it count
                         await self._dropped(ses, out.drop)
+                    if self.store.group.full:
+                        await pipe.flush()
                     await self._answer_verify(ses)
                     if machine.ack_due(trio.current_time()):
                         await self._ack(ses)
@@ -442,7 +492,11 @@ class Receiver:
                         msg = receive.receive_nowait()
                     except trio.WouldBlock:
                         break
+                await pipe.flush()
                 await self._ack(ses)
+
+    async def _apply(self, ses: _Session, pipe: TxnPipeline) -> None:
+        await pipe.run_applier()
 
     async def _dropped(self, ses: _Session, drop: Drop) -> None:
         if drop.report is not None:
@@ -450,6 +504,10 @@ class Receiver:
         raise _Drop(drop.reason, error=drop.error)
 
     async def _answer_verify(self, ses: _Session) -> None:
+        if ses.machine.pending_verify and ses.pipeline is not None:
+            # Nothing may be applied while the digests are computed: let the applier finish
+            # (the processor, which feeds it, waits here and below).
+            await ses.pipeline.flush(drain=True)
         while (item := ses.machine.next_verify()) is not None:
             if isinstance(item, VerifyReply):
                 await self._send(ses, item)

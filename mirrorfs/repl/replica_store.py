@@ -3,21 +3,62 @@ the target's replication code calls into the Volume).
 
 ``ReplicaStore`` belongs to one target volume directory and lives across sessions: it holds
 the volume (None while the directory is empty, replaced by an initial sync), the hooks of
-the layers above, and what the status reports of the last initial sync and resync. Every
-method is synchronous: ``receive_apply`` receives, applies, refreshes the allocator and calls
-``on_applied`` in one step; ``commit_resync`` applies the group and calls ``on_resynced`` in
-one step, so a reader on the read-only mount sees whole transactions (or A, then T) only.
+the layers above, and what the status reports of the last initial sync and resync.
+
+Streaming TXNs go through three stages (driven by mirrorfs.repl.receiver):
+
+``receive_apply``  (trio thread, what the session machine calls) takes TXN seq into the
+                   group being collected (``self.group``, mirrorfs.repl.replica_log); only
+                   its sequence number is checked here.
+``GroupLog.log``   (a worker thread, under the receiver's ``CapacityLimiter(1)``, which
+                   also serializes checkpoints, so one thread at a time owns the SAM log)
+                   validates each record once, appends it, then ONE fsync for the group.
+                   Only then ``GroupLog.logged`` moves the received position that ACKs
+                   report (``positions``): nothing is acknowledged as received before its
+                   fsync returned.
+``apply_step``     (trio thread, synchronous) applies whole transactions in place, several
+                   per step up to a byte budget, and calls ``on_applied`` for each in that
+                   same step, with no await in between: a FUSE request on the read-only
+                   mount (served by the same loop) sees the replica before or after each
+                   whole transaction, never in between, and never new blocks through old
+                   caches.
+
+Applying overlaps logging: the in-place writes of group N (trio thread) run while the
+worker thread appends and fsyncs group N+1. That is safe because they touch different
+things: the thread touches the SAM log (and reads the volume's geometry and epoch, which do
+not change while streaming), the apply step touches the block file, the allocator and
+``last_seq``. The periodic checkpoint, which fsyncs the block file and retires log
+segments, runs in a worker thread under the same limiter (never beside a log append) and
+only while nothing is being applied (``last_seq`` stands still during its fsync). The
+checkpoint that ends an initial sync runs inside ``apply``: the receiver applies while no
+group is being logged as long as the replica is not consistent (``overlap_ok``).
+
+Why the in-place pwrite stays on the trio thread: a reader of the read-only mount reads the
+block file directly (``VolumeCore.read``); a pwrite running in a thread while the loop serves
+a read would let that read see some blocks of a transaction and not others. Moving it to a
+thread needs a layer that reads consult first (the transaction's images, installed in the
+same step as ``on_applied`` and dropped after the thread's pwrite returned: then a read sees
+the new images whether or not the pwrite reached a block, and old ones never after the
+step), i.e. the read path of store/core.py. Each step is bounded instead (``APPLY_STEP_BYTES``,
+but always whole transactions), and the loop serves FUSE requests between steps.
+
+A session that ends (a drop, a cut) may leave transactions logged but not applied; ``settle``
+applies them from the log at the end of the session, in one step, so the replica is always at
+``received_seq`` between sessions, as before. ``commit_resync`` applies the group and calls
+``on_resynced`` in one step, so a reader sees A, then T, never a mix.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from mirrorfs.repl.fork import judge
 from mirrorfs.repl.handshake import Peer
 from mirrorfs.repl.initial_sync import finish_copy, start_replica
+from mirrorfs.repl.replica_log import CheckpointClock, GroupLog
 from mirrorfs.repl.resync import TargetResync
 from mirrorfs.repl.switchover import switchover_refusal
 from mirrorfs.repl.target_session import ResyncStage
@@ -32,6 +73,8 @@ log = logging.getLogger(__name__)
 OnApplied = Callable[[Transaction], None]
 OnVolume = Callable[[Volume], None]
 OnSwitchover = Callable[[Switchover], SwitchoverDone]
+
+APPLY_STEP_BYTES = 8 << 20  # in-place bytes per step of the loop (whole transactions)
 
 
 class ReplicaStore:
@@ -62,6 +105,9 @@ class ReplicaStore:
         self.sync_blocks_copied = 0
         self.sync_blocks_total = 0
         self._consistent_reported = volume is not None and volume.consistent
+        self.group = GroupLog()  # TXNs taken, logged with one fsync (repl/replica_log.py)
+        self.checkpoints = CheckpointClock()
+        self.apply_step_bytes = APPLY_STEP_BYTES
 
     # ------------------------------------------------------------------ what it holds
 
@@ -111,8 +157,9 @@ class ReplicaStore:
         }
 
     def positions(self) -> tuple[int, int]:
+        """(received, applied): received is what is durable in the log, never more."""
         vol = self._vol()
-        return vol.received_seq, vol.last_seq
+        return self.group.received(vol), vol.last_seq
 
     def status(self) -> dict[str, Any]:
         """The volume's part of the receiver's status."""
@@ -150,17 +197,68 @@ class ReplicaStore:
     # ------------------------------------------------------------------ streaming
 
     def receive_apply(self, seq: int, record: bytes) -> None:
-        # No await from here to the end: the transaction is received, applied, and the
-        # caches above are told, as one step of the trio loop.
-        vol = self._vol()
-        txn = vol.applier.receive(seq, record)
-        vol.applier.apply(txn)  # keeps the allocator in step with applied bitmap blocks
+        """Take TXN ``seq`` into the group being collected (module docstring): logged by
+        ``GroupLog.log``, then applied by ``apply_step``. Raises LogError out of sequence."""
+        self.group.take(self._vol(), seq, record)
+
+    @property
+    def overlap_ok(self) -> bool:
+        """Whether applying may run beside a group being logged (not before the replica is
+        consistent: the apply that makes it so checkpoints, which retires log segments)."""
+        vol = self.volume
+        return vol is not None and vol.consistent
+
+    def apply_step(self, pending: deque[Transaction]) -> int:
+        """Apply whole transactions from ``pending`` (durable, in order) in place, up to
+        ``apply_step_bytes`` (at least one), and tell the layers above: one step, no await.
+        Returns how many."""
+        vol, max_bytes = self._vol(), self.apply_step_bytes
+        n = size = 0
+        while pending and (n == 0 or size < max_bytes):
+            txn = pending[0]
+            if txn.seq <= vol.last_seq:  # applied already (by ``settle``)
+                pending.popleft()
+                continue
+            vol.applier.apply(txn, checkpoint=False)
+            pending.popleft()
+            nbytes = sum(len(data) for _, data in txn.runs)
+            size += nbytes
+            self.checkpoints.applied(nbytes)
+            n += 1
+            self._notify(txn)
+        self._check_consistent(vol)
+        return n
+
+    def _notify(self, txn: Transaction) -> None:
         if self.on_applied is not None:
             try:
                 self.on_applied(txn)
             except Exception:
                 log.exception("on_applied failed for seq %d", txn.seq)
+
+    def settle(self) -> int:
+        """The session ended: forget the group not logged, apply what is logged but not
+        applied (from the log), in one step. Returns how many were applied."""
+        vol = self.volume
+        if vol is None or vol.failed or self.resync is not None:
+            return 0
+        self.group.reset()
+        if vol.received_seq <= vol.last_seq or vol.state.sync_state:
+            return 0
+        vol.applier.sync_log()  # (a cancelled group may not have had its fsync)
+        first, n = vol.last_seq + 1, 0
+        for txn in vol.samlog.scan(first):
+            vol.applier.apply(txn, checkpoint=False)
+            self._notify(txn)
+            n += 1
         self._check_consistent(vol)
+        log.info(
+            "%s: applied seq %d..%d, logged before the session ended",
+            self.volume_dir,
+            first,
+            vol.last_seq,
+        )
+        return n
 
     def _check_consistent(self, vol: Volume) -> None:
         if self._consistent_reported or not vol.consistent:
@@ -175,6 +273,7 @@ class ReplicaStore:
 
     def start_copy(self, msg: SyncBegin, peer: Peer) -> None:
         old, self.volume = self.volume, None
+        self.group.reset()
         self.volume = start_replica(self.volume_dir, old, msg, peer, self.node_id)
         self._consistent_reported = False
         self.sync_blocks_copied, self.sync_blocks_total = 0, msg.block_count
@@ -200,6 +299,7 @@ class ReplicaStore:
 
     def begin_resync(self, msg: SyncBegin, fork_seq: int | None, peer: Peer) -> TargetResync:
         epochs = [list(e) for e in peer.epochs]
+        self.group.reset()  # (every TXN before it is logged and applied: nothing is lost)
         self.resync = TargetResync(self._vol(), msg, fork_seq=fork_seq, source_epochs=epochs)
         return self.resync
 

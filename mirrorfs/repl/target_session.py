@@ -98,7 +98,9 @@ class TargetStore(Protocol):
         """(received, applied) as an ACK reports them outside a resync."""
 
     def receive_apply(self, seq: int, record: bytes) -> None:
-        """Log TXN ``seq`` durably, apply it, tell the layers above."""
+        """Take TXN ``seq``: logged durably, applied, and told to the layers above, now or
+        by the driver's pipeline (mirrorfs.repl.replica_store: group fsync, batch apply);
+        ``positions`` never reports it received before it is durable."""
 
     def start_copy(self, msg: SyncBegin, peer: Peer) -> None:
         """SYNC_BEGIN(FULL): a new, empty replica of the announced geometry."""
@@ -212,20 +214,26 @@ class TargetSession:
 
     def handle(self, msg: Message) -> Output:
         """One frame from the source: do what it asks of the store, say what to send."""
-        what = msg.TYPE.name
         try:
             return Output(send=self._dispatch(msg))
-        except _Drop as exc:
+        except (_Drop, StoreError, ProtocolError, ValueError, OSError) as exc:
+            return self.failed(msg.TYPE.name, exc)
+
+    def failed(self, what: str, exc: Exception) -> Output:
+        """The drop for a failure while handling a ``what`` frame (also for work that the
+        driver did later for it: a group fsync, a batch apply). Other exceptions: raised."""
+        if isinstance(exc, _Drop):
             return Output(drop=Drop(str(exc)))
-        except VolumeFailed as exc:
+        if isinstance(exc, VolumeFailed):
             report = failure_report(str(exc), full=disk_full(exc))
             return Output(drop=Drop(f"{what}: {exc}", error=True, report=report))
-        except OSError as exc:
+        if isinstance(exc, OSError):
             report = failure_report(str(exc), full=disk_full(exc))
             return Output(drop=Drop(f"{what}: {exc.strerror or exc}", error=True, report=report))
-        except (StoreError, ProtocolError, ValueError) as exc:
+        if isinstance(exc, (StoreError, ProtocolError, ValueError)):
             # LogError: out of sequence, bad record, old epoch; VolumeError: a bad sync run.
             return Output(drop=Drop(f"{what}: {exc}"))
+        raise exc
 
     def _dispatch(self, msg: Message) -> list[Message]:
         if isinstance(msg, Txn):

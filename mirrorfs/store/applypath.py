@@ -114,25 +114,41 @@ class ApplyPath:
                 raise LogError(f"seq {seq} writes past the end of the volume", seq=seq)
         return txn
 
-    def receive(self, seq: int, record_bytes: bytes) -> Transaction:
+    def receive(self, seq: int, record_bytes: bytes, *, sync: bool = True) -> Transaction:
         """Validate a record shipped by the source, append it to the log and fsync it.
 
         The transaction is not applied yet (``apply``); it is durable here, so it can be
         acknowledged as received. Raises LogError when it does not follow what this node has.
+        ``sync=False`` (a group of records, mirrorfs.repl.replica_store): appended only; it is
+        durable, and may be acknowledged, once ``sync_log`` returned.
         """
         vol = self.volume
         vol.check_usable()
         txn = self.check_record(seq, record_bytes, expect=vol.received_seq + 1)
         try:
             vol.samlog.append_validated(txn, record_bytes)
-            vol.samlog.sync()
+            if sync:
+                vol.samlog.sync()
         except OSError as exc:
             vol.fail(f"cannot append to the SAM log: {exc.strerror or exc}")
         self.checkpointer.note_logged(len(record_bytes))
         return txn
 
-    def apply(self, txn: Transaction) -> None:
-        """Write a received transaction in place (the next one in order), allocator too."""
+    def sync_log(self) -> None:
+        """Make every record appended by ``receive(..., sync=False)`` durable (one fsync)."""
+        vol = self.volume
+        try:
+            vol.samlog.sync()
+        except OSError as exc:
+            vol.fail(f"cannot fsync the SAM log: {exc.strerror or exc}")
+
+    def apply(self, txn: Transaction, *, checkpoint: bool = True) -> None:
+        """Write a received transaction in place (the next one in order), allocator too.
+
+        ``checkpoint=False``: no periodic checkpoint here (the caller runs them where the
+        log is not being appended to by another thread); the one that marks the end of an
+        initial sync still runs.
+        """
         vol = self.volume
         if txn.seq != vol.last_seq + 1:
             raise LogError(f"apply out of order: seq {txn.seq} after {vol.last_seq}")
@@ -156,7 +172,7 @@ class ApplyPath:
             st.sync_state = ""
             self.checkpointer.checkpoint()
             log.info("%s: replica is consistent at seq %d", vol.path, txn.seq)
-        else:
+        elif checkpoint:
             self.checkpointer.maybe_checkpoint()
 
     # -- initial sync
