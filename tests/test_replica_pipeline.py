@@ -194,6 +194,7 @@ async def test_readers_on_the_loop_see_whole_transactions(source, target):
         await fs.aclose()
 
 
+@pytest.mark.log_expected(r"injected fsync failure")
 async def test_a_failed_group_fsync_acks_nothing_of_it_and_loses_nothing_acked(
     source, target, tmp_path
 ):

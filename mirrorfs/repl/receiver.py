@@ -56,18 +56,23 @@ Concurrency (one trio loop, shared with the FUSE handlers of a read-only mount):
 
 from __future__ import annotations
 
-import enum
 import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import trio
 
 from mirrorfs.repl.admission import HandshakeLimiter, host_of
 from mirrorfs.repl.lag import RateMeter
+from mirrorfs.repl.receiver_session import (
+    _PHASE_STATE,
+    ReceiverState,
+    ReceiverStatus,
+    _Drop,
+    _Session,
+)
 from mirrorfs.repl.replica_store import OnApplied, OnSwitchover, OnVolume, ReplicaStore
 from mirrorfs.repl.stream import (
     ConnectionClosed,
@@ -80,7 +85,6 @@ from mirrorfs.repl.stream import (
 from mirrorfs.repl.target_session import (
     ACK_DELAY,
     Drop,
-    TargetPhase,
     TargetSession,
     failure_report,
 )
@@ -106,79 +110,6 @@ KEEPALIVE = 5.0  # send a PING after this long without sending anything
 SILENCE_TIMEOUT = 30.0  # drop a source that sent nothing for this long
 QUEUE_FRAMES = 64  # frames decoded ahead of the processor
 THROUGHPUT_WINDOW = 10.0  # seconds of history behind the throughput figure
-
-
-class ReceiverState(enum.StrEnum):
-    """What the receiver is doing (the ``state`` of its status)."""
-
-    WAITING = "waiting"  # no source has connected since the node started
-    INITIAL_SYNC = "initial-sync"  # an empty target is being filled
-    RESYNCING = "resyncing"  # a resync is being staged (the replica stays as it was)
-    STREAMING = "streaming"  # following the source's transactions
-    DISCONNECTED = "disconnected"  # the last source went away; waiting for it to return
-    ERROR = "error"  # the volume cannot take more (disk full, I/O error)
-
-
-class _Drop(ReplError):
-    """End the session: ``str(self)`` is the one-line reason."""
-
-    def __init__(self, reason: str, *, error: bool = False):
-        super().__init__(reason)
-        self.error = error  # the node itself is at fault (ERROR state), not the connection
-
-
-@dataclass(slots=True)
-class ReceiverStatus:
-    """The receiver's status as the control socket reports it (``as_dict``)."""
-
-    state: ReceiverState = ReceiverState.WAITING
-    source_address: str = ""
-    source_node_id: str = ""
-    source_last_seq: int = 0  # as announced in the source's HELLO
-    received_seq: int = 0
-    applied_seq: int = 0
-    consistent: bool = False
-    last_ack_time: float = 0.0  # wall clock of the last ACK sent (0: never)
-    last_contact: float = 0.0  # wall clock of the last frame from a source (0: never)
-    bytes_received: int = 0  # over every session since the node started
-    throughput: float = 0.0  # bytes/s received over the last THROUGHPUT_WINDOW seconds
-    sync_blocks_copied: int = 0
-    sync_blocks_total: int = 0  # block count of the volume being copied
-    sessions: int = 0
-    last_error: str = ""
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "state": self.state.value, "throughput": round(self.throughput, 1)}
-
-
-@dataclass(slots=True)
-class _Session:
-    """One connected, authenticated source: its machine and its connection."""
-
-    fs: FramedStream
-    machine: TargetSession
-    address: str
-    reason: str = ""
-    error: bool = False
-    cancel: trio.CancelScope = field(default_factory=trio.CancelScope)
-    pipeline: TxnPipeline | None = None  # set once the session's tasks start
-
-    @property
-    def peer(self) -> Peer:
-        return self.machine.peer
-
-    def drop(self, reason: str, *, error: bool = False) -> None:
-        """Record the first reason and end every task of the session."""
-        if not self.reason:
-            self.reason, self.error = reason, error
-        self.cancel.cancel()
-
-
-_PHASE_STATE = {
-    TargetPhase.INITIAL_SYNC: ReceiverState.INITIAL_SYNC,
-    TargetPhase.RESYNCING: ReceiverState.RESYNCING,
-    TargetPhase.STREAMING: ReceiverState.STREAMING,
-}
 
 
 class Receiver:
