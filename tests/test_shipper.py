@@ -286,14 +286,16 @@ async def test_initial_sync_then_streaming(tmp_path, rng, nursery):
 async def test_commits_during_initial_sync(tmp_path, rng, nursery):
     """Blocks change while they are copied: the replica still ends block-identical."""
     src = make_source(tmp_path, size=32 * MiB)
-    for b in range(64, 8192, 97):
-        src.write(b, rng.randbytes(BS))
+    # 8 MiB of data: a copy of several chunks, long enough to commit while it runs
+    src.write(64, rng.randbytes(BS * 2048))
     src.commit()
     target = MiniTarget(str(tmp_path / "replica"))
     await nursery.start(target.serve)
     shipper = ship(src, target)
     await nursery.start(shipper.run)
-    await wait_until(lambda: shipper.state is ShipperState.INITIAL_SYNC, what="sync start")
+    with trio.fail_after(30):  # every step, not every 10 ms: the copy may be quick
+        while shipper.state is not ShipperState.INITIAL_SYNC:
+            await trio.sleep(0)
     # Commits while the copy runs (bounded: each one is an fsync, and a slow disk must not
     # turn this into more catching up than the deadline allows).
     for _ in range(300):
