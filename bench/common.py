@@ -264,6 +264,26 @@ def stop_pid(pid: int, *paths: str, timeout: float = STOP_TIMEOUT) -> None:
 # ---- mirrorfs through its command line ------------------------------------------------------
 
 
+def run_mirrorfs(args: tuple[str, ...], out, timeout: float) -> subprocess.CompletedProcess:
+    """``python -m mirrorfs ARGS`` from the repo, stdout and stderr to the open file *out*
+    (a file, not a pipe: a daemon the command starts would hold a pipe open); BenchError if
+    it does not finish in *timeout* seconds."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_DIR, env.get("PYTHONPATH")]))
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "mirrorfs", *args],
+            cwd=REPO_DIR,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        raise BenchError(f"mirrorfs {args[0]} did not finish in {timeout:.0f} s") from None
+
+
 class MirrorfsCli:
     """Runs ``python -m mirrorfs ...`` from the repo, output appended to *log_path*."""
 
@@ -272,24 +292,10 @@ class MirrorfsCli:
 
     def run(self, *args: str, timeout: float) -> None:
         """Run one command; BenchError (its last output line) if it fails or hangs."""
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_DIR, env.get("PYTHONPATH")]))
         with open(self.log_path, "ab") as logf:
             logf.write(f"\n$ mirrorfs {' '.join(args)}\n".encode())
             logf.flush()
-            # Output to a file, not a pipe: a daemonized mount would hold a pipe open.
-            try:
-                proc = subprocess.run(
-                    [sys.executable, "-m", "mirrorfs", *args],
-                    cwd=REPO_DIR,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
-                    timeout=timeout,
-                )
-            except subprocess.TimeoutExpired:
-                raise BenchError(f"mirrorfs {args[0]} did not finish in {timeout:.0f} s")
+            proc = run_mirrorfs(args, logf, timeout)
         if proc.returncode != 0:
             with open(self.log_path, errors="replace") as f:
                 last = first_line(f.read())

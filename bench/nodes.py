@@ -12,13 +12,10 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from typing import Any
 
 from common import (
-    REPO_DIR,
     BenchError,
     MiB,
     MirrorfsCli,
@@ -29,6 +26,7 @@ from common import (
     lazy_unmount,
     pid_alive,
     read_pid_file,
+    run_mirrorfs,
 )
 
 log = logging.getLogger(__name__)
@@ -122,24 +120,10 @@ def free_port() -> int:
 
 def run_output(cli: MirrorfsCli, *args: str, timeout: float) -> tuple[str, float]:
     """Run one mirrorfs command; (its output, seconds). Output also goes to the log."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO_DIR, env.get("PYTHONPATH")]))
     out_path = cli.log_path + ".last"
-    # A file, not a pipe: a daemon the command starts would hold a pipe open.
     with open(out_path, "wb") as outf:
         t0 = time.monotonic()
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "mirrorfs", *args],
-                cwd=REPO_DIR,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=outf,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-            )
-        except subprocess.TimeoutExpired:
-            raise BenchError(f"mirrorfs {args[0]} did not finish in {timeout:.0f} s") from None
+        proc = run_mirrorfs(args, outf, timeout)
         seconds = time.monotonic() - t0
     with open(out_path, errors="replace") as f:
         text = f.read()

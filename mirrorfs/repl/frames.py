@@ -1,21 +1,9 @@
 """Replication frames: the header, its two CRCs, and an incremental decoder (sans-IO).
 
-Frame layout (all integers little-endian)::
-
-    offset size  field
-    0      4     magic          b"MFSW"
-    4      1     version        FRAME_VERSION (1): the layout of this header
-    5      1     type           MsgType
-    6      2     flags          reserved, must be 0 (a receiver rejects unknown bits)
-    8      4     length         payload bytes that follow the header, <= MAX_FRAME (64 MiB)
-    12     4     hcrc           crc32 of bytes 0..12
-    16     4     crc            crc32 of the 20 header bytes with this field zeroed,
-                                continued over the payload
-    20     ...   payload        ``length`` bytes, laid out per message type
-                                (mirrorfs.repl.messages)
-
-What the payloads mean is mirrorfs.repl.messages; mirrorfs.repl.wire puts both together and
-documents the whole format.
+The frame layout (a 20-byte header: magic, version, type, flags, length, a CRC of the
+header and a CRC over header and payload) is specified once, in the docstring of
+mirrorfs.repl.wire, which documents the whole format; what the payloads mean is
+mirrorfs.repl.messages.
 """
 
 from __future__ import annotations
