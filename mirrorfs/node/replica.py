@@ -14,6 +14,10 @@ hands the hints to the session's ``KernelInvalidator`` (mirrorfs.fuse.invalidate
 handler, served by the same loop, thus never sees new blocks through old caches; the
 kernel's caches are dropped afterwards, from a worker thread.
 
+A replica whose own log has a hole (acknowledged seqs missing, store/logrecovery.py) cuts
+it there and is not consistent again before its source has resent them
+(``open_replica_volume``, store/holes.py): it is neither mounted nor promoted meanwhile.
+
 An initial sync replaces the volume's own files in DIR (``Volume.create_replica``: blocks,
 log, node.json) and leaves the daemon's; ``_on_created`` still checks that the control
 socket, the log file and the pid file are in place (cheap, and robust to an operator's
@@ -38,6 +42,7 @@ from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.receiver import Receiver
 from mirrorfs.repl.tls import TlsConfig, accept, peer_address
 from mirrorfs.repl.wire import Switchover, SwitchoverDone, SwitchoverResult
+from mirrorfs.store.errors import LogHole
 from mirrorfs.store.files import (
     BLOCK_FILE,
     CONTROL_SOCKET,
@@ -126,7 +131,20 @@ def open_replica_volume(path: str) -> Volume | None:
             f"{path} holds the source of volume {state.volume_uuid}; a replica needs a target "
             "volume (an empty directory, or a demoted source)"
         )
-    return Volume.open(path)
+    try:
+        return Volume.open(path)
+    except LogHole as hole:
+        # Acknowledged seqs are missing from its own log: cut it at the hole, and stay
+        # unserved (not consistent, store/holes.py) until the source has resent them.
+        log.warning(
+            "%s: the replica's SAM log has a hole: %s; the log is cut there and the replica "
+            "asks its source for seq %d on; it is not served before seq %d is applied again",
+            path,
+            hole.detail,
+            hole.first,
+            hole.last or hole.first,
+        )
+        return Volume.open(path, repair_log=True)
 
 
 @dataclass(slots=True)
