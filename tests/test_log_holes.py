@@ -260,3 +260,32 @@ def test_checkpointed_seq_past_the_log_is_a_hole(vol_path):
     finally:
         vol.close()
     Volume.open(vol_path).close()  # opens silently now
+
+
+def test_replica_repair_cuts_its_log_and_leaves_its_blocks_to_the_source(vol_path, capsys):
+    """On a replica (role target) the repair gives up the seqs but adds no transaction of its
+    own (the source resends what is missing); it is not consistent until it has them."""
+    from mirrorfs.node import volume_commands
+
+    recs = files_then_crash(vol_path, 40)
+    node = Path(vol_path, NODE_FILE)
+    state = json.loads(node.read_text())
+    state["role"] = "target"
+    node.write_text(json.dumps(state))
+    seg = sorted(Path(vol_path, LOG_DIR).glob("*.seg"))[-1]
+    off, seq = recs[6]
+    last = recs[-1][1]
+    os.truncate(seg, off + 50)
+
+    args = type("Args", (), {"dir": vol_path, "repair": True, "debug": False})()
+    volume_commands.cmd_fsck(args)  # (the filesystem may well be NOT clean: it is a mix)
+    out = capsys.readouterr().out
+    assert f"gave up seq {seq}..{last}" in out and f"before seq {last} is received" in out, out
+    assert "replica: the filesystem is only checked" in out, out
+    vol = Volume.open(vol_path)
+    try:
+        assert vol.last_seq == seq - 1  # no local transaction
+        assert vol.state.consistent_at == last and not vol.consistent
+        assert vol.state.epochs == [[1, 1]]  # the source owns the epoch history
+    finally:
+        vol.close()

@@ -282,6 +282,7 @@ def cmd_umount(args: Any) -> int:
 def cmd_fsck(args: Any) -> int:
     """``mirrorfs fsck DIR [--repair]``: 0 when the volume is clean."""
     from mirrorfs.fs import fsck
+    from mirrorfs.store.nodestate import Role
     from mirrorfs.store.volume import Volume
 
     setup_logging(args.debug)
@@ -293,7 +294,15 @@ def cmd_fsck(args: Any) -> int:
         # With repair, fsck commits its fixes and checks again: ``clean`` is the final state.
         if volume.recovery.replayed or volume.recovery.log_note:
             print(f"log: {volume.recovery.describe()}")
-        report = fsck.check(volume, repair=args.repair)
+        # A replica's blocks come from its source: a local fix would be a transaction the
+        # source never had (the log's own repair above only makes it ask for them again).
+        repair_fs = args.repair and volume.state.role != Role.TARGET.value
+        if args.repair and not repair_fs:
+            print(
+                "replica: the filesystem is only checked, not repaired: its source sends "
+                "what it is missing (a local fix would diverge from the source)"
+            )
+        report = fsck.check(volume, repair=repair_fs)
         lines = report.describe()
         print(lines if isinstance(lines, str) else "\n".join(lines))
         clean = report.clean
