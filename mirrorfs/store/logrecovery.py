@@ -95,6 +95,7 @@ class LogRecovery:
         names = sorted(n for n in os.listdir(self.directory) if _NAME_RE.match(n))
         if not names:
             raise LogError(f"no log segments in {self.directory}")
+        mark = syncmark.read(self.directory)  # (read first: a repair removes it)
         entries: list[tuple[str, SegmentHeader | CorruptRecord]] = []
         for name in names:
             try:
@@ -137,9 +138,11 @@ class LogRecovery:
             if not self._check_segment(entries, i, hdr, kept, repair):
                 break
         if kept:
-            self._check_mark(kept[-1], repair)
+            self._check_mark(kept[-1], mark, repair)
         if self._torn_at is not None and not look_only:
             _truncate(*self._torn_at)
+        if self.report.repaired:  # (never look_only) the loss is accepted: a new mark follows
+            syncmark.remove(self.directory)
         if not kept:  # repair removed everything: restart where the first segment began
             first = int(entries[0][0][:20])
             header = SegmentHeader(self.block_size, self.volume_uuid, first, self.generation)
@@ -227,12 +230,10 @@ class LogRecovery:
             r.lose(first, top)
             os.unlink(self.directory / name)
             r.removed_segments.insert(0, name)
-        syncmark.remove(self.directory)
         log.error("SAM log %s: repair cut the log: %s", self.directory, r.reason)
 
-    def _check_mark(self, seg: _Segment, repair: bool) -> None:
+    def _check_mark(self, seg: _Segment, mark: syncmark.SyncMark | None, repair: bool) -> None:
         """A log that ends before its sync mark lost durable records: a hole."""
-        mark = syncmark.read(self.directory)
         last = seg.last_seq
         if mark is None or mark.generation != self.generation or mark.seq <= last + TORN_SLACK:
             return
@@ -249,10 +250,10 @@ class LogRecovery:
         if not repair:
             raise hole
         r = self.report
-        if not r.repaired:
-            r.repaired, r.reason, r.segment, r.offset = True, hole.detail, seg.name, seg.size
         r.lose(last + 1, mark.seq)
-        syncmark.remove(self.directory)
+        if r.repaired:  # cut already (and said so): the mark only widens what was given up
+            return
+        r.repaired, r.reason, r.segment, r.offset = True, hole.detail, seg.name, seg.size
         log.error("SAM log %s: repair accepted a hole: %s", self.directory, hole.detail)
 
     def _read_trailer(self, fd: int, name: str, seg: _Segment) -> record.Record | None:
