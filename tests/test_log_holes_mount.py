@@ -143,3 +143,35 @@ def test_replica_with_a_hole_gets_the_lost_seqs_from_its_source(tmp_path):
         finish_and_compare(src, [rep])  # block-identical again
     finally:
         cluster.close()
+
+
+def test_source_repaired_past_a_hole_rewinds_a_replica_that_had_the_lost_seqs(tmp_path):
+    """The replica acknowledged seqs that the source's log then lost: after ``fsck --repair``
+    (a new epoch at the cut) the replica is found diverged and rewound, not fed new
+    transactions under the old numbers over blocks of the lost ones."""
+    cluster = Cluster(str(tmp_path))
+    try:
+        rep = cluster.replica("rep", mount=False)
+        vol = cluster.mkfs("src", "64M")
+        src = cluster.mount_source(vol, [rep.address])
+        wait_for(lambda: target(status(vol), rep.address)["state"] == "streaming", 30, "stream")
+        for i in range(FILES):
+            with open(os.path.join(src.mountpoint, f"f{i}"), "wb") as f:
+                f.write(bytes([i + 1]) * 10000)
+                f.flush()
+                os.fsync(f.fileno())
+        wait_caught_up(vol)
+        kill_mount(src)
+        cluster.sources.remove(src)
+        logdir = os.path.join(vol, "log")
+        seg = os.path.join(logdir, sorted(n for n in os.listdir(logdir) if n.endswith(".seg"))[-1])
+        _, seq, last = cut_in_the_middle(seg)
+        res = run_cli("fsck", vol, "--repair")
+        assert res.returncode == 0 and f"gave up seq {seq}..{last}" in res.stdout, res.stdout
+        src = cluster.mount_source(vol, [rep.address], mountpoint=src.mountpoint)
+        with open(os.path.join(src.mountpoint, "after"), "wb") as f:
+            f.write(b"written after the repair")
+            os.fsync(f.fileno())
+        finish_and_compare(src, [rep])  # block-identical: the replica took the new history
+    finally:
+        cluster.close()
