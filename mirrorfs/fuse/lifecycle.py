@@ -1,4 +1,4 @@
-"""The process side of a mount's lifecycle: pid file and signals.
+"""The process side of a mount's lifecycle: pid file, signals, and systemd's readiness.
 
 Shared by the read-write mount process (mirrorfs.fuse.mount) and the replica daemon
 (mirrorfs.node.replica), which serves its read-only mount only some of the time. Nothing here
@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Iterable
 
 import trio
@@ -19,8 +20,10 @@ from mirrorfs.store.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-#: What ends a mount process: ``kill``, Ctrl-C, and the terminal going away.
-MOUNT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: What ends a mount process: ``kill`` (systemd's stop) and Ctrl-C. SIGHUP reopens the log
+#: file instead (``HANGUP_SIGNALS``: logrotate's convention).
+MOUNT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANGUP_SIGNALS = (signal.SIGHUP,)
 
 
 class PidFile:
@@ -64,3 +67,21 @@ async def watch_signals(
         task_status.started()
         async for signum in signals:
             on_signal(signal.Signals(signum))
+
+
+def notify_systemd(state: str) -> bool:
+    """Tell systemd ``state`` (``READY=1``, ``STOPPING=1``, ...) when it started this process
+    as a ``Type=notify`` service: one datagram to the socket named by ``$NOTIFY_SOCKET``
+    (sd_notify(3)'s protocol, without libsystemd). False when there is nobody to tell."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path or path[0] not in "/@":
+        return False
+    address = "\0" + path[1:] if path[0] == "@" else path  # "@": the abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd (%s) at %s: %s", state, path, exc.strerror or exc)
+        return False
+    return True

@@ -203,11 +203,17 @@ def cmd_promote(args: argparse.Namespace) -> int:
         report["mountpoint"] = ""
     mountpoint = "" if args.no_mount else (args.mount or report.get("mountpoint") or "")
     report["mountpoint"] = ""
+    # The replica mount's FUSE options (allow_other, ...) unless -o says otherwise.
+    options = list(report.get("mount_options") or []) if args.options is None else args.options
     for line in describe(report):
         print(line)
     if mountpoint:
-        _mount_promoted(volume_dir, mountpoint, args)
-        print(f"  mounted read-write at {mountpoint} ({time.monotonic() - t0:.2f}s after promote)")
+        _mount_promoted(volume_dir, mountpoint, args, options)
+        with_options = f" with -o {','.join(options)}" if options else ""
+        print(
+            f"  mounted read-write at {mountpoint}{with_options} "
+            f"({time.monotonic() - t0:.2f}s after promote)"
+        )
     elif args.mirrors:
         print(
             "  (--mirror takes effect when the volume is mounted: mirrorfs mount DIR MNT "
@@ -241,7 +247,9 @@ def _check_promoted_mirrors(args: argparse.Namespace) -> None:
             raise CommandError(f"{exc}; nothing was promoted") from None
 
 
-def _mount_promoted(volume_dir: str, mountpoint: str, args: argparse.Namespace) -> None:
+def _mount_promoted(
+    volume_dir: str, mountpoint: str, args: argparse.Namespace, options: list[str]
+) -> None:
     """``mirrorfs mount volume_dir mountpoint [--mirror ...]`` after a promotion (with the
     promote command's secret and TLS options); a failure is printed as the mount's own
     error, then as the promotion's (CommandError)."""
@@ -263,6 +271,7 @@ def _mount_promoted(volume_dir: str, mountpoint: str, args: argparse.Namespace) 
             MountArgs(
                 volume_dir,
                 mountpoint,
+                options=list(options),
                 mirrors=mirrors,
                 secret_file=args.secret_file,
                 insecure=args.insecure,
@@ -327,6 +336,7 @@ def cmd_switchover(args: argparse.Namespace) -> int:
         "to": args.to,
         "listen": args.listen,
         "mount": mount,
+        "options": args.options,
         "timeout": args.timeout,
     }
     t0 = time.monotonic()

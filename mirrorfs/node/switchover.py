@@ -61,6 +61,8 @@ class SwitchoverRequest:
     listen: str  # HOST:PORT where this node's replica daemon will listen
     mountpoint: str  # where that daemon mounts read-only ("" = no mount)
     timeout: float = DEFAULT_TIMEOUT
+    #: FUSE options of that read-only mount (by default the source mount's own).
+    mount_options: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -179,6 +181,8 @@ async def switch_source(node: Any, req: SwitchoverRequest) -> dict[str, Any]:
     argv = ["replica", vol.path, "--listen", req.listen]
     if req.mountpoint:
         argv += ["--mount", req.mountpoint]
+        for opt in req.mount_options:
+            argv += ["-o", opt]
     if node.cfg.secret_file:
         argv += ["--secret-file", node.cfg.secret_file]
     if node.cfg.tls is not None:
@@ -202,6 +206,7 @@ async def switch_source(node: Any, req: SwitchoverRequest) -> dict[str, Any]:
         "requests_held": held,
         "listen": req.listen,
         "mountpoint": req.mountpoint,
+        "mount_options": list(req.mount_options) if req.mountpoint else [],
         "handover_pid": helper,
     }
 
