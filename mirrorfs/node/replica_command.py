@@ -86,8 +86,10 @@ def _replica_detached(args: Any) -> int:
 
 
 def _replica_foreground(args: Any) -> int:
+    # Made first, so that a daemon on a new directory logs to DIR/mirrorfs.log from its start.
+    volume_dir = prepare_dir(args.dir)
     setup_daemon_logging(
-        os.path.abspath(args.dir),
+        volume_dir,
         debug=getattr(args, "debug", False),
         ready_fd=args.ready_fd,
         target=args.log,
