@@ -17,13 +17,13 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
 
 import trio
 
-from mirrorfs.fuse.lifecycle import notify_systemd
 from mirrorfs.store.files import DAEMON_LOG_FILE
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,24 @@ def describe(exc: BaseException) -> str:
     else:
         msg = str(exc) or type(exc).__name__
     return " ".join(msg.split())
+
+
+def notify_systemd(state: str) -> bool:
+    """Tell systemd ``state`` (``READY=1``, ``STOPPING=1``, ...) when it started this process
+    as a ``Type=notify`` service: one datagram to the socket named by ``$NOTIFY_SOCKET``
+    (sd_notify(3)'s protocol, without libsystemd). False when there is nobody to tell."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path or path[0] not in "/@":
+        return False
+    address = "\0" + path[1:] if path[0] == "@" else path  # "@": the abstract namespace
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            s.connect(address)
+            s.sendall(state.encode())
+    except OSError as exc:
+        log.warning("cannot notify systemd (%s) at %s: %s", state, path, exc.strerror or exc)
+        return False
+    return True
 
 
 def setup_logging(

@@ -15,7 +15,6 @@ import sys
 import pytest
 
 from mirrorfs import cli, daemon
-from mirrorfs.fuse.lifecycle import notify_systemd
 from mirrorfs.mount_helper import HelperError, mount_argv, umount_argv
 from tests.repl_util import free_port, log_text, node_status, write_secret
 from tests.test_cli import assert_one_line_error
@@ -350,16 +349,16 @@ def _notify_socket(tmp_path) -> socket.socket:
 
 def test_notify_systemd(tmp_path, monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    assert notify_systemd("READY=1") is False
+    assert daemon.notify_systemd("READY=1") is False
     with _notify_socket(tmp_path) as s:
         monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
-        assert notify_systemd("READY=1") is True
+        assert daemon.notify_systemd("READY=1") is True
         assert s.recv(4096) == b"READY=1"
     name = f"mirrorfs-test-{os.getpid()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
         s.bind("\0" + name)
         monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
-        assert notify_systemd("STOPPING=1") is True
+        assert daemon.notify_systemd("STOPPING=1") is True
         assert s.recv(4096) == b"STOPPING=1"
 
 

@@ -1,4 +1,4 @@
-"""The process side of a mount's lifecycle: pid file, signals, and systemd's readiness.
+"""The process side of a mount's lifecycle: pid file and signals.
 
 Shared by the read-write mount process (mirrorfs.fuse.mount) and the replica daemon
 (mirrorfs.node.replica), which serves its read-only mount only some of the time. Nothing here
@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 from collections.abc import Callable, Iterable
 
 import trio
@@ -67,21 +66,3 @@ async def watch_signals(
         task_status.started()
         async for signum in signals:
             on_signal(signal.Signals(signum))
-
-
-def notify_systemd(state: str) -> bool:
-    """Tell systemd ``state`` (``READY=1``, ``STOPPING=1``, ...) when it started this process
-    as a ``Type=notify`` service: one datagram to the socket named by ``$NOTIFY_SOCKET``
-    (sd_notify(3)'s protocol, without libsystemd). False when there is nobody to tell."""
-    path = os.environ.get("NOTIFY_SOCKET", "")
-    if not path or path[0] not in "/@":
-        return False
-    address = "\0" + path[1:] if path[0] == "@" else path  # "@": the abstract namespace
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
-            s.connect(address)
-            s.sendall(state.encode())
-    except OSError as exc:
-        log.warning("cannot notify systemd (%s) at %s: %s", state, path, exc.strerror or exc)
-        return False
-    return True

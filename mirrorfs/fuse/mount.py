@@ -46,11 +46,12 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from mirrorfs.daemon import notify_systemd
 from mirrorfs.fs.api import ATIME_OPTIONS, AtimePolicy
 from mirrorfs.fs.filesystem import Filesystem
 from mirrorfs.fuse.bdi import raise_readahead
 from mirrorfs.fuse.invalidate import KernelInvalidator
-from mirrorfs.fuse.lifecycle import HANGUP_SIGNALS, PidFile, notify_systemd, watch_signals
+from mirrorfs.fuse.lifecycle import HANGUP_SIGNALS, PidFile, watch_signals
 from mirrorfs.fuse.operations import DEFAULT_COMMIT_BOUND, Operations
 from mirrorfs.store.errors import VolumeFailed
 from mirrorfs.store.files import MOUNT_PID_FILE

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from mirrorfs.daemon import notify_systemd
 from mirrorfs.fuse.lifecycle import (
     HANGUP_SIGNALS,
     MOUNT_SIGNALS,
     PidFile,
-    notify_systemd,
     watch_signals,
 )
 from mirrorfs.node.control import ControlError, ControlServer, socket_path
