@@ -458,3 +458,24 @@ def test_replica_secret_file_reason_reaches_the_terminal(tmp_path):
     os.chmod(key, 0o640)
     proc = run_cli("replica", tmp_path / "rep", "--listen", "127.0.0.1:0", "--secret-file", key)
     assert_one_line_error(proc, code=1, contains="secret file is accessible by group or others")
+
+
+def test_source_commands_on_a_stopped_replica(tmp_path):
+    from mirrorfs.store.nodestate import NodeState
+
+    vol = str(tmp_path / "rep")
+    mkfs(vol, "8M")
+    state = NodeState.load(vol)
+    state.role = "target"
+    state.save(vol)
+    for argv, what in (
+        (["verify", vol], "verify"),
+        (["mirror", vol, "--add", "127.0.0.1:9"], "mirror --add"),
+        (["mirror", vol, "--remove", "127.0.0.1:9"], "mirror --remove"),
+        (["switchover", vol, "--to", "127.0.0.1:9", "--listen", "127.0.0.1:9"], "switchover"),
+    ):
+        assert_one_line_error(
+            run_cli(*argv),
+            code=1,
+            contains=f"{vol} is a replica (target): {what} only makes sense on a source",
+        )

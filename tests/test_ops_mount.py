@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.repl_util import Cluster, log_text, status, wait_caught_up
+from tests.repl_util import Cluster, free_port, log_text, status, wait_caught_up
 from tests.test_cli import assert_one_line_error
 from tests.util import (
     REPO,
@@ -251,4 +251,41 @@ def test_promote_keeps_the_replica_mount_options_and_stop(tmp_path):
         assert fsck(rep.dir).returncode == 0
     finally:
         cleanup(promoted)
+        c.close()
+
+
+def test_switchover_keeps_both_mounts_options(tmp_path):
+    """The promoted side mounts read-write with its replica mount's options, the old source
+    mounts read-only with those of its read-write mount."""
+    from tests.test_switchover import _retire, _successors, _switchover
+
+    c = Cluster(str(tmp_path))
+    try:
+        a = c.mkfs("a", "64M")
+        b = c.replica("b", start=False)
+        b.options = ("noexec",)
+        b.start()
+        a_src = c.mount_source(a, [b.address], extra=("-o", "allow_other"))
+        with open(os.path.join(a_src.mountpoint, "f"), "w") as f:
+            f.write("before the switchover\n")
+        wait_caught_up(a)
+        wait_for(b.mounted, 60, "B's read-only mount")
+        port = free_port()
+        _switchover(a, b.address, f"127.0.0.1:{port}")
+        _retire(c, a_src)
+        _successors(
+            c,
+            source=b.dir,
+            source_mnt=b.mountpoint,
+            replica=a,
+            port=port,
+            replica_mnt=a_src.mountpoint,
+        )
+        wait_for(lambda: is_mounted(a_src.mountpoint), 60, "A's read-only mount")
+        b_opts, a_opts = _mount_options(b.mountpoint), _mount_options(a_src.mountpoint)
+        assert "noexec" in b_opts and "rw" in b_opts and "allow_other" not in b_opts
+        assert "allow_other" in a_opts and "ro" in a_opts
+        assert status(b.dir)["mount_options"] == ["noexec"]
+        assert status(a)["mount_options"] == ["allow_other"]
+    finally:
         c.close()
