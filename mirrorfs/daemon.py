@@ -8,6 +8,12 @@ and waits on a *ready pipe*: the child writes one line, ``ok`` once it serves, o
 prints the message as its own one-line error. A child that dies without a word leaves the
 pipe empty, and the parent points at the log file.
 
+Under systemd (``Type=notify``, ``--foreground``) the daemon says ``READY=1`` on
+``$NOTIFY_SOCKET`` when it reports "ok" (``notify_systemd``); a detached child never does
+(its parent is not the service's main process). Where a daemon logs is ``--log``
+(``setup_daemon_logging``): DIR/mirrorfs.log by default, rotated (``DaemonLogFile``) and
+reopened on SIGHUP (``reopen_logs``), or syslog, stderr, nowhere.
+
 A user error is a ``CliError`` (or an exception the command line knows to print as one
 line, ``describe``); ``mirrorfs.cli.main`` prints ``mirrorfs: error: ...`` and exits 1.
 """

@@ -479,3 +479,41 @@ def test_source_commands_on_a_stopped_replica(tmp_path):
             code=1,
             contains=f"{vol} is a replica (target): {what} only makes sense on a source",
         )
+
+
+def test_detached_daemon_logs_where_log_says(tmp_path):
+    """``--log FILE``: the detached daemon's records (and its stderr) go to FILE, not to
+    DIR/mirrorfs.log; ``--log none``: nowhere; ``--log-level warning``: no INFO."""
+    log_file = tmp_path / "elsewhere.log"
+    rep1, rep2 = tmp_path / "rep1", tmp_path / "rep2"
+    started = []
+    try:
+        proc = run_cli("replica", rep1, "--listen", f"127.0.0.1:{free_port()}", "--log", log_file)
+        assert proc.returncode == 0, proc.stderr
+        started.append(rep1)
+        proc = run_cli("replica", rep2, "--listen", f"127.0.0.1:{free_port()}", "--log", "none")
+        assert proc.returncode == 0, proc.stderr
+        started.append(rep2)
+        text = log_file.read_text()
+        assert "INFO mirrorfs.node.replica: replica of" in text
+        assert not (rep1 / "mirrorfs.log").exists() and not (rep2 / "mirrorfs.log").exists()
+    finally:
+        for d in started:
+            run_cli("stop", d)
+    assert "received SIGTERM: shutting down" in log_file.read_text()
+    assert not (rep2 / "mirrorfs.log").exists()
+    rep3 = tmp_path / "rep3"
+    log3 = tmp_path / "quiet.log"
+    proc = run_cli(
+        "replica",
+        rep3,
+        "--listen",
+        f"127.0.0.1:{free_port()}",
+        "--log",
+        log3,
+        "--log-level",
+        "warning",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert run_cli("stop", rep3).returncode == 0
+    assert " INFO " not in log3.read_text()

@@ -104,7 +104,7 @@ def test_mount_t_and_fstab_then_plain_umount(tmp_path):
     if os.geteuid() != 0 or shutil.which("mount") is None or not os.path.isdir("/sbin"):
         pytest.skip("needs root and mount(8) with /sbin")
     fstype = f"mirrorfstest{os.getpid()}"
-    helper = f"/sbin/mount.{fstype}"
+    helper, fuse_helper = f"/sbin/mount.{fstype}", f"/sbin/mount.fuse.{fstype}"
     vol, mnt = str(tmp_path / "vol"), tmp_path / "mnt"
     mnt.mkdir()
     mkfs(vol, "32M")
@@ -143,10 +143,24 @@ def test_mount_t_and_fstab_then_plain_umount(tmp_path):
         assert {"allow_other", "noexec"} <= _mount_options(mnt)
         assert (mnt / "big").read_bytes() == data  # durable across the plain umount
         umount(m)
+
+        # Type fuse.TYPE: mount(8) looks for mount.fuse.TYPE before mount.fuse.
+        os.rename(helper, fuse_helper)
+        proc = subprocess.run(
+            ["mount", "-t", f"fuse.{fstype}", vol, str(mnt)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stderr
+        m = Mount(_mount_pid(vol), vol, str(mnt))
+        assert (mnt / "big").read_bytes() == data
+        umount(m)
         assert fsck(vol).returncode == 0
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(helper)
+        for path in (helper, fuse_helper):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
         cleanup(m)
 
 
@@ -289,3 +303,25 @@ def test_switchover_keeps_both_mounts_options(tmp_path):
         assert status(a)["mount_options"] == ["allow_other"]
     finally:
         c.close()
+
+
+def test_promote_of_a_stopped_replica_takes_o(tmp_path):
+    from mirrorfs.store.nodestate import NodeState
+
+    vol, mnt = str(tmp_path / "rep"), tmp_path / "mnt"
+    mnt.mkdir()
+    mkfs(vol, "16M")
+    state = NodeState.load(vol)  # a stopped, consistent replica
+    state.role = "target"
+    state.save(vol)
+    m = None
+    try:
+        proc = run_cli("promote", vol, "--mount", mnt, "-o", "noexec", "-o", "nodev")
+        assert proc.returncode == 0, proc.stderr
+        assert f"mounted read-write at {mnt} with -o noexec,nodev" in proc.stdout
+        m = Mount(_mount_pid(vol), vol, str(mnt))
+        assert {"noexec", "nodev", "rw"} <= _mount_options(mnt)
+        assert status(vol)["mount_options"] == ["noexec", "nodev"]
+        umount(m)
+    finally:
+        cleanup(m)
