@@ -141,9 +141,7 @@ def cmd_mount(args: Any) -> int:
         raise CliError("a read-only mount ships nothing: --mirror needs a read-write mount")
     check_log_target(args.log, foreground=args.foreground)
     if args.secret_file:
-        from mirrorfs.repl.auth import load_secret
-
-        load_secret(args.secret_file)  # its one-line reason here, on the user's terminal
+        check_secret(args.secret_file)
     tls = check_tls(args)
     check_mirrors(
         args.mirrors, secret_given=bool(args.secret_file), insecure=args.insecure, tls=tls
@@ -151,6 +149,19 @@ def cmd_mount(args: Any) -> int:
     if args.foreground:
         return _mount_foreground(args)
     return _mount_detached(args)
+
+
+def check_secret(path: str) -> None:
+    """Refuse a secret file the daemon would refuse, here on the user's terminal (SecretError,
+    one line). Its warnings (a weak secret) are the daemon's to give: it relays them once."""
+    from mirrorfs.repl import auth
+
+    auth_log = logging.getLogger(auth.__name__)
+    disabled, auth_log.disabled = auth_log.disabled, True
+    try:
+        auth.load_secret(path)
+    finally:
+        auth_log.disabled = disabled
 
 
 def check_tls(args: Any) -> bool:
