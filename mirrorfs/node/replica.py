@@ -106,6 +106,8 @@ class ReplicaConfig:
     tls: TlsConfig | None = None
     #: Extra FUSE options for the read-only mount (e.g. ``allow_other``).
     mount_options: Sequence[str] = field(default_factory=tuple)
+    #: ``--log``/``--log-level`` as given: the successor of a switchover logs the same way.
+    log_argv: Sequence[str] = ()
     write_pid_file: bool = True
 
 

@@ -18,6 +18,7 @@ from mirrorfs.daemon import (
 )
 from mirrorfs.node.control import ControlError
 from mirrorfs.node.replica import ReplicaConfig, ReplicaError, main_replica, prepare_dir
+from mirrorfs.node.volume_commands import log_arguments
 from mirrorfs.repl.address import format_address
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.wire import ReplError
@@ -57,6 +58,7 @@ def _replica_config(args: Any) -> ReplicaConfig:
         insecure=args.insecure,
         tls=tls,
         mount_options=tuple(args.options),
+        log_argv=tuple(log_arguments(args)),
     )
 
 
@@ -76,8 +78,6 @@ def _replica_detached(args: Any) -> int:
         extra.append("--insecure")
     if cfg.tls is not None:
         extra += cfg.tls.files.argv()
-    from mirrorfs.node.volume_commands import log_arguments
-
     extra += log_arguments(args)
     if getattr(args, "debug", False):
         extra.append("--debug")

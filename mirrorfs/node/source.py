@@ -52,6 +52,8 @@ class SourceConfig:
     #: The FUSE options (``-o``) of this read-write mount: status shows them, and a
     #: switchover gives them to the read-only mount of the replica daemon that follows.
     mount_options: tuple[str, ...] = ()
+    #: ``--log``/``--log-level`` as given: the successor of a switchover logs the same way.
+    log_argv: tuple[str, ...] = ()
 
 
 class SourceNode:

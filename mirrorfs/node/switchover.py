@@ -187,6 +187,7 @@ async def switch_source(node: Any, req: SwitchoverRequest) -> dict[str, Any]:
         argv += ["--secret-file", node.cfg.secret_file]
     if node.cfg.tls is not None:
         argv += node.cfg.tls.files.argv()
+    argv += node.cfg.log_argv
     helper = spawn(vol.path, argv)
     log.warning(
         "switchover to %s done: seq %d, epoch %d from seq %d; writes held %.3f s",
@@ -252,4 +253,5 @@ def successor_argv(volume_dir: str, report: dict[str, Any], cfg: Any) -> list[st
         argv += ["--secret-file", cfg.secret_file]
     if cfg.tls is not None:
         argv += cfg.tls.files.argv()
+    argv += cfg.log_argv
     return argv

@@ -256,6 +256,7 @@ def _source_service(args: Any):
         insecure=args.insecure,
         tls=load_tls(files) if files is not None else None,
         mount_options=tuple(args.options),
+        log_argv=tuple(log_arguments(args)),
     )
 
     def make(volume, mountpoint):
