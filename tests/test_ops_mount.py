@@ -220,6 +220,12 @@ def test_mount_foreground_notifies_systemd(tmp_path):
         assert ready[0] == "READY=1" and f"MAINPID={popen.pid}" in ready
         assert is_mounted(mnt)  # ready means mounted and answering
         (mnt / "f").write_text("before the stop\n")
+        # systemctl reload (logrotate): SIGHUP reopens the log, the mount goes on.
+        os.rename(os.path.join(vol, "mirrorfs.log"), tmp_path / "rotated.log")
+        popen.send_signal(signal.SIGHUP)
+        wait_for(lambda: "log file reopened (SIGHUP)" in log_text(vol), 30, "the reopen")
+        assert popen.poll() is None and is_mounted(mnt)
+        assert (mnt / "f").read_text() == "before the stop\n"
         popen.send_signal(signal.SIGTERM)  # systemctl stop
         assert sock.recv(4096) == b"STOPPING=1"
         assert popen.wait(timeout=60) == 0
