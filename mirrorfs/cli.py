@@ -275,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long to wait for the final commit",
     )
+    p.add_argument(
+        "--lazy",
+        action="store_true",
+        help="detach now even if files are open; the final commit follows when the last "
+        "one is closed (not waited for)",
+    )
     p.set_defaults(func=volume_commands.cmd_umount)
 
     p = sub.add_parser("fsck", parents=[common], help="check (and repair) a volume")

@@ -123,8 +123,10 @@ def mount_argv(argv: Sequence[str]) -> tuple[list[str], bool, bool]:
 
 def umount_argv(argv: Sequence[str]) -> list[str]:
     """``mirrorfs`` arguments for ``umount.mirrorfs ARGV`` (umount(8)'s convention:
-    ``MOUNTPOINT [-flnrv] [-t TYPE] [-N NS]``)."""
+    ``MOUNTPOINT [-flnrv] [-t TYPE] [-N NS]``; ``-l`` is ``--lazy``, the others change
+    nothing here)."""
     positional: list[str] = []
+    lazy = False
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -138,11 +140,12 @@ def umount_argv(argv: Sequence[str]) -> list[str]:
             for flag in arg[1:]:
                 if flag not in "flnrvd":
                     raise HelperError(f"unknown option -{flag}")
+                lazy |= flag == "l"
         else:
             positional.append(arg)
     if len(positional) != 1:
         raise HelperError(f"usage: {UMOUNT_HELPER} MOUNTPOINT [-flnrv]")
-    return ["umount", positional[0]]
+    return ["umount", positional[0], *(["--lazy"] if lazy else [])]
 
 
 def _run(convert: Callable[[Sequence[str]], list[str]], argv: Sequence[str]) -> int:

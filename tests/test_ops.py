@@ -107,6 +107,7 @@ def test_mount_helper_bad_arguments(argv, message):
 def test_umount_helper_arguments():
     assert umount_argv(["/m"]) == ["umount", "/m"]
     assert umount_argv(["/m", "-n", "-t", "fuse.mirrorfs"]) == ["umount", "/m"]
+    assert umount_argv(["-l", "/m"]) == ["umount", "/m", "--lazy"]
     with pytest.raises(HelperError, match="usage: umount.mirrorfs MOUNTPOINT"):
         umount_argv([])
 

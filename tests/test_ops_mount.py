@@ -331,3 +331,33 @@ def test_promote_of_a_stopped_replica_takes_o(tmp_path):
         umount(m)
     finally:
         cleanup(m)
+
+
+def test_lazy_umount_commits_when_the_last_file_closes(tmp_path):
+    vol, mnt = str(tmp_path / "vol"), tmp_path / "mnt"
+    mnt.mkdir()
+    mkfs(vol, "16M")
+    m = mount(vol, mnt)
+    f = None
+    try:
+        f = open(mnt / "open-file", "w")  # noqa: SIM115 (kept open across the unmount)
+        f.write("written while detached\n")
+        f.flush()
+        assert_one_line_error(
+            _helper("umount", str(mnt)), code=1, contains=f"cannot unmount {mnt}"
+        )  # busy: a plain unmount is refused
+        proc = _helper("umount", str(mnt), "-l")
+        assert proc.returncode == 0, proc.stderr
+        assert not is_mounted(mnt) and m.alive()  # detached, still serving the open file
+        f.write("and more\n")
+        f.close()
+        f = None
+        wait_for(lambda: not m.alive(), 60, "the mount process after the last close")
+        assert "final commit: transaction" in log_text(vol)
+        m = mount(vol, mnt)
+        assert (mnt / "open-file").read_text() == "written while detached\nand more\n"
+        umount(m)
+    finally:
+        if f is not None:
+            f.close()
+        cleanup(m)

@@ -299,7 +299,11 @@ def _pid_running(pid: int) -> bool:
 
 
 def cmd_umount(args: Any) -> int:
-    """``mirrorfs umount MNT``: unmount, then wait until the mount process has exited."""
+    """``mirrorfs umount MNT``: unmount, then wait until the mount process has exited.
+
+    ``--lazy``: detach the mount now even while files are open in it; the kernel ends the
+    FUSE session (and the process makes its final commit) once the last one is closed,
+    which is not waited for."""
     setup_logging(args.debug)
     target = os.path.realpath(args.mountpoint)
     found = find_mount(target)
@@ -313,12 +317,14 @@ def cmd_umount(args: Any) -> int:
     except (OSError, ValueError):
         log.warning("no pid file in %s: not waiting for the final commit", volume_dir)
 
-    proc = subprocess.run(["fusermount3", "-u", target], capture_output=True, text=True)
+    lazy = bool(getattr(args, "lazy", False))
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), target]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"fusermount3 exited with {proc.returncode}"]
         reason = lines[-1].removeprefix("fusermount3: ")
         raise CliError(f"cannot unmount {target}: {reason}")
-    if pid is not None:
+    if pid is not None and not lazy:
         deadline = time.monotonic() + args.timeout
         while _pid_running(pid):
             if time.monotonic() > deadline:
