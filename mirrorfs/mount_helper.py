@@ -48,10 +48,9 @@ VALUE_OPTIONS = {
     "log": "--log",
     "log_level": "--log-level",
 }
-FLAG_OPTIONS = {"insecure": "--insecure", "debug": "--debug", "ro": "--read-only"}
-#: What mount(8) and fstab pass for themselves (and "rw", mirrorfs mount's default).
+FLAG_OPTIONS = {"insecure": "--insecure", "debug": "--debug"}
+#: What mount(8) and fstab pass for themselves (ro and rw: the last one says --read-only).
 IGNORED_OPTIONS = {
-    "rw",
     "defaults",
     "auto",
     "noauto",
@@ -94,8 +93,8 @@ def mount_argv(argv: Sequence[str]) -> tuple[list[str], bool, bool]:
                     raise HelperError(f"unknown option -{flag}")
                 fake |= flag == "f"
                 verbose |= flag == "v"
-                if flag == "r":
-                    options.append("ro")
+                if flag in "rw":
+                    options.append("ro" if flag == "r" else "rw")
         else:
             positional.append(arg)
     if len(positional) != 2:
@@ -103,9 +102,12 @@ def mount_argv(argv: Sequence[str]) -> tuple[list[str], bool, bool]:
     volume_dir, mountpoint = positional
     out = ["mount", volume_dir, mountpoint]
     fuse: list[str] = []
+    read_only = False
     for opt in options:
         name, eq, value = opt.partition("=")
-        if name in VALUE_OPTIONS:
+        if opt in ("ro", "rw"):
+            read_only = opt == "ro"  # the last one wins, as in mount(8)
+        elif name in VALUE_OPTIONS:
             if not eq or not value:
                 raise HelperError(f"option {name} needs a value ({name}=...)")
             out += [VALUE_OPTIONS[name], value]
@@ -116,6 +118,8 @@ def mount_argv(argv: Sequence[str]) -> tuple[list[str], bool, bool]:
             continue
         else:
             fuse.append(opt)
+    if read_only:
+        out.append("--read-only")
     if fuse:
         out += ["-o", ",".join(fuse)]
     return out, fake, verbose

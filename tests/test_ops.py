@@ -48,6 +48,8 @@ from tests.util import REPO, mkfs, pid_alive, run_cli, wait_for
         ),
         (["/v", "/m", "-o", "ro,noatime"], ["mount", "/v", "/m", "--read-only", "-o", "noatime"]),
         (["-r", "/v", "/m"], ["mount", "/v", "/m", "--read-only"]),
+        (["/v", "/m", "-o", "ro,rw"], ["mount", "/v", "/m"]),
+        (["/v", "/m", "-w", "-o", "rw,ro"], ["mount", "/v", "/m", "--read-only"]),
         (
             ["/v", "/m", "-o", "max_log=1G,commit_interval=2,log=syslog,log_level=debug,insecure"],
             [
