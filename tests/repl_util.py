@@ -229,6 +229,8 @@ class Replica:
     mountpoint: str | None
     secret_file: str | None = None
     pid: int = 0
+    #: ``-o`` values of its read-only mount.
+    options: tuple[str, ...] = ()
 
     @property
     def address(self) -> str:
@@ -241,6 +243,8 @@ class Replica:
             args += ["--mount", self.mountpoint]
         if self.secret_file:
             args += ["--secret-file", self.secret_file]
+        for opt in self.options:
+            args += ["-o", opt]
         proc = run_cli(*args, timeout=timeout)
         if proc.returncode != 0:
             raise AssertionError(f"replica failed ({proc.returncode}): {proc.stderr.strip()}")

@@ -21,7 +21,7 @@ from mirrorfs.daemon import describe as one_line
 from mirrorfs.node.control import ControlError, control_request, socket_path
 from mirrorfs.node.handover import wait_lock_free
 from mirrorfs.repl.address import parse_address, parse_listen
-from mirrorfs.store.files import LOG_DIR
+from mirrorfs.store.files import LOG_DIR, NODE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,28 @@ def format_status(volume_dir: str, st: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def require_source(volume_dir: str, what: str) -> None:
+    """Refuse a command that only makes sense on a source when DIR is a replica, whether
+    its daemon runs (it would refuse too) or not (rather than "no daemon is running")."""
+    from mirrorfs.store.errors import StoreError
+    from mirrorfs.store.nodestate import NodeState, Role
+
+    if not os.path.exists(os.path.join(volume_dir, NODE_FILE)):
+        return
+    try:
+        role = NodeState.load(volume_dir).role
+    except (StoreError, OSError, ValueError):
+        return  # the daemon, or the lack of one, says what is wrong
+    if role == Role.TARGET.value:
+        raise CommandError(
+            f"{volume_dir} is a replica (target): {what} only makes sense on a source; "
+            "run it on the source node"
+        )
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     volume_dir = os.path.abspath(args.dir)
+    require_source(volume_dir, "verify")
     t0 = time.monotonic()
     reply = _ask(volume_dir, {"cmd": "verify", "timeout": args.timeout}, timeout=args.timeout * 4)
     results = reply.get("results", [])
@@ -160,6 +180,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_mirror(args: argparse.Namespace) -> int:
     volume_dir = os.path.abspath(args.dir)
+    require_source(volume_dir, "mirror --add" if args.add else "mirror --remove")
     if args.add:
         reply = _ask(volume_dir, {"cmd": "mirror-add", "address": args.add})
         print(f"mirroring to {args.add}: {reply.get('target', {}).get('state', 'starting')}")
@@ -203,11 +224,17 @@ def cmd_promote(args: argparse.Namespace) -> int:
         report["mountpoint"] = ""
     mountpoint = "" if args.no_mount else (args.mount or report.get("mountpoint") or "")
     report["mountpoint"] = ""
+    # The replica mount's FUSE options (allow_other, ...) unless -o says otherwise.
+    options = list(report.get("mount_options") or []) if args.options is None else args.options
     for line in describe(report):
         print(line)
     if mountpoint:
-        _mount_promoted(volume_dir, mountpoint, args)
-        print(f"  mounted read-write at {mountpoint} ({time.monotonic() - t0:.2f}s after promote)")
+        _mount_promoted(volume_dir, mountpoint, args, options)
+        with_options = f" with -o {','.join(options)}" if options else ""
+        print(
+            f"  mounted read-write at {mountpoint}{with_options} "
+            f"({time.monotonic() - t0:.2f}s after promote)"
+        )
     elif args.mirrors:
         print(
             "  (--mirror takes effect when the volume is mounted: mirrorfs mount DIR MNT "
@@ -241,7 +268,9 @@ def _check_promoted_mirrors(args: argparse.Namespace) -> None:
             raise CommandError(f"{exc}; nothing was promoted") from None
 
 
-def _mount_promoted(volume_dir: str, mountpoint: str, args: argparse.Namespace) -> None:
+def _mount_promoted(
+    volume_dir: str, mountpoint: str, args: argparse.Namespace, options: list[str]
+) -> None:
     """``mirrorfs mount volume_dir mountpoint [--mirror ...]`` after a promotion (with the
     promote command's secret and TLS options); a failure is printed as the mount's own
     error, then as the promotion's (CommandError)."""
@@ -263,6 +292,7 @@ def _mount_promoted(volume_dir: str, mountpoint: str, args: argparse.Namespace) 
             MountArgs(
                 volume_dir,
                 mountpoint,
+                options=list(options),
                 mirrors=mirrors,
                 secret_file=args.secret_file,
                 insecure=args.insecure,
@@ -320,6 +350,7 @@ def cmd_switchover(args: argparse.Namespace) -> int:
     volume_dir = os.path.abspath(args.dir)
     if not os.path.isdir(volume_dir):
         raise CommandError(f"{volume_dir}: no such volume directory")
+    require_source(volume_dir, "switchover")
     _check_listen(args.listen)
     mount = "" if args.no_mount else (os.path.abspath(args.mount) if args.mount else None)
     request = {
@@ -327,6 +358,7 @@ def cmd_switchover(args: argparse.Namespace) -> int:
         "to": args.to,
         "listen": args.listen,
         "mount": mount,
+        "options": args.options,
         "timeout": args.timeout,
     }
     t0 = time.monotonic()

@@ -36,7 +36,13 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from mirrorfs.fuse.lifecycle import PidFile, watch_signals
+from mirrorfs.daemon import notify_systemd
+from mirrorfs.fuse.lifecycle import (
+    HANGUP_SIGNALS,
+    MOUNT_SIGNALS,
+    PidFile,
+    watch_signals,
+)
 from mirrorfs.node.control import ControlError, ControlServer, socket_path
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.receiver import Receiver
@@ -75,6 +81,15 @@ _NODE_LOCAL = {
 }
 
 
+#: The control commands of a source, and how a user asks for them (a replica refuses them).
+SOURCE_ONLY_COMMANDS = {
+    "verify": "verify",
+    "mirror-add": "mirror --add",
+    "mirror-remove": "mirror --remove",
+    "switchover": "switchover",
+}
+
+
 class ReplicaError(Exception):
     """The replica cannot start (one-line message for the user)."""
 
@@ -96,6 +111,8 @@ class ReplicaConfig:
     tls: TlsConfig | None = None
     #: Extra FUSE options for the read-only mount (e.g. ``allow_other``).
     mount_options: Sequence[str] = field(default_factory=tuple)
+    #: ``--log``/``--log-level`` as given: the successor of a switchover logs the same way.
+    log_argv: Sequence[str] = ()
     write_pid_file: bool = True
 
 
@@ -188,19 +205,26 @@ class ReplicaNode:
         cfg = self.cfg
         check_listen_policy(cfg.host, cfg.secret, cfg.insecure, tls=cfg.tls is not None)
         if cfg.mountpoint:
-            from mirrorfs.fuse.mount import MountError, check_mountpoint
+            from mirrorfs.fuse.mount import (
+                NONEMPTY_OPTION,
+                MountError,
+                check_mountpoint,
+                has_option,
+            )
 
             try:
-                check_mountpoint(cfg.mountpoint)
+                check_mountpoint(
+                    cfg.mountpoint, nonempty=has_option(cfg.mount_options, NONEMPTY_OPTION)
+                )
             except MountError as exc:
                 raise ReplicaError(str(exc)) from None
         path = prepare_dir(self.path)
         self._remember_log_file()
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._close_volume)  # last: the volume's lock goes with it
-            control = ControlServer(
-                socket_path(path), {"status": self._cmd_status, "promote": self._cmd_promote}
-            )
+            handlers = {"status": self._cmd_status, "promote": self._cmd_promote}
+            handlers.update({cmd: self._source_only(cmd) for cmd in SOURCE_ONLY_COMMANDS})
+            control = ControlServer(socket_path(path), handlers)
             control.bind()  # refuses when another daemon serves this directory
             self.control = control
             stack.callback(control.close)
@@ -316,6 +340,7 @@ class ReplicaNode:
         else:
             report["old_source"] = "unknown: the old source is not connected"
         report["mountpoint"] = os.path.abspath(self.cfg.mountpoint) if self.cfg.mountpoint else ""
+        report["mount_options"] = list(self.cfg.mount_options)
         self.promoted = report
         assert self._nursery is not None
         self._nursery.start_soon(self._exit_after_reply)
@@ -372,12 +397,26 @@ class ReplicaNode:
         if self.receiver is not None:
             out.update(self.receiver.status())
         out["mountpoint"] = self.cfg.mountpoint or ""
+        out["mount_options"] = [
+            o.strip() for opt in self.cfg.mount_options for o in opt.split(",") if o.strip()
+        ]
         out["mounted"] = self.mounted
         out["mount_error"] = self.mount_error
         return out
 
     async def _cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.status()}
+
+    def _source_only(self, cmd: str):
+        """The answer to a source's control command (``verify`` ...) asked of a replica."""
+
+        async def refuse(request: dict[str, Any]) -> dict[str, Any]:
+            raise ControlError(
+                f"{self.path} is a replica (target): {SOURCE_ONLY_COMMANDS[cmd]} only makes "
+                "sense on a source; run it on the source node"
+            )
+
+        return refuse
 
     # ------------------------------------------------------------------- receiver events
 
@@ -495,21 +534,30 @@ async def run_replica(
     await ReplicaNode(cfg).run(task_status=task_status)
 
 
-def main_replica(cfg: ReplicaConfig, *, on_ready: Callable[[], None] | None = None) -> int:
-    """Run the daemon in this process until SIGTERM/SIGINT; ``on_ready`` once listening."""
+def main_replica(
+    cfg: ReplicaConfig,
+    *,
+    on_ready: Callable[[], None] | None = None,
+    on_hangup: Callable[[], None] | None = None,
+) -> int:
+    """Run the daemon in this process until SIGTERM/SIGINT; ``on_ready`` once listening,
+    ``on_hangup`` on each SIGHUP (the log file is reopened there)."""
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
 
             def stop(sig: signal.Signals) -> None:
                 log.info("received %s: shutting down", sig.name)
+                notify_systemd("STOPPING=1")
                 nursery.cancel_scope.cancel()
 
             async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
                 await run_replica(cfg, task_status=task_status)
                 nursery.cancel_scope.cancel()  # the daemon ended by itself (promoted)
 
-            await nursery.start(watch_signals, stop, (signal.SIGTERM, signal.SIGINT))
+            await nursery.start(watch_signals, stop, MOUNT_SIGNALS)
+            if on_hangup is not None:
+                await nursery.start(watch_signals, lambda sig: on_hangup(), HANGUP_SIGNALS)
             await nursery.start(serve)
             if on_ready is not None:
                 on_ready()

@@ -49,6 +49,11 @@ class SourceConfig:
     #: TLS for every target (``--tls-cert/--tls-key/--tls-ca``; also passed on to the
     #: replica daemon a switchover starts).
     tls: TlsConfig | None = None
+    #: The FUSE options (``-o``) of this read-write mount: status shows them, and a
+    #: switchover gives them to the read-only mount of the replica daemon that follows.
+    mount_options: tuple[str, ...] = ()
+    #: ``--log``/``--log-level`` as given: the successor of a switchover logs the same way.
+    log_argv: tuple[str, ...] = ()
 
 
 class SourceNode:
@@ -168,6 +173,7 @@ class SourceNode:
             "log_first_seq": vol.samlog.first_seq,
             "log_bytes": vol.samlog.size_bytes,
             "mountpoint": self.mountpoint,
+            "mount_options": _split_options(self.cfg.mount_options),
             "read_only": bool(vol.failed),
             "failed": vol.failed or "",
             "fenced": vol.condition.fenced,
@@ -190,7 +196,9 @@ class SourceNode:
         if self._switching:
             raise ControlError("a switchover is already running")
         mount = request.get("mount")
+        options = request.get("options")
         req = SwitchoverRequest(
+            mount_options=tuple(self.cfg.mount_options if options is None else options),
             to=self._address({"address": request.get("to", "")}),
             listen=str(request.get("listen", "")),
             mountpoint=self.mountpoint if mount is None else str(mount),
@@ -248,3 +256,8 @@ class SourceNode:
                 }
             )
         return {"results": results}
+
+
+def _split_options(options: tuple[str, ...] | list[str]) -> list[str]:
+    """``-o`` values (each comma-separated) as one list of options."""
+    return [o.strip() for opt in options for o in str(opt).split(",") if o.strip()]

@@ -17,14 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mirrorfs.daemon import (
+    DEFAULT_LOG_LEVEL,
     PROG,
     CliError,
+    check_log_target,
+    daemon_log_file,
+    reopen_logs,
     run_detached,
     run_foreground,
     setup_daemon_logging,
     setup_logging,
 )
-from mirrorfs.store.files import DAEMON_LOG_FILE, MOUNT_PID_FILE
+from mirrorfs.store.files import MOUNT_PID_FILE
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +91,8 @@ class MountArgs:
     tls_ca: str | None = None
     max_log: int | None = None
     force: bool = False
+    log: str | None = None
+    log_level: str = DEFAULT_LOG_LEVEL
     debug: bool = False
     ready_fd: int | None = None
 
@@ -115,8 +121,17 @@ def _passthrough_mount_args(args: Any) -> list[str]:
         extra += ["--max-log", str(args.max_log)]
     if args.force:
         extra.append("--force")
+    extra += log_arguments(args)
     if args.debug:
         extra.append("--debug")
+    return extra
+
+
+def log_arguments(args: Any) -> list[str]:
+    """``--log`` and ``--log-level`` as given, for the detached child."""
+    extra = ["--log", args.log] if args.log else []
+    if args.log_level != DEFAULT_LOG_LEVEL:
+        extra += ["--log-level", args.log_level]
     return extra
 
 
@@ -124,6 +139,9 @@ def cmd_mount(args: Any) -> int:
     """``mirrorfs mount DIR MNT``: returns once mounted (``--foreground``: at unmount)."""
     if args.read_only and args.mirrors:
         raise CliError("a read-only mount ships nothing: --mirror needs a read-write mount")
+    check_log_target(args.log, foreground=args.foreground)
+    if args.secret_file:
+        check_secret(args.secret_file)
     tls = check_tls(args)
     check_mirrors(
         args.mirrors, secret_given=bool(args.secret_file), insecure=args.insecure, tls=tls
@@ -131,6 +149,19 @@ def cmd_mount(args: Any) -> int:
     if args.foreground:
         return _mount_foreground(args)
     return _mount_detached(args)
+
+
+def check_secret(path: str) -> None:
+    """Refuse a secret file the daemon would refuse, here on the user's terminal (SecretError,
+    one line). Its warnings (a weak secret) are the daemon's to give: it relays them once."""
+    from mirrorfs.repl import auth
+
+    auth_log = logging.getLogger(auth.__name__)
+    disabled, auth_log.disabled = auth_log.disabled, True
+    try:
+        auth.load_secret(path)
+    finally:
+        auth_log.disabled = disabled
 
 
 def check_tls(args: Any) -> bool:
@@ -160,31 +191,52 @@ def check_mirrors(
 
 def _mount_detached(args: Any) -> int:
     """Start ``mount --foreground`` in a new session and wait until it says the mount is live."""
-    volume_dir = os.path.abspath(args.dir)
-    if not os.path.isdir(volume_dir):
-        raise CliError(f"volume directory {volume_dir} does not exist")
+    volume_dir = check_volume_dir(args.dir)
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mountpoint):
         what = "is not a directory" if os.path.exists(mountpoint) else "does not exist"
         raise CliError(f"mountpoint {mountpoint} {what}")
     argv = ["mount", volume_dir, mountpoint, *_passthrough_mount_args(args)]
-    return run_detached(argv, os.path.join(volume_dir, DAEMON_LOG_FILE), "mount")
+    return run_detached(argv, daemon_log_file(volume_dir, args.log), "mount")
+
+
+def check_volume_dir(path: str) -> str:
+    """Absolute ``path``; CliError unless it is a directory (what a volume is)."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise CliError(f"volume directory {path} does not exist")
+    if not os.path.isdir(path):
+        raise CliError(f"{path} is not a volume directory (a volume is a directory made by mkfs)")
+    return path
 
 
 def _mount_foreground(args: Any) -> int:
     from mirrorfs.fuse.mount import MountConfig, run
 
     volume_dir = os.path.abspath(args.dir)
-    setup_daemon_logging(volume_dir, debug=args.debug, ready_fd=args.ready_fd)
-    cfg = MountConfig(
-        volume_dir=volume_dir,
-        mountpoint=args.mountpoint,
-        read_only=args.read_only,
-        options=args.options,
-        commit_interval=args.commit_interval,
-        services=[] if args.read_only else [_source_service(args)],
+    setup_daemon_logging(
+        volume_dir,
+        debug=args.debug,
+        ready_fd=args.ready_fd,
+        target=args.log,
+        level=args.log_level,
     )
-    return run_foreground("mount", args.ready_fd, lambda on_ready: run(cfg, on_ready=on_ready))
+
+    def serve(on_ready) -> None:
+        # Inside run_foreground: a bad secret or TLS file reaches the ready pipe (the
+        # user's terminal), not only the log.
+        cfg = MountConfig(
+            volume_dir=volume_dir,
+            mountpoint=args.mountpoint,
+            read_only=args.read_only,
+            options=args.options,
+            commit_interval=args.commit_interval,
+            services=[] if args.read_only else [_source_service(args)],
+            on_hangup=reopen_logs,
+        )
+        run(cfg, on_ready=on_ready)
+
+    return run_foreground("mount", args.ready_fd, serve)
 
 
 def _source_service(args: Any):
@@ -203,6 +255,8 @@ def _source_service(args: Any):
         force=args.force,
         insecure=args.insecure,
         tls=load_tls(files) if files is not None else None,
+        mount_options=tuple(args.options),
+        log_argv=tuple(log_arguments(args)),
     )
 
     def make(volume, mountpoint):
@@ -245,7 +299,11 @@ def _pid_running(pid: int) -> bool:
 
 
 def cmd_umount(args: Any) -> int:
-    """``mirrorfs umount MNT``: unmount, then wait until the mount process has exited."""
+    """``mirrorfs umount MNT``: unmount, then wait until the mount process has exited.
+
+    ``--lazy``: detach the mount now even while files are open in it; the kernel ends the
+    FUSE session (and the process makes its final commit) once the last one is closed,
+    which is not waited for."""
     setup_logging(args.debug)
     target = os.path.realpath(args.mountpoint)
     found = find_mount(target)
@@ -259,12 +317,14 @@ def cmd_umount(args: Any) -> int:
     except (OSError, ValueError):
         log.warning("no pid file in %s: not waiting for the final commit", volume_dir)
 
-    proc = subprocess.run(["fusermount3", "-u", target], capture_output=True, text=True)
+    lazy = bool(getattr(args, "lazy", False))
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), target]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"fusermount3 exited with {proc.returncode}"]
         reason = lines[-1].removeprefix("fusermount3: ")
         raise CliError(f"cannot unmount {target}: {reason}")
-    if pid is not None:
+    if pid is not None and not lazy:
         deadline = time.monotonic() + args.timeout
         while _pid_running(pid):
             if time.monotonic() > deadline:
@@ -286,9 +346,7 @@ def cmd_fsck(args: Any) -> int:
     from mirrorfs.store.volume import Volume
 
     setup_logging(args.debug)
-    path = os.path.abspath(args.dir)
-    if not os.path.isdir(path):
-        raise CliError(f"volume directory {path} does not exist")
+    path = check_volume_dir(args.dir)
     volume = Volume.open(path, read_only=not args.repair, repair_log=args.repair)
     try:
         # With repair, fsck commits its fixes and checks again: ``clean`` is the final state.
