@@ -30,6 +30,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,6 +41,7 @@ from mirrorfs.fs.filesystem import MAX_FILE_SIZE, Attr, Filesystem, FsError, Set
 from mirrorfs.fuse.gate import WriteGate
 from mirrorfs.fuse.invalidate import KernelInvalidator
 from mirrorfs.fuse.pagecache import DirectWriteCache
+from mirrorfs.fuse.request_stats import REQUEST_STATS
 from mirrorfs.store.committer import Committer
 from mirrorfs.store.errors import NoSpace, VolumeFailed
 
@@ -51,6 +53,9 @@ DEFAULT_COMMIT_BOUND = 16 << 20
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
 _ACCMODE_WRITE = (os.O_WRONLY, os.O_RDWR)
+
+_clock = time.perf_counter
+_record = REQUEST_STATS.record  # per request: counts and latency (fuse/request_stats.py)
 
 
 def _boundary(*, modifies: bool = False) -> Callable[[_F], _F]:
@@ -64,8 +69,7 @@ def _boundary(*, modifies: bool = False) -> Callable[[_F], _F]:
     def decorate(fn: _F) -> _F:
         name = fn.__name__
 
-        @functools.wraps(fn)
-        async def handler(self: Operations, *args: Any) -> Any:
+        async def guarded(self: Operations, *args: Any) -> Any:
             if modifies:
                 self._check_writable()
                 if self.gate.closed or self.gate.refusal:
@@ -89,6 +93,17 @@ def _boundary(*, modifies: bool = False) -> Callable[[_F], _F]:
                     # The change may be half done in the open transaction: never commit it.
                     self.enter_failsafe(f"{name}: {exc!r}", discard_open_transaction=True)
                 raise pyfuse3.FUSEError(errno.EIO) from None
+
+        @functools.wraps(fn)
+        async def handler(self: Operations, *args: Any) -> Any:
+            t0 = _clock()
+            ok = False
+            try:
+                result = await guarded(self, *args)
+                ok = True
+                return result
+            finally:
+                _record(name, _clock() - t0, ok)
 
         return handler  # type: ignore[return-value]
 

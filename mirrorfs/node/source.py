@@ -167,6 +167,7 @@ class SourceNode:
             "checkpointed_seq": st.checkpointed_seq,
             "log_first_seq": vol.samlog.first_seq,
             "log_bytes": vol.samlog.size_bytes,
+            "log_cap_bytes": self.cfg.max_log_bytes,
             "mountpoint": self.mountpoint,
             "read_only": bool(vol.failed),
             "failed": vol.failed or "",

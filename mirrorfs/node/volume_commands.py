@@ -58,9 +58,25 @@ def cmd_mkfs(args: Any) -> int:
         Filesystem.format(volume, inode_count=inodes, uid=os.getuid(), gid=os.getgid())
     finally:
         volume.close()
+    if getattr(args, "json", False):
+        from mirrorfs.node.json_report import print_json, report
+
+        print_json(
+            report(
+                "mkfs",
+                volume_dir=path,
+                size_bytes=args.size,
+                block_size=bs,
+                blocks=args.size // bs,
+                inodes=inodes,
+            )
+        )
+        return 0
+    import humanize
+
     print(
-        f"{PROG}: created {path}: {args.size} bytes in {args.size // bs} blocks of {bs}, "
-        f"{inodes} inodes"
+        f"{PROG}: created {path}: {humanize.naturalsize(args.size, binary=True)} in "
+        f"{args.size // bs} blocks of {humanize.naturalsize(bs, binary=True)}, {inodes} inodes"
     )
     return 0
 
@@ -291,12 +307,44 @@ def cmd_fsck(args: Any) -> int:
     volume = Volume.open(path, read_only=not args.repair, repair_log=args.repair)
     try:
         # With repair, fsck commits its fixes and checks again: ``clean`` is the final state.
+        log_note = ""
         if volume.recovery.replayed or volume.recovery.log_note:
-            print(f"log: {volume.recovery.describe()}")
+            log_note = volume.recovery.describe()
+            if not getattr(args, "json", False):
+                print(f"log: {log_note}")
         report = fsck.check(volume, repair=args.repair)
-        lines = report.describe()
-        print(lines if isinstance(lines, str) else "\n".join(lines))
+        if getattr(args, "json", False):
+            _print_fsck_json(path, report, log_note)
+        else:
+            lines = report.describe()
+            print(lines if isinstance(lines, str) else "\n".join(lines))
         clean = report.clean
     finally:
         volume.close()
     return 0 if clean else 1
+
+
+def _print_fsck_json(path: str, report: Any, log_note: str) -> None:
+    from mirrorfs.node.json_report import print_json
+    from mirrorfs.node.json_report import report as json_report
+
+    print_json(
+        json_report(
+            "fsck",
+            volume_dir=path,
+            clean=report.clean,
+            repair=report.repair,
+            log=log_note,
+            inodes=report.inodes,
+            dirs=report.dirs,
+            files=report.files,
+            symlinks=report.symlinks,
+            others=report.others,
+            orphans=report.orphans,
+            blocks_used=report.blocks_used,
+            blocks_total=report.blocks_total,
+            problems=list(report.problems),
+            repaired=list(report.repaired),
+            remaining=list(report.remaining),
+        )
+    )
