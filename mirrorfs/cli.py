@@ -268,9 +268,7 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how often the daemon looks for changes (default %(default)s)",
     )
-    p.add_argument(
-        "--count", type=_positive_int, default=None, help="exit after this many events"
-    )
+    p.add_argument("--count", type=_positive_int, default=None, help="exit after this many events")
     p.set_defaults(func=events_command)
 
     p = sub.add_parser("verify", parents=[common], help="compare every target with the source")
@@ -352,7 +350,7 @@ def _add_json_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _metrics_arg(text: str) -> tuple[str, int]:
-    from mirrorfs.node.metrics_address import MetricsAddressError, parse_metrics_address
+    from mirrorfs.node.metrics import MetricsAddressError, parse_metrics_address
 
     try:
         return parse_metrics_address(text)

@@ -153,8 +153,9 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         target = source_link(reply.get("target") or {"address": args.add}, time.time())
         if args.json:
             print_json(
-                json_report("mirror", volume_dir=volume_dir, action="add", address=args.add,
-                       target=target)  # fmt: skip
+                json_report(
+                    "mirror", volume_dir=volume_dir, action="add", address=args.add, target=target
+                )  # fmt: skip
             )
         else:
             print(f"mirroring to {args.add}: {target['state'] or 'starting'}")
@@ -162,8 +163,13 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         _ask(volume_dir, {"cmd": "mirror-remove", "address": args.remove})
         if args.json:
             print_json(
-                json_report("mirror", volume_dir=volume_dir, action="remove", address=args.remove,
-                       target=None)  # fmt: skip
+                json_report(
+                    "mirror",
+                    volume_dir=volume_dir,
+                    action="remove",
+                    address=args.remove,
+                    target=None,
+                )  # fmt: skip
             )
         else:
             print(f"stopped mirroring to {args.remove}")

@@ -34,6 +34,7 @@ import trio
 
 from mirrorfs.fuse.lifecycle import PidFile, watch_signals
 from mirrorfs.node.control import ControlError, ControlServer, socket_path
+from mirrorfs.node.events import EventSource
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.receiver import Receiver
 from mirrorfs.repl.tls import TlsConfig, accept, peer_address
@@ -92,6 +93,8 @@ class ReplicaConfig:
     #: Extra FUSE options for the read-only mount (e.g. ``allow_other``).
     mount_options: Sequence[str] = field(default_factory=tuple)
     write_pid_file: bool = True
+    #: Serve Prometheus metrics here (``--metrics HOST:PORT``; mirrorfs.node.metrics).
+    metrics: tuple[str, int] | None = None
 
 
 def prepare_dir(volume_dir: str) -> str:
@@ -155,6 +158,7 @@ class ReplicaNode:
         self._listen_scope = trio.CancelScope()
         self._listening_done = trio.Event()
         self.promoted: dict[str, Any] | None = None
+        self.events = EventSource(self.document)  # ``mirrorfs events`` (node/events.py)
 
     @property
     def mounted(self) -> bool:
@@ -181,7 +185,9 @@ class ReplicaNode:
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._close_volume)  # last: the volume's lock goes with it
             control = ControlServer(
-                socket_path(path), {"status": self._cmd_status, "promote": self._cmd_promote}
+                socket_path(path),
+                {"status": self._cmd_status, "promote": self._cmd_promote},
+                {"events": self.events.stream},
             )
             control.bind()  # refuses when another daemon serves this directory
             self.control = control
@@ -194,6 +200,10 @@ class ReplicaNode:
                     self._nursery = nursery
                     await nursery.start(control.serve)
                     await nursery.start(self._serve_sources, listeners)
+                    if cfg.metrics is not None:
+                        from mirrorfs.node.metrics import serve_metrics
+
+                        await nursery.start(serve_metrics, cfg.metrics, self.document)
                     if cfg.write_pid_file:
                         pid_file = PidFile(os.path.join(path, REPLICA_PID_FILE))
                         self._pid_file = stack.enter_context(pid_file)
@@ -299,6 +309,7 @@ class ReplicaNode:
             report["old_source"] = "unknown: the old source is not connected"
         report["mountpoint"] = os.path.abspath(self.cfg.mountpoint) if self.cfg.mountpoint else ""
         self.promoted = report
+        self.events.poke()
         assert self._nursery is not None
         self._nursery.start_soon(self._exit_after_reply)
         return {"promoted": report}
@@ -357,6 +368,14 @@ class ReplicaNode:
         out["mounted"] = self.mounted
         out["mount_error"] = self.mount_error
         return out
+
+    def document(self) -> dict[str, Any]:
+        """The status document (mirrorfs.node.status_model) of this node now."""
+        from mirrorfs.node.status_model import status_document
+
+        doc = status_document({**self.status(), "running": True}, self.path)
+        doc["promoted"] = self.promoted is not None
+        return doc
 
     async def _cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.status()}

@@ -103,6 +103,8 @@ class MountArgs:
     tls_ca: str | None = None
     max_log: int | None = None
     force: bool = False
+    metrics: tuple[str, int] | None = None
+    metrics_insecure: bool = False
     debug: bool = False
     ready_fd: int | None = None
 
@@ -131,6 +133,12 @@ def _passthrough_mount_args(args: Any) -> list[str]:
         extra += ["--max-log", str(args.max_log)]
     if args.force:
         extra.append("--force")
+    if getattr(args, "metrics", None):
+        from mirrorfs.node.metrics import metrics_argv
+
+        extra += ["--metrics", metrics_argv(args.metrics)]
+        if args.metrics_insecure:
+            extra.append("--metrics-insecure")
     if args.debug:
         extra.append("--debug")
     return extra
@@ -141,12 +149,24 @@ def cmd_mount(args: Any) -> int:
     if args.read_only and args.mirrors:
         raise CliError("a read-only mount ships nothing: --mirror needs a read-write mount")
     tls = check_tls(args)
+    _check_metrics(args)
     check_mirrors(
         args.mirrors, secret_given=bool(args.secret_file), insecure=args.insecure, tls=tls
     )
     if args.foreground:
         return _mount_foreground(args)
     return _mount_detached(args)
+
+
+def _check_metrics(args: Any) -> None:
+    from mirrorfs.node.metrics import MetricsAddressError, check_metrics_policy
+
+    if getattr(args, "metrics", None) is not None and args.read_only:
+        raise CliError("--metrics needs a read-write (source) mount; a replica has its own")
+    try:
+        check_metrics_policy(getattr(args, "metrics", None), args.metrics_insecure)
+    except MetricsAddressError as exc:
+        raise CliError(str(exc)) from None
 
 
 def check_tls(args: Any) -> bool:
@@ -219,6 +239,7 @@ def _source_service(args: Any):
         force=args.force,
         insecure=args.insecure,
         tls=load_tls(files) if files is not None else None,
+        metrics=getattr(args, "metrics", None),
     )
 
     def make(volume, mountpoint):
