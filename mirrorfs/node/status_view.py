@@ -225,8 +225,9 @@ def render_status(doc: dict[str, Any]) -> RenderableType:
     return Group(*parts)
 
 
-def status_text(doc: dict[str, Any], width: int = 110) -> str:
-    """The screen as plain text (no colours), for a pipe or a file."""
+def status_text(doc: dict[str, Any], width: int = 400) -> str:
+    """The screen as plain text (no colours), for a pipe or a file: wide, so that a long
+    reason stays on one line for grep."""
     out = io.StringIO()
     console = Console(file=out, width=width, color_system=None, highlight=False, emoji=False)
     console.print(render_status(doc))
