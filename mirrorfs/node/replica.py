@@ -362,6 +362,7 @@ class ReplicaNode:
         out: dict[str, Any] = {"role": "target", "volume_dir": self.path}
         out["listen"] = f"{self.cfg.host or '*'}:{self.port}"
         out["tls"] = self.cfg.tls is not None
+        out["pid"] = os.getpid()
         if self.receiver is not None:
             out.update(self.receiver.status())
         out["mountpoint"] = self.cfg.mountpoint or ""

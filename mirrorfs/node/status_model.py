@@ -24,6 +24,7 @@ None stage lags: what it last reported is history, not lag, and ``total`` is a l
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -33,6 +34,14 @@ CONNECTED = frozenset({"initial-sync", "resyncing", "streaming"})
 STAGES = ("sent_not_received", "received_not_flushed", "flushed_not_applied")
 
 _UNKNOWN: dict[str, Any] = {"txns": None, "bytes": None, "seconds": None}
+
+
+_ERRNO = re.compile(r"\[Errno \d+\]\s*")
+
+
+def reason_text(text: Any) -> str:
+    """A reason as people read it: ``[Errno 104] Connection reset`` -> ``Connection reset``."""
+    return _ERRNO.sub("", str(text or ""))
 
 
 def lag(txns: int | None, nbytes: int | None, seconds: float | None) -> dict[str, Any]:
@@ -112,7 +121,7 @@ def source_link(t: dict[str, Any], now: float) -> dict[str, Any]:
         "node_id": str(t.get("target_node_id", "")),
         "state": state,
         "connected": connected,
-        "reason": str(t.get("reason") or ""),
+        "reason": reason_text(t.get("reason")),
         "source_seq": t.get("source_seq"),
         "sent_seq": t.get("sent_seq") if connected else None,
         "received_seq": received,
@@ -182,7 +191,7 @@ def target_link(raw: dict[str, Any], now: float) -> dict[str, Any] | None:
         "node_id": str(raw.get("source_node_id", "")),
         "state": state,
         "connected": connected,
-        "reason": str(raw.get("last_error") or ""),
+        "reason": reason_text(raw.get("last_error")),
         "source_seq": source_seq,
         "sent_seq": None,
         "received_seq": wire,
@@ -252,9 +261,9 @@ def status_document(
         "mountpoint": str(raw.get("mountpoint") or ""),
         "mounted": bool(raw.get("mounted", role == "source" and running)),
         "read_only": bool(raw.get("read_only", role == "target")),
-        "failed": str(raw.get("failed") or raw.get("volume_failed") or ""),
-        "fenced": str(raw.get("fenced") or ""),
-        "mount_error": str(raw.get("mount_error") or ""),
+        "failed": reason_text(raw.get("failed") or raw.get("volume_failed")),
+        "fenced": reason_text(raw.get("fenced")),
+        "mount_error": reason_text(raw.get("mount_error")),
         "listen": str(raw.get("listen") or ""),
         "tls": bool(raw.get("tls", False)),
         "consistent": raw.get("consistent", raw.get("sync_state", "consistent") == "consistent"),
