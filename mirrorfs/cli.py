@@ -282,6 +282,16 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--add", metavar="HOST:PORT")
     group.add_argument("--remove", metavar="HOST:PORT")
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        const=3600.0,
+        default=None,
+        type=_positive_float,
+        metavar="SECONDS",
+        help="with --add: follow the initial sync (a progress bar on a terminal) until the "
+        "target streams, at most SECONDS (default 3600)",
+    )
     _add_json_argument(p)
     p.set_defaults(func=commands.cmd_mirror)
 

@@ -205,24 +205,45 @@ def test_initial_sync_progress_in_status(cluster):
     proxy = cluster.proxy(rep)
     proxy.bandwidth = 1 * MiB
     address = f"127.0.0.1:{proxy.port}"
-    added = json.loads(run_cli("mirror", vol, "--add", address, "--json", check=True).stdout)
+    # --wait follows the sync (plain lines: stderr is not a terminal) until it streams.
+    adding = subprocess.Popen(
+        [sys.executable, "-m", "mirrorfs", "mirror", vol, "--add", address, "--wait", "120",
+         "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )  # fmt: skip
+    try:
+
+        def syncing() -> bool:
+            rst = cli_status(rep.dir)
+            sync = rst["source"]["sync"] if rst["source"] else None
+            return rst["state"] == "initial-sync" and sync is not None and sync["blocks_done"] > 0
+
+        wait_for(syncing, 60, "the replica to report the initial sync")
+        proxy.paused = True  # hold the copy where it is while we look
+        st = cli_status(vol)
+        sync = st["targets"][0]["sync"]
+        if sync is not None:  # (the source may be done sending: the proxy buffers some)
+            assert sync["kind"] == "initial-sync" and 0 <= sync["percent"] <= 100
+            assert sync["blocks_total"] > 0
+        text = run_cli("status", rep.dir, check=True).stdout
+        assert_no_repr(text)
+        assert "initial sync (copying)" in text, text
+        proxy.bandwidth = None
+        proxy.paused = False
+        out, err = adding.communicate(timeout=120)
+    finally:
+        if adding.poll() is None:
+            adding.kill()
+            adding.wait()
+    assert adding.returncode == 0, err
+    added = json.loads(out)
     assert (added["version"], added["command"], added["action"]) == (1, "mirror", "add")
-    assert added["target"]["address"] == address
-
-    def syncing() -> bool:
-        rst = cli_status(rep.dir)
-        sync = rst["source"]["sync"] if rst["source"] else None
-        return rst["state"] == "initial-sync" and sync is not None and sync["blocks_done"] > 0
-
-    wait_for(syncing, 60, "the replica to report the initial sync")
-    rst = cli_status(rep.dir)
-    sync = rst["source"]["sync"]
-    if sync is not None:  # (it may have finished meanwhile)
-        assert sync["kind"] == "initial-sync" and 0 <= sync["percent"] <= 100
-        assert sync["blocks_total"] > 0
-    text = run_cli("status", rep.dir, check=True).stdout
-    assert_no_repr(text)
-    proxy.bandwidth = None
+    assert added["target"]["address"] == address and added["target"]["state"] == "streaming"
+    assert "\x1b[" not in err and f"{address}: initial sync (copying)" in err, err
+    assert_no_repr(err)
     wait_for(rep.mounted, 60, "the replica mount")
     wait_caught_up(vol)
     st = cli_status(vol)

@@ -8,6 +8,7 @@ without taking the volume's lock (a running daemon is asked instead).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
@@ -103,7 +104,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     volume_dir = os.path.abspath(args.dir)
     t0 = time.monotonic()
-    reply = _ask(volume_dir, {"cmd": "verify", "timeout": args.timeout}, timeout=args.timeout * 4)
+    from mirrorfs.node.progress import spinner
+
+    request = {"cmd": "verify", "timeout": args.timeout}
+    with contextlib.nullcontext() if args.json else spinner(f"verifying {volume_dir}"):
+        reply = _ask(volume_dir, request, timeout=args.timeout * 4)
     results = reply.get("results", [])
     ok = bool(results) and all(r.get("ok") for r in results)
     if args.json:
@@ -151,6 +156,8 @@ def cmd_mirror(args: argparse.Namespace) -> int:
     if args.add:
         reply = _ask(volume_dir, {"cmd": "mirror-add", "address": args.add})
         target = source_link(reply.get("target") or {"address": args.add}, time.time())
+        if args.wait is not None:
+            target = _wait_streaming(volume_dir, target["address"], args.wait)
         if args.json:
             print_json(
                 json_report(
@@ -174,6 +181,20 @@ def cmd_mirror(args: argparse.Namespace) -> int:
         else:
             print(f"stopped mirroring to {args.remove}")
     return 0
+
+
+def _wait_streaming(volume_dir: str, address: str, timeout: float) -> dict[str, Any]:
+    """Follow a new target's initial sync (a bar on a terminal) until it streams."""
+    from mirrorfs.node.progress import ProgressTimeout, follow_link
+
+    def fetch() -> dict[str, Any] | None:
+        targets = node_status(volume_dir)["targets"]
+        return next((t for t in targets if t["address"] == address), None)
+
+    try:
+        return follow_link(fetch, address, timeout=timeout)
+    except ProgressTimeout as exc:
+        raise CommandError(f"target {address}: {exc} after {timeout:g} s") from None
 
 
 def _wait_unlocked(volume_dir: str, timeout: float = 120.0) -> None:
