@@ -76,6 +76,7 @@ STATUS = {
         "segments": OPT_INT,
     },
     "log_bytes": INT,
+    "log_kept_from": OPT_INT,
     "mountpoint": STR,
     "mounted": BOOL,
     "read_only": BOOL,

@@ -258,6 +258,7 @@ def status_document(
             "segments": raw.get("log_segments"),
         },
         "log_bytes": int(raw.get("log_bytes") or 0),
+        "log_kept_from": raw.get("log_kept_from"),
         "mountpoint": str(raw.get("mountpoint") or ""),
         "mounted": bool(raw.get("mounted", role == "source" and running)),
         "read_only": bool(raw.get("read_only", role == "target")),
