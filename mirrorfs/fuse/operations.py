@@ -55,7 +55,6 @@ _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 _ACCMODE_WRITE = (os.O_WRONLY, os.O_RDWR)
 
 _clock = time.perf_counter
-_record = REQUEST_STATS.record  # per request: counts and latency (fuse/request_stats.py)
 
 
 def _boundary(*, modifies: bool = False) -> Callable[[_F], _F]:
@@ -68,15 +67,21 @@ def _boundary(*, modifies: bool = False) -> Callable[[_F], _F]:
 
     def decorate(fn: _F) -> _F:
         name = fn.__name__
+        stats = REQUEST_STATS.op(name)  # counts and latency (fuse/request_stats.py)
 
-        async def guarded(self: Operations, *args: Any) -> Any:
-            if modifies:
-                self._check_writable()
-                if self.gate.closed or self.gate.refusal:
-                    await self.gate.enter()  # a switchover is draining: wait, do not fail
-                    self._check_writable()
+        @functools.wraps(fn)
+        async def handler(self: Operations, *args: Any) -> Any:
+            t0 = _clock()
+            ok = False
             try:
-                return await fn(self, *args)
+                if modifies:
+                    self._check_writable()
+                    if self.gate.closed or self.gate.refusal:
+                        await self.gate.enter()  # a switchover is draining: wait, do not fail
+                        self._check_writable()
+                result = await fn(self, *args)
+                ok = True
+                return result
             except pyfuse3.FUSEError:
                 raise
             except FsError as exc:
@@ -93,17 +98,8 @@ def _boundary(*, modifies: bool = False) -> Callable[[_F], _F]:
                     # The change may be half done in the open transaction: never commit it.
                     self.enter_failsafe(f"{name}: {exc!r}", discard_open_transaction=True)
                 raise pyfuse3.FUSEError(errno.EIO) from None
-
-        @functools.wraps(fn)
-        async def handler(self: Operations, *args: Any) -> Any:
-            t0 = _clock()
-            ok = False
-            try:
-                result = await guarded(self, *args)
-                ok = True
-                return result
             finally:
-                _record(name, _clock() - t0, ok)
+                stats.record(_clock() - t0, ok)
 
         return handler  # type: ignore[return-value]
 
