@@ -388,6 +388,14 @@ def test_reports_of_mkfs_fsck_status_and_demote(tmp_path):
     assert st["role"] == "target" and st["source"] is None
 
 
+def test_events_of_a_stopped_node_is_one_line(tmp_path):
+    vol = str(tmp_path / "vol")
+    run_cli("mkfs", vol, "--size", "64M", check=True)
+    proc = run_cli("events", vol)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.strip() == f"mirrorfs: error: no daemon is running for {vol}"
+
+
 def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "mirrorfs", *args]
 

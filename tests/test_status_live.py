@@ -120,6 +120,17 @@ def test_status_metrics_and_events_of_a_live_pair(cluster):
         assert s["connected"] and s["node_id"] == st["node_id"]
         assert s["applied_seq"] == rst["applied_seq"] == t["applied_seq"]
         assert isinstance(st["pid"], int) and isinstance(rst["pid"], int)
+        ver = json.loads(run_cli("verify", vol, "--json", check=True).stdout)
+        assert (ver["version"], ver["command"], ver["ok"]) == (1, "verify", True)
+        assert isinstance(ver["seconds"], float)
+        (r,) = ver["results"]
+        assert (r["target"], r["ok"], r["blocks_differing"], r["differing_ranges"]) == (
+            address,
+            True,
+            0,
+            [],
+        )
+        assert r["seq"] >= t["applied_seq"] and r["blocks"] > 0 and "identical" in r["summary"]
 
         # Lag behind a slow link: non-zero on the source while the data travels, positions
         # and byte counters moving in the metrics of both ends.
@@ -192,6 +203,11 @@ def test_status_metrics_and_events_of_a_live_pair(cluster):
     st, rst = cli_status(vol), cli_status(rep.dir)
     assert (st["running"], st["state"], st["targets"]) == (False, "stopped", [])
     assert (rst["running"], rst["role"], rst["state"]) == (False, "target", "stopped")
+    got = json.loads(run_cli("promote", rep.dir, "--no-mount", "--json", check=True).stdout)
+    assert (got["version"], got["command"], got["old_epoch"], got["epoch"]) == (1, "promote", 1, 2)
+    assert got["epoch_start_seq"] == got["last_applied_seq"] + 1 and got["mounted"] is False
+    assert isinstance(got["promoted_at"], float) and isinstance(got["seconds"], float)
+    assert cli_status(rep.dir)["role"] == "source"
 
 
 def test_initial_sync_progress_in_status(cluster):
