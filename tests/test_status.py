@@ -246,6 +246,9 @@ def test_events_diff_sees_a_disconnect_and_a_reconnect():
     back = [e["event"] for e in events.diff(down, up)]
     assert back == ["connected", "streaming"], back
     assert events.diff(up, up) == []
+    # Down and up again between two looks: the connection count tells.
+    again = status_document(source_raw(shipper_status(connections=2)), "/srv/src", now=NOW)
+    assert [e["event"] for e in events.diff(up, again)] == ["disconnected", "connected"]
 
 
 def test_events_of_syncs_fencing_and_promotion():

@@ -94,6 +94,10 @@ _LEFT = {"initial-sync": "initial-sync-finished", "resyncing": "resync-finished"
 def _link_changes(doc, old: dict[str, Any] | None, new: dict[str, Any]) -> Iterator[dict]:
     before = old["state"] if old else ""
     was_up = bool(old and old["connected"])
+    if old and was_up and new["connected"] and new["connections"] > old["connections"]:
+        # It went down and came back between two looks: say so all the same.
+        yield _link_event(doc, {**old, "connected": False}, "disconnected", before)
+        was_up = False
     if new["connected"] and not was_up:
         yield _link_event(doc, new, "connected", before)
     if before == new["state"]:

@@ -108,10 +108,13 @@ def render_link(title: str, link: dict[str, Any]) -> RenderableType:
     node = f" (node {link['node_id']})" if link.get("node_id") else ""
     _row(grid, title, f"{link['address'] or 'unknown'}{node}")
     _row(grid, "  state", _link_state(link))
+    sent = f"sent {link['sent_seq']}   " if link["sent_seq"] is not None else ""
+    if title == "target" and link["sent_seq"] is None:
+        sent = "sent -   "
     _row(
         grid,
         "  positions",
-        f"sent {fmt_seq(link['sent_seq'])}   received {fmt_seq(link['received_seq'])}   "
+        f"{sent}received {fmt_seq(link['received_seq'])}   "
         f"flushed {fmt_seq(link['flushed_seq'])}   applied {fmt_seq(link['applied_seq'])}",
     )
     lags = link["lag"]
