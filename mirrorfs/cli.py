@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes of volume per inode",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing volume")
+    _add_json_argument(p)
     p.set_defaults(func=volume_commands.cmd_mkfs)
 
     p = sub.add_parser("mount", parents=[common], help="mount a volume")
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep accepting writes after a target reports a newer epoch (split brain)",
     )
     add_log_arguments(p)
+    add_metrics_argument(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=volume_commands.cmd_mount)
 
@@ -286,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fsck", parents=[common], help="check (and repair) a volume")
     p.add_argument("dir", metavar="DIR", help="volume directory (not mounted)")
     p.add_argument("--repair", action="store_true", help="fix what is found, then check again")
+    _add_json_argument(p)
     p.set_defaults(func=volume_commands.cmd_fsck)
 
     p = sub.add_parser(
@@ -370,6 +373,7 @@ def add_replica_arguments(p: argparse.ArgumentParser) -> None:
     add_tls_arguments(p)
     p.add_argument("--foreground", action="store_true", help="do not detach (systemd: Type=notify)")
     add_log_arguments(p)
+    add_metrics_argument(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=replica_command.cmd_replica)
 
@@ -378,8 +382,31 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
     """The node commands (mirrorfs.node.commands) on the subparsers ``sub``."""
     p = sub.add_parser("status", parents=[common], help="role, positions, lag per target")
     p.add_argument("dir", metavar="DIR", help="volume directory")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_json_argument(p)
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        default=None,
+        type=_positive_float,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until interrupted",
+    )
     p.set_defaults(func=commands.cmd_status)
+
+    p = sub.add_parser(
+        "events", parents=[common], help="one JSON line per state change, until interrupted"
+    )
+    p.add_argument("dir", metavar="DIR", help="volume directory (a running node)")
+    p.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=0.2,
+        metavar="SECONDS",
+        help="how often the daemon looks for changes (default %(default)s)",
+    )
+    p.add_argument("--count", type=_positive_int, default=None, help="exit after this many events")
+    p.set_defaults(func=commands.cmd_events)
 
     p = sub.add_parser("verify", parents=[common], help="compare every target with the source")
     p.add_argument("dir", metavar="DIR", help="source volume directory (mounted)")
@@ -390,7 +417,7 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long each target may take",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_json_argument(p)
     p.set_defaults(func=commands.cmd_verify)
 
     p = sub.add_parser("mirror", parents=[common], help="add or remove a target of a source")
@@ -398,6 +425,17 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--add", metavar="HOST:PORT", help="start mirroring to this target")
     group.add_argument("--remove", metavar="HOST:PORT", help="stop mirroring to this target")
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        const=3600.0,
+        default=None,
+        type=_positive_float,
+        metavar="SECONDS",
+        help="with --add: follow the initial sync (a progress bar on a terminal) until the "
+        "target streams, at most SECONDS (default 3600)",
+    )
+    _add_json_argument(p)
     p.set_defaults(func=commands.cmd_mirror)
 
     p = sub.add_parser(
@@ -434,12 +472,14 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     _add_secret_arguments(p)
     add_tls_arguments(p)
+    _add_json_argument(p)
     p.set_defaults(func=commands.cmd_promote)
 
     p = sub.add_parser(
         "demote", parents=[common], help="make a stopped old source a target (failback)"
     )
     p.add_argument("dir", metavar="DIR", help="source volume directory (not mounted)")
+    _add_json_argument(p)
     p.set_defaults(func=commands.cmd_demote)
 
     p = sub.add_parser(
@@ -476,8 +516,39 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long the target may take to catch up and answer",
     )
-    p.add_argument("--json", action="store_true", help="machine-readable report")
+    _add_json_argument(p)
     p.set_defaults(func=commands.cmd_switchover)
+
+
+def _add_json_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json", action="store_true", help="a JSON report (schema: docs/json.md) for programs"
+    )
+
+
+def _metrics_arg(text: str) -> tuple[str, int]:
+    from mirrorfs.node.metrics import MetricsAddressError, parse_metrics_address
+
+    try:
+        return parse_metrics_address(text)
+    except MetricsAddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_metrics_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics",
+        type=_metrics_arg,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback unless "
+        "--metrics-insecure; default: none)",
+    )
+    p.add_argument(
+        "--metrics-insecure",
+        action="store_true",
+        help="allow a --metrics address that is not loopback (the endpoint has no auth)",
+    )
 
 
 # -- entry point

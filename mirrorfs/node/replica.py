@@ -44,6 +44,7 @@ from mirrorfs.fuse.lifecycle import (
     watch_signals,
 )
 from mirrorfs.node.control import ControlError, ControlServer, socket_path
+from mirrorfs.node.events import EventSource
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.receiver import Receiver
 from mirrorfs.repl.tls import TlsConfig, accept, peer_address
@@ -114,6 +115,8 @@ class ReplicaConfig:
     #: ``--log``/``--log-level`` as given: the successor of a switchover logs the same way.
     log_argv: Sequence[str] = ()
     write_pid_file: bool = True
+    #: Serve Prometheus metrics here (``--metrics HOST:PORT``; mirrorfs.node.metrics).
+    metrics: tuple[str, int] | None = None
 
 
 def prepare_dir(volume_dir: str) -> str:
@@ -190,6 +193,7 @@ class ReplicaNode:
         self._listen_scope = trio.CancelScope()
         self._listening_done = trio.Event()
         self.promoted: dict[str, Any] | None = None
+        self.events = EventSource(self.document)  # ``mirrorfs events`` (node/events.py)
 
     @property
     def mounted(self) -> bool:
@@ -224,7 +228,7 @@ class ReplicaNode:
             stack.callback(self._close_volume)  # last: the volume's lock goes with it
             handlers = {"status": self._cmd_status, "promote": self._cmd_promote}
             handlers.update({cmd: self._source_only(cmd) for cmd in SOURCE_ONLY_COMMANDS})
-            control = ControlServer(socket_path(path), handlers)
+            control = ControlServer(socket_path(path), handlers, {"events": self.events.stream})
             control.bind()  # refuses when another daemon serves this directory
             self.control = control
             stack.callback(control.close)
@@ -236,6 +240,10 @@ class ReplicaNode:
                     self._nursery = nursery
                     await nursery.start(control.serve)
                     await nursery.start(self._serve_sources, listeners)
+                    if cfg.metrics is not None:
+                        from mirrorfs.node.metrics import serve_metrics
+
+                        await nursery.start(serve_metrics, cfg.metrics, self.document)
                     if cfg.write_pid_file:
                         pid_file = PidFile(os.path.join(path, REPLICA_PID_FILE))
                         self._pid_file = stack.enter_context(pid_file)
@@ -342,6 +350,7 @@ class ReplicaNode:
         report["mountpoint"] = os.path.abspath(self.cfg.mountpoint) if self.cfg.mountpoint else ""
         report["mount_options"] = list(self.cfg.mount_options)
         self.promoted = report
+        self.events.poke()
         assert self._nursery is not None
         self._nursery.start_soon(self._exit_after_reply)
         return {"promoted": report}
@@ -394,6 +403,7 @@ class ReplicaNode:
         out: dict[str, Any] = {"role": "target", "volume_dir": self.path}
         out["listen"] = f"{self.cfg.host or '*'}:{self.port}"
         out["tls"] = self.cfg.tls is not None
+        out["pid"] = os.getpid()
         if self.receiver is not None:
             out.update(self.receiver.status())
         out["mountpoint"] = self.cfg.mountpoint or ""
@@ -403,6 +413,14 @@ class ReplicaNode:
         out["mounted"] = self.mounted
         out["mount_error"] = self.mount_error
         return out
+
+    def document(self) -> dict[str, Any]:
+        """The status document (mirrorfs.node.status_model) of this node now."""
+        from mirrorfs.node.status_model import status_document
+
+        doc = status_document({**self.status(), "running": True}, self.path)
+        doc["promoted"] = self.promoted is not None
+        return doc
 
     async def _cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.status()}

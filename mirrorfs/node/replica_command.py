@@ -48,6 +48,7 @@ def _replica_config(args: Any) -> ReplicaConfig:
     files = tls_from_args(args)
     tls = load_tls(files) if files is not None else None
     check_listen_policy(host, secret, args.insecure, tls=tls is not None)
+    _check_metrics(args)
     return ReplicaConfig(
         volume_dir=os.path.abspath(args.dir),
         host=host,
@@ -59,7 +60,17 @@ def _replica_config(args: Any) -> ReplicaConfig:
         tls=tls,
         mount_options=tuple(args.options),
         log_argv=tuple(log_arguments(args)),
+        metrics=getattr(args, "metrics", None),
     )
+
+
+def _check_metrics(args: Any) -> None:
+    from mirrorfs.node.metrics import MetricsAddressError, check_metrics_policy
+
+    try:
+        check_metrics_policy(getattr(args, "metrics", None), args.metrics_insecure)
+    except MetricsAddressError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _replica_detached(args: Any) -> int:
@@ -79,6 +90,12 @@ def _replica_detached(args: Any) -> int:
     if cfg.tls is not None:
         extra += cfg.tls.files.argv()
     extra += log_arguments(args)
+    if getattr(args, "metrics", None):
+        from mirrorfs.node.metrics import metrics_argv
+
+        extra += ["--metrics", metrics_argv(args.metrics)]
+        if args.metrics_insecure:
+            extra.append("--metrics-insecure")
     if getattr(args, "debug", False):
         extra.append("--debug")
     argv = ["replica", volume_dir, "--listen", format_address(host, port), *extra]

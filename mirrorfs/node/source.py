@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from mirrorfs.node.control import ControlError, serve_control, socket_path
+from mirrorfs.node.events import EventSource
 from mirrorfs.repl.address import parse_address
 from mirrorfs.repl.auth import PeerPolicyError, check_peer_policy
 from mirrorfs.repl.lag import install_retention
@@ -54,6 +55,8 @@ class SourceConfig:
     mount_options: tuple[str, ...] = ()
     #: ``--log``/``--log-level`` as given: the successor of a switchover logs the same way.
     log_argv: tuple[str, ...] = ()
+    #: Serve Prometheus metrics here (``--metrics HOST:PORT``; mirrorfs.node.metrics).
+    metrics: tuple[str, int] | None = None
 
 
 class SourceNode:
@@ -68,6 +71,7 @@ class SourceNode:
         self._scopes: dict[tuple[str, int], trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._switching = False
+        self.events = EventSource(self.document)  # ``mirrorfs events`` (node/events.py)
         # A live view: targets added or removed later are seen at every checkpoint.
         install_retention(volume, self.shippers.values())
         volume.writer.watch_replication(self._replication_pending)
@@ -95,7 +99,12 @@ class SourceNode:
                 "promote": self._cmd_promote,
                 "switchover": self._cmd_switchover,
             }
-            await nursery.start(serve_control, socket_path(self.volume.path), handlers)
+            streams = {"events": self.events.stream}
+            await nursery.start(serve_control, socket_path(self.volume.path), handlers, streams)
+            if self.cfg.metrics is not None:
+                from mirrorfs.node.metrics import serve_metrics
+
+                await nursery.start(serve_metrics, self.cfg.metrics, self.document)
             for address in self.cfg.mirrors:
                 await self.add(address)
             task_status.started()
@@ -172,6 +181,7 @@ class SourceNode:
             "checkpointed_seq": st.checkpointed_seq,
             "log_first_seq": vol.samlog.first_seq,
             "log_bytes": vol.samlog.size_bytes,
+            "log_cap_bytes": self.cfg.max_log_bytes,
             "mountpoint": self.mountpoint,
             "mount_options": _split_options(self.cfg.mount_options),
             "read_only": bool(vol.failed),
@@ -181,6 +191,12 @@ class SourceNode:
             "pid": os.getpid(),
             "targets": [s.status() for s in self.shippers.values()],
         }
+
+    def document(self) -> dict[str, Any]:
+        """The status document (mirrorfs.node.status_model) of this node now."""
+        from mirrorfs.node.status_model import status_document
+
+        return status_document({**self.status(), "running": True}, self.volume.path)
 
     async def _cmd_promote(self, request: dict[str, Any]) -> dict[str, Any]:
         raise ControlError(

@@ -62,9 +62,25 @@ def cmd_mkfs(args: Any) -> int:
         Filesystem.format(volume, inode_count=inodes, uid=os.getuid(), gid=os.getgid())
     finally:
         volume.close()
+    if getattr(args, "json", False):
+        from mirrorfs.node.json_report import print_json, report
+
+        print_json(
+            report(
+                "mkfs",
+                volume_dir=path,
+                size_bytes=args.size,
+                block_size=bs,
+                blocks=args.size // bs,
+                inodes=inodes,
+            )
+        )
+        return 0
+    import humanize
+
     print(
-        f"{PROG}: created {path}: {args.size} bytes in {args.size // bs} blocks of {bs}, "
-        f"{inodes} inodes"
+        f"{PROG}: created {path}: {humanize.naturalsize(args.size, binary=True)} in "
+        f"{args.size // bs} blocks of {humanize.naturalsize(bs, binary=True)}, {inodes} inodes"
     )
     return 0
 
@@ -93,6 +109,8 @@ class MountArgs:
     force: bool = False
     log: str | None = None
     log_level: str = DEFAULT_LOG_LEVEL
+    metrics: tuple[str, int] | None = None
+    metrics_insecure: bool = False
     debug: bool = False
     ready_fd: int | None = None
 
@@ -122,6 +140,12 @@ def _passthrough_mount_args(args: Any) -> list[str]:
     if args.force:
         extra.append("--force")
     extra += log_arguments(args)
+    if getattr(args, "metrics", None):
+        from mirrorfs.node.metrics import metrics_argv
+
+        extra += ["--metrics", metrics_argv(args.metrics)]
+        if args.metrics_insecure:
+            extra.append("--metrics-insecure")
     if args.debug:
         extra.append("--debug")
     return extra
@@ -143,6 +167,7 @@ def cmd_mount(args: Any) -> int:
     if args.secret_file:
         check_secret(args.secret_file)
     tls = check_tls(args)
+    _check_metrics(args)
     check_mirrors(
         args.mirrors, secret_given=bool(args.secret_file), insecure=args.insecure, tls=tls
     )
@@ -162,6 +187,15 @@ def check_secret(path: str) -> None:
         auth.load_secret(path)
     finally:
         auth_log.disabled = disabled
+def _check_metrics(args: Any) -> None:
+    from mirrorfs.node.metrics import MetricsAddressError, check_metrics_policy
+
+    if getattr(args, "metrics", None) is not None and args.read_only:
+        raise CliError("--metrics needs a read-write (source) mount; a replica has its own")
+    try:
+        check_metrics_policy(getattr(args, "metrics", None), args.metrics_insecure)
+    except MetricsAddressError as exc:
+        raise CliError(str(exc)) from None
 
 
 def check_tls(args: Any) -> bool:
@@ -257,6 +291,7 @@ def _source_service(args: Any):
         tls=load_tls(files) if files is not None else None,
         mount_options=tuple(args.options),
         log_argv=tuple(log_arguments(args)),
+        metrics=getattr(args, "metrics", None),
     )
 
     def make(volume, mountpoint):
@@ -350,20 +385,53 @@ def cmd_fsck(args: Any) -> int:
     volume = Volume.open(path, read_only=not args.repair, repair_log=args.repair)
     try:
         # With repair, fsck commits its fixes and checks again: ``clean`` is the final state.
+        log_note = ""
+        as_json = getattr(args, "json", False)
         if volume.recovery.replayed or volume.recovery.log_note:
-            print(f"log: {volume.recovery.describe()}")
+            log_note = volume.recovery.describe()
+            if not as_json:
+                print(f"log: {log_note}")
         # A replica's blocks come from its source: a local fix would be a transaction the
         # source never had (the log's own repair above only makes it ask for them again).
         repair_fs = args.repair and volume.state.role != Role.TARGET.value
-        if args.repair and not repair_fs:
+        if args.repair and not repair_fs and not as_json:
             print(
                 "replica: the filesystem is only checked, not repaired: its source sends "
                 "what it is missing (a local fix would diverge from the source)"
             )
         report = fsck.check(volume, repair=repair_fs)
-        lines = report.describe()
-        print(lines if isinstance(lines, str) else "\n".join(lines))
+        if as_json:
+            _print_fsck_json(path, report, log_note)
+        else:
+            lines = report.describe()
+            print(lines if isinstance(lines, str) else "\n".join(lines))
         clean = report.clean
     finally:
         volume.close()
     return 0 if clean else 1
+
+
+def _print_fsck_json(path: str, report: Any, log_note: str) -> None:
+    from mirrorfs.node.json_report import print_json
+    from mirrorfs.node.json_report import report as json_report
+
+    print_json(
+        json_report(
+            "fsck",
+            volume_dir=path,
+            clean=report.clean,
+            repair=report.repair,
+            log=log_note,
+            inodes=report.inodes,
+            dirs=report.dirs,
+            files=report.files,
+            symlinks=report.symlinks,
+            others=report.others,
+            orphans=report.orphans,
+            blocks_used=report.blocks_used,
+            blocks_total=report.blocks_total,
+            problems=list(report.problems),
+            repaired=list(report.repaired),
+            remaining=list(report.remaining),
+        )
+    )

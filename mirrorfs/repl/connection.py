@@ -102,6 +102,7 @@ class Connection:
         self._reader_next = 0
         self._control_wake = trio.Event()
         self._scope: trio.CancelScope | None = None
+        self.last_contact = 0.0  # wall clock of the last frame from the target (0: none)
 
     def cancel(self) -> None:
         """End the connection's tasks (retention dropped the pin)."""
@@ -228,6 +229,7 @@ class Connection:
         while True:
             with trio.move_on_after(silence):
                 msg = await self.fs.receive()
+                self.last_contact = time.time()
                 self._handle(msg)
                 continue
             raise ConnectionClosed(f"target silent for {silence:g} s")

@@ -51,6 +51,7 @@ applies them from the log at the end of the session, in one step, so the replica
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -104,6 +105,10 @@ class ReplicaStore:
         self.last_resync: dict[str, Any] | None = None  # what the last resync did
         self.sync_blocks_copied = 0
         self.sync_blocks_total = 0
+        self.sync_started = 0.0  # time.monotonic() of the last SYNC_BEGIN of a copy
+        self.txns_applied = 0  # since the daemon started (metrics)
+        self.bytes_applied = 0
+        self.resyncs = 0
         self._consistent_reported = volume is not None and volume.consistent
         self.group = GroupLog()  # TXNs taken, logged with one fsync (repl/replica_log.py)
         self.checkpoints = CheckpointClock()
@@ -171,6 +176,18 @@ class ReplicaStore:
             "archives": list(vol.state.archives) if vol is not None else [],
             "log_kept_from": vol.state.keep_log_from if vol is not None else 0,
         }
+        out["txns_applied"], out["bytes_applied"] = self.txns_applied, self.bytes_applied
+        out["resyncs"] = self.resyncs
+        if self.sync_started:
+            out["sync_seconds"] = round(time.monotonic() - self.sync_started, 3)
+        if vol is not None and not vol.state.sync_state:
+            out["wire_seq"] = self.group.taken(vol)
+            out["wire_bytes_pending"] = self.group.pending_bytes
+            out["log_bytes"] = vol.samlog.size_bytes
+            out["log_first_seq"] = vol.samlog.first_seq
+            out["epoch"] = vol.state.epoch
+            out["epochs"] = vol.state.epochs
+            out["checkpointed_seq"] = vol.state.checkpointed_seq
         return out
 
     def judge_fork(self, peer: Peer) -> int | None:
@@ -223,6 +240,8 @@ class ReplicaStore:
             pending.popleft()
             nbytes = sum(len(data) for _, data in txn.runs)
             size += nbytes
+            self.txns_applied += 1
+            self.bytes_applied += nbytes
             self.checkpoints.applied(nbytes)
             n += 1
             self._notify(txn)
@@ -277,6 +296,7 @@ class ReplicaStore:
         self.volume = start_replica(self.volume_dir, old, msg, peer, self.node_id)
         self._consistent_reported = False
         self.sync_blocks_copied, self.sync_blocks_total = 0, msg.block_count
+        self.sync_started = time.monotonic()
         if self.on_created is not None:
             self.on_created(self.volume)
 
@@ -300,6 +320,7 @@ class ReplicaStore:
     def begin_resync(self, msg: SyncBegin, fork_seq: int | None, peer: Peer) -> TargetResync:
         epochs = [list(e) for e in peer.epochs]
         self.group.reset()  # (every TXN before it is logged and applied: nothing is lost)
+        self.resyncs += 1
         self.resync = TargetResync(self._vol(), msg, fork_seq=fork_seq, source_epochs=epochs)
         return self.resync
 

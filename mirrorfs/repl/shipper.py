@@ -55,7 +55,7 @@ import trio
 
 from mirrorfs.repl.connection import Connection, Fenced, OutOfSync, Wakeup
 from mirrorfs.repl.initial_sync import SyncProgress
-from mirrorfs.repl.lag import CommitTracker, RateMeter, install_retention, lag_seconds
+from mirrorfs.repl.lag import CommitTracker, RateMeter, install_retention, lag_seconds, stage_lag
 from mirrorfs.repl.resync import ResyncProgress
 from mirrorfs.repl.source_session import LogView, Plan, PlanKind, ShipperState, TargetPositions
 from mirrorfs.repl.stream import (
@@ -132,6 +132,9 @@ class Shipper:
         self.connections = 0
         self._bytes_sent_before = 0  # wire bytes of finished connections
         self._session: Connection | None = None
+        self._last_contact = 0.0  # of the connections that ended (wall clock)
+        self._txns_sent_before = 0  # TXN frames of the connections that ended
+        self.resyncs = 0  # resyncs started (metrics)
         self.tracker = CommitTracker()
         self.acked = RateMeter()
         self.wakeup = Wakeup()  # the sender looks again (commit, ack, verify, pin drop)
@@ -210,8 +213,21 @@ class Shipper:
             lag_bytes = self.tracker.bytes_after(applied) if lag_txns else 0
             lag_secs = round(lag_seconds(self.tracker, vol, applied), 3)
         s = self._session
+        sent = s.machine.last_sent if s is not None else None
+        received = self.received_seq
+        contact = max(self._last_contact, s.last_contact if s is not None else 0.0)
         return {
             "address": self.label,
+            "connected": s is not None,
+            "sent_seq": sent,
+            "last_contact": contact,
+            "txns_sent": self._txns_sent_before + (s.machine.txns_sent if s is not None else 0),
+            "resyncs": self.resyncs,
+            "stages": {
+                "committed_not_sent": stage_lag(self.tracker, vol, sent, last),
+                "sent_not_received": stage_lag(self.tracker, vol, received, sent),
+                "flushed_not_applied": stage_lag(self.tracker, vol, applied, received),
+            },
             "state": self.state.value,
             "reason": self.reason,
             "target_node_id": self.target_node_id,
@@ -380,6 +396,7 @@ class Shipper:
             self.set_state(ShipperState.STREAMING)
             return plan.next_seq
         fork = plan.verdict.fork_seq if plan.verdict is not None else None
+        self.resyncs += 1
         s.resync = self.resync = ResyncProgress(
             applied, plan.start_seq, vol.block_count, fork_seq=fork
         )
@@ -410,6 +427,8 @@ class Shipper:
         s = self._session
         self._session = None
         if s is not None:
+            self._last_contact = max(self._last_contact, s.last_contact)
+            self._txns_sent_before += s.machine.txns_sent
             self.verify.fail_all(f"connection to {self.label} lost during verify")
             s.close()
         for notify in list(self.on_session_end):

@@ -109,10 +109,12 @@ class SyncProgress:
     blocks_done: int = 0
     blocks_sent: int = 0
     bytes_sent: int = 0
+    started: float = field(default_factory=time.monotonic)
 
     def as_dict(self) -> dict:
         pct = 100.0 * self.blocks_done / self.blocks_total if self.blocks_total else 100.0
         return {
+            "seconds": round(time.monotonic() - self.started, 3),
             "start_seq": self.start_seq,
             "blocks_total": self.blocks_total,
             "blocks_done": self.blocks_done,

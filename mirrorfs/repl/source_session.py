@@ -150,6 +150,7 @@ class SourceSession:
         self.inflight: deque[tuple[int, int]] = deque()  # (seq, record bytes), sent order
         self.unacked = 0
         self.last_sent = last_sent  # highest seq sent (or the sync's start seq)
+        self.txns_sent = 0  # TXN frames sent on this connection (metrics)
         self.peer_error = ""  # what ERROR_STATE said
         self.pong_due: list[int] = []
 
@@ -162,6 +163,7 @@ class SourceSession:
         self.inflight.append((seq, size))
         self.unacked += size
         self.last_sent = seq
+        self.txns_sent += 1
 
     def on_ack(self, ack: Ack) -> int:
         """Check ``ack`` against what was sent; the bytes it took off the window."""
