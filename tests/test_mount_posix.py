@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests import syscalls
 from tests.util import (
     cleanup,
     expect_errno,
@@ -316,6 +317,48 @@ def test_times_past_the_format_keep_the_mount_writable(d):
         os.fsync(f.fileno())
     with open(os.path.join(d, "after"), "rb") as f:
         assert f.read() == b"still writable"
+
+
+def test_file_handles_survive_dropped_caches(rw, d):
+    """name_to_handle_at + open_by_handle_at after the kernel evicted the inodes: the
+    kernel finds them again with LOOKUP(ino, "."), for files, hard links and directories;
+    a deleted inode (and a reused inode number) is ESTALE."""
+    if os.geteuid() != 0:
+        pytest.skip("open_by_handle_at and drop_caches need root")
+    sub = os.path.join(d, "sub")
+    os.mkdir(sub)
+    with open(os.path.join(sub, "f"), "wb") as f:
+        f.write(b"hello")
+    os.link(os.path.join(sub, "f"), os.path.join(d, "f-link"))
+    with open(os.path.join(d, "gone"), "wb") as f:
+        f.write(b"gone")
+    handles = {
+        name: syscalls.name_to_handle_at(os.path.join(d, name))
+        for name in ("sub", "sub/f", "f-link", "gone")
+    }
+    inos = {name: os.stat(os.path.join(d, name)).st_ino for name in handles}
+    os.unlink(os.path.join(d, "gone"))
+    with open(os.path.join(d, "new"), "wb") as f:  # may take the freed inode number
+        f.write(b"new")
+    syscalls.drop_caches()
+    mount_fd = os.open(rw.mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in ("sub/f", "f-link"):
+            fd = syscalls.open_by_handle_at(mount_fd, handles[name])
+            try:
+                assert os.fstat(fd).st_ino == inos[name]
+                assert os.pread(fd, 100, 0) == b"hello"
+            finally:
+                os.close(fd)
+        fd = syscalls.open_by_handle_at(mount_fd, handles["sub"], os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert os.fstat(fd).st_ino == inos["sub"]
+            assert os.listdir(fd) == ["f"]
+        finally:
+            os.close(fd)
+        expect_errno(errno.ESTALE, syscalls.open_by_handle_at, mount_fd, handles["gone"])
+    finally:
+        os.close(mount_fd)
 
 
 def test_readdir_large_directory(d):
