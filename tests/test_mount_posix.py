@@ -361,6 +361,35 @@ def test_file_handles_survive_dropped_caches(rw, d):
         os.close(mount_fd)
 
 
+def test_rename_whiteout(d):
+    """renameat2(RENAME_WHITEOUT), as overlayfs uses it: the source name becomes a
+    character device 0:0, the target gets the file; the flag combinations Linux refuses."""
+    src, dst = os.path.join(d, "src"), os.path.join(d, "dst")
+    with open(src, "wb") as f:
+        f.write(b"payload")
+    ino = os.stat(src).st_ino
+    syscalls.renameat2(src, dst, syscalls.RENAME_WHITEOUT)
+    st = os.lstat(src)
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 and st.st_ino != ino
+    assert os.stat(dst).st_ino == ino
+    with open(dst, "rb") as f:
+        assert f.read() == b"payload"
+    for flags in (
+        syscalls.RENAME_WHITEOUT | syscalls.RENAME_EXCHANGE,
+        syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE,
+    ):
+        expect_errno(errno.EINVAL, syscalls.renameat2, dst, src, flags)
+    expect_errno(
+        errno.EEXIST,
+        syscalls.renameat2,
+        dst,
+        src,
+        syscalls.RENAME_WHITEOUT | syscalls.RENAME_NOREPLACE,
+    )
+    os.unlink(src)  # a whiteout is an ordinary name outside an overlay
+    assert os.listdir(d) == ["dst"]
+
+
 def test_readdir_large_directory(d):
     names = {f"entry-{i:05d}-{'x' * (i % 50)}" for i in range(1500)}
     for name in names:
