@@ -60,7 +60,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -106,6 +106,10 @@ from mirrorfs.store.errors import StoreError
 from mirrorfs.store.volume import Volume
 
 log = logging.getLogger(__name__)
+
+#: What a listener does with a new stream before the handshake (its TLS handshake): the
+#: stream to serve, or None when it refused the peer (and closed the stream).
+Prepare = Callable[[trio.abc.Stream], Awaitable["trio.abc.Stream | None"]]
 
 KEEPALIVE = 5.0  # send a PING after this long without sending anything
 SILENCE_TIMEOUT = 30.0  # drop a source that sent nothing for this long
@@ -229,14 +233,18 @@ class Receiver:
 
     # ------------------------------------------------------------------------- connections
 
-    async def serve(self, stream: trio.abc.Stream, address: str = "") -> None:
+    async def serve(
+        self, stream: trio.abc.Stream, address: str = "", prepare: Prepare | None = None
+    ) -> None:
         """Serve one connected source until it goes away or something is wrong.
 
         Nothing is held for the connection until its peer has proved the secret: before
         that it only counts against the caps on handshakes in progress (``limiter``: beyond
         them it displaces the least advanced, oldest one), and its handshake has one
-        deadline. Never raises for what the peer does: every ending is logged as one line
-        (a displaced handshake: one line per ``limiter.log_every`` for all of them).
+        deadline. ``prepare`` (the listener's TLS handshake, repl/tls.py ``accept``) runs
+        inside that count too: the stream to serve, or None when it refused the peer.
+        Never raises for what the peer does: every ending is logged as one line (a
+        displaced handshake: one line per ``limiter.log_every`` for all of them).
         """
         address = address or _peer_address(stream)
         admission = self.limiter.admit(host_of(address), trio.current_time())
@@ -253,25 +261,29 @@ class Receiver:
                 more,
             )
         ticket = admission.ticket
-        fs = FramedStream(stream)
+        fs: FramedStream | None = None
         gate = _SlotGate(self, address, self.store.handshake_args(), ticket)
+        peer: Peer | None = None
         try:
             try:
                 with trio.CancelScope() as scope:
                     self._handshakes[ticket] = scope
-                    peer = await self._authenticate(fs, address, gate)
+                    served = stream if prepare is None else await prepare(stream)
+                    if served is not None:
+                        fs = FramedStream(served)
+                        peer = await self._authenticate(fs, address, gate)
                 if scope.cancelled_caught:
                     peer = None  # displaced by a newer connection (the line above says so)
             finally:
                 self._handshakes.pop(ticket, None)
                 self.limiter.release(ticket)
-            if peer is not None:
+            if peer is not None and fs is not None:
                 await self._serve_locked(fs, address, peer)
         finally:
             if gate.held:
                 self._busy = False
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await fs.aclose()
+                await (fs.aclose() if fs is not None else stream.aclose())
 
     async def _authenticate(self, fs: FramedStream, address: str, gate: _SlotGate) -> Peer | None:
         """The handshake, with ``gate`` deciding about the slot; None (logged) if it failed."""
