@@ -361,6 +361,36 @@ def test_file_handles_survive_dropped_caches(rw, d):
         os.close(mount_fd)
 
 
+def test_file_handles_survive_a_remount(tmp_path):
+    """A handle is the inode number and its generation, both on disk: it opens the same
+    file and directory through the next mount of the volume (what NFS needs of a server
+    restart)."""
+    if os.geteuid() != 0:
+        pytest.skip("open_by_handle_at needs root")
+    vol = tmp_path / "vol"
+    mkfs(vol, "64M")
+    with public_dir() as mnt:
+        with mounted(vol, mnt):
+            with open(os.path.join(mnt, "f"), "wb") as f:
+                f.write(b"kept")
+            os.mkdir(os.path.join(mnt, "d"))
+            handles = {n: syscalls.name_to_handle_at(os.path.join(mnt, n)) for n in ("f", "d")}
+            inos = {n: os.stat(os.path.join(mnt, n)).st_ino for n in ("f", "d")}
+        with mounted(vol, mnt):
+            mount_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for name, flags in (("f", os.O_RDONLY), ("d", os.O_RDONLY | os.O_DIRECTORY)):
+                    fd = syscalls.open_by_handle_at(mount_fd, handles[name], flags)
+                    try:
+                        assert os.fstat(fd).st_ino == inos[name]
+                        if name == "f":
+                            assert os.pread(fd, 10, 0) == b"kept"
+                    finally:
+                        os.close(fd)
+            finally:
+                os.close(mount_fd)
+
+
 def test_rename_whiteout(d):
     """renameat2(RENAME_WHITEOUT), as overlayfs uses it: the source name becomes a
     character device 0:0, the target gets the file; the flag combinations Linux refuses."""
