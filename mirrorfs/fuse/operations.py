@@ -337,7 +337,9 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self.fs.rename(
+            parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx.uid, ctx.gid
+        )
 
     # -- files
 

@@ -27,6 +27,7 @@ cleanup).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -295,12 +296,11 @@ class ReplicaNode:
 
     async def _serve_one(self, stream: trio.SocketStream) -> None:
         """One accepted connection: its TLS handshake (or the plain-TCP check), then the
-        receiver; a peer refused there never reaches the receiver."""
-        address = peer_address(stream)
-        served = await accept(stream, self.cfg.tls, timeout=self._handshake_timeout())
-        if served is not None:
-            assert self.receiver is not None
-            await self.receiver.serve(served, address)
+        receiver's handshake; a peer refused by the first never reaches the second. Both
+        count against the receiver's caps on unauthenticated connections."""
+        assert self.receiver is not None
+        prepare = functools.partial(accept, tls=self.cfg.tls, timeout=self._handshake_timeout())
+        await self.receiver.serve(stream, peer_address(stream), prepare=prepare)
 
     def _handshake_timeout(self) -> float:
         return self.receiver.handshake_timeout if self.receiver is not None else 10.0
