@@ -96,7 +96,7 @@ def test_empty_target_asks_for_initial_sync():
     [
         ({"secret": b"x" * 32}, {}, "source", RefuseReason.AUTH, "target 'tgt' failed auth"),
         ({}, {"secret": None}, "source", RefuseReason.AUTH, "failed authentication"),
-        ({"protocol_version": 2}, {}, "target", RefuseReason.VERSION, "protocol version 2"),
+        ({"protocol_version": 1}, {}, "target", RefuseReason.VERSION, "protocol version 1"),
         ({}, {"volume_uuid": bytes(15) + b"\1"}, "source", RefuseReason.WRONG_VOLUME, "wrong"),
         ({}, {"volume_uuid": None}, "source", RefuseReason.NO_INITIAL_SYNC, "empty"),
         ({}, {"epochs": [(1, 1), (2, 4)]}, "source", RefuseReason.FENCED, "fenced"),

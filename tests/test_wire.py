@@ -92,11 +92,15 @@ def examples() -> list[wire.Message]:
             uuid, "src-1", [(1, 1), (2, 50)], 99, nonce, wire.HelloFlags.INITIAL_SYNC_ALLOWED
         ),
         wire.HelloReply(bytes(16), "tgt-é", [], 0, 0, nonce, bytes(32)),
+        wire.HelloReply(
+            uuid, "tgt", [(1, 1)], 7, 6, nonce, bytes(32), partial_seq=8, partial_offset=131072
+        ),
         wire.Auth(bytes(range(32, 64))),
         wire.Accept(),
         wire.Refuse(wire.RefuseReason.FENCED, "fenced: epoch 2 < 3"),
         wire.Txn(5, b"a SAM record" * 100),
         wire.Ack(10, 9, 1_700_000_000_000_000_000),
+        wire.TxnPart(11, 300_000, 0xDEADBEEF, 131072, b"part" * 100),
         wire.SyncBegin(wire.SyncKind.RESYNC, 4096, 1 << 20, 77),
         wire.SyncBlocks.pack(12, bytes(4096) * 3, 4096),
         wire.SyncBlocks.pack(12, bytes(range(256)) * 16, 4096, compress=False),

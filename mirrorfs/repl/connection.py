@@ -3,7 +3,9 @@
 ``Connection.run`` starts three tasks and the first failure ends all three:
 
 - the sender: the initial sync or resync the plan asked for, then TXN frames in sequence
-  order within the window (``SourceSession.may_send``), and VERIFY_REQ once caught up;
+  order within the window (``SourceSession.may_send``; a record larger than a chunk as
+  TXN_PARTs, from where the target holds it: mirrorfs.repl.txn_parts), and VERIFY_REQ once
+  caught up;
 - the reader: every frame from the target, routed by ``SourceSession.handle`` (ACKs move
   the target's positions and open the window, VERIFY_REPLY goes to the resync or the verify
   channel, REFUSE ends the connection), with a silence deadline;
@@ -37,8 +39,9 @@ from mirrorfs.repl.source_session import (
     TargetPositions,
 )
 from mirrorfs.repl.stream import ConnectionClosed, FramedStream
+from mirrorfs.repl.txn_parts import resume_offset, split_record
 from mirrorfs.repl.verify import VerifyChannel
-from mirrorfs.repl.wire import Ack, Message, Ping, ReplError, Txn, VerifyReply
+from mirrorfs.repl.wire import Ack, Message, Ping, ReplError, VerifyReply
 from mirrorfs.store.errors import LogError, StoreError
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,8 @@ class Connection:
         self.replies: ReplyQueue | None = None  # where VERIFY_REPLY goes while it runs
         self._log_reader: Iterator[tuple[int, bytes]] | None = None
         self._reader_next = 0
+        # What the target holds of a record sent in parts: (seq, offset) from its HELLO_REPLY.
+        self.resume: tuple[int, int] = (0, 0)
         self._control_wake = trio.Event()
         self._scope: trio.CancelScope | None = None
 
@@ -190,7 +195,7 @@ class Connection:
                     side.tracker.set_size(seq, len(rec))
                     pending = None
                     next_seq = seq + 1
-                    await self.fs.send(Txn(seq, rec))
+                    await self._send_record(seq, rec)
                     continue
             elif side.verify.wanted:
                 # Caught up: every transaction up to last_seq is sent, and the digests are
@@ -201,6 +206,21 @@ class Connection:
                 continue
             # Nothing to do until a commit, an ACK (window) or a verify request.
             await side.wakeup.wait()
+
+    async def _send_record(self, seq: int, rec: bytes) -> None:
+        """TXN ``seq``: one TXN frame, or TXN_PARTs from where the target holds it up to
+        (mirrorfs.repl.txn_parts), so a cut connection costs one part, not the record."""
+        start = resume_offset(seq, rec, *self.resume)
+        if start:
+            log.info(
+                "target %s: resuming seq %d at byte %d of %d",
+                self.side.label,
+                seq,
+                start,
+                len(rec),
+            )
+        for frame in split_record(seq, rec, start=start):
+            await self.fs.send(frame)
 
     def _read_record(self, seq: int) -> tuple[int, bytes] | None:
         """Record ``seq`` from the log (synchronous); None if it is not committed yet."""

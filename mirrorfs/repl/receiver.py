@@ -99,6 +99,7 @@ from mirrorfs.repl.wire import (
     RefuseReason,
     ReplError,
     Txn,
+    TxnPart,
     VerifyReply,
 )
 from mirrorfs.store.errors import StoreError
@@ -406,7 +407,7 @@ class Receiver:
                 # Drain what the reader has queued (TXNs join the group), then log the group
                 # and acknowledge once (coalesced), never holding an ACK back > ACK_DELAY.
                 while True:
-                    if not isinstance(msg, Txn):
+                    if not isinstance(msg, (Txn, TxnPart)):
                         await pipe.flush(drain=True)
                     out = machine.handle(msg)
                     for reply in out.send:

@@ -62,8 +62,16 @@ from mirrorfs.repl.replica_log import CheckpointClock, GroupLog
 from mirrorfs.repl.resync import TargetResync
 from mirrorfs.repl.switchover import switchover_refusal
 from mirrorfs.repl.target_session import ResyncStage
+from mirrorfs.repl.txn_parts import PartialTxn, take_part
 from mirrorfs.repl.verify import range_digests
-from mirrorfs.repl.wire import Switchover, SwitchoverDone, SyncBegin, SyncBlocks, SyncEnd
+from mirrorfs.repl.wire import (
+    Switchover,
+    SwitchoverDone,
+    SyncBegin,
+    SyncBlocks,
+    SyncEnd,
+    TxnPart,
+)
 from mirrorfs.store.nodestate import Role
 from mirrorfs.store.txn import Transaction
 from mirrorfs.store.volume import Volume
@@ -108,6 +116,9 @@ class ReplicaStore:
         self.group = GroupLog()  # TXNs taken, logged with one fsync (repl/replica_log.py)
         self.checkpoints = CheckpointClock()
         self.apply_step_bytes = APPLY_STEP_BYTES
+        # The parts of a record sent in TXN_PART frames that arrived, kept across sessions
+        # (in memory only: mirrorfs.repl.txn_parts says why that is safe).
+        self.partial: PartialTxn | None = None
 
     # ------------------------------------------------------------------ what it holds
 
@@ -154,7 +165,33 @@ class ReplicaStore:
             "epochs": [] if empty or vol is None else [tuple(e) for e in vol.state.epochs],
             "received_seq": 0 if empty or vol is None else vol.received_seq,
             "applied_seq": 0 if empty or vol is None else vol.last_seq,
+            **dict(zip(("partial_seq", "partial_offset"), self.resume_point(), strict=True)),
         }
+
+    def resume_point(self) -> tuple[int, int]:
+        """(seq, offset) of the record held in part, to announce; (0, 0) if none. A record
+        that the log holds by now is forgotten here."""
+        p, vol = self.partial, self.volume
+        if p is None:
+            return 0, 0
+        if vol is None or self.empty or p.seq <= vol.received_seq:
+            self.partial = None
+            return 0, 0
+        return p.seq, p.resume_at
+
+    def take_part(self, part: TxnPart) -> bytes | None:
+        """Keep TXN_PART ``part``; the whole record once it is complete (ProtocolError if the
+        part does not continue what is held)."""
+        self.resume_point()  # (forgets a record the log holds by now)
+        self.partial, record = take_part(self.partial, part)
+        if record is not None and self.partial is not None:
+            log.info(
+                "seq %d complete from %d part(s) (%d bytes)",
+                part.seq,
+                self.partial.parts,
+                len(record),
+            )
+        return record
 
     def positions(self) -> tuple[int, int]:
         """(received, applied): received is what is durable in the log, never more."""
@@ -171,6 +208,8 @@ class ReplicaStore:
             "archives": list(vol.state.archives) if vol is not None else [],
             "log_kept_from": vol.state.keep_log_from if vol is not None else 0,
         }
+        p = self.partial
+        out["partial"] = {"seq": p.seq, "bytes": p.offset, "total": p.total} if p else None
         return out
 
     def judge_fork(self, peer: Peer) -> int | None:
@@ -274,6 +313,7 @@ class ReplicaStore:
     def start_copy(self, msg: SyncBegin, peer: Peer) -> None:
         old, self.volume = self.volume, None
         self.group.reset()
+        self.partial = None
         self.volume = start_replica(self.volume_dir, old, msg, peer, self.node_id)
         self._consistent_reported = False
         self.sync_blocks_copied, self.sync_blocks_total = 0, msg.block_count

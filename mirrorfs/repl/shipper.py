@@ -14,7 +14,9 @@ mirrorfs/INTERNALS.md "Replication session":
   seqs past the fork (failback of an old source, mirrorfs.repl.fork): the target archives
   those seqs, and the blocks either side changed since the fork are what differs;
 - then TXN frames in sequence order from the target's received_seq + 1, read verbatim from
-  the SAM log, with at most ``window_bytes`` of TXN records not yet acknowledged as received.
+  the SAM log, with at most ``window_bytes`` of TXN records not yet acknowledged as received;
+  a record larger than a chunk goes as TXN_PART frames, resumed where the target's
+  HELLO_REPLY says it holds it (mirrorfs.repl.txn_parts).
 
 Several shippers can serve one volume (fan-out), each at its own pace.
 
@@ -130,6 +132,7 @@ class Shipper:
         self.sync: SyncProgress | None = None
         self.resync: ResyncProgress | None = None  # the current or last resync
         self.connections = 0
+        self.resumed: dict | None = None  # the last record the target held in part
         self._bytes_sent_before = 0  # wire bytes of finished connections
         self._session: Connection | None = None
         self.tracker = CommitTracker()
@@ -229,6 +232,7 @@ class Shipper:
             "resync": self.resync.as_dict() if self.resync is not None else None,
             "pinning": self.retain_seq() is not None,
             "connections": self.connections,
+            "resumed": self.resumed,
         }
 
     # ------------------------------------------------------------------ verify
@@ -321,6 +325,9 @@ class Shipper:
             )
             self.target_node_id = peer.node_id
             session = Connection(fs, self, self.window_bytes)
+            session.resume = (peer.partial_seq, peer.partial_offset)
+            if peer.partial_offset:
+                self.resumed = {"seq": peer.partial_seq, "offset": peer.partial_offset}
             self._session = session
             if peer.empty:
                 next_seq = 0

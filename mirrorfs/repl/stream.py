@@ -178,6 +178,8 @@ async def handshake_target(
     epochs: Sequence[tuple[int, int]],
     received_seq: int,
     applied_seq: int,
+    partial_seq: int = 0,
+    partial_offset: int = 0,
     protocol_version: int = PROTOCOL_VERSION,
     timeout: float = 10.0,
     hello: Hello | None = None,
@@ -199,6 +201,8 @@ async def handshake_target(
         epochs=epochs,
         received_seq=received_seq,
         applied_seq=applied_seq,
+        partial_seq=partial_seq,
+        partial_offset=partial_offset,
         protocol_version=protocol_version,
         gate=gate,
     )
