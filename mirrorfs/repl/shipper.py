@@ -133,6 +133,10 @@ class Shipper:
         self.resync: ResyncProgress | None = None  # the current or last resync
         self.connections = 0
         self.resumed: dict | None = None  # the last record the target held in part
+        # What the target said it holds at the last handshake (received seq, and the record
+        # it holds in part), and whether that was more than at the one before.
+        self._held: tuple[int, int, int] | None = None
+        self._progressed = False
         self._bytes_sent_before = 0  # wire bytes of finished connections
         self._session: Connection | None = None
         self.tracker = CommitTracker()
@@ -273,7 +277,12 @@ class Shipper:
                 streamed = await self._connect_once()
                 if streamed and self.state is not ShipperState.OUT_OF_SYNC:
                     delay = BACKOFF_MIN  # (a resync that keeps failing backs off)
-                if not self._idle():
+                if self._progressed:
+                    # The target holds more than at the handshake before: the link carries
+                    # bytes, only not for long. Go on at once (bounded by the data to send).
+                    self._progressed = False
+                    await trio.sleep(0)
+                elif not self._idle():
                     await trio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX)
         finally:
@@ -328,6 +337,9 @@ class Shipper:
             session.resume = (peer.partial_seq, peer.partial_offset)
             if peer.partial_offset:
                 self.resumed = {"seq": peer.partial_seq, "offset": peer.partial_offset}
+            held = (peer.received_seq, peer.partial_seq, peer.partial_offset)
+            self._progressed = self._held is not None and not peer.empty and held > self._held
+            self._held = None if peer.empty else held
             self._session = session
             if peer.empty:
                 next_seq = 0
