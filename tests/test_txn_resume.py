@@ -296,3 +296,69 @@ async def test_large_transactions_through_resets_every_256k(tmp_path, nursery, c
     # The flipped byte was caught by a frame CRC and ended one connection, nothing more.
     assert any("CRC mismatch" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.exc_info], "a traceback in the log"
+
+
+# ---------------------------------------------------------------------------- initial sync
+
+
+def test_initial_sync_round_resumed_skips_what_the_target_holds():
+    from mirrorfs.repl.source_rounds import SYNC_CHUNK, InitialSyncRound, SyncProgress
+
+    bs = 4096
+    per = SYNC_CHUNK // bs
+    runs = [(0, 10), (40, 40 + 3 * per), (1000, 1001)]
+    fresh = list(InitialSyncRound(SyncProgress(7, 2048), bs, 2048).chunks(runs))
+    resumed_at = 40 + per  # the target holds the first two runs' chunks below it
+    m = InitialSyncRound(SyncProgress(7, 2048), bs, 2048, first_block=resumed_at)
+    assert m.begin().first_block == resumed_at and m.begin().start_seq == 7
+    assert list(m.chunks(runs)) == [c for c in fresh if c[0] >= resumed_at]
+    assert list(m.chunks(runs))[0] == (resumed_at, per)
+
+
+async def test_initial_sync_through_resets_every_256k(tmp_path, nursery, caplog):
+    """An empty replica filled over a link reset every 256 KiB, with commits going on:
+    every connection goes on with the copy where the last one was cut, and the replica
+    ends block-identical."""
+    from mirrorfs.repl.receiver import Receiver
+    from mirrorfs.repl.shipper import Shipper
+    from tests.netproxy import Direction, FaultProxy
+    from tests.test_shipper import commit_random, make_source, same_blocks, serve_receiver
+
+    caplog.set_level(logging.INFO, logger="mirrorfs")
+    rng = random.Random(7)
+    src = make_source(tmp_path, size=32 * MiB)
+    src.write(500, rng.randbytes(4 * MiB))  # 1024 blocks of incompressible data
+    src.commit()
+    for _ in range(5):
+        commit_random(src, rng)
+    rdir = str(tmp_path / "replica")
+    os.makedirs(rdir)
+    receiver = Receiver(rdir, None, secret=None, node_id="tgt")
+    port = await serve_receiver(nursery, receiver)
+    proxy = FaultProxy(target=("127.0.0.1", port))
+    pport = await nursery.start(proxy.run)
+    proxy.reset_every(256 * KiB, Direction.UP)
+    shipper = Shipper(src, ("127.0.0.1", pport), secret=None, node_id="src")
+    await nursery.start(shipper.run)
+
+    def done():
+        v = receiver.volume
+        return v is not None and v.consistent and v.last_seq == src.last_seq
+
+    copied: list[int] = []
+    with trio.fail_after(120):
+        while not done():
+            n = receiver.status()["sync_blocks_copied"]
+            if not copied or n != copied[-1]:
+                copied.append(n)
+            if len(copied) % 5 == 1 and src.last_seq < 30:
+                commit_random(src, rng)  # commits during the copy: replayed over it
+            await trio.sleep(0.005)
+    assert same_blocks(src, receiver.volume)
+    starts = [r for r in caplog.records if "initial sync of" in r.getMessage()]
+    resumes = [r for r in caplog.records if "resuming the initial sync" in r.getMessage()]
+    assert len(starts) == 1, [r.getMessage() for r in starts]  # never started over
+    assert len(resumes) >= 4 * MiB // (256 * KiB) - 2
+    assert shipper.sync is not None
+    assert starts[0].getMessage().endswith(f"from seq {shipper.sync.start_seq}")
+    assert copied == sorted(copied) and len(copied) >= 10  # the copy only moved forward

@@ -92,6 +92,7 @@ def examples() -> list[wire.Message]:
             uuid, "src-1", [(1, 1), (2, 50)], 99, nonce, wire.HelloFlags.INITIAL_SYNC_ALLOWED
         ),
         wire.HelloReply(bytes(16), "tgt-é", [], 0, 0, nonce, bytes(32)),
+        wire.HelloReply(bytes(16), "t", [], 0, 0, nonce, bytes(32), copy_seq=5, copy_block=64),
         wire.HelloReply(
             uuid, "tgt", [(1, 1)], 7, 6, nonce, bytes(32), partial_seq=8, partial_offset=131072
         ),
@@ -102,6 +103,7 @@ def examples() -> list[wire.Message]:
         wire.Ack(10, 9, 1_700_000_000_000_000_000),
         wire.TxnPart(11, 300_000, 0xDEADBEEF, 131072, b"part" * 100),
         wire.SyncBegin(wire.SyncKind.RESYNC, 4096, 1 << 20, 77),
+        wire.SyncBegin(wire.SyncKind.FULL, 4096, 1 << 20, 77, first_block=4096),
         wire.SyncBlocks.pack(12, bytes(4096) * 3, 4096),
         wire.SyncBlocks.pack(12, bytes(range(256)) * 16, 4096, compress=False),
         wire.SyncEnd(78),
@@ -217,8 +219,13 @@ def first_error(data: bytes) -> str:
         (frame(MsgType.PING, bytes(9)), "malformed PING payload: 1 trailing bytes"),
         (frame(MsgType.REFUSE, b"\x63\x00\x00\x00"), "unknown reason 99"),
         (frame(MsgType.ERROR_STATE, b"\x00\x00\x02\x00\xff\xfe"), "not UTF-8"),
-        (frame(MsgType.SYNC_BEGIN, struct.pack("<BBHIQQ", 1, 1, 0, 4096, 1, 1)), "reserved"),
-        (frame(MsgType.SYNC_BEGIN, struct.pack("<BBHIQQ", 9, 0, 0, 4096, 1, 1)), "unknown kind"),
+        (frame(MsgType.SYNC_BEGIN, struct.pack("<BBHIQQQ", 1, 1, 0, 4096, 1, 1, 0)), "reserved"),
+        (
+            frame(MsgType.SYNC_BEGIN, struct.pack("<BBHIQQQ", 9, 0, 0, 4096, 1, 1, 0)),
+            "unknown kind",
+        ),
+        (frame(MsgType.SYNC_BEGIN, struct.pack("<BBHIQQQ", 2, 0, 0, 4096, 9, 1, 3)), "only an"),
+        (frame(MsgType.SYNC_BEGIN, struct.pack("<BBHIQQQ", 1, 0, 0, 4096, 9, 1, 9)), "outside"),
         (frame(MsgType.HELLO, struct.pack("<HHI16s32sQ", 1, 4, 0, b"", b"", 0)), "flags bits"),
         (frame(MsgType.SYNC_BLOCKS, struct.pack("<QII", 0, 0, 0) + b"x"), "no blocks"),
         (frame(MsgType.TXN, struct.pack("<Q", 1)), "empty data"),

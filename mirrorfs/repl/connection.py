@@ -105,6 +105,8 @@ class Connection:
         self._reader_next = 0
         # What the target holds of a record sent in parts: (seq, offset) from its HELLO_REPLY.
         self.resume: tuple[int, int] = (0, 0)
+        # What an empty target holds of an initial-sync copy: (S, block) from its HELLO_REPLY.
+        self.copy_resume: tuple[int, int] = (0, 0)
         self._control_wake = trio.Event()
         self._scope: trio.CancelScope | None = None
 
@@ -158,13 +160,20 @@ class Connection:
         side, m = self.side, self.machine
         vol = side.volume
         if next_seq == 0:
-            start = vol.last_seq
-            # Pinned before the first await, so no checkpoint can retire S+1 from under us.
-            side.positions.pin_sync(start)
-            side.sync = SyncProgress(start, vol.block_count)
+            first_block = self._copy_to_resume()
+            if first_block:
+                assert side.sync is not None
+                start = side.sync.start_seq  # S+1 stayed pinned since that copy began
+            else:
+                start = vol.last_seq
+                # Pinned before the first await, so no checkpoint can retire S+1 from under us.
+                side.positions.pin_sync(start)
+                side.sync = SyncProgress(start, vol.block_count)
             side.set_state(ShipperState.INITIAL_SYNC)
             m.last_sent = start
-            next_seq = await run_initial_sync(vol, self.fs, side.sync, side.label)
+            next_seq = await run_initial_sync(
+                vol, self.fs, side.sync, side.label, first_block=first_block
+            )
             side.set_state(ShipperState.STREAMING)
         elif self.resync is not None:
             self.replies = ReplyQueue()
@@ -178,6 +187,18 @@ class Connection:
             m.last_sent = next_seq - 1
             side.set_state(ShipperState.STREAMING)
         return next_seq
+
+    def _copy_to_resume(self) -> int:
+        """The block to resume the initial sync at (0: a new copy): the target announced the
+        copy from S that this shipper began and still pins S+1 for, held below a block."""
+        side = self.side
+        seq, block = self.copy_resume
+        sync, pin = side.sync, side.positions.sync_pin
+        if not block or sync is None or pin is None or side.positions.pin_dropped:
+            return 0
+        if sync.start_seq != seq or pin != seq + 1 or block >= side.volume.block_count:
+            return 0
+        return block
 
     async def _send_loop(self, next_seq: int) -> None:
         next_seq = await self._prelude(next_seq)

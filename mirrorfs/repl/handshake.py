@@ -85,6 +85,8 @@ class Peer:
     applied_seq: int = 0  # target: applied to its block file
     partial_seq: int = 0  # target: holds the first partial_offset bytes of this record
     partial_offset: int = 0
+    copy_seq: int = 0  # empty target: it holds the initial-sync copy from this seq ...
+    copy_block: int = 0  # ... below this block (0: none)
     empty: bool = False  # target: holds no volume yet and wants an initial sync
     initial_sync_allowed: bool = False  # source
 
@@ -270,6 +272,8 @@ class SourceHandshake(_Machine):
                 applied_seq=reply.applied_seq,
                 partial_seq=reply.partial_seq,
                 partial_offset=reply.partial_offset,
+                copy_seq=reply.copy_seq,
+                copy_block=reply.copy_block,
                 empty=reply.volume_uuid == ZERO_UUID,
             )
         )
@@ -328,7 +332,8 @@ class TargetHandshake(_Machine):
 
     ``volume_uuid`` None (or all zero) means this target is empty and wants an initial sync.
     ``partial_seq``/``partial_offset``: what it holds of a record sent in parts
-    (mirrorfs.repl.txn_parts), announced so that the source resumes it there.
+    (mirrorfs.repl.txn_parts), announced so that the source resumes it there; likewise
+    ``copy_seq``/``copy_block``, an unfinished initial-sync copy of an empty target.
     ``gate``, if given: ``gate.hello(hello)`` once the HELLO's version is right, before
     anything is answered; ``gate.admit(peer, acceptable)`` once the source has proved the
     secret (not when the checks find it fenced), ``acceptable`` saying whether the volume
@@ -348,6 +353,8 @@ class TargetHandshake(_Machine):
         applied_seq: int,
         partial_seq: int = 0,
         partial_offset: int = 0,
+        copy_seq: int = 0,
+        copy_block: int = 0,
         protocol_version: int = PROTOCOL_VERSION,
         nonce: bytes | None = None,
         gate: TargetGate | None = None,
@@ -363,6 +370,8 @@ class TargetHandshake(_Machine):
         self.applied_seq = applied_seq
         self.partial_seq = partial_seq
         self.partial_offset = partial_offset
+        self.copy_seq = copy_seq
+        self.copy_block = copy_block
         self.protocol_version = protocol_version
         self.nonce = nonce if nonce is not None else new_nonce()
         self._phase = _Phase.HELLO
@@ -409,6 +418,8 @@ class TargetHandshake(_Machine):
             self.protocol_version,
             self.partial_seq,
             self.partial_offset,
+            self.copy_seq if self.own_uuid == ZERO_UUID else 0,
+            self.copy_block if self.own_uuid == ZERO_UUID else 0,
         )
         self._hello = hello
         self._phase, self._expected, self._peer_name = _Phase.AUTH, Auth, who

@@ -201,7 +201,8 @@ class Hello(Message):
 @_message(
     MsgType.HELLO_REPLY,
     "protocol_version:H -:H -:I volume_uuid:16s nonce:32s proof:32s received_seq:Q"
-    " applied_seq:Q partial_seq:Q partial_offset:Q node_id:NODE_ID epochs:EPOCHS",
+    " applied_seq:Q partial_seq:Q partial_offset:Q copy_seq:Q copy_block:Q node_id:NODE_ID"
+    " epochs:EPOCHS",
 )
 @dataclass(slots=True)
 class HelloReply(Message):
@@ -209,7 +210,9 @@ class HelloReply(Message):
 
     ``partial_seq``/``partial_offset``: the first ``partial_offset`` bytes of the record of
     transaction ``partial_seq`` arrived in TXN_PART frames and are kept (0, 0: none); the
-    source resumes that record there.
+    source resumes that record there. ``copy_seq``/``copy_block``: an empty target (all-zero
+    uuid) that holds an unfinished initial-sync copy from ``copy_seq`` of the source's volume,
+    every block below ``copy_block`` of it (0, 0: none); the source may resume it there.
     """
 
     volume_uuid: bytes
@@ -222,10 +225,14 @@ class HelloReply(Message):
     protocol_version: int = PROTOCOL_VERSION
     partial_seq: int = 0
     partial_offset: int = 0
+    copy_seq: int = 0
+    copy_block: int = 0
 
     def check(self) -> None:
         if self.partial_offset and not self.partial_seq:
             raise ValueError("a partial offset without a partial seq")
+        if self.copy_block and any(self.volume_uuid):
+            raise ValueError("an initial-sync copy to resume, but the target is not empty")
 
 
 @_message(MsgType.AUTH, "proof:32s")
@@ -303,16 +310,29 @@ class Ack(Message):
 
 
 @_message(
-    MsgType.SYNC_BEGIN, "kind:B -:B -:H block_size:I block_count:Q start_seq:Q", kind=SyncKind
+    MsgType.SYNC_BEGIN,
+    "kind:B -:B -:H block_size:I block_count:Q start_seq:Q first_block:Q",
+    kind=SyncKind,
 )
 @dataclass(slots=True)
 class SyncBegin(Message):
-    """Source -> target: a block sync of the given geometry starts at ``start_seq``."""
+    """Source -> target: a block sync of the given geometry starts at ``start_seq``.
+
+    ``first_block`` > 0 (FULL only): the initial-sync copy from ``start_seq`` that the target
+    holds below that block goes on from there (the target announced it in HELLO_REPLY).
+    """
 
     kind: SyncKind
     block_size: int
     block_count: int
     start_seq: int
+    first_block: int = 0
+
+    def check(self) -> None:
+        if self.first_block and self.kind is not SyncKind.FULL:
+            raise ValueError("only an initial sync resumes at a block")
+        if self.first_block >= max(self.block_count, 1):
+            raise ValueError(f"first block {self.first_block} outside the volume")
 
 
 @_message(MsgType.SYNC_BLOCKS, "first_block:Q nblocks:I flags:I data:REST", flags=SyncFlags)

@@ -135,7 +135,7 @@ class Shipper:
         self.resumed: dict | None = None  # the last record the target held in part
         # What the target said it holds at the last handshake (received seq, and the record
         # it holds in part), and whether that was more than at the one before.
-        self._held: tuple[int, int, int] | None = None
+        self._held: tuple[int, int, int, int] | None = None
         self._progressed = False
         self._bytes_sent_before = 0  # wire bytes of finished connections
         self._session: Connection | None = None
@@ -335,11 +335,12 @@ class Shipper:
             self.target_node_id = peer.node_id
             session = Connection(fs, self, self.window_bytes)
             session.resume = (peer.partial_seq, peer.partial_offset)
+            session.copy_resume = (peer.copy_seq, peer.copy_block)
             if peer.partial_offset:
                 self.resumed = {"seq": peer.partial_seq, "offset": peer.partial_offset}
-            held = (peer.received_seq, peer.partial_seq, peer.partial_offset)
-            self._progressed = self._held is not None and not peer.empty and held > self._held
-            self._held = None if peer.empty else held
+            held = (peer.received_seq, peer.partial_seq, peer.partial_offset, peer.copy_block)
+            self._progressed = self._held is not None and held > self._held
+            self._held = held
             self._session = session
             if peer.empty:
                 next_seq = 0
@@ -433,10 +434,9 @@ class Shipper:
             s.close()
         for notify in list(self.on_session_end):
             notify()
-        if self.received_seq is None:
-            # An initial sync that did not finish restarts (with a new pin) next time.
-            self.positions.sync_pin = None
-            self.sync = None
+        # An initial sync that did not finish keeps its pin (S+1) and progress: the target,
+        # if it still holds the copy, resumes it at its next block (repl.initial_sync); if
+        # not, the next one starts with a new pin, which replaces this one.
 
 
 __all__ = ["Shipper", "ShipperState", "SyncProgress", "install_retention"]

@@ -180,6 +180,8 @@ async def handshake_target(
     applied_seq: int,
     partial_seq: int = 0,
     partial_offset: int = 0,
+    copy_seq: int = 0,
+    copy_block: int = 0,
     protocol_version: int = PROTOCOL_VERSION,
     timeout: float = 10.0,
     hello: Hello | None = None,
@@ -203,6 +205,8 @@ async def handshake_target(
         applied_seq=applied_seq,
         partial_seq=partial_seq,
         partial_offset=partial_offset,
+        copy_seq=copy_seq,
+        copy_block=copy_block,
         protocol_version=protocol_version,
         gate=gate,
     )
