@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import time
 
 import pytest
@@ -44,19 +45,30 @@ def cluster(tmp_path):
 
 
 def test_20mb_file_and_tree_over_a_link_reset_every_256k(cluster, tmp_path):
+    """From the first connection on, every connection is reset after 256 KiB: the initial
+    sync of a volume holding a tree goes on where each cut left it, then a 20 MB file and
+    another tree are shipped in large transactions that resume inside themselves."""
+    tree = str(tmp_path / "tree")
+    build_tree(tree, random_mib=1.0, seed=9)
     vol = cluster.mkfs("src")
+    first = cluster.mount_source(vol)
+    copy_tree(tree, os.path.join(first.mountpoint, "tree0"))
+    umount(first)
+
     rep = cluster.replica("rep")
     proxy = cluster.proxy(rep)
-    src = cluster.mount_source(vol, [f"127.0.0.1:{proxy.port}"])
-    wait_for(rep.mounted, 60, "the replica mount (initial sync, no faults yet)")
-    wait_caught_up(vol)
-
     proxy.reset_every(RESET_EVERY, Direction.UP)
-    proxy.cut_all()  # the connection up now has carried more than that already
+    start = time.monotonic()
+    src = cluster.mount_source(vol, [f"127.0.0.1:{proxy.port}"], mountpoint=first.mountpoint)
+    wait_for(rep.mounted, 120, "the replica mount (initial sync through the resets)")
+    sync_time, sync_conns = time.monotonic() - start, len(proxy.connections)
+    slog = log_text(vol)
+    assert slog.count("initial sync of") == 1, "the initial sync started over"
+    assert slog.count("resuming the initial sync") >= 3
+
     proxy.flip_at(20 * KiB, Direction.UP)  # once, inside the next connection's first part
+    proxy.cut_all()
     conns_before = len(proxy.connections)
-    tree = str(tmp_path / "tree")
-    build_tree(tree, random_mib=0.5, seed=9)
     start = time.monotonic()
     big = os.path.join(src.mountpoint, "big.bin")
     with open(big, "wb") as f:
@@ -81,14 +93,23 @@ def test_20mb_file_and_tree_over_a_link_reset_every_256k(cluster, tmp_path):
     wait_caught_up(vol, timeout=120)
     elapsed = time.monotonic() - start
     cuts = len(proxy.connections) - conns_before
-    print(f"20 MiB + tree through resets every 256 KiB: {elapsed:.1f} s, {cuts} connections")
+    print(
+        f"initial sync through resets every 256 KiB: {sync_time:.1f} s, {sync_conns} "
+        f"connections; then 20 MiB + tree: {elapsed:.1f} s, {cuts} connections"
+    )
 
     assert cuts >= 20 * MiB // RESET_EVERY, cuts
     assert seen, "the replica never held a record in part"
     for seq in {s for s, _ in seen}:
         held = [b for s, b in seen if s == seq]
         assert held == sorted(held), (seq, held)
-    assert max(len([b for s, b in seen if s == seq]) for seq in {s for s, _ in seen}) >= 5, seen
+    # And as the source saw it: each record resumed at ever larger offsets.
+    resumed: dict[int, list[int]] = {}
+    for seq, offset in re.findall(r"resuming seq (\d+) at byte (\d+) of", log_text(vol)):
+        resumed.setdefault(int(seq), []).append(int(offset))
+    assert sum(map(len, resumed.values())) >= 20 * MiB // RESET_EVERY // 2, resumed
+    for seq, offsets in resumed.items():
+        assert offsets == sorted(set(offsets)), (seq, offsets)
     assert_same_tree(tree_signature(src.mountpoint), tree_signature(rep.mountpoint))
     proc = run_cli("verify", vol, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -98,6 +119,5 @@ def test_20mb_file_and_tree_over_a_link_reset_every_256k(cluster, tmp_path):
     drops = rlog.count("dropped source")
     assert cuts // 2 <= drops <= cuts + 5, (drops, cuts)
     assert "CRC mismatch" in rlog  # the flipped byte ended one connection, nothing more
-    assert slog.count("resuming seq") >= 20 * MiB // RESET_EVERY // 2
     proxy.clear_faults()
     umount(src)
