@@ -160,7 +160,10 @@ class Connection:
         side, m = self.side, self.machine
         vol = side.volume
         if next_seq == 0:
-            first_block = self._copy_to_resume()
+            sync_start = side.sync.start_seq if side.sync is not None else None
+            first_block = side.positions.copy_to_resume(
+                sync_start, self.copy_resume, vol.block_count
+            )
             if first_block:
                 assert side.sync is not None
                 start = side.sync.start_seq  # S+1 stayed pinned since that copy began
@@ -187,18 +190,6 @@ class Connection:
             m.last_sent = next_seq - 1
             side.set_state(ShipperState.STREAMING)
         return next_seq
-
-    def _copy_to_resume(self) -> int:
-        """The block to resume the initial sync at (0: a new copy): the target announced the
-        copy from S that this shipper began and still pins S+1 for, held below a block."""
-        side = self.side
-        seq, block = self.copy_resume
-        sync, pin = side.sync, side.positions.sync_pin
-        if not block or sync is None or pin is None or side.positions.pin_dropped:
-            return 0
-        if sync.start_seq != seq or pin != seq + 1 or block >= side.volume.block_count:
-            return 0
-        return block
 
     async def _send_loop(self, next_seq: int) -> None:
         next_seq = await self._prelude(next_seq)
