@@ -161,6 +161,7 @@ def test_copy_to_resume_only_the_copy_this_source_pins_for():
     assert p.copy_to_resume(30, (30, 64), 1000) == 64
     assert p.copy_to_resume(30, (0, 0), 1000) == 0  # the target holds none (it restarted)
     assert p.copy_to_resume(30, (29, 64), 1000) == 0  # another copy
-    assert p.copy_to_resume(30, (30, 1000), 1000) == 0  # outside the volume
+    assert p.copy_to_resume(30, (30, 1000), 1000) == 1000  # all copied: SYNC_END is left
+    assert p.copy_to_resume(30, (30, 1001), 1000) == 0  # outside the volume
     p.pin_dropped = "beyond the log cap"  # S+1 may be gone: the copy cannot be made whole
     assert p.copy_to_resume(30, (30, 64), 1000) == 0

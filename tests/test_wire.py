@@ -225,7 +225,7 @@ def first_error(data: bytes) -> str:
             "unknown kind",
         ),
         (frame(MsgType.SYNC_BEGIN, struct.pack("<BBHIQQQ", 2, 0, 0, 4096, 9, 1, 3)), "only an"),
-        (frame(MsgType.SYNC_BEGIN, struct.pack("<BBHIQQQ", 1, 0, 0, 4096, 9, 1, 9)), "outside"),
+        (frame(MsgType.SYNC_BEGIN, struct.pack("<BBHIQQQ", 1, 0, 0, 4096, 9, 1, 10)), "outside"),
         (frame(MsgType.HELLO, struct.pack("<HHI16s32sQ", 1, 4, 0, b"", b"", 0)), "flags bits"),
         (frame(MsgType.SYNC_BLOCKS, struct.pack("<QII", 0, 0, 0) + b"x"), "no blocks"),
         (frame(MsgType.TXN, struct.pack("<Q", 1)), "empty data"),

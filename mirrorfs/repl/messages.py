@@ -319,7 +319,8 @@ class SyncBegin(Message):
     """Source -> target: a block sync of the given geometry starts at ``start_seq``.
 
     ``first_block`` > 0 (FULL only): the initial-sync copy from ``start_seq`` that the target
-    holds below that block goes on from there (the target announced it in HELLO_REPLY).
+    holds below that block goes on from there (the target announced it in HELLO_REPLY); at
+    ``block_count``, only SYNC_END is left to send.
     """
 
     kind: SyncKind
@@ -331,7 +332,7 @@ class SyncBegin(Message):
     def check(self) -> None:
         if self.first_block and self.kind is not SyncKind.FULL:
             raise ValueError("only an initial sync resumes at a block")
-        if self.first_block >= max(self.block_count, 1):
+        if self.first_block > self.block_count:
             raise ValueError(f"first block {self.first_block} outside the volume")
 
 

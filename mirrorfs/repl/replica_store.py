@@ -304,8 +304,8 @@ class ReplicaStore:
         if vol is None or vol.failed or self.resync is not None:
             return 0
         self.group.reset()
-        if vol.received_seq <= vol.last_seq or vol.state.sync_state:
-            return 0
+        if vol.received_seq <= vol.last_seq or self.empty:
+            return 0  # (a complete copy replaying S+1..T applies them: it streams on)
         vol.applier.sync_log()  # (a cancelled group may not have had its fsync)
         first, n = vol.last_seq + 1, 0
         for txn in vol.samlog.scan(first):

@@ -311,7 +311,7 @@ class TargetPositions:
         seq, block = announced
         if not block or sync_start is None or self.pin_dropped or self.sync_pin is None:
             return 0
-        if sync_start != seq or self.sync_pin != seq + 1 or block >= block_count:
+        if sync_start != seq or self.sync_pin != seq + 1 or block > block_count:
             return 0
         return block
 

@@ -70,7 +70,7 @@ The SAM record in TXN is at most MAX_TXN_RECORD (MAX_FRAME - 8) bytes::
                  HELLO_REPLY, and the source resumes the record there (repl.txn_parts).
     SYNC_BEGIN   (32, source -> target) kind u8 (SyncKind), reserved u8, reserved u16,
                  block_size u32, block_count u64, start_seq u64, first_block u64 (FULL only,
-                 < block_count: > 0 goes on with the copy from start_seq that the target
+                 <= block_count: > 0 goes on with the copy from start_seq that the target
                  announced it holds below that block; the source pinned S+1 all along)
     SYNC_BLOCKS  (33, source -> target) first_block u64, nblocks u32 (>= 1),
                  flags u32 (SyncFlags: bit 0 = data is lz4.block without size prefix),
