@@ -362,3 +362,48 @@ async def test_initial_sync_through_resets_every_256k(tmp_path, nursery, caplog)
     assert shipper.sync is not None
     assert starts[0].getMessage().endswith(f"from seq {shipper.sync.start_seq}")
     assert copied == sorted(copied) and len(copied) >= 10  # the copy only moved forward
+
+
+def test_a_complete_copy_cut_during_its_replay_streams_on(tmp_path):
+    """SYNC_END came, then the session ended with S+1 logged and not applied: the replica
+    applies it at the session's end and announces itself (uuid, positions), not as empty."""
+    from mirrorfs.repl.replica_store import ReplicaStore
+    from mirrorfs.repl.wire import SyncBegin, SyncBlocks, SyncEnd, SyncKind
+    from tests.test_shipper import commit_random, make_source
+
+    rng = random.Random(3)
+    src = make_source(tmp_path)
+    for _ in range(3):
+        commit_random(src, rng)
+    start = src.last_seq
+    src.flush_in_place()
+    raw = src.device.read(0, src.block_count)  # the copy, at S
+    commit_random(src, rng)
+    commit_random(src, rng)
+    records = dict(src.samlog.scan_encoded(start + 1))
+    epochs = tuple(tuple(e) for e in src.state.epochs)
+    peer = Peer(AuthRole.SOURCE, "src", src.uuid, epochs, 2, last_seq=src.last_seq)
+    rdir = str(tmp_path / "replica")
+    os.makedirs(rdir)
+    store = ReplicaStore(rdir, None, node_id="tgt")
+    bs, count = src.block_size, src.block_count
+    store.start_copy(SyncBegin(SyncKind.FULL, bs, count, start), peer)
+    assert store.empty and store.copy_resume() == (0, 0)
+    store.copy_blocks(SyncBlocks.pack(0, raw[: 64 * bs], bs))
+    assert store.handshake_args()["copy_block"] == 64  # an empty target, resumable at 64
+    store.copy_blocks(SyncBlocks.pack(64, raw[64 * bs :], bs))
+    store.finish_copy(SyncEnd(src.last_seq), src.uuid)
+    assert not store.empty and store.copy_resume() == (0, 0)
+    vol = store.volume
+    store.receive_apply(start + 1, records[start + 1])
+    done = store.group.log(vol, store.group.take_group(vol))  # its fsync, then the cut
+    store.group.logged(vol, done)
+    assert (vol.received_seq, vol.last_seq) == (start + 1, start)
+    assert store.settle() == 1 and vol.last_seq == start + 1
+    args = store.handshake_args()
+    assert (args["volume_uuid"], args["received_seq"], args["applied_seq"]) == (
+        src.uuid,
+        start + 1,
+        start + 1,
+    )
+    vol.close()
