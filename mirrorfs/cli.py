@@ -403,7 +403,7 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
         type=_positive_float,
         default=0.2,
         metavar="SECONDS",
-        help="how often the daemon looks for changes (default %(default)s)",
+        help="how often the daemon looks for changes",
     )
     p.add_argument("--count", type=_positive_int, default=None, help="exit after this many events")
     p.set_defaults(func=commands.cmd_events)

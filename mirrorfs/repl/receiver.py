@@ -15,6 +15,9 @@ mirrorfs/INTERNALS.md ("Replication session"):
                              applied as one group when TXN T is staged)
     TXN                      logged in groups (one fsync each), ACK(received); applied in
                              batches, ACK(applied) (mirrorfs.repl.txn_pipeline)
+    TXN_PART                 a part of a large record, kept across sessions (in memory,
+                             ``ReplicaStore.partial``) and announced in the next HELLO_REPLY;
+                             the complete record goes on as a TXN (mirrorfs.repl.txn_parts)
     PING / VERIFY_REQ        PONG / VERIFY_REPLY (once applied_seq reaches the asked seq)
     SWITCHOVER               SWITCHOVER_DONE: checked (repl/switchover.py), then promoted by
                              ``on_switchover`` in the same step; no TXN is taken after that
@@ -100,6 +103,7 @@ from mirrorfs.repl.wire import (
     RefuseReason,
     ReplError,
     Txn,
+    TxnPart,
     VerifyReply,
 )
 from mirrorfs.store.errors import StoreError
@@ -427,7 +431,7 @@ class Receiver:
                 # Drain what the reader has queued (TXNs join the group), then log the group
                 # and acknowledge once (coalesced), never holding an ACK back > ACK_DELAY.
                 while True:
-                    if not isinstance(msg, Txn):
+                    if not isinstance(msg, (Txn, TxnPart)):
                         await pipe.flush(drain=True)
                     out = machine.handle(msg)
                     for reply in out.send:

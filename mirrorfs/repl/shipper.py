@@ -14,7 +14,9 @@ mirrorfs/INTERNALS.md "Replication session":
   seqs past the fork (failback of an old source, mirrorfs.repl.fork): the target archives
   those seqs, and the blocks either side changed since the fork are what differs;
 - then TXN frames in sequence order from the target's received_seq + 1, read verbatim from
-  the SAM log, with at most ``window_bytes`` of TXN records not yet acknowledged as received.
+  the SAM log, with at most ``window_bytes`` of TXN records not yet acknowledged as received;
+  a record larger than a chunk goes as TXN_PART frames, resumed where the target's
+  HELLO_REPLY says it holds it (mirrorfs.repl.txn_parts).
 
 Several shippers can serve one volume (fan-out), each at its own pace.
 
@@ -130,6 +132,11 @@ class Shipper:
         self.sync: SyncProgress | None = None
         self.resync: ResyncProgress | None = None  # the current or last resync
         self.connections = 0
+        self.resumed: dict | None = None  # the last record the target held in part
+        # What the target said it holds at the last handshake (received seq, and the record
+        # it holds in part), and whether that was more than at the one before.
+        self._held: tuple[int, int, int, int] | None = None
+        self._progressed = False
         self._bytes_sent_before = 0  # wire bytes of finished connections
         self._session: Connection | None = None
         self._last_contact = 0.0  # of the connections that ended (wall clock)
@@ -245,6 +252,7 @@ class Shipper:
             "resync": self.resync.as_dict() if self.resync is not None else None,
             "pinning": self.retain_seq() is not None,
             "connections": self.connections,
+            "resumed": self.resumed,
         }
 
     # ------------------------------------------------------------------ verify
@@ -285,7 +293,12 @@ class Shipper:
                 streamed = await self._connect_once()
                 if streamed and self.state is not ShipperState.OUT_OF_SYNC:
                     delay = BACKOFF_MIN  # (a resync that keeps failing backs off)
-                if not self._idle():
+                if self._progressed:
+                    # The target holds more than at the handshake before: the link carries
+                    # bytes, only not for long. Go on at once (bounded by the data to send).
+                    self._progressed = False
+                    await trio.sleep(0)
+                elif not self._idle():
                     await trio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX)
         finally:
@@ -337,6 +350,13 @@ class Shipper:
             )
             self.target_node_id = peer.node_id
             session = Connection(fs, self, self.window_bytes)
+            session.resume = (peer.partial_seq, peer.partial_offset)
+            session.copy_resume = (peer.copy_seq, peer.copy_block)
+            if peer.partial_offset:
+                self.resumed = {"seq": peer.partial_seq, "offset": peer.partial_offset}
+            held = (peer.received_seq, peer.partial_seq, peer.partial_offset, peer.copy_block)
+            self._progressed = self._held is not None and held > self._held
+            self._held = held
             self._session = session
             if peer.empty:
                 next_seq = 0
@@ -433,10 +453,9 @@ class Shipper:
             s.close()
         for notify in list(self.on_session_end):
             notify()
-        if self.received_seq is None:
-            # An initial sync that did not finish restarts (with a new pin) next time.
-            self.positions.sync_pin = None
-            self.sync = None
+        # An initial sync that did not finish keeps its pin (S+1) and progress: the target,
+        # if it still holds the copy, resumes it at its next block (repl.initial_sync); if
+        # not, the next one starts with a new pin, which replaces this one.
 
 
 __all__ = ["Shipper", "ShipperState", "SyncProgress", "install_retention"]
