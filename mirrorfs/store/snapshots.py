@@ -1,0 +1,308 @@
+"""Checkpoints (snapshots): point-in-time, read-only views of the whole volume.
+
+Not to be confused with ``store/checkpoint.py``, the *log* checkpoint (how far the block
+file is up to date). Here a checkpoint is what ``mirrorfs checkpoint create`` makes: the
+volume as it was at a transaction boundary, kept by block-level copy-on-first-write into
+the save area that ``VolumeSuper`` reserves (``save_area_start``/``save_area_blocks``,
+right after the block bitmap, marked used in it). Design, cost model and the concurrency
+argument: mirrorfs/INTERNALS.md, "Checkpoints".
+
+Save area layout (A = save_area_start, N = save_area_blocks, E = block_size // 16)::
+
+    A .. A+S-1          S save slots: old contents of blocks overwritten after a checkpoint
+    A+S .. A+S+M-1      the map: 16-byte entry i describes slot i (M = ceil(S / E))
+                        <block u64, checkpoint id u32, crc32 u32>; all zeros = slot free
+    A+S+M .. A+N-2      one frozen copy of the client superblock (block 1) per table index
+    A+N-1               the table: magic, version, count, generation, next id, one record
+                        per checkpoint <id, index, seq, time_ns, free blocks, name>, crc32
+
+Every region a reader consults later lies at a higher block number than the one it
+consults first (slot < map < table), and the whole area lies below every block the
+allocator hands out; writers put a transaction's runs in place in ascending block order.
+That order is the whole concurrency argument (INTERNALS.md).
+
+Resolution: checkpoint ``i`` sees block ``b`` as the saved copy of the first entry for
+``b`` among checkpoints with id >= i (oldest first), else the live block. A first write of
+``b`` after the newest checkpoint saves it when some checkpoint still resolves ``b`` to the
+live block and had ``b`` in use (its frozen bitmap).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import time
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mirrorfs.store.errors import VolumeError
+from mirrorfs.store.geometry import BITMAP_START, CLIENT_SUPER, VolumeSuper
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"MFSCKPT1"
+VERSION = 1
+MAX_NAME = 64
+MAX_CHECKPOINTS = 16
+ENTRY = struct.Struct("<QII")  # block, checkpoint id, crc32(slot, block, id)
+HEAD = struct.Struct("<8sHHQI")  # magic, version, count, generation, next id
+REC = struct.Struct("<IHQQQ64s")  # id, index, seq, time_ns, free blocks, name
+#: A torn read of a block being rewritten by another process fails its CRC; read again.
+TORN_RETRIES = 50
+
+
+class CheckpointError(VolumeError):
+    """A checkpoint operation cannot be done (one line)."""
+
+
+@dataclass(slots=True, frozen=True)
+class SaveLayout:
+    """Where the parts of the save area are (pure arithmetic on the superblock)."""
+
+    start: int
+    blocks: int
+    block_size: int
+    slots: int
+    map_start: int
+    map_blocks: int
+    frozen_start: int
+    max_checkpoints: int
+    table: int
+
+    @property
+    def per_map_block(self) -> int:
+        return self.block_size // ENTRY.size
+
+    @property
+    def end(self) -> int:
+        return self.start + self.blocks
+
+    @classmethod
+    def of(cls, sb: VolumeSuper) -> SaveLayout | None:
+        """The layout of ``sb``'s save area, None when the volume has none."""
+        return cls.compute(sb.save_area_start, sb.save_area_blocks, sb.block_size)
+
+    @classmethod
+    def compute(cls, start: int, blocks: int, block_size: int) -> SaveLayout | None:
+        maxc = min(MAX_CHECKPOINTS, (block_size - HEAD.size - 4) // REC.size)
+        rest = blocks - 1 - maxc
+        if start <= 0 or maxc < 1 or rest < 2:
+            return None
+        epb = block_size // ENTRY.size
+        map_blocks = -(-rest // (epb + 1))
+        slots = rest - map_blocks
+        return cls(
+            start,
+            blocks,
+            block_size,
+            slots,
+            start + slots,
+            map_blocks,
+            start + slots + map_blocks,
+            maxc,
+            start + blocks - 1,
+        )
+
+
+def save_area_blocks_for(block_count: int, fraction: float) -> int:
+    """Blocks to reserve for a save area of ``fraction`` of the volume (0: none)."""
+    if fraction <= 0:
+        return 0
+    return max(MAX_CHECKPOINTS + 8, int(block_count * fraction))
+
+
+@dataclass(slots=True)
+class CheckpointInfo:
+    """One checkpoint's table record (``held``: save slots only it owns, filled in)."""
+
+    id: int
+    index: int
+    seq: int
+    time_ns: int
+    free_blocks: int
+    name: str
+    held: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "seq": self.seq,
+            "time": self.time_ns / 1e9,
+            "held_blocks": self.held,
+        }
+
+
+@dataclass(slots=True)
+class Table:
+    generation: int = 0
+    next_id: int = 1
+    checkpoints: list[CheckpointInfo] | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoints is None:
+            self.checkpoints = []
+
+    def pack(self, block_size: int) -> bytes:
+        cks = self.checkpoints or []
+        out = bytearray(HEAD.pack(MAGIC, VERSION, len(cks), self.generation, self.next_id))
+        for c in cks:
+            out += REC.pack(c.id, c.index, c.seq, c.time_ns, c.free_blocks, c.name.encode())
+        out += struct.pack("<I", zlib.crc32(out))
+        return bytes(out) + bytes(block_size - len(out))
+
+    @classmethod
+    def unpack(cls, buf: bytes) -> Table:
+        """The table in ``buf``; an all-zero block is an empty table; ValueError if torn."""
+        if not any(buf[: HEAD.size]):
+            return cls()
+        magic, version, count, gen, next_id = HEAD.unpack_from(buf)
+        if magic != MAGIC or version != VERSION:
+            raise ValueError("bad checkpoint table magic or version")
+        end = HEAD.size + count * REC.size
+        if end + 4 > len(buf) or struct.unpack_from("<I", buf, end)[0] != zlib.crc32(buf[:end]):
+            raise ValueError("checkpoint table checksum mismatch")
+        cks = []
+        for i in range(count):
+            cid, index, seq, t, free, name = REC.unpack_from(buf, HEAD.size + i * REC.size)
+            cks.append(CheckpointInfo(cid, index, seq, t, free, name.rstrip(b"\0").decode()))
+        return cls(gen, next_id, cks)
+
+
+def entry_bytes(slot: int, block: int, cid: int) -> bytes:
+    if cid == 0:
+        return bytes(ENTRY.size)
+    crc = zlib.crc32(struct.pack("<QQI", slot, block, cid))
+    return ENTRY.pack(block, cid, crc)
+
+
+def parse_map(buf: bytes, first_slot: int, slots: int) -> dict[int, tuple[int, int]]:
+    """slot -> (block, id) of the used entries; ValueError on a torn entry."""
+    out: dict[int, tuple[int, int]] = {}
+    n = min(len(buf) // ENTRY.size, slots - first_slot)
+    for i in range(n):
+        block, cid, crc = ENTRY.unpack_from(buf, i * ENTRY.size)
+        if cid == 0 and block == 0 and crc == 0:
+            continue
+        slot = first_slot + i
+        if zlib.crc32(struct.pack("<QQI", slot, block, cid)) != crc:
+            raise ValueError(f"checkpoint map entry of slot {slot}: checksum mismatch")
+        out[slot] = (block, cid)
+    return out
+
+
+def read_consistent(read: Callable[[], bytes], parse: Callable[[bytes], object]) -> object:
+    """``parse(read())``, read again while a concurrent rewrite makes it fail (torn)."""
+    for attempt in range(TORN_RETRIES):
+        try:
+            return parse(read())
+        except ValueError:
+            if attempt == TORN_RETRIES - 1:
+                raise
+            time.sleep(0.001)
+    raise AssertionError("unreachable")
+
+
+def load_state(
+    read: Callable[[int, int], bytes], layout: SaveLayout
+) -> tuple[Table, dict[int, tuple[int, int]]]:
+    """(table, slot -> (block, id)) read through ``read``: the table first, then the map."""
+    table = read_consistent(lambda: read(layout.table, 1), Table.unpack)
+    entries = read_consistent(
+        lambda: read(layout.map_start, layout.map_blocks), lambda b: parse_map(b, 0, layout.slots)
+    )
+    assert isinstance(table, Table) and isinstance(entries, dict)
+    return table, entries
+
+
+def chain_map(entries: dict[int, tuple[int, int]], cid: int) -> dict[int, int]:
+    """block -> slot as checkpoint ``cid`` resolves it: the oldest entry with id >= cid."""
+    best: dict[int, tuple[int, int]] = {}
+    for slot, (block, owner) in entries.items():
+        if owner >= cid and (block not in best or owner < best[block][0]):
+            best[block] = (owner, slot)
+    return {b: s for b, (_, s) in best.items()}
+
+
+class CheckpointView:
+    """A checkpoint as a read-only block store (``fs/`` runs on it unchanged).
+
+    ``read`` is the block source (the block file in another process, or the open volume's
+    own ``read``); every read takes the live blocks FIRST, then the table, then (when the
+    table's generation changed) the map, then the saved copies: see INTERNALS.md.
+    """
+
+    read_only = True
+
+    def __init__(self, read: Callable[[int, int], bytes], sb: VolumeSuper, name: str) -> None:
+        from mirrorfs.store.allocator import ExtentAllocator
+
+        layout = SaveLayout.of(sb)
+        if layout is None:
+            raise CheckpointError("this volume has no save area: it holds no checkpoints")
+        self._read = read
+        self.sb = sb
+        self.layout = layout
+        self.name = name
+        table, _ = load_state(read, layout)
+        found = [c for c in table.checkpoints or [] if c.name == name]
+        if not found:
+            raise CheckpointError(f"no checkpoint named {name!r}")
+        self.info = found[0]
+        self._frozen_super = read(layout.frozen_start + self.info.index, 1)
+        self._generation = -1
+        self._map: dict[int, int] = {}
+        self._refresh()
+        self.allocator = ExtentAllocator(self, BITMAP_START, sb.block_count)
+
+    @property
+    def block_size(self) -> int:
+        return self.sb.block_size
+
+    @property
+    def block_count(self) -> int:
+        return self.sb.block_count
+
+    def _refresh(self) -> None:
+        table = read_consistent(lambda: self._read(self.layout.table, 1), Table.unpack)
+        assert isinstance(table, Table)
+        if table.generation == self._generation:
+            return
+        if not any(c.id == self.info.id for c in table.checkpoints or []):
+            raise CheckpointError(f"checkpoint {self.name!r} was deleted")
+        lay = self.layout
+        entries = read_consistent(
+            lambda: self._read(lay.map_start, lay.map_blocks), lambda b: parse_map(b, 0, lay.slots)
+        )
+        assert isinstance(entries, dict)
+        self._map = chain_map(entries, self.info.id)
+        self._generation = table.generation
+
+    def read(self, block: int, count: int = 1) -> bytes:
+        """The checkpoint's content of ``count`` blocks from ``block``."""
+        data = self._read(block, count)  # the live blocks first ...
+        self._refresh()  # ... then the table and the map
+        bs = self.block_size
+        out: bytearray | None = None
+        if block <= CLIENT_SUPER < block + count:
+            out = bytearray(data)
+            off = (CLIENT_SUPER - block) * bs
+            out[off : off + bs] = self._frozen_super
+        if self._map:
+            for b in range(block, block + count):
+                slot = self._map.get(b)
+                if slot is not None:
+                    if out is None:
+                        out = bytearray(data)
+                    off = (b - block) * bs
+                    out[off : off + bs] = self._read(self.layout.start + slot, 1)
+        return data if out is None else bytes(out)
+
+    def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
+        raise CheckpointError("a checkpoint is read-only")
+
+    def hint(self, hint: object) -> None:
+        return None
+
+    def commit(self, *, sync: bool = True) -> int | None:
+        return None
