@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 
 import mirrorfs
 from mirrorfs.daemon import PROG, CliError, describe, root_cause  # CliError: cli.CliError too
-from mirrorfs.node import commands, replica_command, volume_commands
+from mirrorfs.node import checkpoint_commands, commands, replica_command, volume_commands
 from mirrorfs.node.control import ControlError
 from mirrorfs.repl.address import AddressError, parse_address, parse_listen
 from mirrorfs.repl.wire import ReplError
@@ -79,6 +79,16 @@ def _listen_arg(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _percent_arg(text: str) -> float:
+    try:
+        value = float(text.rstrip("%"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a percentage: {text!r}") from None
+    if not 0 <= value <= 50:
+        raise argparse.ArgumentTypeError("must be between 0 and 50 (percent)")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -122,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size_arg,
         default=DEFAULT_INODE_RATIO,
         help="bytes of volume per inode (default %(default)s)",
+    )
+    p.add_argument(
+        "--checkpoint-space",
+        type=_percent_arg,
+        default=volume_commands.DEFAULT_CHECKPOINT_SPACE,
+        metavar="PERCENT",
+        help="part of the volume kept for checkpoints' saved blocks (default %(default)s%%)",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing volume")
     p.set_defaults(func=volume_commands.cmd_mkfs)
@@ -182,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--timeout", type=_positive_float, default=600.0, metavar="SECONDS")
     p.set_defaults(func=volume_commands.cmd_umount)
+
+    add_checkpoint_arguments(sub, common)
 
     p = sub.add_parser("fsck", parents=[common], help="check (and repair) a volume")
     p.add_argument("dir", metavar="DIR", help="volume directory")
@@ -314,6 +333,30 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 # -- entry point
+
+
+def add_checkpoint_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``mirrorfs checkpoint create|list|delete|mount`` (mirrorfs.node.checkpoint_commands)."""
+    p = sub.add_parser(
+        "checkpoint", parents=[common], help="point-in-time read-only views of a volume"
+    )
+    acts = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    a = acts.add_parser("create", parents=[common], help="checkpoint the volume now (source)")
+    a.add_argument("dir", metavar="DIR")
+    a.add_argument("name", metavar="NAME")
+    a = acts.add_parser("list", parents=[common], help="name, seq, time, space held")
+    a.add_argument("dir", metavar="DIR")
+    a.add_argument("--json", action="store_true")
+    a = acts.add_parser("delete", parents=[common], help="delete a checkpoint (source)")
+    a.add_argument("dir", metavar="DIR")
+    a.add_argument("name", metavar="NAME")
+    a = acts.add_parser("mount", parents=[common], help="mount a checkpoint read-only")
+    a.add_argument("dir", metavar="DIR")
+    a.add_argument("name", metavar="NAME")
+    a.add_argument("mountpoint", metavar="MOUNTPOINT")
+    a.add_argument("--foreground", action="store_true", help="do not detach")
+    a.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=checkpoint_commands.cmd_checkpoint)
 
 
 def _is_mount_error(exc: BaseException) -> bool:

@@ -89,12 +89,24 @@ class SourceNode:
                 "verify": self._cmd_verify,
                 "promote": self._cmd_promote,
                 "switchover": self._cmd_switchover,
+                "checkpoint-create": self._cmd_checkpoint_create,
+                "checkpoint-delete": self._cmd_checkpoint_delete,
             }
             await nursery.start(serve_control, socket_path(self.volume.path), handlers)
             for address in self.cfg.mirrors:
                 await self.add(address)
             task_status.started()
             await self._watch_fencing()
+
+    async def _cmd_checkpoint_create(self, request: dict[str, Any]) -> dict[str, Any]:
+        from mirrorfs.node.checkpoint_control import create_live
+
+        return await create_live(self.volume, str(request.get("name", "")))
+
+    async def _cmd_checkpoint_delete(self, request: dict[str, Any]) -> dict[str, Any]:
+        from mirrorfs.node.checkpoint_control import delete_live
+
+        return await delete_live(self.volume, str(request.get("name", "")))
 
     async def _watch_fencing(self) -> None:
         """A target that knows a newer epoch fences this source: refuse further writes."""

@@ -306,3 +306,19 @@ class CheckpointView:
 
     def commit(self, *, sync: bool = True) -> int | None:
         return None
+
+
+def read_listing(read: Callable[[int, int], bytes], sb: VolumeSuper) -> list[CheckpointInfo]:
+    """The checkpoints as the blocks read through ``read`` hold them, each with ``held``
+    (save slots it owns). Safe against a process changing the volume meanwhile."""
+    layout = SaveLayout.of(sb)
+    if layout is None:
+        return []
+    table, entries = load_state(read, layout)
+    counts: dict[int, int] = {}
+    for _, cid in entries.values():
+        counts[cid] = counts.get(cid, 0) + 1
+    out = list(table.checkpoints or [])
+    for c in out:
+        c.held = counts.get(c.id, 0)
+    return out
