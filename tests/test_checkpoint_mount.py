@@ -161,8 +161,7 @@ def test_checkpoint_on_the_replica(cluster, tree, ckmounts):
         f.write(os.urandom(100_000))
     wait_caught_up(vol)
     assert_same_tree(before, tree_signature(os.path.join(mnt, "t")))
-    out = _cli_ok("verify", vol)
-    assert "differ" not in out.lower() or " 0 " in out
+    _cli_ok("verify", vol)  # exit status 0: every range of the target matches
     # Deleted on the source: gone on the replica too (it is a transaction like any other).
     ckmounts.umount(mnt)
     _cli_ok("checkpoint", "create", vol, "second")

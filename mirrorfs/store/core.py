@@ -265,7 +265,21 @@ class VolumeCore:
 
     def defer_in_place(self, seq: int, runs: list[tuple[int, bytes]]) -> None:
         """Hand committed transaction ``seq`` to the flusher (no I/O; reads see it)."""
+        if self.device.has_backlog and self._creates_checkpoint(runs):
+            # A checkpoint mount in another process may open the new checkpoint as soon as
+            # its record is in place: every earlier transaction must be there before it.
+            self.device.flush()
         self.device.defer(seq, runs)
+
+    def _creates_checkpoint(self, runs: list[tuple[int, bytes]]) -> bool:
+        """Whether ``runs`` write a frozen client superblock (only a checkpoint's creation
+        does; store/snapshots.py)."""
+        snaps = self.snapshots
+        lay = snaps.layout if snaps is not None else None
+        if lay is None:
+            return False
+        bs = self.block_size
+        return any(s < lay.table and s + len(d) // bs > lay.frozen_start for s, d in runs)
 
     def flush_in_place(self) -> None:
         """Write every deferred block in place now (no fsync): for readers of the raw
