@@ -9,6 +9,7 @@ rewrites the same files never sees a changed byte; delete frees the space it hel
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -121,8 +122,9 @@ def test_checkpoint_of_a_mounted_source(cluster, tree, ckmounts):
     mnt = ckmounts.mount(vol, "before", cluster.path("ck-mnt"))
     assert_same_tree(before, tree_signature(os.path.join(mnt, "t")))
     assert_same_tree(after, tree_signature(root))  # the live mount: the new state
-    with pytest.raises(OSError):
-        open(os.path.join(mnt, "t", "x"), "w")
+    with pytest.raises(OSError) as ei:
+        os.mkdir(os.path.join(mnt, "t", "x"))
+    assert ei.value.errno == errno.EROFS
     held = _listing(vol)["before"]["held_blocks"]
     assert held > 0
     # A mounted checkpoint cannot be deleted; unmounted, its deletion frees what it held.

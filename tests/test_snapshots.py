@@ -13,6 +13,7 @@ from mirrorfs.fs import fsck
 from mirrorfs.fs.api import SetAttr
 from mirrorfs.fs.filesystem import ROOT_INO as R
 from mirrorfs.fs.filesystem import Filesystem, FsError
+from mirrorfs.store.geometry import BITMAP_START
 from mirrorfs.store.snapshots import CheckpointError, CheckpointView, SaveLayout, Table
 from mirrorfs.store.volume import Volume
 
@@ -193,4 +194,33 @@ def test_volume_without_save_area_refuses(tmp_path):
     vol = Volume.open(path)
     with pytest.raises(CheckpointError, match="no save area"):
         vol.checkpoint_create("x")
+    vol.close()
+
+
+def test_fsck_checks_checkpoints(vol_path):
+    vol = Volume.open(vol_path)
+    fs = Filesystem(vol)
+    _populate(fs)
+    vol.checkpoint_create("a")
+    _mutate(fs)
+    vol.commit()
+    vol.checkpoint_create("b")
+    fs.unlink(R, b"big")
+    vol.commit()
+    assert fsck.check(vol).clean
+    lay = vol.snapshots.layout
+    # The saved copy of the block bitmap as checkpoint "a" had it, zeroed: the checkpoint's
+    # own filesystem no longer checks out (its blocks look free).
+    slot = vol.snapshots.maps[vol.snapshots.find("a").id][BITMAP_START]
+    vol.device.write(lay.start + slot, bytes(vol.block_size))
+    report = fsck.check(vol)
+    assert any(p.startswith("checkpoint 'a'") for p in report.problems), report.problems
+    # A map entry damaged: its checksum says so.
+    where = lay.map_start + slot // lay.per_map_block
+    raw = bytearray(vol.device.read(where, 1))
+    raw[slot % lay.per_map_block * 16] ^= 0xFF
+    vol.device.write(where, bytes(raw))
+    report = fsck.check(vol)
+    assert any("checksum" in p for p in report.problems), report.problems
+    fs.close()
     vol.close()
