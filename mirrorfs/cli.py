@@ -79,6 +79,19 @@ def _listen_arg(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _duration_arg(text: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    t = text.strip().lower()
+    mult = units.get(t[-1:])
+    try:
+        value = float(t[:-1] if mult else t) * (mult or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90, 15m, 1h)") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
+
+
 def _percent_arg(text: str) -> float:
     try:
         value = float(text.rstrip("%"))
@@ -185,6 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="keep accepting writes after a target reports a newer epoch (split brain)",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=_duration_arg,
+        default=None,
+        metavar="DURATION",
+        help="take a checkpoint this often (e.g. 90, 15m, 1h); named auto-<UTC time>",
+    )
+    p.add_argument(
+        "--checkpoint-keep",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="keep the N newest scheduled checkpoints, delete older ones",
     )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=volume_commands.cmd_mount)

@@ -225,3 +225,25 @@ def test_reader_never_sees_a_changed_byte(cluster, ckmounts):
     assert not errors, errors
     assert rewrites[0] >= 2, "the writer did not get going"
     assert any(_digest(os.path.join(src.mountpoint, n)) != expected[n] for n in names)
+
+
+def test_schedule_keeps_the_newest(cluster):
+    vol = cluster.mkfs("src", "64M")
+    src = cluster.mount_source(vol, extra=("--checkpoint-every", "0.3", "--checkpoint-keep", "3"))
+    _cli_ok("checkpoint", "create", vol, "by-hand")
+    path = os.path.join(src.mountpoint, "f")
+    seen: set[str] = set()
+
+    def five_taken() -> bool:
+        with open(path, "wb") as f:  # something changes between checkpoints
+            f.write(os.urandom(8192))
+        seen.update(n for n in _listing(vol) if n.startswith("auto-"))
+        return len(seen) >= 5
+
+    wait_for(five_taken, 60, "five scheduled checkpoints", interval=0.2)
+    cluster.umount_source(src)
+    names = list(_listing(vol))
+    autos = [n for n in names if n.startswith("auto-")]
+    assert "by-hand" in names  # retention deletes only scheduled ones
+    # Exactly the 3 newest of all that were taken (one more may have come after the last look).
+    assert autos == sorted(seen | set(autos))[-3:], (autos, sorted(seen))

@@ -11,6 +11,7 @@ its table record can be seen is what a checkpoint mount in another process relie
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import trio
@@ -61,3 +62,41 @@ async def delete_live(vol: Volume, name: str) -> dict[str, Any]:
     await gate.commit()
     await trio.to_thread.run_sync(vol.flush_in_place)
     return {"name": name, "freed_blocks": freed}
+
+
+#: Prefix of the scheduled checkpoints' names; retention deletes only these.
+AUTO_PREFIX = "auto-"
+
+
+def auto_name(now: float) -> str:
+    """``auto-`` and the UTC time to the millisecond: sorts as it was taken."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    return f"{AUTO_PREFIX}{stamp}.{int(now * 1000) % 1000:03d}Z"
+
+
+async def schedule(vol: Volume, every: float, keep: int | None) -> None:
+    """``mount --checkpoint-every/--checkpoint-keep``: a checkpoint every ``every`` seconds,
+    then the oldest scheduled ones beyond ``keep`` deleted (never a mounted one, never one
+    made by hand). A failure (full save area, too many checkpoints) is one log line."""
+    from mirrorfs.node.checkpoint_commands import mounted_names
+
+    while True:
+        await trio.sleep(every)
+        try:
+            if keep is not None:
+                await _retire(vol, keep - 1, mounted_names(vol.path))
+            info = await create_live(vol, auto_name(time.time()))
+            log.info("scheduled checkpoint %s at seq %d", info["name"], info["seq"])
+            if keep is not None:
+                await _retire(vol, keep, mounted_names(vol.path))
+        except ControlError as exc:
+            log.warning("scheduled checkpoint not taken: %s", exc)
+
+
+async def _retire(vol: Volume, keep: int, mounted: dict[str, int]) -> None:
+    assert vol.snapshots is not None
+    autos = [c.name for c in vol.snapshots.checkpoints if c.name.startswith(AUTO_PREFIX)]
+    for name in autos[: max(0, len(autos) - keep)]:
+        if name in mounted:
+            continue
+        await delete_live(vol, name)

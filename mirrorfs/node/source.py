@@ -49,6 +49,10 @@ class SourceConfig:
     #: TLS for every target (``--tls-cert/--tls-key/--tls-ca``; also passed on to the
     #: replica daemon a switchover starts).
     tls: TlsConfig | None = None
+    #: Take a checkpoint every this many seconds (``mount --checkpoint-every``), keeping
+    #: the ``checkpoint_keep`` newest of them (``--checkpoint-keep``; None: all).
+    checkpoint_every: float | None = None
+    checkpoint_keep: int | None = None
 
 
 class SourceNode:
@@ -95,6 +99,12 @@ class SourceNode:
             await nursery.start(serve_control, socket_path(self.volume.path), handlers)
             for address in self.cfg.mirrors:
                 await self.add(address)
+            if self.cfg.checkpoint_every:
+                from mirrorfs.node.checkpoint_control import schedule
+
+                nursery.start_soon(
+                    schedule, self.volume, self.cfg.checkpoint_every, self.cfg.checkpoint_keep
+                )
             task_status.started()
             await self._watch_fencing()
 

@@ -97,6 +97,8 @@ class MountArgs:
     force: bool = False
     debug: bool = False
     ready_fd: int | None = None
+    checkpoint_every: float | None = None
+    checkpoint_keep: int | None = None
 
 
 def _passthrough_mount_args(args: Any) -> list[str]:
@@ -123,6 +125,10 @@ def _passthrough_mount_args(args: Any) -> list[str]:
         extra += ["--max-log", str(args.max_log)]
     if args.force:
         extra.append("--force")
+    if getattr(args, "checkpoint_every", None):
+        extra += ["--checkpoint-every", repr(args.checkpoint_every)]
+    if getattr(args, "checkpoint_keep", None):
+        extra += ["--checkpoint-keep", str(args.checkpoint_keep)]
     if args.debug:
         extra.append("--debug")
     return extra
@@ -211,6 +217,8 @@ def _source_service(args: Any):
         force=args.force,
         insecure=args.insecure,
         tls=load_tls(files) if files is not None else None,
+        checkpoint_every=getattr(args, "checkpoint_every", None),
+        checkpoint_keep=getattr(args, "checkpoint_keep", None),
     )
 
     def make(volume, mountpoint):
