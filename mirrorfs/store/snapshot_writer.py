@@ -58,6 +58,9 @@ class VolumeCheckpoints:
         self.maps: dict[int, dict[int, int]] = {}  # id -> block -> slot
         self.free_slots: SortedSet = SortedSet()
         self._bitmaps: dict[int, bytes] = {}  # id -> block bitmap as of that checkpoint
+        self._map_bufs: dict[int, bytearray] = {}  # map block index -> its packed entries
+        self._dirty: set[int] = set()  # map blocks changed since they were last put
+        self._pending = False
         self.stale = True
         self.load()
 
@@ -75,6 +78,8 @@ class VolumeCheckpoints:
             self.maps.setdefault(cid, {})[block] = slot
         self.free_slots = SortedSet(s for s in range(lay.slots) if s not in self.entries)
         self._bitmaps = {k: v for k, v in self._bitmaps.items() if k in self.maps}
+        self._map_bufs = {}
+        self._dirty, self._pending = set(), False
 
     def refresh(self) -> None:
         if self.stale:
@@ -170,26 +175,53 @@ class VolumeCheckpoints:
             )
         cid = cks[-1].id
         dirty: set[int] = set()
+        free = self.free_slots
+        runs: list[list[int]] = []  # [first block, first slot, count]: one read, one put
         for b in need:
-            slot = self.free_slots.pop(0)
-            self._put(lay.start + slot, self.core.read(b, 1))
+            last = runs[-1] if runs else None
+            if last is not None and last[0] + last[2] == b and last[1] + last[2] in free:
+                slot = last[1] + last[2]
+                last[2] += 1
+            else:
+                slot = free[0]
+                runs.append([b, slot, 1])
+            free.remove(slot)
             self.entries[slot] = (b, cid)
             newest[b] = slot
-            dirty.add(slot // lay.per_map_block)
-        self._write_map(dirty)
+            dirty.add(self._set_entry(slot, b, cid))
+        for b, slot, n in runs:
+            self._put(lay.start + slot, self.core.read(b, n))
+        # The map and the table go into this transaction when it is sealed (flush_pending):
+        # once per transaction, not once per write.
+        self._dirty |= dirty
+        self._pending = True
+
+    def flush_pending(self) -> None:
+        """Put the map blocks and the table that saves since the last call changed into the
+        open transaction (``WritePath.seal`` calls it; so do in-process views)."""
+        if self._pending:
+            dirty, self._dirty, self._pending = self._dirty, set(), False
+            self._write_map(dirty)
+
+    def _set_entry(self, slot: int, block: int, cid: int) -> int:
+        """Record slot ``slot`` in the packed map; returns its map block index."""
+        lay = self.layout
+        assert lay is not None
+        epb = lay.per_map_block
+        i = slot // epb
+        buf = self._map_bufs.get(i)
+        if buf is None:
+            buf = self._map_bufs[i] = bytearray(self.core.read(lay.map_start + i, 1))
+        off = (slot % epb) * 16
+        buf[off : off + 16] = entry_bytes(slot, block, cid)
+        return i
 
     def _write_map(self, dirty: set[int]) -> None:
         """Map blocks ``dirty`` (indexes), then the table with a new generation."""
         lay = self.layout
         assert lay is not None
-        epb = lay.per_map_block
         for i in sorted(dirty):
-            first = i * epb
-            parts = []
-            for slot in range(first, first + epb):
-                block, cid = self.entries.get(slot, (0, 0))
-                parts.append(entry_bytes(slot, block, cid))
-            self._put(lay.map_start + i, b"".join(parts))
+            self._put(lay.map_start + i, bytes(self._map_bufs[i]))
         self.table.generation += 1
         self._put(lay.table, self.table.pack(lay.block_size))
 
@@ -224,6 +256,7 @@ class VolumeCheckpoints:
         cks.append(info)
         self.table.checkpoints = cks
         self.maps[cid] = {}
+        self.flush_pending()
         self._write_map(set())
         log.info("checkpoint %r created at seq %d", name, info.seq)
         return info
@@ -240,16 +273,19 @@ class VolumeCheckpoints:
         dirty: set[int] = set()
         freed = 0
         for block, slot in self.maps.pop(info.id).items():
-            dirty.add(slot // lay.per_map_block)
             if older is not None and self.needs_save(block, below=pos):
                 self.entries[slot] = (block, older)
                 self.maps[older][block] = slot
+                dirty.add(self._set_entry(slot, block, older))
             else:
                 del self.entries[slot]
+                dirty.add(self._set_entry(slot, 0, 0))
                 self.free_slots.add(slot)
                 freed += 1
         del cks[pos]
         self._bitmaps.pop(info.id, None)
-        self._write_map(dirty)
+        self._dirty |= dirty
+        self._pending = True
+        self.flush_pending()
         log.info("checkpoint %r deleted: %d save block(s) freed", name, freed)
         return freed

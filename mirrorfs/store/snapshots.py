@@ -289,13 +289,23 @@ class CheckpointView:
             off = (CLIENT_SUPER - block) * bs
             out[off : off + bs] = self._frozen_super
         if self._map:
+            # Saved copies of adjacent blocks usually sit in adjacent slots: one read a run.
+            get = self._map.get
+            runs: list[list[int]] = []  # [first block, first slot, count]
             for b in range(block, block + count):
-                slot = self._map.get(b)
-                if slot is not None:
-                    if out is None:
-                        out = bytearray(data)
-                    off = (b - block) * bs
-                    out[off : off + bs] = self._read(self.layout.start + slot, 1)
+                slot = get(b)
+                if slot is None:
+                    continue
+                last = runs[-1] if runs else None
+                if last is not None and last[0] + last[2] == b and last[1] + last[2] == slot:
+                    last[2] += 1
+                else:
+                    runs.append([b, slot, 1])
+            if runs and out is None:
+                out = bytearray(data)
+            for b, slot, n in runs:
+                off = (b - block) * bs
+                out[off : off + n * bs] = self._read(self.layout.start + slot, n)  # type: ignore[index]
         return data if out is None else bytes(out)
 
     def write(self, block: int, data: bytes | bytearray | memoryview) -> None:

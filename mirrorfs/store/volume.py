@@ -386,7 +386,14 @@ class Volume(VolumeCore):
 
     def checkpoint_view(self, name: str) -> CheckpointView:
         """Checkpoint ``name`` as a read-only block store over this open volume."""
-        return CheckpointView(self.read, self.sb, name)
+        snaps = self.snapshots
+
+        def read(block: int, count: int) -> bytes:
+            if snaps is not None:
+                snaps.flush_pending()  # the map as it is now, open transaction included
+            return self.read(block, count)
+
+        return CheckpointView(read, self.sb, name)
 
     def _snapshots(self) -> VolumeCheckpoints:
         if self.read_only or self.state.role != "source":
