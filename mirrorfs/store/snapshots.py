@@ -279,34 +279,54 @@ class CheckpointView:
         self._generation = table.generation
 
     def read(self, block: int, count: int = 1) -> bytes:
-        """The checkpoint's content of ``count`` blocks from ``block``."""
-        data = self._read(block, count)  # the live blocks first ...
-        self._refresh()  # ... then the table and the map
+        """The checkpoint's content of ``count`` blocks from ``block``.
+
+        The live blocks are read FIRST, then the table and the map (INTERNALS.md). Blocks
+        the map already named before are skipped in the live read: an entry of this
+        checkpoint's chain is never dropped while another one for the same content is
+        missing, and its saved copy never changes while the checkpoint exists.
+        """
+        end = block + count
+        cached = self._map
+        live_needed = not cached or any(b not in cached for b in range(block, end))
+        data = self._read(block, count) if live_needed else None
+        self._refresh()
         bs = self.block_size
-        out: bytearray | None = None
-        if block <= CLIENT_SUPER < block + count:
+        runs = self._saved_runs(block, end)
+        if data is None and sum(r[2] for r in runs) != count:  # (cannot happen: see above)
+            self._map = {}
+            return self.read(block, count)
+        if data is None and len(runs) == 1 and block > CLIENT_SUPER:
+            return self._read(self.layout.start + runs[0][1], count)  # all saved, one run
+        if data is None:  # the map cannot shrink: still all saved, in several runs
+            out = bytearray(count * bs)
+        elif runs or block <= CLIENT_SUPER < end:
             out = bytearray(data)
+        else:
+            return data
+        for b, slot, n in runs:
+            off = (b - block) * bs
+            out[off : off + n * bs] = self._read(self.layout.start + slot, n)
+        if block <= CLIENT_SUPER < end:
             off = (CLIENT_SUPER - block) * bs
             out[off : off + bs] = self._frozen_super
-        if self._map:
-            # Saved copies of adjacent blocks usually sit in adjacent slots: one read a run.
-            get = self._map.get
-            runs: list[list[int]] = []  # [first block, first slot, count]
-            for b in range(block, block + count):
-                slot = get(b)
-                if slot is None:
-                    continue
-                last = runs[-1] if runs else None
-                if last is not None and last[0] + last[2] == b and last[1] + last[2] == slot:
-                    last[2] += 1
-                else:
-                    runs.append([b, slot, 1])
-            if runs and out is None:
-                out = bytearray(data)
-            for b, slot, n in runs:
-                off = (b - block) * bs
-                out[off : off + n * bs] = self._read(self.layout.start + slot, n)  # type: ignore[index]
-        return data if out is None else bytes(out)
+        return bytes(out)
+
+    def _saved_runs(self, block: int, end: int) -> list[list[int]]:
+        """[first block, first slot, count] of the saved copies among [block, end): saved
+        copies of adjacent blocks usually sit in adjacent slots, one read a run."""
+        get = self._map.get
+        runs: list[list[int]] = []
+        for b in range(block, end):
+            slot = get(b)
+            if slot is None:
+                continue
+            last = runs[-1] if runs else None
+            if last is not None and last[0] + last[2] == b and last[1] + last[2] == slot:
+                last[2] += 1
+            else:
+                runs.append([b, slot, 1])
+        return runs
 
     def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
         raise CheckpointError("a checkpoint is read-only")
