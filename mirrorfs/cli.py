@@ -377,6 +377,16 @@ def add_checkpoint_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
     a = acts.add_parser("delete", parents=[common], help="delete a checkpoint (source)")
     a.add_argument("dir", metavar="DIR")
     a.add_argument("name", metavar="NAME")
+    a = acts.add_parser(
+        "rollback", parents=[common], help="return a stopped source to a checkpoint"
+    )
+    a.add_argument("dir", metavar="DIR")
+    a.add_argument("name", metavar="NAME")
+    a.add_argument(
+        "--delete-later",
+        action="store_true",
+        help="delete the checkpoints newer than NAME (default: keep them)",
+    )
     a = acts.add_parser("mount", parents=[common], help="mount a checkpoint read-only")
     a.add_argument("dir", metavar="DIR")
     a.add_argument("name", metavar="NAME")

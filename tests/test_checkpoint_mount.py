@@ -247,3 +247,35 @@ def test_schedule_keeps_the_newest(cluster):
     assert "by-hand" in names  # retention deletes only scheduled ones
     # Exactly the 3 newest of all that were taken (one more may have come after the last look).
     assert autos == sorted(seen | set(autos))[-3:], (autos, sorted(seen))
+
+
+def test_rollback_is_mirrored(cluster, tree):
+    vol = cluster.mkfs("src", "128M")
+    rep = cluster.replica("rep")
+    src = cluster.mount_source(vol, [rep.address])
+    root = os.path.join(src.mountpoint, "t")
+    copy_tree(tree, root)
+    before = tree_signature(root)
+    _cli_ok("checkpoint", "create", vol, "good")
+    _mutate(root)
+    wait_caught_up(vol)
+    cluster.umount_source(src)
+    proc = run_cli("checkpoint", "rollback", vol, "nope")
+    assert proc.returncode == 1 and "no checkpoint" in proc.stderr
+    _cli_ok("checkpoint", "rollback", vol, "good")
+    src = cluster.mount_source(vol, [rep.address])
+    assert_same_tree(before, tree_signature(root))
+    wait_caught_up(vol)
+    assert rep.mountpoint is not None
+    rep_root = os.path.join(rep.mountpoint, "t")
+
+    def same() -> bool:
+        try:
+            return tree_signature(rep_root) == before
+        except OSError:
+            return False
+
+    wait_for(same, 30, "the replica's live mount to show the rolled-back tree", interval=0.5)
+    finish_and_compare(src, [rep])
+    res = fsck(vol)
+    assert res.returncode == 0, res.stdout + res.stderr

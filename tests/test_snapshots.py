@@ -224,3 +224,38 @@ def test_fsck_checks_checkpoints(vol_path):
     assert any("checksum" in p for p in report.problems), report.problems
     fs.close()
     vol.close()
+
+
+def test_rollback_keeps_or_deletes_later_checkpoints(vol_path):
+    vol = Volume.open(vol_path)
+    fs = Filesystem(vol)
+    _populate(fs)
+    t0 = _tree(fs)
+    vol.checkpoint_create("a")
+    _mutate(fs)
+    vol.commit()
+    t1 = _tree(fs)
+    vol.checkpoint_create("b")
+    fs.unlink(R, b"new")
+    fs.close()
+    vol.commit()
+    n = vol.checkpoint_rollback("a")
+    assert n > 1
+    fs = Filesystem(vol)
+    assert _tree(fs) == t0
+    assert _tree(Filesystem(vol.checkpoint_view("b"), read_only=True)) == t1  # kept
+    assert fsck.check(vol).clean
+    # The rolled-back volume takes writes again, and a second rollback drops "b".
+    _mkfile(fs, R, b"after", b"x" * 10000)
+    fs.close()
+    vol.commit()
+    vol.checkpoint_rollback("a", delete_later=True)
+    assert [c.name for c in vol.snapshots.listing()] == ["a"]
+    fs = Filesystem(vol)
+    assert _tree(fs) == t0
+    fs.close()
+    vol.close()
+    vol = Volume.open(vol_path)
+    assert _tree(Filesystem(vol)) == t0
+    assert fsck.check(vol).clean
+    vol.close()

@@ -42,6 +42,8 @@ def cmd_checkpoint(args: Any) -> int:
         return _delete(path, args.name)
     if args.action == "list":
         return _list(path, args.json)
+    if args.action == "rollback":
+        return _rollback(path, args.name, args.delete_later)
     return _mount(path, args)
 
 
@@ -117,6 +119,41 @@ def _delete(path: str, name: str) -> int:
         freed = int(reply["freed_blocks"])
     print(f"{PROG}: checkpoint {name!r} deleted, {freed} block(s) freed")
     return 0
+
+
+def _rollback(path: str, name: str, delete_later: bool) -> int:
+    """On a stopped source only: a running daemon holds the volume's lock."""
+    from mirrorfs.store.errors import VolumeLocked
+    from mirrorfs.store.volume import Volume
+
+    try:
+        vol = Volume.open(path)
+    except VolumeLocked:
+        raise CliError(f"{path} is in use (mounted?): unmount it before a rollback") from None
+    try:
+        n = vol.checkpoint_rollback(name, delete_later=delete_later, hints=_inode_hints)
+    finally:
+        vol.close()
+    print(f"{PROG}: rolled back to checkpoint {name!r} ({n} block(s) rewritten)")
+    return 0
+
+
+def _inode_hints(fs_super: bytes, blocks: list[int]) -> list:
+    """INODE_UPDATED for every inode in the inode-table blocks among ``blocks``: a target's
+    read-only mount drops its caches of them when it applies the rollback."""
+    from mirrorfs.fs.layout import INODE_SIZE, FsSuper
+    from mirrorfs.store.txn import Hint, HintKind
+
+    sb = FsSuper.unpack(fs_super)
+    per = len(fs_super) // INODE_SIZE
+    first, end = sb.inode_table_start, sb.inode_table_start + sb.inode_table_blocks
+    hints = []
+    for b in blocks:
+        if first <= b < end:
+            for i in range((b - first) * per, (b - first + 1) * per):
+                if 0 < i < sb.inode_count:
+                    hints.append(Hint(HintKind.INODE_UPDATED, i))
+    return hints
 
 
 def _list(path: str, as_json: bool) -> int:

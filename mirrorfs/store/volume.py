@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mirrorfs.store.allocator import ExtentAllocator
@@ -53,9 +54,11 @@ from mirrorfs.store.snapshots import (
     CheckpointInfo,
     CheckpointView,
     SaveLayout,
+    chain_map,
     save_area_blocks_for,
 )
 from mirrorfs.store.staging import remove_stages
+from mirrorfs.store.txn import Hint
 from mirrorfs.store.writepath import WritePath
 
 log = logging.getLogger(__name__)
@@ -383,6 +386,40 @@ class Volume(VolumeCore):
         self.commit()
         self.flush_in_place()
         return freed
+
+    def checkpoint_rollback(
+        self,
+        name: str,
+        *,
+        delete_later: bool = False,
+        hints: Callable[[bytes, list[int]], list[Hint]] | None = None,
+    ) -> int:
+        """Return the volume to checkpoint ``name``, as ONE transaction: every block the
+        checkpoint saved gets its saved content back, block 1 its frozen copy (so the block
+        bitmap too: what was allocated since is free again). Later checkpoints are kept
+        (their own saves are made as for any write) unless ``delete_later``. ``hints(fs
+        superblock, blocks)`` names the inodes the rewritten blocks hold, for the targets'
+        caches. Returns the number of blocks rewritten."""
+        snaps = self._snapshots()
+        info = snaps.find(name)
+        self.commit()
+        if delete_later:
+            for later in reversed([c for c in snaps.checkpoints if c.id > info.id]):
+                snaps.delete(later.name)
+                self.commit()
+        view = self.checkpoint_view(name)
+        blocks = sorted(chain_map(snaps.entries, info.id))
+        for block in blocks:
+            self.write(block, view.read(block, 1))
+        frozen = view.read(CLIENT_SUPER, 1)
+        self.write(CLIENT_SUPER, frozen)
+        for h in hints(frozen, blocks) if hints is not None else ():
+            self.hint(h)
+        self.commit()
+        self.flush_in_place()
+        self.load_allocator()  # the bitmap was rewritten underneath the allocator
+        log.info("rolled back to checkpoint %r (seq %d): %d blocks", name, info.seq, len(blocks))
+        return len(blocks) + 1
 
     def checkpoint_view(self, name: str) -> CheckpointView:
         """Checkpoint ``name`` as a read-only block store over this open volume."""
