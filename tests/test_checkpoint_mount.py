@@ -279,3 +279,37 @@ def test_rollback_is_mirrored(cluster, tree):
     finish_and_compare(src, [rep])
     res = fsck(vol)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_promoted_replica_keeps_its_checkpoints(cluster, tree, ckmounts):
+    from tests.util import Mount, cleanup
+
+    vol = cluster.mkfs("src", "128M")
+    rep = cluster.replica("rep")
+    src = cluster.mount_source(vol, [rep.address])
+    root = os.path.join(src.mountpoint, "t")
+    copy_tree(tree, root)
+    before = tree_signature(root)
+    _cli_ok("checkpoint", "create", vol, "pre")
+    _mutate(root)
+    wait_caught_up(vol)
+    cluster.umount_source(src)  # the source is gone
+    promoted = None
+    try:
+        _cli_ok("promote", rep.dir, "--force")
+        with open(os.path.join(rep.dir, "mount.pid")) as f:
+            promoted = Mount(int(f.read()), rep.dir, rep.mountpoint or "")
+        assert set(_listing(rep.dir)) == {"pre"}
+        mnt = ckmounts.mount(rep.dir, "pre", cluster.path("promoted-ck"))
+        assert_same_tree(before, tree_signature(os.path.join(mnt, "t")))
+        # The new source makes and holds checkpoints of its own.
+        _cli_ok("checkpoint", "create", rep.dir, "post")
+        with open(os.path.join(rep.mountpoint or "", "t", "new.bin"), "r+b") as f:
+            f.write(os.urandom(4096))
+        assert _listing(rep.dir)["pre"]["seq"] < _listing(rep.dir)["post"]["seq"]
+        assert_same_tree(before, tree_signature(os.path.join(mnt, "t")))
+        ckmounts.umount(mnt)
+    finally:
+        cleanup(promoted)
+    res = fsck(rep.dir)
+    assert res.returncode == 0, res.stdout + res.stderr
