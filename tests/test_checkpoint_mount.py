@@ -127,6 +127,8 @@ def test_checkpoint_of_a_mounted_source(cluster, tree, ckmounts):
     assert ei.value.errno == errno.EROFS
     held = _listing(vol)["before"]["held_blocks"]
     assert held > 0
+    st = json.loads(_cli_ok("status", vol, "--json"))
+    assert [(c["name"], c["held_blocks"]) for c in st["checkpoints"]] == [("before", held)]
     # A mounted checkpoint cannot be deleted; unmounted, its deletion frees what it held.
     proc = run_cli("checkpoint", "delete", vol, "before")
     assert proc.returncode == 1 and "is mounted" in proc.stderr

@@ -156,7 +156,9 @@ def _inode_hints(fs_super: bytes, blocks: list[int]) -> list:
     return hints
 
 
-def _list(path: str, as_json: bool) -> int:
+def checkpoint_rows(path: str) -> list[dict[str, Any]]:
+    """The checkpoints of the volume at ``path`` as its block file holds them (no lock:
+    a source or a replica, running or not): name, seq, time, held blocks and bytes."""
     from mirrorfs.store.device import BlockFile
     from mirrorfs.store.files import BLOCK_FILE
     from mirrorfs.store.geometry import VolumeSuper
@@ -175,7 +177,11 @@ def _list(path: str, as_json: bool) -> int:
         items = read_listing(blocks.read, sb)
     finally:
         blocks.close()
-    rows = [dict(c.as_dict(), held_bytes=c.held * sb.block_size) for c in items]
+    return [dict(c.as_dict(), held_bytes=c.held * sb.block_size) for c in items]
+
+
+def _list(path: str, as_json: bool) -> int:
+    rows = checkpoint_rows(path)
     if as_json:
         print(json.dumps({"checkpoints": rows}))
         return 0

@@ -8,6 +8,7 @@ without taking the volume's lock (a running daemon is asked instead).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -74,10 +75,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         if "no daemon is running" not in str(exc):
             raise
         status = _offline_status(volume_dir)
+    from mirrorfs.node.checkpoint_commands import checkpoint_rows
+
+    with contextlib.suppress(Exception):  # status of a volume being made: no block file yet
+        status["checkpoints"] = checkpoint_rows(volume_dir)
     if args.json:
         print(json.dumps(status, indent=1, sort_keys=True))
     else:
         print(format_status(volume_dir, status))
+        for c in status.get("checkpoints", []):
+            print(f"  checkpoint {c['name']}: seq {c['seq']}, holds {c['held_bytes']} bytes")
     return 0
 
 
