@@ -27,9 +27,11 @@ from mirrorfs.fuse.lifecycle import PidFile, watch_signals
 from mirrorfs.fuse.mount import FuseSession, MountError, check_mountpoint, fuse_options
 from mirrorfs.fuse.operations import Operations
 from mirrorfs.store.device import BlockFile
+from mirrorfs.store.errors import VolumeLocked
 from mirrorfs.store.files import BLOCK_FILE, CHECKPOINT_MOUNTS_DIR, checkpoint_mount_pid_file
 from mirrorfs.store.geometry import VolumeSuper
 from mirrorfs.store.snapshots import CheckpointView
+from mirrorfs.store.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +40,17 @@ CACHE_TIMEOUT = 3600.0
 
 
 def open_view(volume_dir: str, name: str) -> tuple[BlockFile, CheckpointView]:
-    """The block file (read-only, unlocked) and checkpoint ``name`` over it."""
+    """The block file (read-only, unlocked) and checkpoint ``name`` over it.
+
+    A volume nobody serves is opened and closed first: that replays what its log holds
+    beyond the block file (after a crash). A served one is kept current by its daemon."""
     path = os.path.join(volume_dir, BLOCK_FILE)
     if not os.path.exists(path):
         raise MountError(f"{volume_dir}: not a mirrorfs volume (no block file)")
+    try:
+        Volume.open(volume_dir).close()
+    except VolumeLocked:
+        pass
     size = os.path.getsize(path)
     probe = os.open(path, os.O_RDONLY)
     try:

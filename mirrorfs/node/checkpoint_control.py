@@ -30,6 +30,8 @@ async def create_live(vol: Volume, name: str) -> dict[str, Any]:
     snaps = vol.snapshots
     if gate is None or snaps is None:
         raise ControlError("this volume is not mounted read-write here")
+    if vol.condition.reason():
+        raise ControlError(f"the volume takes no changes: {vol.condition.reason()}")
     gate.close()
     try:
         for _ in range(SETTLE_ROUNDS):
