@@ -165,13 +165,13 @@ def main() -> None:
     args = p.parse_args()
     root = tempfile.mkdtemp(prefix="bench-ckpt-", dir=args.dir)
     try:
-        for name, res in (
-            ("create", bench_create(os.path.join(root, "a"), args.files)),
-            ("io", bench_io(os.path.join(root, "b"), args.mib)),
-            ("fuse", bench_fuse_read(os.path.join(root, "c"), args.mib)),
+        for name, run in (
+            ("create", lambda: bench_create(os.path.join(root, "a"), args.files)),
+            ("io", lambda: bench_io(os.path.join(root, "b"), args.mib)),
+            ("fuse", lambda: bench_fuse_read(os.path.join(root, "c"), args.mib)),
         ):
-            for k, v in res.items():
-                print(f"{name:7} {k:22} {v:10.3f}")
+            for k, v in run().items():
+                print(f"{name:7} {k:22} {v:10.3f}", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

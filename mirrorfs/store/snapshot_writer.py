@@ -17,8 +17,6 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from sortedcontainers import SortedSet
-
 from mirrorfs.store.errors import NoSpace
 from mirrorfs.store.geometry import BITMAP_START, CLIENT_SUPER, VolumeSuper
 from mirrorfs.store.snapshots import (
@@ -26,6 +24,7 @@ from mirrorfs.store.snapshots import (
     CheckpointError,
     CheckpointInfo,
     SaveLayout,
+    SlotSet,
     Table,
     entry_bytes,
     load_state,
@@ -56,7 +55,7 @@ class VolumeCheckpoints:
         self.table = Table()
         self.entries: dict[int, tuple[int, int]] = {}  # slot -> (block, id)
         self.maps: dict[int, dict[int, int]] = {}  # id -> block -> slot
-        self.free_slots: SortedSet = SortedSet()
+        self.free_slots = SlotSet(0)
         self._bitmaps: dict[int, bytes] = {}  # id -> block bitmap as of that checkpoint
         self._map_bufs: dict[int, bytearray] = {}  # map block index -> its packed entries
         self._dirty: set[int] = set()  # map blocks changed since they were last put
@@ -76,7 +75,7 @@ class VolumeCheckpoints:
         self.maps = {cid: {} for cid in ids}
         for slot, (block, cid) in self.entries.items():
             self.maps.setdefault(cid, {})[block] = slot
-        self.free_slots = SortedSet(s for s in range(lay.slots) if s not in self.entries)
+        self.free_slots = SlotSet(lay.slots, self.entries)
         self._bitmaps = {k: v for k, v in self._bitmaps.items() if k in self.maps}
         self._map_bufs = {}
         self._dirty, self._pending = set(), False
@@ -183,9 +182,10 @@ class VolumeCheckpoints:
                 slot = last[1] + last[2]
                 last[2] += 1
             else:
-                slot = free[0]
+                slot = free.first()
                 runs.append([b, slot, 1])
-            free.remove(slot)
+            free.take(slot)
+            self.table.high = max(self.table.high, slot + 1)
             self.entries[slot] = (b, cid)
             newest[b] = slot
             dirty.add(self._set_entry(slot, b, cid))
@@ -280,7 +280,7 @@ class VolumeCheckpoints:
             else:
                 del self.entries[slot]
                 dirty.add(self._set_entry(slot, 0, 0))
-                self.free_slots.add(slot)
+                self.free_slots.give(slot)
                 freed += 1
         del cks[pos]
         self._bitmaps.pop(info.id, None)

@@ -13,8 +13,10 @@ Save area layout (A = save_area_start, N = save_area_blocks, E = block_size // 1
     A+S .. A+S+M-1      the map: 16-byte entry i describes slot i (M = ceil(S / E))
                         <block u64, checkpoint id u32, crc32 u32>; all zeros = slot free
     A+S+M .. A+N-2      one frozen copy of the client superblock (block 1) per table index
-    A+N-1               the table: magic, version, count, generation, next id, one record
-                        per checkpoint <id, index, seq, time_ns, free blocks, name>, crc32
+    A+N-1               the table: magic, version, count, generation, next id, high-water
+                        slot (no slot at or past it was ever used: readers and the open
+                        read the map only below it), one record per checkpoint
+                        <id, index, seq, time_ns, free blocks, name>, crc32
 
 Every region a reader consults later lies at a higher block number than the one it
 consults first (slot < map < table), and the whole area lies below every block the
@@ -33,7 +35,7 @@ import logging
 import struct
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from mirrorfs.store.errors import VolumeError
@@ -46,7 +48,7 @@ VERSION = 1
 MAX_NAME = 64
 MAX_CHECKPOINTS = 16
 ENTRY = struct.Struct("<QII")  # block, checkpoint id, crc32(slot, block, id)
-HEAD = struct.Struct("<8sHHQI")  # magic, version, count, generation, next id
+HEAD = struct.Struct("<8sHHQIQ")  # magic, version, count, generation, next id, slots used
 REC = struct.Struct("<IHQQQ64s")  # id, index, seq, time_ns, free blocks, name
 #: A torn read of a block being rewritten by another process fails its CRC; read again.
 TORN_RETRIES = 50
@@ -138,6 +140,7 @@ class Table:
     generation: int = 0
     next_id: int = 1
     checkpoints: list[CheckpointInfo] | None = None
+    high: int = 0  # slots [0, high) may be in use; none at or past it ever was
 
     def __post_init__(self) -> None:
         if self.checkpoints is None:
@@ -145,7 +148,9 @@ class Table:
 
     def pack(self, block_size: int) -> bytes:
         cks = self.checkpoints or []
-        out = bytearray(HEAD.pack(MAGIC, VERSION, len(cks), self.generation, self.next_id))
+        out = bytearray(
+            HEAD.pack(MAGIC, VERSION, len(cks), self.generation, self.next_id, self.high)
+        )
         for c in cks:
             out += REC.pack(c.id, c.index, c.seq, c.time_ns, c.free_blocks, c.name.encode())
         out += struct.pack("<I", zlib.crc32(out))
@@ -156,7 +161,7 @@ class Table:
         """The table in ``buf``; an all-zero block is an empty table; ValueError if torn."""
         if not any(buf[: HEAD.size]):
             return cls()
-        magic, version, count, gen, next_id = HEAD.unpack_from(buf)
+        magic, version, count, gen, next_id, high = HEAD.unpack_from(buf)
         if magic != MAGIC or version != VERSION:
             raise ValueError("bad checkpoint table magic or version")
         end = HEAD.size + count * REC.size
@@ -166,7 +171,46 @@ class Table:
         for i in range(count):
             cid, index, seq, t, free, name = REC.unpack_from(buf, HEAD.size + i * REC.size)
             cks.append(CheckpointInfo(cid, index, seq, t, free, name.rstrip(b"\0").decode()))
-        return cls(gen, next_id, cks)
+        return cls(gen, next_id, cks, high)
+
+
+class SlotSet:
+    """The free save slots: one byte per slot (0 = free) and a cursor, so that finding the
+    lowest free slot at or after it is a C-speed ``find``; memory is one byte a slot."""
+
+    def __init__(self, slots: int, used: Iterable[int] = ()) -> None:
+        self._used = bytearray(slots)
+        for s in used:
+            self._used[s] = 1
+        self.count = slots - self._used.count(1)
+        self._cursor = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __contains__(self, slot: int) -> bool:
+        return 0 <= slot < len(self._used) and not self._used[slot]
+
+    def first(self) -> int:
+        """The lowest free slot at or past the cursor (then from 0); IndexError when none."""
+        i = self._used.find(0, self._cursor)
+        if i < 0:
+            i = self._used.find(0)
+        if i < 0:
+            raise IndexError("no free save slot")
+        return i
+
+    def take(self, slot: int) -> None:
+        assert not self._used[slot]
+        self._used[slot] = 1
+        self.count -= 1
+        self._cursor = slot + 1
+
+    def give(self, slot: int) -> None:
+        assert self._used[slot]
+        self._used[slot] = 0
+        self.count += 1
+        self._cursor = min(self._cursor, slot)
 
 
 def entry_bytes(slot: int, block: int, cid: int) -> bytes:
@@ -208,11 +252,22 @@ def load_state(
 ) -> tuple[Table, dict[int, tuple[int, int]]]:
     """(table, slot -> (block, id)) read through ``read``: the table first, then the map."""
     table = read_consistent(lambda: read(layout.table, 1), Table.unpack)
+    assert isinstance(table, Table)
+    return table, read_entries(read, layout, table.high)
+
+
+def read_entries(
+    read: Callable[[int, int], bytes], layout: SaveLayout, high: int
+) -> dict[int, tuple[int, int]]:
+    """slot -> (block, id) of the used map entries below slot ``high``."""
+    nblocks = min(layout.map_blocks, -(-high // layout.per_map_block))
+    if nblocks <= 0:
+        return {}
     entries = read_consistent(
-        lambda: read(layout.map_start, layout.map_blocks), lambda b: parse_map(b, 0, layout.slots)
+        lambda: read(layout.map_start, nblocks), lambda b: parse_map(b, 0, min(high, layout.slots))
     )
-    assert isinstance(table, Table) and isinstance(entries, dict)
-    return table, entries
+    assert isinstance(entries, dict)
+    return entries
 
 
 def chain_map(entries: dict[int, tuple[int, int]], cid: int) -> dict[int, int]:
@@ -270,12 +325,7 @@ class CheckpointView:
             return
         if not any(c.id == self.info.id for c in table.checkpoints or []):
             raise CheckpointError(f"checkpoint {self.name!r} was deleted")
-        lay = self.layout
-        entries = read_consistent(
-            lambda: self._read(lay.map_start, lay.map_blocks), lambda b: parse_map(b, 0, lay.slots)
-        )
-        assert isinstance(entries, dict)
-        self._map = chain_map(entries, self.info.id)
+        self._map = chain_map(read_entries(self._read, self.layout, table.high), self.info.id)
         self._generation = table.generation
 
     def read(self, block: int, count: int = 1) -> bytes:
