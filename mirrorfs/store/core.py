@@ -209,7 +209,10 @@ class VolumeCore:
     def spare_blocks(self) -> int:
         """Free blocks of the checkpoint save area (statfs counts them free, not available)."""
         snaps = self.snapshots
-        return snaps.free_slot_count if snaps is not None else 0
+        if snaps is None:
+            return 0
+        snaps.refresh()  # a target: the save area may have changed under it
+        return snaps.free_slot_count
 
     def refresh_allocator(self, runs: list[tuple[int, bytes]]) -> None:
         """Keep the allocator in step with bitmap blocks written underneath it (not
