@@ -185,16 +185,9 @@ def _digest(path: str) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def test_reader_never_sees_a_changed_byte(cluster, ckmounts):
-    vol = cluster.mkfs("src", "128M")
-    src = cluster.mount_source(vol)
-    names = [f"f{i}" for i in range(4)]
-    for n in names:
-        with open(os.path.join(src.mountpoint, n), "wb") as f:
-            f.write(os.urandom(MiB))
-    expected = {n: _digest(os.path.join(src.mountpoint, n)) for n in names}
-    _cli_ok("checkpoint", "create", vol, "still")
-    mnt = ckmounts.mount(vol, "still", cluster.path("ck-mnt"))
+def _rewrite_while_reading(live: str, ck: str, names: list[str], expected: dict[str, str]):
+    """A writer rewrites ``names`` under ``live`` while this thread reads them under the
+    checkpoint mount ``ck`` for a few seconds: every read must give the recorded bytes."""
     stop = threading.Event()
     errors: list[BaseException] = []
     rewrites = [0]
@@ -203,7 +196,7 @@ def test_reader_never_sees_a_changed_byte(cluster, ckmounts):
         try:
             while not stop.is_set():
                 for n in names:
-                    with open(os.path.join(src.mountpoint, n), "r+b") as f:
+                    with open(os.path.join(live, n), "r+b") as f:
                         for off in range(0, MiB, 64 * 1024):
                             f.seek(off)
                             f.write(os.urandom(4096))
@@ -218,7 +211,7 @@ def test_reader_never_sees_a_changed_byte(cluster, ckmounts):
         deadline = time.monotonic() + 4.0
         while time.monotonic() < deadline or reads < 8:
             for n in names:
-                got = _digest(os.path.join(mnt, n))  # a read-only mount drops its cache on open
+                got = _digest(os.path.join(ck, n))  # a read-only mount drops its cache on open
                 assert got == expected[n], f"{n} changed in the checkpoint after {reads} reads"
                 reads += 1
     finally:
@@ -226,7 +219,40 @@ def test_reader_never_sees_a_changed_byte(cluster, ckmounts):
         t.join(timeout=30)
     assert not errors, errors
     assert rewrites[0] >= 2, "the writer did not get going"
+
+
+def _files(root: str) -> tuple[list[str], dict[str, str]]:
+    names = [f"f{i}" for i in range(4)]
+    for n in names:
+        with open(os.path.join(root, n), "wb") as f:
+            f.write(os.urandom(MiB))
+    return names, {n: _digest(os.path.join(root, n)) for n in names}
+
+
+def test_reader_never_sees_a_changed_byte(cluster, ckmounts):
+    vol = cluster.mkfs("src", "128M")
+    src = cluster.mount_source(vol)
+    names, expected = _files(src.mountpoint)
+    _cli_ok("checkpoint", "create", vol, "still")
+    mnt = ckmounts.mount(vol, "still", cluster.path("ck-mnt"))
+    _rewrite_while_reading(src.mountpoint, mnt, names, expected)
     assert any(_digest(os.path.join(src.mountpoint, n)) != expected[n] for n in names)
+
+
+def test_replica_reader_never_sees_a_changed_byte(cluster, ckmounts):
+    vol = cluster.mkfs("src", "128M")
+    rep = cluster.replica("rep", mount=False)
+    src = cluster.mount_source(vol, [rep.address])
+    names, expected = _files(src.mountpoint)
+    _cli_ok("checkpoint", "create", vol, "still")
+    wait_caught_up(vol)
+    mnt = ckmounts.mount(rep.dir, "still", cluster.path("rep-ck-mnt"))
+    # The replica applies the rewrites (and their saved copies) while the reader reads.
+    _rewrite_while_reading(src.mountpoint, mnt, names, expected)
+    wait_caught_up(vol)
+    assert all(_digest(os.path.join(mnt, n)) == expected[n] for n in names)
+    ckmounts.umount(mnt)
+    finish_and_compare(src, [rep])
 
 
 def test_schedule_keeps_the_newest(cluster):
