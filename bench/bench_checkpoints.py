@@ -114,18 +114,28 @@ def bench_io(root: str, mib: int) -> dict[str, float]:
 def bench_fuse_read(root: str, mib: int) -> dict[str, float]:
     """Read throughput through FUSE: the live mount vs a checkpoint mount of the same file
     after every block of it was overwritten (so the checkpoint reads only saved copies).
-    Each read starts cold: the live file's pages are dropped (fadvise), a read-only mount
-    drops them at open. Best of three."""
+    Cold both: each round mounts both afresh and reads each once (a FUSE mount starts with
+    no pages of its own). Best of three rounds."""
     from bench.common import MirrorfsCli, MirrorfsMount, is_mounted, lazy_unmount
 
     os.makedirs(root)
     cli = MirrorfsCli(os.path.join(root, "cli.log"))
     vol, mnt, ck = (os.path.join(root, n) for n in ("vol", "mnt", "ck"))
+    os.makedirs(ck)
     m = MirrorfsMount(cli, vol, mnt)
     m.mkfs(f"{max(512, 8 * mib)}M", "--checkpoint-space", "40")
-    m.mount()
     size = mib * MiB
+
+    def read(p: str) -> float:
+        with open(p, "rb", buffering=0) as f:
+            t0 = time.perf_counter()
+            while f.read(MiB):
+                pass
+            return size / (time.perf_counter() - t0) / MiB
+
+    live = cko = 0.0
     try:
+        m.mount()
         path = os.path.join(mnt, "f")
         with open(path, "wb") as f:
             f.write(os.urandom(size))
@@ -134,21 +144,14 @@ def bench_fuse_read(root: str, mib: int) -> dict[str, float]:
         with open(path, "r+b") as f:
             f.write(os.urandom(size))
             os.fsync(f.fileno())
-        os.makedirs(ck)
-        cli.run("checkpoint", "mount", vol, "r", ck, timeout=120)
-
-        def read(p: str) -> float:
-            best = 0.0
-            for _ in range(3):
-                with open(p, "rb", buffering=0) as f:
-                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-                    t0 = time.perf_counter()
-                    while f.read(MiB):
-                        pass
-                    best = max(best, size / (time.perf_counter() - t0) / MiB)
-            return best
-
-        live, cko = read(path), read(os.path.join(ck, "f"))
+        m.unmount()
+        for _ in range(3):
+            m.mount()
+            cli.run("checkpoint", "mount", vol, "r", ck, timeout=120)
+            live = max(live, read(path))
+            cko = max(cko, read(os.path.join(ck, "f")))
+            cli.run("umount", ck, timeout=60)
+            m.unmount()
         return {"fuse_read_live_MiBps": live, "fuse_read_ckpt_MiBps": cko, "ratio": cko / live}
     finally:
         if is_mounted(ck):
