@@ -341,3 +341,52 @@ def test_promoted_replica_keeps_its_checkpoints(cluster, tree, ckmounts):
         cleanup(promoted)
     res = fsck(rep.dir)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_failback_resyncs_checkpoints_with_the_data(cluster, ckmounts):
+    """A checkpoints, ships, and the roles switch: B (promoted) makes a checkpoint of its
+    own while A, cut off, made one that B never got. A demoted and resynced holds exactly
+    B's checkpoints (its own lost one is gone with the rest of its diverged writes)."""
+    from tests.repl_util import Replica, free_port, stopped_status
+    from tests.util import Mount, cleanup
+
+    a = cluster.mkfs("a", "128M")
+    b = cluster.replica("b", mount=False)
+    a_src = cluster.mount_source(a, [b.address])
+    with open(os.path.join(a_src.mountpoint, "f"), "wb") as f:
+        f.write(os.urandom(300_000))
+    _cli_ok("checkpoint", "create", a, "shipped")
+    cluster.umount_source(a_src)
+    last = stopped_status(a)["checkpointed_seq"]
+    wait_for(lambda: b.status()["applied_seq"] == last, 30, "B to apply A's last seq")
+    b.stop()
+    # A goes on alone: a write and a checkpoint that B never sees.
+    a_alone = cluster.mount_source(a, mountpoint=cluster.path("a-alone", mkdir=True))
+    with open(os.path.join(a_alone.mountpoint, "f"), "r+b") as f:
+        f.write(os.urandom(100_000))
+    _cli_ok("checkpoint", "create", a, "lost")
+    cluster.umount_source(a_alone)
+    b_source: Mount | None = None
+    try:
+        _cli_ok("promote", b.dir, "--no-mount")
+        b_source = cluster.mount_source(b.dir, mountpoint=cluster.path("b-rw", mkdir=True))
+        root = b_source.mountpoint
+        with open(os.path.join(root, "g"), "wb") as f:
+            f.write(os.urandom(200_000))
+        b_tree = tree_signature(root)
+        _cli_ok("checkpoint", "create", b.dir, "on-b")
+        with open(os.path.join(root, "f"), "r+b") as f:
+            f.write(os.urandom(50_000))
+        _cli_ok("demote", a)
+        ra = Replica(a, free_port(), None)
+        cluster.replicas.append(ra)
+        ra.start()
+        _cli_ok("mirror", b.dir, "--add", ra.address)
+        wait_caught_up(b.dir)
+        assert set(_listing(a)) == {"shipped", "on-b"}
+        mnt = ckmounts.mount(a, "on-b", cluster.path("a-ck"))
+        assert_same_tree(b_tree, tree_signature(mnt))
+        ckmounts.umount(mnt)
+        finish_and_compare(b_source, [ra])
+    finally:
+        cleanup(b_source)
