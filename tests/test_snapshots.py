@@ -259,3 +259,22 @@ def test_rollback_keeps_or_deletes_later_checkpoints(vol_path):
     assert _tree(Filesystem(vol)) == t0
     assert fsck.check(vol).clean
     vol.close()
+
+
+def test_a_view_of_a_deleted_checkpoint_answers_nothing(vol_path):
+    from mirrorfs.store.snapshots import CheckpointGone
+
+    vol = Volume.open(vol_path)
+    fs = Filesystem(vol)
+    _populate(fs)
+    vol.checkpoint_create("gone")
+    _mutate(fs)
+    vol.commit()
+    view = CheckpointView(vol.device.read, vol.sb, "gone")  # as another process has it
+    big = Filesystem(view, read_only=True).lookup(R, b"big")
+    vol.checkpoint_delete("gone")
+    with pytest.raises(CheckpointGone):
+        view.read(0, 1)
+    assert big.size == MiB
+    fs.close()
+    vol.close()

@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from mirrorfs.store.errors import VolumeError
+from mirrorfs.store.errors import VolumeError, VolumeFailed
 from mirrorfs.store.geometry import BITMAP_START, CLIENT_SUPER, VolumeSuper
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,11 @@ TORN_RETRIES = 50
 
 class CheckpointError(VolumeError):
     """A checkpoint operation cannot be done (one line)."""
+
+
+class CheckpointGone(VolumeFailed):
+    """The checkpoint a view reads was deleted (on the source, replicated here): its saved
+    blocks may be reused, so the view answers nothing any more (EIO at the FUSE layer)."""
 
 
 @dataclass(slots=True, frozen=True)
@@ -324,7 +329,7 @@ class CheckpointView:
         if table.generation == self._generation:
             return
         if not any(c.id == self.info.id for c in table.checkpoints or []):
-            raise CheckpointError(f"checkpoint {self.name!r} was deleted")
+            raise CheckpointGone(f"checkpoint {self.name!r} was deleted")
         self._map = chain_map(read_entries(self._read, self.layout, table.high), self.info.id)
         self._generation = table.generation
 
@@ -347,7 +352,9 @@ class CheckpointView:
             self._map = {}
             return self.read(block, count)
         if data is None and len(runs) == 1 and block > CLIENT_SUPER:
-            return self._read(self.layout.start + runs[0][1], count)  # all saved, one run
+            saved = self._read(self.layout.start + runs[0][1], count)  # all saved, one run
+            self._refresh()  # deleted meanwhile: its slots may hold other blocks by now
+            return saved
         if data is None:  # the map cannot shrink: still all saved, in several runs
             out = bytearray(count * bs)
         elif runs or block <= CLIENT_SUPER < end:
@@ -357,6 +364,8 @@ class CheckpointView:
         for b, slot, n in runs:
             off = (b - block) * bs
             out[off : off + n * bs] = self._read(self.layout.start + slot, n)
+        if runs:
+            self._refresh()  # deleted meanwhile: its slots may hold other blocks by now
         if block <= CLIENT_SUPER < end:
             off = (CLIENT_SUPER - block) * bs
             out[off : off + bs] = self._frozen_super
