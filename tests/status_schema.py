@@ -89,6 +89,7 @@ STATUS = {
     "consistent": BOOL,
     "sync_state": STR,
     "archives": list,
+    "checkpoints": list,
     "targets": list,
     "source": (LINK, type(None)),
 }

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mirrorfs import cli
+from mirrorfs import cli, cli_args
 from tests.util import is_mounted, mkfs, needs_fuse, run_cli
 
 
@@ -41,13 +41,13 @@ def assert_one_line_error(proc, *, code: int | None = None, contains: str = "") 
     ],
 )
 def test_parse_size(text, value):
-    assert cli.parse_size(text) == value
+    assert cli_args.parse_size(text) == value
 
 
 @pytest.mark.parametrize("text", ["", "abc", "12Q", "-5M", "0", "0G", "1e9", "M", "1.2.3G"])
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
-        cli.parse_size(text)
+        cli_args.parse_size(text)
 
 
 # -- addresses (pure): one parser, two readings

@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "fuse": 2,
     "node": 3,
     "cli": 4,
+    "cli_args": 4,
     "__main__": 4,
     "mount_helper": 4,
 }

@@ -67,6 +67,10 @@ XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 FALLOC_FL_KEEP_SIZE = 1
 
 
+#: Save-area blocks a metadata change may need (inode, directory, extent, bitmap blocks).
+SAVE_HEADROOM = 16
+
+
 class Filesystem(NamespaceOps):
     """The filesystem on an opened Volume (see the module docstring)."""
 
@@ -154,9 +158,14 @@ class Filesystem(NamespaceOps):
     def _now() -> int:
         return time.time_ns()
 
-    def _writable(self) -> None:
+    def _writable(self, blocks: int = 0) -> None:
         if self.read_only:
             raise FsError(errno.EROFS)
+        # Checkpoints: a change may have to save the old content of every block it
+        # overwrites; refuse it up front (ENOSPC, nothing changed) rather than half-way.
+        room = getattr(self.volume, "save_room", None)
+        if room is not None and not room(blocks + SAVE_HEADROOM):
+            raise FsError(errno.ENOSPC)
 
     def _get(self, ino: int) -> Inode:
         return self.inodes.get(ino)
@@ -379,7 +388,7 @@ class Filesystem(NamespaceOps):
 
     def write(self, ino: int, offset: int | None, data: bytes) -> int:
         """Write ``data`` at ``offset`` (None: at the end); zero-fills a gap past EOF."""
-        self._writable()
+        self._writable(len(data) // self.block_size + 2)
         inode = self._file(ino)
         if offset is None:
             offset = inode.size
@@ -472,10 +481,13 @@ class Filesystem(NamespaceOps):
 
     def statfs(self) -> StatFs:
         alloc = self.volume.allocator
+        # The free part of the checkpoint save area is free but not available to files;
+        # what checkpoints hold there counts as used.
+        spare = getattr(self.volume, "spare_blocks", 0)
         return StatFs(
             block_size=self.block_size,
             blocks=alloc.total,
-            blocks_free=alloc.free_count,
+            blocks_free=alloc.free_count + spare,
             blocks_avail=alloc.free_count,
             files=self.inodes.total,
             files_free=self.inodes.free_count,

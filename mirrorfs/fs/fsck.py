@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from mirrorfs.fs import filedata, inodes, xattrs
 from mirrorfs.fs.directories import DirCorrupt, parse_block
+from mirrorfs.fs.fsck_snapshots import check_checkpoints
 from mirrorfs.fs.layout import FLAG_ORPHAN, INODE_SIZE, ROOT_INO, Inode
 from mirrorfs.store.blockstore import BlockStore
 from mirrorfs.store.volume import BITMAP_START, CLIENT_SUPER
@@ -475,10 +476,13 @@ def check(volume: BlockStore, *, repair: bool = False) -> FsckReport:
     checker, s = _scan(volume)
     report.problems = list(s.problems)
     _fill(report, s)
+    # Checkpoints are reported, never repaired (fs/fsck_snapshots.py).
+    held = check_checkpoints(volume, lambda view: check(view).problems)
+    report.problems += held
     if not repair:
         return report
     if volume.read_only:
-        report.remaining = list(s.problems)
+        report.remaining = list(s.problems) + held
         report.repaired.append("nothing: the volume is open read-only")
         return report
     pending = any(s.inodes[i].nlink == 0 for i in s.orphan_list)
@@ -500,6 +504,6 @@ def check(volume: BlockStore, *, repair: bool = False) -> FsckReport:
             log.exception("fsck: repair failed")
             report.repaired.append(f"repair stopped: {exc}")
             checker, s = _scan(volume)
-    report.remaining = list(s.problems)
+    report.remaining = list(s.problems) + held
     _fill(report, s)
     return report

@@ -77,6 +77,10 @@ def node_status(volume_dir: str) -> dict[str, Any]:
         if "no daemon is running" not in str(exc):
             raise
         raw = _offline_status(volume_dir)
+    from mirrorfs.node.checkpoint_commands import checkpoint_rows
+
+    with contextlib.suppress(Exception):  # a volume being made has no block file yet
+        raw["checkpoints"] = checkpoint_rows(volume_dir)
     return status_document(raw, volume_dir)
 
 

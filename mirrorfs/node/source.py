@@ -57,6 +57,10 @@ class SourceConfig:
     log_argv: tuple[str, ...] = ()
     #: Serve Prometheus metrics here (``--metrics HOST:PORT``; mirrorfs.node.metrics).
     metrics: tuple[str, int] | None = None
+    #: Take a checkpoint every this many seconds (``mount --checkpoint-every``), keeping
+    #: the ``checkpoint_keep`` newest of them (``--checkpoint-keep``; None: all).
+    checkpoint_every: float | None = None
+    checkpoint_keep: int | None = None
 
 
 class SourceNode:
@@ -98,6 +102,8 @@ class SourceNode:
                 "verify": self._cmd_verify,
                 "promote": self._cmd_promote,
                 "switchover": self._cmd_switchover,
+                "checkpoint-create": self._cmd_checkpoint_create,
+                "checkpoint-delete": self._cmd_checkpoint_delete,
             }
             streams = {"events": self.events.stream}
             await nursery.start(serve_control, socket_path(self.volume.path), handlers, streams)
@@ -107,8 +113,24 @@ class SourceNode:
                 await nursery.start(serve_metrics, self.cfg.metrics, self.document)
             for address in self.cfg.mirrors:
                 await self.add(address)
+            if self.cfg.checkpoint_every:
+                from mirrorfs.node.checkpoint_control import schedule
+
+                nursery.start_soon(
+                    schedule, self.volume, self.cfg.checkpoint_every, self.cfg.checkpoint_keep
+                )
             task_status.started()
             await self._watch_fencing()
+
+    async def _cmd_checkpoint_create(self, request: dict[str, Any]) -> dict[str, Any]:
+        from mirrorfs.node.checkpoint_control import create_live
+
+        return await create_live(self.volume, str(request.get("name", "")))
+
+    async def _cmd_checkpoint_delete(self, request: dict[str, Any]) -> dict[str, Any]:
+        from mirrorfs.node.checkpoint_control import delete_live
+
+        return await delete_live(self.volume, str(request.get("name", "")))
 
     async def _watch_fencing(self) -> None:
         """A target that knows a newer epoch fences this source: refuse further writes."""

@@ -271,6 +271,16 @@ def status_document(
         "consistent": raw.get("consistent", raw.get("sync_state", "consistent") == "consistent"),
         "sync_state": str(raw.get("sync_state") or ("consistent" if running else "")),
         "archives": [dict(a) for a in raw.get("archives") or []],
+        "checkpoints": [
+            {
+                "name": str(c["name"]),
+                "seq": int(c["seq"]),
+                "time": float(c["time"]),
+                "held_blocks": int(c["held_blocks"]),
+                "held_bytes": int(c["held_bytes"]),
+            }
+            for c in raw.get("checkpoints") or []
+        ],
         "targets": [],
         "source": None,
     }

@@ -215,6 +215,13 @@ def render_status(doc: dict[str, Any]) -> RenderableType:
             f"{a.get('path')} (epoch {a.get('epoch')}, {a.get('records')} diverged "
             f"transaction(s) after seq {a.get('fork_seq')}){note}",
         )
+    for c in doc.get("checkpoints") or []:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["time"]))
+        _row(
+            grid,
+            "checkpoint",
+            f"{c['name']}: seq {c['seq']}, {when}, holds {fmt_bytes(c['held_bytes'])}",
+        )
     parts.append(grid)
     targets = doc.get("targets") or []
     if len(targets) > 1:

@@ -28,7 +28,7 @@ from mirrorfs.daemon import (
     setup_daemon_logging,
     setup_logging,
 )
-from mirrorfs.store.files import MOUNT_PID_FILE
+from mirrorfs.store.files import MOUNT_PID_FILE, checkpoint_mount_pid_file
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 FSNAME_PREFIX = "mirrorfs:"
 FUSE_TYPE = "fuse.mirrorfs"
 DEFAULT_COMMIT_INTERVAL = 0.5
+#: Percent of a new volume kept as the checkpoint save area (mkfs --checkpoint-space).
+DEFAULT_CHECKPOINT_SPACE = 10.0
 
 
 # -- mkfs
@@ -56,7 +58,13 @@ def cmd_mkfs(args: Any) -> int:
         raise CliError(f"{os.path.dirname(path)}: no such directory")
     inodes = args.inodes if args.inodes else max(64, args.size // args.inode_ratio)
 
-    Volume.create(path, args.size, block_size=bs, force=args.force)
+    Volume.create(
+        path,
+        args.size,
+        block_size=bs,
+        force=args.force,
+        checkpoint_space=args.checkpoint_space / 100,
+    )
     volume = Volume.open(path)
     try:
         Filesystem.format(volume, inode_count=inodes, uid=os.getuid(), gid=os.getgid())
@@ -113,6 +121,8 @@ class MountArgs:
     metrics_insecure: bool = False
     debug: bool = False
     ready_fd: int | None = None
+    checkpoint_every: float | None = None
+    checkpoint_keep: int | None = None
 
 
 def _passthrough_mount_args(args: Any) -> list[str]:
@@ -146,6 +156,10 @@ def _passthrough_mount_args(args: Any) -> list[str]:
         extra += ["--metrics", metrics_argv(args.metrics)]
         if args.metrics_insecure:
             extra.append("--metrics-insecure")
+    if getattr(args, "checkpoint_every", None):
+        extra += ["--checkpoint-every", repr(args.checkpoint_every)]
+    if getattr(args, "checkpoint_keep", None):
+        extra += ["--checkpoint-keep", str(args.checkpoint_keep)]
     if args.debug:
         extra.append("--debug")
     return extra
@@ -292,6 +306,8 @@ def _source_service(args: Any):
         mount_options=tuple(args.options),
         log_argv=tuple(log_arguments(args)),
         metrics=getattr(args, "metrics", None),
+        checkpoint_every=getattr(args, "checkpoint_every", None),
+        checkpoint_keep=getattr(args, "checkpoint_keep", None),
     )
 
     def make(volume, mountpoint):
@@ -345,10 +361,13 @@ def cmd_umount(args: Any) -> int:
     if found is None or found[1] != FUSE_TYPE or not found[0].startswith(FSNAME_PREFIX):
         raise CliError(f"{target} is not a mirrorfs mount")
     volume_dir = found[0][len(FSNAME_PREFIX) :]
+    pid_file = os.path.join(volume_dir, MOUNT_PID_FILE)
+    if "@" in volume_dir and not os.path.isdir(volume_dir):  # DIR@NAME: a checkpoint mount
+        pid_file = checkpoint_mount_pid_file(volume_dir.rsplit("@", 1)[0], target)
     pid = None
     try:
-        with open(os.path.join(volume_dir, MOUNT_PID_FILE)) as f:
-            pid = int(f.read().strip())
+        with open(pid_file) as f:
+            pid = int(f.read().split()[0])
     except (OSError, ValueError):
         log.warning("no pid file in %s: not waiting for the final commit", volume_dir)
 

@@ -322,6 +322,8 @@ class ApplyPath:
         self.checkpointer.restart_clock()
         if hasattr(vol, "allocator"):  # (not yet when Volume.open redoes the group)
             vol.allocator.reload()
+        if vol.snapshots is not None:
+            vol.snapshots.stale = True  # the save area may have changed too
         log.info(
             "%s: resync group applied: %d block(s) and seq %d..%d; consistent at seq %d",
             vol.path,

@@ -36,6 +36,7 @@ from mirrorfs.store.inplace import InPlaceBlocks
 from mirrorfs.store.nodestate import NodeState
 from mirrorfs.store.overlay import BlockOverlay
 from mirrorfs.store.samlog import SamLog
+from mirrorfs.store.snapshot_writer import VolumeCheckpoints
 from mirrorfs.store.txn import Hint, Transaction
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ class VolumeCore:
         self.condition = VolumeCondition()
         self.sb: VolumeSuper
         self.allocator: ExtentAllocator  # set by load_allocator once the superblock is read
+        #: The volume's checkpoints (store/snapshot_writer.py), set with the allocator.
+        self.snapshots: VolumeCheckpoints | None = None
         self._lock_fd = lock_fd
         # Store-internal state shared with the two paths. The open transaction is filled by
         # ``write``/``hint`` and handed over only by ``WritePath.seal``.
@@ -189,6 +192,27 @@ class VolumeCore:
     def load_allocator(self) -> None:
         """(Re)build the allocator from the bitmap blocks of the current superblock."""
         self.allocator = ExtentAllocator(self, BITMAP_START, self.sb.block_count)
+        self.snapshots = VolumeCheckpoints(
+            self, lambda b, d: self._overlay.put(b, d), lambda: self.allocator.free_count
+        )
+
+    def save_room(self, blocks: int) -> bool:
+        """Whether the save area can take ``blocks`` more saved copies (always, without
+        checkpoints): the filesystem refuses a change up front when it cannot."""
+        snaps = self.snapshots
+        if snaps is None or not (snaps.stale or snaps.table.checkpoints):
+            return True
+        snaps.refresh()
+        return not snaps.table.checkpoints or snaps.free_slot_count >= blocks
+
+    @property
+    def spare_blocks(self) -> int:
+        """Free blocks of the checkpoint save area (statfs counts them free, not available)."""
+        snaps = self.snapshots
+        if snaps is None:
+            return 0
+        snaps.refresh()  # a target: the save area may have changed under it
+        return snaps.free_slot_count
 
     def refresh_allocator(self, runs: list[tuple[int, bytes]]) -> None:
         """Keep the allocator in step with bitmap blocks written underneath it (not
@@ -197,10 +221,13 @@ class VolumeCore:
         if alloc is None:  # an initial sync still copying: loaded by reload_geometry
             return
         bs = self.block_size
+        sb = self.sb
         for start, data in runs:
             n = len(data) // bs
-            if self.sb.is_bitmap_run(start, n):
+            if sb.is_bitmap_run(start, n):
                 alloc.refresh_blocks(start, n)  # (it rereads only the bitmap blocks)
+            if self.snapshots is not None and sb.is_save_area_run(start, n):
+                self.snapshots.stale = True  # reread at its next use
 
     # -- the choke point
     def read(self, block: int, count: int = 1) -> bytes:
@@ -225,6 +252,9 @@ class VolumeCore:
             raise ValueError(f"write of {n} bytes is not a whole number of blocks")
         if block < 0 or block + n // self.block_size > self.block_count:
             raise ValueError(f"write of blocks {block}+{n // self.block_size} outside the volume")
+        snaps = self.snapshots
+        if snaps is not None and (snaps.stale or snaps.table.checkpoints):
+            snaps.before_write(block, n // self.block_size)  # copy-on-first-write
         self._overlay.put(block, data)
 
     def hint(self, hint: Hint) -> None:
@@ -238,7 +268,21 @@ class VolumeCore:
 
     def defer_in_place(self, seq: int, runs: list[tuple[int, bytes]]) -> None:
         """Hand committed transaction ``seq`` to the flusher (no I/O; reads see it)."""
+        if self.device.has_backlog and self._creates_checkpoint(runs):
+            # A checkpoint mount in another process may open the new checkpoint as soon as
+            # its record is in place: every earlier transaction must be there before it.
+            self.device.flush()
         self.device.defer(seq, runs)
+
+    def _creates_checkpoint(self, runs: list[tuple[int, bytes]]) -> bool:
+        """Whether ``runs`` write a frozen client superblock (only a checkpoint's creation
+        does; store/snapshots.py)."""
+        snaps = self.snapshots
+        lay = snaps.layout if snaps is not None else None
+        if lay is None:
+            return False
+        bs = self.block_size
+        return any(s < lay.table and s + len(d) // bs > lay.frozen_start for s, d in runs)
 
     def flush_in_place(self) -> None:
         """Write every deferred block in place now (no fsync): for readers of the raw

@@ -27,6 +27,8 @@ SYNC_MARK_FILE = ".synced"
 
 # kept beside the volume by the process that serves it
 MOUNT_PID_FILE = "mount.pid"
+#: One pid file per checkpoint mount: DIR/checkpoint-mounts/<key of the mountpoint>.pid
+CHECKPOINT_MOUNTS_DIR = "checkpoint-mounts"
 REPLICA_PID_FILE = "replica.pid"
 DAEMON_LOG_FILE = "mirrorfs.log"
 CONTROL_SOCKET = "control.sock"
@@ -78,3 +80,11 @@ def atomic_write(
     os.replace(tmp, path)
     if durable:
         fsync_dir(os.path.dirname(path) or ".")
+
+
+def checkpoint_mount_pid_file(volume_dir: str, mountpoint: str) -> str:
+    """Where the checkpoint mount at ``mountpoint`` of ``volume_dir`` keeps its pid file."""
+    import hashlib
+
+    key = hashlib.sha1(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
+    return os.path.join(volume_dir, CHECKPOINT_MOUNTS_DIR, key + ".pid")

@@ -5,6 +5,8 @@ Block file layout (block size B)::
     0               volume superblock (``VolumeSuper``)
     1               client superblock, reserved for the filesystem layer (``CLIENT_SUPER``)
     2 .. 2+nb-1     block allocation bitmap, one bit per block (``ExtentAllocator``)
+    2+nb .. +sa-1   the checkpoint save area (``save_area_*``, may be empty; marked used;
+                    ``store/snapshots.py``)
     the rest        handed out by ``Volume.allocator``
 """
 
@@ -79,6 +81,13 @@ class VolumeSuper:
         if f[6] != BITMAP_START or f[8] != CLIENT_SUPER:
             raise VolumeError(f"{where}: damaged superblock (bad layout)")
         return cls(f[3], f[4], f[5], f[7], f[9], f[10])
+
+    def is_save_area_run(self, start: int, nblocks: int) -> bool:
+        """Whether blocks ``start .. start+nblocks-1`` overlap the checkpoint save area."""
+        end = self.save_area_start + self.save_area_blocks
+        return (
+            bool(self.save_area_blocks) and start < end and start + nblocks > self.save_area_start
+        )
 
     def is_bitmap_run(self, start: int, nblocks: int) -> bool:
         """Whether blocks ``start .. start+nblocks-1`` overlap the allocation bitmap."""

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from mirrorfs.store.allocator import ExtentAllocator
@@ -48,7 +49,17 @@ from mirrorfs.store.geometry import (
 from mirrorfs.store.holes import accept_loss, checkpoint_hole
 from mirrorfs.store.nodestate import NodeState
 from mirrorfs.store.samlog import SamLog
+from mirrorfs.store.snapshot_writer import VolumeCheckpoints
+from mirrorfs.store.snapshots import (
+    CheckpointError,
+    CheckpointInfo,
+    CheckpointView,
+    SaveLayout,
+    chain_map,
+    save_area_blocks_for,
+)
 from mirrorfs.store.staging import remove_stages
+from mirrorfs.store.txn import Hint
 from mirrorfs.store.writepath import WritePath
 
 log = logging.getLogger(__name__)
@@ -125,12 +136,19 @@ class Volume(VolumeCore):
     # -- creation
     @classmethod
     def create(
-        cls, path: str, size_bytes: int, *, block_size: int = 4096, force: bool = False
+        cls,
+        path: str,
+        size_bytes: int,
+        *,
+        block_size: int = 4096,
+        force: bool = False,
+        checkpoint_space: float = 0.0,
     ) -> None:
         """Make a new volume directory at ``path`` (refuses an existing volume unless force).
 
         Every block of a new volume reads as zeros (a fresh sparse file); formatting relies
-        on that instead of writing zero blocks.
+        on that instead of writing zero blocks. ``checkpoint_space`` is the fraction of the
+        volume reserved as the checkpoint save area (0: the volume takes no checkpoints).
         """
         if block_size not in BLOCK_SIZES:
             raise VolumeError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}")
@@ -155,11 +173,15 @@ class Volume(VolumeCore):
             state = NodeState(volume_uuid=vuuid.hex(), block_size=block_size)
             state.save(path)
             sb = VolumeSuper.new(vuuid, block_size, block_count)
+            save = save_area_blocks_for(block_count, checkpoint_space)
+            if save:
+                sb.save_area_start, sb.save_area_blocks = BITMAP_START + sb.bitmap_blocks, save
+                if SaveLayout.of(sb) is None or save > block_count // 2:
+                    raise VolumeError("checkpoint space must be a small part of the volume")
             vol = cls._open_locked(path, lock_fd, read_only=False, fresh=sb)
             vol.write(0, sb.pack())
-            ExtentAllocator.format(
-                vol, BITMAP_START, block_count, used=[(0, BITMAP_START + sb.bitmap_blocks)]
-            )
+            reserved = BITMAP_START + sb.bitmap_blocks + sb.save_area_blocks
+            ExtentAllocator.format(vol, BITMAP_START, block_count, used=[(0, reserved)])
             vol.commit()
             vol.load_allocator()
             vol.close()
@@ -348,6 +370,82 @@ class Volume(VolumeCore):
     def checkpoint(self) -> None:
         """Make the block file durable up to the last commit and retire log segments."""
         self.checkpointer.checkpoint()
+
+    # -- checkpoints (snapshots: store/snapshots.py), for a volume not being served
+    def checkpoint_create(self, name: str) -> CheckpointInfo:
+        """Commit, then make checkpoint ``name`` of that state as its own transaction.
+
+        The block file is brought up to date before and after (see INTERNALS.md: a reader
+        in another process must find every block of the checkpoint in place once it can
+        see the checkpoint's table record)."""
+        snaps = self._snapshots()
+        self.commit()
+        self.flush_in_place()
+        info = snaps.create(name)
+        self.commit()
+        self.flush_in_place()
+        return info
+
+    def checkpoint_delete(self, name: str) -> int:
+        """Delete checkpoint ``name`` as a transaction; the save blocks freed."""
+        snaps = self._snapshots()
+        snaps.find(name)
+        self.commit()
+        freed = snaps.delete(name)
+        self.commit()
+        self.flush_in_place()
+        return freed
+
+    def checkpoint_rollback(
+        self,
+        name: str,
+        *,
+        delete_later: bool = False,
+        hints: Callable[[bytes, list[int]], list[Hint]] | None = None,
+    ) -> int:
+        """Return the volume to checkpoint ``name``, as ONE transaction: every block the
+        checkpoint saved gets its saved content back, block 1 its frozen copy (so the block
+        bitmap too: what was allocated since is free again). Later checkpoints are kept
+        (their own saves are made as for any write) unless ``delete_later``. ``hints(fs
+        superblock, blocks)`` names the inodes the rewritten blocks hold, for the targets'
+        caches. Returns the number of blocks rewritten."""
+        snaps = self._snapshots()
+        info = snaps.find(name)
+        self.commit()
+        if delete_later:
+            for later in reversed([c for c in snaps.checkpoints if c.id > info.id]):
+                snaps.delete(later.name)
+                self.commit()
+        view = self.checkpoint_view(name)
+        blocks = sorted(chain_map(snaps.entries, info.id))
+        for block in blocks:
+            self.write(block, view.read(block, 1))
+        frozen = view.read(CLIENT_SUPER, 1)
+        self.write(CLIENT_SUPER, frozen)
+        for h in hints(frozen, blocks) if hints is not None else ():
+            self.hint(h)
+        self.commit()
+        self.flush_in_place()
+        self.load_allocator()  # the bitmap was rewritten underneath the allocator
+        log.info("rolled back to checkpoint %r (seq %d): %d blocks", name, info.seq, len(blocks))
+        return len(blocks) + 1
+
+    def checkpoint_view(self, name: str) -> CheckpointView:
+        """Checkpoint ``name`` as a read-only block store over this open volume."""
+        snaps = self.snapshots
+
+        def read(block: int, count: int) -> bytes:
+            if snaps is not None:
+                snaps.flush_pending()  # the map as it is now, open transaction included
+            return self.read(block, count)
+
+        return CheckpointView(read, self.sb, name)
+
+    def _snapshots(self) -> VolumeCheckpoints:
+        if self.read_only or self.state.role != "source":
+            raise CheckpointError(f"{self.path}: checkpoints are made and deleted on the source")
+        assert self.snapshots is not None
+        return self.snapshots
 
     def close(self) -> None:
         """Commit what is open, checkpoint, release the lock."""

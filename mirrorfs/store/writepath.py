@@ -164,6 +164,8 @@ class WritePath:
         if vol.condition.frozen:
             return None
         vol.check_usable()
+        if vol.snapshots is not None:
+            vol.snapshots.flush_pending()  # checkpoints' map and table, once per transaction
         self._sealed_seq = max(self._sealed_seq, vol.last_seq) + 1
         txn = Transaction(
             seq=self._sealed_seq,
