@@ -20,6 +20,7 @@ from mirrorfs.store.samlog import SamLog
 from mirrorfs.store.segments import segment_name
 from mirrorfs.store.txn import Hint, HintKind, Transaction
 from mirrorfs.store.volume import Volume
+from tests.log_util import crash
 
 # A repair that gives up seqs says so at ERROR: expected in every test here that repairs.
 pytestmark = pytest.mark.log_expected(r"repair (accepted a hole|cut the log)")
@@ -47,13 +48,6 @@ def written_log(path: Path, n: int, *, synced: int) -> SamLog:
         if s == synced:
             log.sync()
     return log
-
-
-def crash(log: SamLog) -> None:
-    """Stop as a killed process does: what was appended stays (page cache), nothing synced."""
-    os.close(log._fd)
-    log._fd = -1
-    log._mark.close()
 
 
 def offsets(seg: Path) -> dict[int, int]:
@@ -112,14 +106,39 @@ def test_unsynced_tail_torn_by_a_crash_is_no_hole(tmp_path):
     log = open_log(d)
     assert log.last_seq == 6 and log.recovery_report.torn_bytes == 30
     assert not log.recovery_report.repaired
+    assert syncmark.read(d).seq == 5  # 6 was never synced: a crash could have torn it too
     log.close()
-    # One record of slack: a cut inside the last synced record is still taken for torn.
-    log = open_log(d)
-    log.append(txn(7))
+
+
+@pytest.mark.parametrize("left", [0, 1, 10, 40])
+def test_losing_exactly_the_last_acknowledged_record_is_a_hole(tmp_path, left):
+    """No slack: seq 7 was synced (so acknowledged), and a log cut anywhere inside its record
+    (or before it: ``left`` 0) lost it. A crash cannot do that; one record is a loss too."""
+    d = tmp_path / "log"
+    written_log(d, 7, synced=7).close()
+    seg = d / segment_name(1)
+    at = offsets(seg)[7]
+    os.truncate(seg, at + left)
+    before = seg.read_bytes()
+    with pytest.raises(LogHole) as ei:
+        open_log(d)
+    msg = str(ei.value)
+    assert "\n" not in msg and "seq 7..7 were durable" in msg, msg
+    assert f"offset {at} of segment {seg.name} after seq 6" in msg, msg
+    assert (ei.value.first, ei.value.last) == (7, 7)
+    assert seg.read_bytes() == before
+    log = open_log(d, repair=True)
+    assert log.last_seq == 6 and "gave up seq 7..7" in log.recovery_report.describe()
     log.close()
-    os.truncate(seg, offsets(seg)[7] + 10)
-    log = open_log(d)
-    assert log.last_seq == 6 and log.recovery_report.torn_bytes == 10
+    # The same cut of a record that was never synced is a torn tail (the crash's own).
+    d2 = tmp_path / "crashed"
+    log = written_log(d2, 7, synced=6)
+    crash(log)
+    seg2 = d2 / segment_name(1)
+    os.truncate(seg2, offsets(seg2)[7] + left)
+    log = open_log(d2)
+    assert log.last_seq == 6 and log.recovery_report.torn_bytes == left
+    assert not log.recovery_report.repaired
     log.close()
 
 
@@ -134,6 +153,21 @@ def test_sync_mark_of_an_older_generation_says_nothing(tmp_path):
     log.append(txn(3))
     log.close()
     assert syncmark.read(d).seq == 3
+
+
+def test_a_new_log_forgets_a_stale_sync_mark(tmp_path):
+    """A log made in a directory that still holds a mark (the segments of an old log were
+    removed, the mark left): the mark named seqs of that log, not of this one."""
+    d = tmp_path / "log"
+    written_log(d, 6, synced=6).close()
+    for seg in d.glob("*.seg"):
+        seg.unlink()
+    assert syncmark.read(d).seq == 6
+    SamLog.create(d, volume_uuid=UUID, block_size=BS)
+    assert syncmark.read(d) is None
+    log = open_log(d)
+    assert log.last_seq == 0 and log.recovery_report.describe() == "clean"
+    log.close()
 
 
 def test_sequence_gap_inside_a_segment_is_a_hole(tmp_path):
