@@ -14,6 +14,7 @@ import pytest
 from mirrorfs.fs import fsck
 from mirrorfs.fs.filesystem import ROOT_INO, Filesystem
 from mirrorfs.store import record, syncmark
+from mirrorfs.store.archive import archive_hole, read_archive
 from mirrorfs.store.errors import LogHole
 from mirrorfs.store.files import LOG_DIR, NODE_FILE
 from mirrorfs.store.samlog import SamLog
@@ -323,3 +324,74 @@ def test_replica_repair_cuts_its_log_and_leaves_its_blocks_to_the_source(vol_pat
         assert vol.state.epochs == [[1, 1]]  # the source owns the epoch history
     finally:
         vol.close()
+
+
+# -- what a replica's cut would throw away: the valid records after the hole
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("damage", ["bad record", "segment missing"])
+def test_archive_hole_keeps_the_valid_records_that_the_cut_removes(tmp_path, damage):
+    d = tmp_path / LOG_DIR
+    SamLog.create(d, volume_uuid=UUID, block_size=BS)
+    log = open_log(d, segment_bytes=4096)
+    for s in range(1, 16):
+        log.append(txn(s))
+    log.close()
+    names = sorted(n.name for n in d.glob("*.seg"))
+    assert len(names) >= 3, names
+    if damage == "bad record":  # in the last segment (a sealed one is checked by its seal)
+        seg = d / names[-1]
+        lost = int(names[-1][:20]) + 1
+        at = offsets(seg)[lost]
+        flip(seg, at + 60)
+        where, kept = (names[-1], at), list(range(lost + 1, 16))
+    else:  # the middle segment is gone: the next one starts past the end of the first
+        os.unlink(d / names[1])
+        lost = int(names[1][:20])
+        where, kept = (names[2], 0), list(range(int(names[2][:20]), 16))
+    with pytest.raises(LogHole) as ei:
+        open_log(d, segment_bytes=4096)
+    hole = ei.value
+    assert (hole.first, hole.segment, hole.offset) == (lost, *where)
+    info = archive_hole(
+        str(tmp_path), hole, volume_uuid=UUID.hex(), node_id="n1", epoch=1, block_size=BS
+    )
+    assert info is not None
+    assert Path(info.path).name == f"hole-epoch1-seq{lost}-{hole.last}.samlog"
+    assert (info.kind, info.records, info.first_seq, info.last_seq) == (
+        "hole",
+        len(kept),
+        kept[0],
+        15,
+    )
+    meta, recs = read_archive(info.path, block_size=BS)
+    assert meta["kind"] == "hole" and meta["fork_seq"] == lost - 1
+    assert hole.detail in meta["note"]
+    assert [s for s, _ in recs] == kept
+    for s, rec in recs:  # verbatim: each one is the transaction that was logged
+        assert record.decode_txn(rec, block_size=BS).runs == txn(s).runs
+    log = open_log(d, repair=True, segment_bytes=4096)  # the cut, as the replica then does
+    assert log.last_seq == lost - 1
+    log.close()
+    assert read_archive(info.path, block_size=BS)[1] == recs  # the archive outlives it
+
+
+def test_archive_hole_of_a_log_cut_short_holds_nothing(tmp_path):
+    d = tmp_path / LOG_DIR
+    written_log(d, 6, synced=6).close()
+    seg = d / segment_name(1)
+    os.truncate(seg, offsets(seg)[4] + 20)  # nothing valid after the cut: nothing to keep
+    with pytest.raises(LogHole) as ei:
+        open_log(d)
+    info = archive_hole(
+        str(tmp_path), ei.value, volume_uuid=UUID.hex(), node_id="n1", epoch=1, block_size=BS
+    )
+    assert info is None and not (tmp_path / "archive").exists()

@@ -6,7 +6,7 @@ import os
 
 from mirrorfs.store import record
 from tests.log_util import unsync
-from tests.util import cleanup, kill_mount, mkfs, mount, needs_fuse, run_cli
+from tests.util import cleanup, kill_mount, mkfs, mount, needs_fuse, run_cli, umount
 
 pytestmark = needs_fuse
 
@@ -110,9 +110,13 @@ def test_losing_the_last_acknowledged_record_is_refused(tmp_path):
     seg = os.path.join(logdir, sorted(os.listdir(logdir))[-1])
     off, seq = record_offsets(seg)[-1]
     os.truncate(seg, os.path.getsize(seg) - 7)
-    res = run_cli("mount", vol, mnt)
-    err = res.stderr.strip()
-    assert res.returncode == 1 and not os.path.ismount(mnt), res.stdout + res.stderr
+    try:
+        res = run_cli("mount", vol, mnt)
+        err = res.stderr.strip()
+        assert res.returncode == 1 and not os.path.ismount(mnt), res.stdout + res.stderr
+    finally:
+        if os.path.ismount(mnt):  # (mounted after all: the test fails, and cleans up)
+            umount(mnt)
     assert "Traceback" not in err and len(err.splitlines()) == 1, err
     assert f"seq {seq}..{seq} were durable" in err, err
     assert f"offset {off} of segment {os.path.basename(seg)}" in err, err

@@ -115,9 +115,14 @@ def format_status(volume_dir: str, st: dict[str, Any]) -> str:
         node = f" (node {st['source_node_id']})" if st.get("source_node_id") else ""
         lines.append(f"  source: {st['source_address']}{node}, {heard}")
     for a in st.get("archives") or []:
+        n, after = a.get("records"), a.get("fork_seq") or 0
+        what = (
+            f"{n} valid transaction(s) cut with a hole at seq {after + 1}"
+            if a.get("kind") == "hole"
+            else f"{n} diverged transaction(s) after seq {after}"
+        )
         lines.append(
-            f"  archive: {a.get('path')} (epoch {a.get('epoch')}, {a.get('records')} diverged "
-            f"transaction(s) after seq {a.get('fork_seq')})"
+            f"  archive: {a.get('path')} (epoch {a.get('epoch')}, {what})"
             + (f": {a['note']}" if a.get("note") else "")
         )
     for t in st.get("targets", []):

@@ -17,6 +17,8 @@ kernel's caches are dropped afterwards, from a worker thread.
 A replica whose own log has a hole (acknowledged seqs missing, store/logrecovery.py) cuts
 it there and is not consistent again before its source has resent them
 (``open_replica_volume``, store/holes.py): it is neither mounted nor promoted meanwhile.
+The valid records after the hole are archived first (``DIR/archive/hole-...``,
+store/archive.py), named in the warning and in status.
 
 An initial sync replaces the volume's own files in DIR (``Volume.create_replica``: blocks,
 log, node.json) and leaves the daemon's; ``_on_created`` still checks that the control
@@ -42,6 +44,7 @@ from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.receiver import Receiver
 from mirrorfs.repl.tls import TlsConfig, accept, peer_address
 from mirrorfs.repl.wire import Switchover, SwitchoverDone, SwitchoverResult
+from mirrorfs.store.archive import archive_hole
 from mirrorfs.store.errors import LogHole
 from mirrorfs.store.files import (
     BLOCK_FILE,
@@ -134,17 +137,43 @@ def open_replica_volume(path: str) -> Volume | None:
     try:
         return Volume.open(path)
     except LogHole as hole:
-        # Acknowledged seqs are missing from its own log: cut it at the hole, and stay
-        # unserved (not consistent, store/holes.py) until the source has resent them.
-        log.warning(
-            "%s: the replica's SAM log has a hole: %s; the log is cut there and the replica "
-            "asks its source for seq %d on; it is not served before seq %d is applied again",
-            path,
-            hole.detail,
-            hole.first,
-            hole.last or hole.first,
-        )
-        return Volume.open(path, repair_log=True)
+        return _cut_at_hole(path, state, hole)
+
+
+def _cut_at_hole(path: str, state: NodeState, hole: LogHole) -> Volume:
+    """Acknowledged seqs are missing from the replica's own log: archive the valid records
+    after the hole (the cut would throw them away), cut the log there, and stay unserved
+    (not consistent, store/holes.py) until the source has resent them."""
+    info = archive_hole(
+        path,
+        hole,
+        volume_uuid=state.volume_uuid,
+        node_id=state.node_id,
+        epoch=state.epoch,
+        block_size=state.block_size,
+    )
+    kept = (
+        f"the {info.records} valid record(s) after it (seq {info.first_seq}..{info.last_seq}) "
+        f"are archived in {info.path}"
+        if info is not None
+        else "no valid record follows it"
+    )
+    log.warning(
+        "%s: the replica's SAM log has a hole: %s; %s; the log is cut there and the replica "
+        "asks its source for seq %d on; it is not served before seq %d is applied again",
+        path,
+        hole.detail,
+        kept,
+        hole.first,
+        hole.last or hole.first,
+    )
+    vol = Volume.open(path, repair_log=True)
+    if info is not None:  # named in node.json, so status shows it (as a diverged archive)
+        entry = info.as_dict()
+        st = vol.state
+        st.archives = [a for a in st.archives if a.get("path") != info.path] + [entry]
+        st.save(path)
+    return vol
 
 
 @dataclass(slots=True)
