@@ -395,3 +395,37 @@ def test_archive_hole_of_a_log_cut_short_holds_nothing(tmp_path):
         str(tmp_path), ei.value, volume_uuid=UUID.hex(), node_id="n1", epoch=1, block_size=BS
     )
     assert info is None and not (tmp_path / "archive").exists()
+
+
+def test_replica_archives_before_it_cuts_and_refuses_when_it_cannot(vol_path):
+    from mirrorfs.node.replica import ReplicaError, open_replica_volume
+
+    recs = files_then_crash(vol_path, 12)
+    node = Path(vol_path, NODE_FILE)
+    state = json.loads(node.read_text())
+    state["role"] = "target"
+    node.write_text(json.dumps(state))
+    seg = sorted(Path(vol_path, LOG_DIR).glob("*.seg"))[-1]
+    buf = seg.read_bytes()
+    (off, seq), (nxt, _) = recs[5], recs[6]
+    seg.write_bytes(buf[:off] + buf[nxt:])  # seq taken out: the ones after it are valid
+    last = recs[-1][1]
+    before = seg.read_bytes()
+    Path(vol_path, "archive").write_text("in the way")  # the archive cannot be made
+    with pytest.raises(ReplicaError) as ei:
+        open_replica_volume(vol_path)
+    msg = str(ei.value)
+    assert "\n" not in msg and "has a hole" in msg and "cannot be archived" in msg, msg
+    assert seg.read_bytes() == before  # nothing cut that was not kept first
+    os.unlink(Path(vol_path, "archive"))
+    vol = open_replica_volume(vol_path)
+    try:
+        assert vol.last_seq == seq - 1 and not vol.consistent
+        (entry,) = vol.state.archives
+        assert entry["kind"] == "hole" and entry["records"] == last - seq
+        assert Path(entry["path"]).name == f"hole-epoch1-seq{seq}-{last}.samlog"
+    finally:
+        vol.close()
+    _, records = read_archive(entry["path"], block_size=vol.block_size)
+    assert [s for s, _ in records] == list(range(seq + 1, last + 1))
+    assert json.loads(node.read_text())["archives"] == [entry]  # what status shows

@@ -144,14 +144,21 @@ def _cut_at_hole(path: str, state: NodeState, hole: LogHole) -> Volume:
     """Acknowledged seqs are missing from the replica's own log: archive the valid records
     after the hole (the cut would throw them away), cut the log there, and stay unserved
     (not consistent, store/holes.py) until the source has resent them."""
-    info = archive_hole(
-        path,
-        hole,
-        volume_uuid=state.volume_uuid,
-        node_id=state.node_id,
-        epoch=state.epoch,
-        block_size=state.block_size,
-    )
+    try:
+        info = archive_hole(
+            path,
+            hole,
+            volume_uuid=state.volume_uuid,
+            node_id=state.node_id,
+            epoch=state.epoch,
+            block_size=state.block_size,
+        )
+    except OSError as exc:  # nothing is cut that could not be kept first
+        raise ReplicaError(
+            f"{path}: the replica's SAM log has a hole: {hole.detail}; the valid records "
+            f"after it cannot be archived before the log is cut there: {exc.strerror or exc} "
+            f"(mirrorfs fsck --repair {path} cuts it without archiving them)"
+        ) from None
     kept = (
         f"the {info.records} valid record(s) after it (seq {info.first_seq}..{info.last_seq}) "
         f"are archived in {info.path}"
