@@ -15,7 +15,7 @@ from mirrorfs.fs import fsck
 from mirrorfs.fs.filesystem import ROOT_INO, Filesystem
 from mirrorfs.store import record, syncmark
 from mirrorfs.store.archive import archive_hole, read_archive
-from mirrorfs.store.errors import LogHole
+from mirrorfs.store.errors import LogError, LogHole
 from mirrorfs.store.files import LOG_DIR, NODE_FILE
 from mirrorfs.store.samlog import SamLog
 from mirrorfs.store.segments import segment_name
@@ -429,3 +429,26 @@ def test_replica_archives_before_it_cuts_and_refuses_when_it_cannot(vol_path):
     _, records = read_archive(entry["path"], block_size=vol.block_size)
     assert [s for s, _ in records] == list(range(seq + 1, last + 1))
     assert json.loads(node.read_text())["archives"] == [entry]  # what status shows
+
+
+def test_a_failed_fdatasync_is_never_followed_by_a_mark(tmp_path, monkeypatch):
+    """After an fdatasync error, Linux may have dropped the pages that failed and a second
+    fdatasync succeeds without them: the log must not name those records durable then."""
+    import errno
+
+    d = tmp_path / "log"
+    log = written_log(d, 4, synced=3)
+    real = os.fdatasync
+
+    def fail(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fail)  # (the kernel's error, which cannot be caused)
+    with pytest.raises(OSError):
+        log.sync()
+    monkeypatch.setattr(os, "fdatasync", real)
+    with pytest.raises(LogError, match="failed after an I/O error"):
+        log.append(txn(5))
+    log.sync()
+    log.close()  # (a close syncs: not after a failure)
+    assert syncmark.read(d).seq == 3

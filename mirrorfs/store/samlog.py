@@ -223,8 +223,14 @@ class SamLog:
         # The seq to mark is read before the fdatasync, as the count is: only records whose
         # write returned before it began are named durable (store/syncmark.py).
         appended, fd, seq = self._appended, self._fd, self.last_seq
-        if fd >= 0 and appended != self._synced:
-            os.fdatasync(fd)
+        if fd >= 0 and appended != self._synced and not self._failed:
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                # Linux may drop the pages that failed and report the error once: a later
+                # fdatasync would succeed without them. Nothing here is marked durable again.
+                self._failed = True
+                raise
             self._synced = appended
             self._mark_synced(seq)
 
