@@ -22,9 +22,10 @@ Why recovery allows no slack (a log that ends even one record short of its mark 
   then is never named; after an fdatasync that failed, the log marks nothing again (a
   later one could succeed without the pages the kernel dropped); a SEAL's fsync covers
   its whole segment, and a segment is created (durably: tmp, fsync, rename, fsync of the
-  directory) only after the one before it was sealed. The mark itself is not fsynced: after a power loss it may be OLDER than the log
-  (an unseen hole at worst, what recovery did before the mark existed), never newer: its
-  newer content did not exist before the data it names was durable.
+  directory) only after the one before it was sealed. The mark itself is not fsynced:
+  after a power loss it may be OLDER than the log (an unseen hole at worst, what recovery
+  did before the mark existed), never newer: its newer content did not exist before the
+  data it names was durable.
 - A killed process loses nothing durable; a power loss loses only what no fsync covered.
   Either leaves the log ending at or past the mark, and the torn record (if any) is one
   that no mark named. Recovery then fsyncs the last segment as it found it (the tail a
