@@ -14,12 +14,14 @@ import pytest
 from mirrorfs.fs import fsck
 from mirrorfs.fs.filesystem import ROOT_INO, Filesystem
 from mirrorfs.store import record, syncmark
-from mirrorfs.store.errors import LogHole
+from mirrorfs.store.archive import archive_hole, read_archive
+from mirrorfs.store.errors import LogError, LogHole
 from mirrorfs.store.files import LOG_DIR, NODE_FILE
 from mirrorfs.store.samlog import SamLog
 from mirrorfs.store.segments import segment_name
 from mirrorfs.store.txn import Hint, HintKind, Transaction
 from mirrorfs.store.volume import Volume
+from tests.log_util import crash
 
 # A repair that gives up seqs says so at ERROR: expected in every test here that repairs.
 pytestmark = pytest.mark.log_expected(r"repair (accepted a hole|cut the log)")
@@ -47,13 +49,6 @@ def written_log(path: Path, n: int, *, synced: int) -> SamLog:
         if s == synced:
             log.sync()
     return log
-
-
-def crash(log: SamLog) -> None:
-    """Stop as a killed process does: what was appended stays (page cache), nothing synced."""
-    os.close(log._fd)
-    log._fd = -1
-    log._mark.close()
 
 
 def offsets(seg: Path) -> dict[int, int]:
@@ -112,14 +107,39 @@ def test_unsynced_tail_torn_by_a_crash_is_no_hole(tmp_path):
     log = open_log(d)
     assert log.last_seq == 6 and log.recovery_report.torn_bytes == 30
     assert not log.recovery_report.repaired
+    assert syncmark.read(d).seq == 5  # 6 was never synced: a crash could have torn it too
     log.close()
-    # One record of slack: a cut inside the last synced record is still taken for torn.
-    log = open_log(d)
-    log.append(txn(7))
+
+
+@pytest.mark.parametrize("left", [0, 1, 10, 40])
+def test_losing_exactly_the_last_acknowledged_record_is_a_hole(tmp_path, left):
+    """No slack: seq 7 was synced (so acknowledged), and a log cut anywhere inside its record
+    (or before it: ``left`` 0) lost it. A crash cannot do that; one record is a loss too."""
+    d = tmp_path / "log"
+    written_log(d, 7, synced=7).close()
+    seg = d / segment_name(1)
+    at = offsets(seg)[7]
+    os.truncate(seg, at + left)
+    before = seg.read_bytes()
+    with pytest.raises(LogHole) as ei:
+        open_log(d)
+    msg = str(ei.value)
+    assert "\n" not in msg and "seq 7..7 were durable" in msg, msg
+    assert f"offset {at} of segment {seg.name} after seq 6" in msg, msg
+    assert (ei.value.first, ei.value.last) == (7, 7)
+    assert seg.read_bytes() == before
+    log = open_log(d, repair=True)
+    assert log.last_seq == 6 and "gave up seq 7..7" in log.recovery_report.describe()
     log.close()
-    os.truncate(seg, offsets(seg)[7] + 10)
-    log = open_log(d)
-    assert log.last_seq == 6 and log.recovery_report.torn_bytes == 10
+    # The same cut of a record that was never synced is a torn tail (the crash's own).
+    d2 = tmp_path / "crashed"
+    log = written_log(d2, 7, synced=6)
+    crash(log)
+    seg2 = d2 / segment_name(1)
+    os.truncate(seg2, offsets(seg2)[7] + left)
+    log = open_log(d2)
+    assert log.last_seq == 6 and log.recovery_report.torn_bytes == left
+    assert not log.recovery_report.repaired
     log.close()
 
 
@@ -134,6 +154,21 @@ def test_sync_mark_of_an_older_generation_says_nothing(tmp_path):
     log.append(txn(3))
     log.close()
     assert syncmark.read(d).seq == 3
+
+
+def test_a_new_log_forgets_a_stale_sync_mark(tmp_path):
+    """A log made in a directory that still holds a mark (the segments of an old log were
+    removed, the mark left): the mark named seqs of that log, not of this one."""
+    d = tmp_path / "log"
+    written_log(d, 6, synced=6).close()
+    for seg in d.glob("*.seg"):
+        seg.unlink()
+    assert syncmark.read(d).seq == 6
+    SamLog.create(d, volume_uuid=UUID, block_size=BS)
+    assert syncmark.read(d) is None
+    log = open_log(d)
+    assert log.last_seq == 0 and log.recovery_report.describe() == "clean"
+    log.close()
 
 
 def test_sequence_gap_inside_a_segment_is_a_hole(tmp_path):
@@ -289,3 +324,131 @@ def test_replica_repair_cuts_its_log_and_leaves_its_blocks_to_the_source(vol_pat
         assert vol.state.epochs == [[1, 1]]  # the source owns the epoch history
     finally:
         vol.close()
+
+
+# -- what a replica's cut would throw away: the valid records after the hole
+
+
+def flip(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0x10]))
+
+
+@pytest.mark.parametrize("damage", ["bad record", "segment missing"])
+def test_archive_hole_keeps_the_valid_records_that_the_cut_removes(tmp_path, damage):
+    d = tmp_path / LOG_DIR
+    SamLog.create(d, volume_uuid=UUID, block_size=BS)
+    log = open_log(d, segment_bytes=4096)
+    for s in range(1, 16):
+        log.append(txn(s))
+    log.close()
+    names = sorted(n.name for n in d.glob("*.seg"))
+    assert len(names) >= 3, names
+    if damage == "bad record":  # in the last segment (a sealed one is checked by its seal)
+        seg = d / names[-1]
+        lost = int(names[-1][:20]) + 1
+        at = offsets(seg)[lost]
+        flip(seg, at + 60)
+        where, kept = (names[-1], at), list(range(lost + 1, 16))
+    else:  # the middle segment is gone: the next one starts past the end of the first
+        os.unlink(d / names[1])
+        lost = int(names[1][:20])
+        where, kept = (names[2], 0), list(range(int(names[2][:20]), 16))
+    with pytest.raises(LogHole) as ei:
+        open_log(d, segment_bytes=4096)
+    hole = ei.value
+    assert (hole.first, hole.segment, hole.offset) == (lost, *where)
+    info = archive_hole(
+        str(tmp_path), hole, volume_uuid=UUID.hex(), node_id="n1", epoch=1, block_size=BS
+    )
+    assert info is not None
+    assert Path(info.path).name == f"hole-epoch1-seq{lost}-{hole.last}.samlog"
+    assert (info.kind, info.records, info.first_seq, info.last_seq) == (
+        "hole",
+        len(kept),
+        kept[0],
+        15,
+    )
+    meta, recs = read_archive(info.path, block_size=BS)
+    assert meta["kind"] == "hole" and meta["fork_seq"] == lost - 1
+    assert hole.detail in meta["note"]
+    assert [s for s, _ in recs] == kept
+    for s, rec in recs:  # verbatim: each one is the transaction that was logged
+        assert record.decode_txn(rec, block_size=BS).runs == txn(s).runs
+    log = open_log(d, repair=True, segment_bytes=4096)  # the cut, as the replica then does
+    assert log.last_seq == lost - 1
+    log.close()
+    assert read_archive(info.path, block_size=BS)[1] == recs  # the archive outlives it
+
+
+def test_archive_hole_of_a_log_cut_short_holds_nothing(tmp_path):
+    d = tmp_path / LOG_DIR
+    written_log(d, 6, synced=6).close()
+    seg = d / segment_name(1)
+    os.truncate(seg, offsets(seg)[4] + 20)  # nothing valid after the cut: nothing to keep
+    with pytest.raises(LogHole) as ei:
+        open_log(d)
+    info = archive_hole(
+        str(tmp_path), ei.value, volume_uuid=UUID.hex(), node_id="n1", epoch=1, block_size=BS
+    )
+    assert info is None and not (tmp_path / "archive").exists()
+
+
+def test_replica_archives_before_it_cuts_and_refuses_when_it_cannot(vol_path):
+    from mirrorfs.node.replica_volume import ReplicaError, open_replica_volume
+
+    recs = files_then_crash(vol_path, 12)
+    node = Path(vol_path, NODE_FILE)
+    state = json.loads(node.read_text())
+    state["role"] = "target"
+    node.write_text(json.dumps(state))
+    seg = sorted(Path(vol_path, LOG_DIR).glob("*.seg"))[-1]
+    buf = seg.read_bytes()
+    (off, seq), (nxt, _) = recs[5], recs[6]
+    seg.write_bytes(buf[:off] + buf[nxt:])  # seq taken out: the ones after it are valid
+    last = recs[-1][1]
+    before = seg.read_bytes()
+    Path(vol_path, "archive").write_text("in the way")  # the archive cannot be made
+    with pytest.raises(ReplicaError) as ei:
+        open_replica_volume(vol_path)
+    msg = str(ei.value)
+    assert "\n" not in msg and "has a hole" in msg and "cannot be archived" in msg, msg
+    assert seg.read_bytes() == before  # nothing cut that was not kept first
+    os.unlink(Path(vol_path, "archive"))
+    vol = open_replica_volume(vol_path)
+    try:
+        assert vol.last_seq == seq - 1 and not vol.consistent
+        (entry,) = vol.state.archives
+        assert entry["kind"] == "hole" and entry["records"] == last - seq
+        assert Path(entry["path"]).name == f"hole-epoch1-seq{seq}-{last}.samlog"
+    finally:
+        vol.close()
+    _, records = read_archive(entry["path"], block_size=vol.block_size)
+    assert [s for s, _ in records] == list(range(seq + 1, last + 1))
+    assert json.loads(node.read_text())["archives"] == [entry]  # what status shows
+
+
+def test_a_failed_fdatasync_is_never_followed_by_a_mark(tmp_path, monkeypatch):
+    """After an fdatasync error, Linux may have dropped the pages that failed and a second
+    fdatasync succeeds without them: the log must not name those records durable then."""
+    import errno
+
+    d = tmp_path / "log"
+    log = written_log(d, 4, synced=3)
+    real = os.fdatasync
+
+    def fail(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fail)  # (the kernel's error, which cannot be caused)
+    with pytest.raises(OSError):
+        log.sync()
+    monkeypatch.setattr(os, "fdatasync", real)
+    with pytest.raises(LogError, match="failed after an I/O error"):
+        log.append(txn(5))
+    log.sync()
+    log.close()  # (a close syncs: not after a failure)
+    assert syncmark.read(d).seq == 3

@@ -4,12 +4,14 @@ clean and mounts; a replica with a hole in its own log gets what it lost from it
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import time
 
 import pytest
 
+from mirrorfs.store.archive import read_archive
 from tests.repl_util import Cluster, finish_and_compare, status, target, wait_caught_up
 from tests.test_recovery import record_offsets
 from tests.util import cleanup, kill_mount, mkfs, mount, needs_fuse, run_cli, wait_for
@@ -113,7 +115,10 @@ def test_hole_is_refused_and_repair_accepts_the_loss(tmp_path, damage):
     assert run_cli("fsck", vol).returncode == 0
 
 
-def test_replica_with_a_hole_gets_the_lost_seqs_from_its_source(tmp_path):
+@pytest.mark.parametrize("damage", [cut_in_the_middle, take_out_a_record])
+def test_replica_with_a_hole_gets_the_lost_seqs_from_its_source(tmp_path, damage):
+    """The replica cuts its log at the hole, but first archives the valid records after it
+    (the cut would throw them away), names the file in its warning and in status."""
     cluster = Cluster(str(tmp_path))
     try:
         rep = cluster.replica("rep", mount=False)
@@ -129,11 +134,25 @@ def test_replica_with_a_hole_gets_the_lost_seqs_from_its_source(tmp_path):
         rep.kill()
         logdir = os.path.join(rep.dir, "log")
         seg = os.path.join(logdir, sorted(n for n in os.listdir(logdir) if n.endswith(".seg"))[-1])
-        _, seq, last = cut_in_the_middle(seg)
+        _, seq, last = damage(seg)
         rep.start()  # cuts its log at the hole, says so, and is not served until caught up
         with open(os.path.join(rep.dir, "mirrorfs.log")) as f:
-            text = f.read()
-        assert "has a hole" in text and f"seq {seq}..{last}" in text, text[-2000:]
+            warned = [line for line in f if "has a hole" in line]
+        assert len(warned) == 1 and f"seq {seq}..{last}" in warned[0], warned
+        archives = glob.glob(os.path.join(rep.dir, "archive", f"hole-*-seq{seq}-{last}.samlog"))
+        if damage is cut_in_the_middle:  # nothing valid after the cut
+            assert archives == [] and "no valid record follows it" in warned[0], warned
+            assert rep.status()["archives"] == []
+        else:  # seq+1..last were valid after the gap: kept, verbatim, before the cut
+            assert len(archives) == 1 and f"archived in {archives[0]}" in warned[0], warned
+            meta, records = read_archive(archives[0], block_size=4096)
+            assert meta["kind"] == "hole" and [s for s, _ in records] == list(
+                range(seq + 1, last + 1)
+            )
+            assert [a["path"] for a in rep.status()["archives"]] == archives
+            res = run_cli("status", rep.dir)
+            assert f"archive: {archives[0]}" in res.stdout, res.stdout + res.stderr
+            assert f"cut with a hole at seq {seq}" in res.stdout, res.stdout
 
         def caught_up() -> bool:
             st = rep.status()

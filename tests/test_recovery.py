@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from mirrorfs.store import record
-from tests.util import cleanup, kill_mount, mkfs, mount, needs_fuse, run_cli
+from tests.log_util import unsync
+from tests.util import cleanup, kill_mount, mkfs, mount, needs_fuse, run_cli, umount
 
 pytestmark = needs_fuse
 
@@ -81,7 +82,9 @@ def test_torn_tail_after_crash_is_dropped(tmp_path):
     crash_after_fsyncs(vol, mnt, 4)
     logdir = os.path.join(vol, "log")
     seg = os.path.join(logdir, sorted(os.listdir(logdir))[-1])
+    last = record_offsets(seg)[-1][1]
     os.truncate(seg, os.path.getsize(seg) - 7)  # the last record is torn
+    unsync(logdir, last)  # ... by the crash: its fdatasync never returned (the mark says so)
     m = mount(vol, mnt)
     try:
         assert {"f0", "f1", "f2"} <= set(os.listdir(mnt))
@@ -94,3 +97,28 @@ def test_torn_tail_after_crash_is_dropped(tmp_path):
     with open(os.path.join(vol, "mirrorfs.log")) as f:
         assert "torn" in f.read()
     assert run_cli("fsck", vol).returncode == 0
+
+
+def test_losing_the_last_acknowledged_record_is_refused(tmp_path):
+    """The same cut without a crash to explain it: the last record's fsync returned (the
+    sync mark names it), so storage lost one acknowledged write. Refused, not replayed."""
+    vol, mnt = str(tmp_path / "vol"), str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    mkfs(vol, "64M")
+    crash_after_fsyncs(vol, mnt, 4)
+    logdir = os.path.join(vol, "log")
+    seg = os.path.join(logdir, sorted(os.listdir(logdir))[-1])
+    off, seq = record_offsets(seg)[-1]
+    os.truncate(seg, os.path.getsize(seg) - 7)
+    try:
+        res = run_cli("mount", vol, mnt)
+        err = res.stderr.strip()
+        assert res.returncode == 1 and not os.path.ismount(mnt), res.stdout + res.stderr
+    finally:
+        if os.path.ismount(mnt):  # (mounted after all: the test fails, and cleans up)
+            umount(mnt)
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert f"seq {seq}..{seq} were durable" in err, err
+    assert f"offset {off} of segment {os.path.basename(seg)}" in err, err
+    res = run_cli("fsck", vol)
+    assert res.returncode == 1 and res.stderr.strip() == err, res.stdout + res.stderr

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from mirrorfs.store import record
+from mirrorfs.store import record, syncmark
 from mirrorfs.store.errors import CorruptRecord, LogError
 from mirrorfs.store.record import RecordType, SegmentHeader
 from mirrorfs.store.samlog import SamLog
 from mirrorfs.store.segments import segment_name
 from mirrorfs.store.txn import Hint, HintKind, Transaction
+from tests.log_util import crash, unsync
 
 UUID = bytes(range(16))
 OTHER_UUID = bytes(range(1, 17))
@@ -201,9 +202,12 @@ def test_recovery_after_last_record_cut_at_every_offset(tmp_path, compressed):
     last = txn(n)
     if compressed:
         last.runs = [(3, bytes(BS))]
-    for t in [txn(s) for s in range(1, n)] + [last]:
+    for t in [txn(s) for s in range(1, n)]:
         log.append(t)
-    log.close()
+    log.sync()
+    log.append(last)
+    crash(log)  # the last record written, its fdatasync never done: what a crash can tear
+    assert syncmark.read(d).seq == n - 1
     seg = d / segment_name(1)
     full = seg.read_bytes()
     start, end, seq = record_offsets(seg)[-1]
@@ -223,7 +227,7 @@ def test_recovery_after_last_record_cut_at_every_offset(tmp_path, compressed):
         log.append(last)
         assert list(log.scan(n)) == [last]
         assert [t.seq for t in log.scan(1)] == list(range(1, n + 1))
-        log.close()
+        crash(log)
     assert seg.read_bytes() == full
 
 
@@ -231,8 +235,10 @@ def test_torn_seal_and_missing_next_segment(tmp_path):
     """A crash while rolling: the SEAL is cut short and the next segment never appeared."""
     d = tmp_path / "log"
     log = new_log(d, segment_bytes=1400)
-    for s in range(1, 4):
+    for s in range(1, 3):
         log.append(txn(s))
+    log.sync()
+    log.append(txn(3))  # seals 1..2 (fsync, mark 2) and starts segment 3
     log.close()
     names = segments(d)
     assert len(names) == 2
@@ -240,6 +246,7 @@ def test_torn_seal_and_missing_next_segment(tmp_path):
     first = d / names[0]
     size = os.path.getsize(first)
     os.truncate(first, size - 10)
+    unsync(d, 3)  # the crash came before the seal's fsync returned: the mark still says 2
     log = reopen(d, segment_bytes=1400)
     assert log.recovery_report.torn_bytes == record.SEAL_RECORD_SIZE - 10
     assert log.last_seq == 2
@@ -252,6 +259,7 @@ def test_torn_seal_and_missing_next_segment(tmp_path):
         log.append(txn(s))
     log.close()
     os.unlink(tmp_path / "b" / segments(tmp_path / "b")[1])
+    unsync(tmp_path / "b", 3)  # sealed (mark 2), the next segment not created yet
     log = reopen(tmp_path / "b", segment_bytes=1400)
     assert log.recovery_report.describe() == "clean" and log.last_seq == 2
     log.append(txn(3))

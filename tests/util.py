@@ -143,13 +143,22 @@ def is_mounted(mountpoint: str | os.PathLike) -> bool:
 
 
 def pid_alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie counts as exited: nobody may reap it here)."""
+    """True while any thread of ``pid`` runs (a zombie counts as exited: nobody may reap it
+    here). After a SIGKILL the main thread can be a zombie while a worker thread still
+    finishes an fsync, and holds the process's files (a volume's lock) until it has."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
+        tids = os.listdir(f"/proc/{pid}/task")
     except FileNotFoundError:
         return False
-    return stat[stat.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                stat = f.read()
+        except FileNotFoundError:
+            continue
+        if stat[stat.rindex(b")") + 2 :][:1] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.02) -> None:

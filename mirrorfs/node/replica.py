@@ -17,6 +17,8 @@ kernel's caches are dropped afterwards, from a worker thread.
 A replica whose own log has a hole (acknowledged seqs missing, store/logrecovery.py) cuts
 it there and is not consistent again before its source has resent them
 (``open_replica_volume``, store/holes.py): it is neither mounted nor promoted meanwhile.
+The valid records after the hole are archived first (``DIR/archive/hole-...``,
+store/archive.py), named in the warning and in status.
 
 An initial sync replaces the volume's own files in DIR (``Volume.create_replica``: blocks,
 log, node.json) and leaves the daemon's; ``_on_created`` still checks that the control
@@ -46,21 +48,15 @@ from mirrorfs.fuse.lifecycle import (
 )
 from mirrorfs.node.control import ControlError, ControlServer, socket_path
 from mirrorfs.node.events import EventSource
+from mirrorfs.node.replica_volume import ReplicaError, open_replica_volume, prepare_dir
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.receiver import Receiver
 from mirrorfs.repl.tls import TlsConfig, accept, peer_address
 from mirrorfs.repl.wire import Switchover, SwitchoverDone, SwitchoverResult
-from mirrorfs.store.errors import LogHole
 from mirrorfs.store.files import (
-    BLOCK_FILE,
-    CONTROL_SOCKET,
     DAEMON_LOG_FILE,
-    LOCK_FILE,
-    LOG_DIR,
-    NODE_FILE,
     REPLICA_PID_FILE,
 )
-from mirrorfs.store.nodestate import NodeState, Role
 from mirrorfs.store.txn import Transaction
 from mirrorfs.store.volume import Volume
 
@@ -70,19 +66,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# What a directory may hold besides a volume and still count as empty: our own files, and
-# the leftovers of an initial sync that never completed.
-_NODE_LOCAL = {
-    CONTROL_SOCKET,
-    DAEMON_LOG_FILE,
-    REPLICA_PID_FILE,
-    LOCK_FILE,
-    BLOCK_FILE,
-    LOG_DIR,
-    NODE_FILE + ".tmp",
-}
-
-
 #: The control commands of a source, and how a user asks for them (a replica refuses them).
 SOURCE_ONLY_COMMANDS = {
     "verify": "verify",
@@ -90,10 +73,6 @@ SOURCE_ONLY_COMMANDS = {
     "mirror-remove": "mirror --remove",
     "switchover": "switchover",
 }
-
-
-class ReplicaError(Exception):
-    """The replica cannot start (one-line message for the user)."""
 
 
 @dataclass(slots=True)
@@ -118,54 +97,6 @@ class ReplicaConfig:
     write_pid_file: bool = True
     #: Serve Prometheus metrics here (``--metrics HOST:PORT``; mirrorfs.node.metrics).
     metrics: tuple[str, int] | None = None
-
-
-def prepare_dir(volume_dir: str) -> str:
-    """Absolute DIR, created if missing; ReplicaError if it holds something not ours."""
-    path = os.path.abspath(volume_dir)
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise ReplicaError(f"{parent}: no such directory")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ReplicaError(f"{path} exists and is not a directory")
-    os.makedirs(path, exist_ok=True)
-    if not os.path.exists(os.path.join(path, NODE_FILE)):
-        foreign = sorted(set(os.listdir(path)) - _NODE_LOCAL)
-        if foreign:
-            # An initial sync wipes DIR: never do that to files we did not make.
-            raise ReplicaError(
-                f"{path} is not empty and holds no mirrorfs volume (found {foreign[0]!r})"
-            )
-    return path
-
-
-def open_replica_volume(path: str) -> Volume | None:
-    """The replica volume in ``path``, or None when it needs an initial sync."""
-    if not os.path.exists(os.path.join(path, NODE_FILE)):
-        return None
-    state = NodeState.load(path)
-    if state.sync_state:
-        log.info("%s: an initial sync never completed; it restarts with the next source", path)
-        return None
-    if state.role == Role.SOURCE.value:
-        raise ReplicaError(
-            f"{path} holds the source of volume {state.volume_uuid}; a replica needs a target "
-            "volume (an empty directory, or a demoted source)"
-        )
-    try:
-        return Volume.open(path)
-    except LogHole as hole:
-        # Acknowledged seqs are missing from its own log: cut it at the hole, and stay
-        # unserved (not consistent, store/holes.py) until the source has resent them.
-        log.warning(
-            "%s: the replica's SAM log has a hole: %s; the log is cut there and the replica "
-            "asks its source for seq %d on; it is not served before seq %d is applied again",
-            path,
-            hole.detail,
-            hole.first,
-            hole.last or hole.first,
-        )
-        return Volume.open(path, repair_log=True)
 
 
 @dataclass(slots=True)

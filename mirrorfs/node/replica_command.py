@@ -17,7 +17,8 @@ from mirrorfs.daemon import (
     setup_daemon_logging,
 )
 from mirrorfs.node.control import ControlError
-from mirrorfs.node.replica import ReplicaConfig, ReplicaError, main_replica, prepare_dir
+from mirrorfs.node.replica import ReplicaConfig, main_replica
+from mirrorfs.node.replica_volume import ReplicaError, prepare_dir
 from mirrorfs.node.volume_commands import log_arguments
 from mirrorfs.repl.address import format_address
 from mirrorfs.repl.auth import check_listen_policy

@@ -209,12 +209,13 @@ def render_status(doc: dict[str, Any]) -> RenderableType:
             _row(grid, key.replace("_", " "), doc[key])
     for a in doc.get("archives") or []:
         note = f": {a['note']}" if a.get("note") else ""
-        _row(
-            grid,
-            "archive",
-            f"{a.get('path')} (epoch {a.get('epoch')}, {a.get('records')} diverged "
-            f"transaction(s) after seq {a.get('fork_seq')}){note}",
+        n, after = a.get("records"), a.get("fork_seq") or 0
+        what = (
+            f"{n} valid transaction(s) cut with a hole at seq {after + 1}"
+            if a.get("kind") == "hole"
+            else f"{n} diverged transaction(s) after seq {after}"
         )
+        _row(grid, "archive", f"{a.get('path')} (epoch {a.get('epoch')}, {what}){note}")
     for c in doc.get("checkpoints") or []:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(c["time"]))
         _row(

@@ -9,11 +9,11 @@ offset and the seqs at stake), refused unless ``repair=True``, which cuts the lo
 - an invalid record followed by valid data, or a sequence gap inside a segment;
 - a sequence gap between segments, or a sealed segment cut short (its SEAL is gone and the
   next segment starts past its end);
-- a log that ends before its sync mark (``store/syncmark.py``): records that were durable,
-  so acknowledged, are gone. That is how a segment truncated in the middle, by storage
-  that lost acknowledged writes, is told from a crash. One record of slack: a log that ends
-  one record before its mark is still taken for a torn tail (crash drills cut the last
-  record after it was synced; one record of a real loss goes unseen).
+- a log that ends before its sync mark (``store/syncmark.py``), by as little as one
+  record: records that were durable, so possibly acknowledged, are gone. That is how a
+  segment truncated in the middle, by storage that lost acknowledged writes, is told from a
+  crash. No slack: the mark is never ahead of what a crash leaves (the argument is in
+  ``store/syncmark.py``), so a torn tail always lies past it.
 
 Segments of a lower generation are leftovers of an interrupted ``reset`` and are deleted.
 What was done goes into the ``RecoveryReport`` (``SamLog.recovery_report``); a repair says
@@ -49,9 +49,6 @@ from mirrorfs.store.segments import (
 )
 
 log = logging.getLogger(__name__)
-
-#: Records a log may end short of its sync mark and still count as torn by a crash.
-TORN_SLACK = 1
 
 
 class LogRecovery:
@@ -140,7 +137,9 @@ class LogRecovery:
         if kept:
             self._check_mark(kept[-1], mark, repair)
         if self._torn_at is not None and not look_only:
-            _truncate(*self._torn_at)
+            _truncate(*self._torn_at)  # (fsyncs the last segment too)
+        elif kept and not look_only:
+            self._settle(kept[-1])
         if self.report.repaired:  # (never look_only) the loss is accepted: a new mark follows
             syncmark.remove(self.directory)
         if not kept:  # repair removed everything: restart where the first segment began
@@ -148,9 +147,20 @@ class LogRecovery:
             header = SegmentHeader(self.block_size, self.volume_uuid, first, self.generation)
             kept.append(_write_segment(self.directory, header))
         r = self.report
-        if leftovers or r.superseded_segments or r.removed_segments:
-            fsync_dir(self.directory)  # settles the unlinks above
+        if leftovers or r.superseded_segments or r.removed_segments or r.repaired:
+            fsync_dir(self.directory)  # settles the unlinks above (the mark's too)
         return kept
+
+    def _settle(self, seg: _Segment) -> None:
+        """fsync the last segment as recovery found it. After a killed process its tail (or
+        its SEAL) may sit in the page cache only; the log builds on it from now on (it is
+        replayed, shipped, and the next segment follows it), and a sync of a later segment
+        would not cover it. Cheap when it is clean."""
+        fd = os.open(self.directory / seg.name, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _check_segment(
         self, entries: list, i: int, hdr: SegmentHeader, kept: list[_Segment], repair: bool
@@ -235,7 +245,7 @@ class LogRecovery:
     def _check_mark(self, seg: _Segment, mark: syncmark.SyncMark | None, repair: bool) -> None:
         """A log that ends before its sync mark lost durable records: a hole."""
         last = seg.last_seq
-        if mark is None or mark.generation != self.generation or mark.seq <= last + TORN_SLACK:
+        if mark is None or mark.generation != self.generation or mark.seq <= last:
             return
         hole = LogHole.found(
             self.directory,

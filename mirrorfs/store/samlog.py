@@ -33,7 +33,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from mirrorfs.store import record
+from mirrorfs.store import record, syncmark
 from mirrorfs.store.errors import LogError
 from mirrorfs.store.files import fsync_dir
 from mirrorfs.store.logrecovery import LogRecovery
@@ -87,6 +87,7 @@ class SamLog:
         directory.mkdir(parents=True, exist_ok=True)
         if any(_NAME_RE.match(n) for n in os.listdir(directory)):
             raise LogError(f"{directory} already holds a SAM log")
+        syncmark.remove(directory)  # a stale one would name seqs this log never had
         _write_segment(directory, SegmentHeader(block_size, volume_uuid, 1, 1))
 
     @classmethod
@@ -219,11 +220,19 @@ class SamLog:
 
     def sync(self) -> None:
         """Make every appended record durable."""
-        appended, fd = self._appended, self._fd
-        if fd >= 0 and appended != self._synced:
-            os.fdatasync(fd)
+        # The seq to mark is read before the fdatasync, as the count is: only records whose
+        # write returned before it began are named durable (store/syncmark.py).
+        appended, fd, seq = self._appended, self._fd, self.last_seq
+        if fd >= 0 and appended != self._synced and not self._failed:
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                # Linux may drop the pages that failed and report the error once: a later
+                # fdatasync would succeed without them. Nothing here is marked durable again.
+                self._failed = True
+                raise
             self._synced = appended
-            self._mark_synced(self.last_seq)
+            self._mark_synced(seq)
 
     def _mark_synced(self, seq: int) -> None:
         """Record that ``seq`` is durable (store/syncmark.py): best effort, never fatal."""

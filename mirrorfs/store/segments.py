@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,19 +156,28 @@ def _write_segment(directory: Path, header: SegmentHeader) -> _Segment:
     return _Segment(header.first_seq, header.first_seq - 1, SEG_HEADER.size)
 
 
-def _count_valid(path: Path, start: int) -> tuple[int, int, int]:
-    """(valid records, of which TXN, highest TXN seq or 0) from ``start`` to the end of a
-    file, found by magic."""
+def valid_records(path: Path, start: int) -> Iterator[tuple[record.RecordHeader, bytes]]:
+    """(header, bytes) of every record from ``start`` to the end of a file whose header and
+    crc check out, found by magic (what lies after damage, or after a gap)."""
     with open(path, "rb") as f:
         f.seek(start)
         buf = f.read()
-    count = txns = pos = top = 0
+    pos = 0
     while (pos := buf.find(record.MAGIC, pos)) >= 0:
         try:
-            hdr, pos = record.verify(buf, pos)
+            hdr, end = record.verify(buf, pos)
         except LogError:
             pos += 1
             continue
+        yield hdr, buf[pos:end]
+        pos = end
+
+
+def _count_valid(path: Path, start: int) -> tuple[int, int, int]:
+    """(valid records, of which TXN, highest TXN seq or 0) from ``start`` to the end of a
+    file, found by magic."""
+    count = txns = top = 0
+    for hdr, _ in valid_records(path, start):
         count += 1
         if hdr.type == RecordType.TXN:
             txns += 1

@@ -10,16 +10,41 @@ over a block file that is already ahead of it. The mark tells the two apart.
 
     magic "MFSSYNC1" | generation u64 | seq u64 | crc32 of the above u32     (28 bytes)
 
-``SamLog.sync`` writes it after every fdatasync that made new records durable: one pwrite
-of 28 bytes at offset 0 (one sector: in practice never torn; a torn one fails its CRC and is
-ignored), without an fsync of its own. So:
+``SamLog.sync`` writes it after every fdatasync that made new records durable (and
+``SamLog._roll`` after the SEAL's fsync): one pwrite of 28 bytes at offset 0 (one sector: in
+practice never torn; a torn one fails its CRC and is ignored), without an fsync of its own.
 
-- no false alarm: the mark names seq N only after the fdatasync covering N returned, so a
-  log that holds less than N has lost durable records;
-- best effort: after a power loss the mark may be older than the log (an unseen hole at
-  worst, what recovery did before the mark existed), never newer;
-- ``generation`` is the log's (``SamLog.reset`` starts a new one, at any seq): a mark of an
-  older generation says nothing about the current log and is ignored.
+Why recovery allows no slack (a log that ends even one record short of its mark is a hole,
+``store/logrecovery.py``): the mark is never ahead of the durable log, in any crash.
+
+- The mark names seq N only after an fdatasync that covered N returned: ``sync`` reads N
+  (and the append count) *before* its fdatasync, so a record whose write had not returned
+  then is never named; after an fdatasync that failed, the log marks nothing again (a
+  later one could succeed without the pages the kernel dropped); a SEAL's fsync covers
+  its whole segment, and a segment is created (durably: tmp, fsync, rename, fsync of the
+  directory) only after the one before it was sealed. The mark itself is not fsynced:
+  after a power loss it may be OLDER than the log (an unseen hole at worst, what recovery
+  did before the mark existed), never newer: its newer content did not exist before the
+  data it names was durable.
+- A killed process loses nothing durable; a power loss loses only what no fsync covered.
+  Either leaves the log ending at or past the mark, and the torn record (if any) is one
+  that no mark named. Recovery then fsyncs the last segment as it found it (the tail a
+  killed process left in the page cache becomes part of the log), and truncates a torn
+  tail only past the mark.
+- Every writer of a log goes through these two calls: the source's commit
+  (``WritePath.persist``: append, sync, then the ack), the replica's group logging
+  (``GroupLog.log``: appends, ONE sync, then the ACK), a resync group (``redo_resync``:
+  ``reset``, appends, sync) and the initial sync (a new log directory, ``SamLog.create``,
+  which removes a stale mark). Only recovery and the undo of a failed append (that
+  record's own bytes, never synced) truncate a segment; ``retire`` removes only whole
+  segments below the last one, which never changes the log's end.
+- ``generation`` is the log's (``SamLog.reset`` starts a new one, at any seq, and makes its
+  new segment durable before it removes the old ones): a mark of an older generation says
+  nothing about the current log and is ignored. A mark of the current generation names a
+  seq of the current generation's segments, written after they were created.
+- A repair that accepts a loss removes the mark (and fsyncs the directory); a power loss
+  before that brings the old mark back, and the log is refused again: a false alarm, never
+  a hidden loss.
 """
 
 from __future__ import annotations
