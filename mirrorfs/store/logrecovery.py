@@ -39,6 +39,16 @@ from mirrorfs.store.segments import (
 log = logging.getLogger(__name__)
 
 
+def _all_zero(path: Path, start: int) -> bool:
+    """Whether the file holds only zero bytes from ``start`` on."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                return False
+    return True
+
+
 class LogRecovery:
     """One recovery pass over the segment files of a log directory (``run``)."""
 
@@ -138,10 +148,13 @@ class LogRecovery:
             return True
         after, after_txns = _count_valid(path, scan.end + 1) if scan.error else (0, 0)
         if scan.error and scan.torn_candidate and is_last and after == 0:
+            zeros = _all_zero(path, scan.end)
             if not self.look_only:
                 _truncate(path, scan.end)
-            r = self.report
-            r.torn_bytes, r.segment, r.offset = size - scan.end, name, scan.end
+            if not zeros:
+                r = self.report
+                r.torn_bytes, r.segment, r.offset = size - scan.end, name, scan.end
+            # else: only the zeros that appends write ahead (store/samlog.py), no record
             kept.append(seg)
             return True
         err = scan.error or record.corrupt(
