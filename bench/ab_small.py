@@ -22,17 +22,22 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import POOL_BYTES, is_mounted, read_pid_file  # noqa: E402
+from common import POOL_BYTES, is_mounted, read_pid_file, seq_write  # noqa: E402
 from io_workloads import (  # noqa: E402
     create_files,
     delete_files,
     fsync_latency,
     read_files,
+    run_fio,
     stat_files,
 )
 from targets import drop_caches  # noqa: E402
 
 WORKLOADS = ("create", "stat", "read", "delete", "fsync")
+#: Also: "randwrite" (fio, 4 KiB random writes over a 64 MiB file laid out first, for
+#: RANDWRITE_SECONDS, fsync at the end; IOPS; its n is the number of writes done).
+RANDWRITE_SECONDS = 10.0
+#: And "seqwrite": 1 MiB writes of --seq-mib MiB and one fsync (MiB/s; CPU per MiB).
 
 
 class Tree:
@@ -109,6 +114,8 @@ def run_one(
         tree.umount()
         drop_caches([])
         tree.mount()
+    if workload == "randwrite":
+        seq_write(os.path.join(tree.mnt, "rw"), 64 << 20, pool)  # laid out, untimed
     spy = start_pyspy(tree.pid, prof)
     c0 = cpu_seconds(tree.pid)
     if workload == "create":
@@ -121,6 +128,24 @@ def run_one(
     elif workload == "delete":
         r = n / delete_files(d, n)
         os.rmdir(d)
+    elif workload == "seqwrite":
+        f = os.path.join(tree.mnt, "seq")
+        seconds = seq_write(f, n << 20, pool)
+        os.unlink(f)
+        r = n / seconds  # MiB/s; its n is MiB written
+    elif workload == "randwrite":
+        f = os.path.join(tree.mnt, "rw")
+        run = run_fio(
+            f,
+            "randwrite",
+            4096,
+            64 << 20,
+            seconds=RANDWRITE_SECONDS,
+            time_based=True,
+            end_fsync=True,
+        )
+        os.unlink(f)
+        r, n = run.ios / run.seconds, run.ios
     elif workload == "fsync":
         f = os.path.join(tree.mnt, "wal")
         r = fsync_latency(f, n, 30.0, pool)["fsync_p50"]
@@ -138,6 +163,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--files", type=int, default=5000)
     ap.add_argument("--fsyncs", type=int, default=1000)
+    ap.add_argument("--seq-mib", type=int, default=256)
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument(
         "-o",
@@ -163,7 +189,7 @@ def main() -> int:
                 for t in order:
                     os.sync()
                     time.sleep(0.3)
-                    n = args.fsyncs if w == "fsync" else args.files
+                    n = {"fsync": args.fsyncs, "seqwrite": args.seq_mib}.get(w, args.files)
                     prof = args.pyspy and r == 0 and os.path.join(args.pyspy, f"{t.name}-{w}")
                     v, cpu = run_one(t, w, n, pool, prof or None)
                     results.setdefault((t.name, w), []).append(v)
