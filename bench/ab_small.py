@@ -33,6 +33,7 @@ from io_workloads import (  # noqa: E402
 )
 from targets import drop_caches  # noqa: E402
 
+P99: dict[str, float] = {}  # the last fsync run's p99 per tree (ms)
 WORKLOADS = ("create", "stat", "read", "delete", "fsync")
 #: Also: "randwrite" (fio, 4 KiB random writes over a 64 MiB file laid out first, for
 #: RANDWRITE_SECONDS, fsync at the end; IOPS; its n is the number of writes done).
@@ -148,7 +149,9 @@ def run_one(
         r, n = run.ios / run.seconds, run.ios
     elif workload == "fsync":
         f = os.path.join(tree.mnt, "wal")
-        r = fsync_latency(f, n, 30.0, pool)["fsync_p50"]
+        lat = fsync_latency(f, n, 30.0, pool)
+        r = lat["fsync_p50"]
+        P99[tree.name] = lat["fsync_p99"]
         os.unlink(f)
     else:
         raise ValueError(workload)
@@ -194,6 +197,8 @@ def main() -> int:
                     v, cpu = run_one(t, w, n, pool, prof or None)
                     results.setdefault((t.name, w), []).append(v)
                     results.setdefault((t.name, w + "-cpu"), []).append(cpu)
+                    if w == "fsync":
+                        results.setdefault((t.name, "fsync-p99"), []).append(P99[t.name])
                     print(
                         f"round {r} {w:7s} {t.name:8s} {v:10.2f}  mount cpu {cpu:7.1f} us/op",
                         flush=True,
@@ -208,7 +213,9 @@ def main() -> int:
         subprocess.run(["rm", "-rf", work])
     first = trees[0].name
     print(f"\nmedians ({args.rounds} rounds; ops/s, fsync: p50 ms); ratio to {first}")
-    for key in [x for w in workloads for x in (w, w + "-cpu")]:
+    keys = [x for w in workloads for x in (w, w + "-cpu")]
+    keys += ["fsync-p99"] if "fsync" in workloads else []
+    for key in keys:
         base = statistics.median(results[(first, key)])
         cells = []
         for t in trees:

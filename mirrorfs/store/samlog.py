@@ -24,9 +24,10 @@ Write-ahead: ``append`` returns once the record is written (page cache); ``sync`
 durable. ``sync`` is an ``fdatasync``; one that must also make a larger file size durable
 waits for a journal commit of the host filesystem as well, which is most of what a small
 fsync costs. So before a small record would grow the current segment, ``append`` writes
-zeros ahead of it (``PREZERO_BYTES``): the records that follow overwrite bytes the file
-already has, and their ``fdatasync`` writes just them. The zero tail is no record: recovery
-drops an all-zero tail silently, ``close`` and the roll to a new segment cut it off first.
+zeros ahead of it (room for ``PREZERO_RECORDS`` more like it): the records that follow
+overwrite bytes the file already has, and their ``fdatasync`` writes just them. The zero
+tail is no record: recovery drops an all-zero tail silently, ``close`` and the roll to a
+new segment cut it off first.
 
 Not thread-safe: callers serialize every call (``sync`` may run in a worker thread
 as long as no other method of the same log runs meanwhile).
@@ -59,7 +60,12 @@ from mirrorfs.store.txn import Transaction
 
 log = logging.getLogger(__name__)
 
-#: Zeros written ahead of the end of the current segment when a small record reaches it.
+#: Zeros written ahead of the end of the current segment when a small record reaches it:
+#: room for about ``PREZERO_RECORDS`` more like it, within [PREZERO_MIN, PREZERO_BYTES].
+#: Small, so that the fsync that pays for them (one in that many) is not much slower than
+#: one that grows the file by its own record alone: that one is a fsync's p99.
+PREZERO_RECORDS = 8
+PREZERO_MIN = 64 << 10
 PREZERO_BYTES = 1 << 20
 #: Records at least this large just grow the file (a journal commit is little beside them).
 PREZERO_BELOW = 256 << 10
@@ -196,7 +202,8 @@ class SamLog:
             self._roll()
         seg = self._segments[-1]
         if size < PREZERO_BELOW and seg.size + size > self._file_end:
-            self._prezero(seg.size + size)
+            ahead = min(PREZERO_BYTES, max(PREZERO_MIN, PREZERO_RECORDS * size))
+            self._prezero(seg.size + size, ahead)
         try:
             _pwrite_all(self._fd, data, seg.size)
         except OSError:
@@ -213,11 +220,11 @@ class SamLog:
         self._appended += 1
         return size
 
-    def _prezero(self, need: int) -> None:
-        """Make the current segment file at least ``need`` bytes (and PREZERO_BYTES more)
-        by writing zeros past its end; best effort (a full disk only makes appends slower)."""
+    def _prezero(self, need: int, ahead: int) -> None:
+        """Make the current segment file at least ``need`` bytes (and ``ahead`` more) by
+        writing zeros past its end; best effort (a full disk only makes appends slower)."""
         start = self._file_end
-        end = min(max(need, start) + PREZERO_BYTES, max(self.segment_bytes, need))
+        end = min(max(need, start) + ahead, max(self.segment_bytes, need))
         try:
             while start < end:
                 start += os.pwrite(self._fd, memoryview(_ZEROS)[: end - start], start)
