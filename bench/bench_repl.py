@@ -21,7 +21,11 @@ Three phases in one run, each on fresh volumes in one work directory, and one ta
 Positions and byte counters come from the nodes' control sockets (the same request as
 ``mirrorfs status --json``, without starting a Python process at every poll).
 
+``--tls`` runs instead a comparison of the replicated throughput with TLS on the link and
+without it, side by side in alternating rounds, medians (bench/repl_tls.py).
+
 Usage: python bench/bench_repl.py [--quick] [--size 1G] [--disconnect-seconds 30]
+       python bench/bench_repl.py --tls [--rounds 5] [--size 256M]
 Run it as root (FUSE mounts).
 """
 
@@ -79,6 +83,8 @@ from nodes import (
     wait_caught_up,
     wait_streaming,
 )
+from repl_tls import render as render_tls
+from repl_tls import run_comparison, verdict
 
 log = logging.getLogger(__name__)
 
@@ -437,12 +443,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--tree", default=None, help="directory to cp -a instead of the stdlib")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="only compare replication with TLS and without, in alternating rounds",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="--tls rounds (default 5; 2 with --quick)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log each step")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s: %(message)s",
     )
+    if args.tls:
+        return main_tls(args)
     size = parse_size(args.size or ("64M" if args.quick else "1G"))
     outage = args.disconnect_seconds
     if outage is None:
@@ -519,6 +535,41 @@ def main(argv: list[str] | None = None) -> int:
     for err in res.errors:
         print(f"error: {err}")
     return 1 if res.errors else 0
+
+
+def main_tls(args: argparse.Namespace) -> int:
+    """``--tls``: the comparison of bench/repl_tls.py, its table and its verdict."""
+    size = parse_size(args.size or ("32M" if args.quick else "256M"))
+    rounds = args.rounds if args.rounds is not None else (2 if args.quick else 5)
+    if size <= 0 or rounds <= 0:
+        print("bench_repl: --size and --rounds must be > 0", file=sys.stderr)
+        return 2
+    pool = os.urandom(min(POOL_BYTES, max(size, CHUNK)))
+    load_start = os.getloadavg()[0]
+    with work_directory(args.workdir, args.keep) as workdir:
+        env_lines = describe_environment(workdir)
+        cmp = run_comparison(workdir, size, rounds, pool)
+    print()
+    print("mirrorfs replication, TLS against plain" + (" (--quick)" if args.quick else ""))
+    for line in env_lines:
+        print(line)
+    print(
+        f"load average (1 min): {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end, "
+        f"on {os.cpu_count()} CPUs"
+    )
+    print(
+        f"each measurement: fresh source and replica daemon (no replica mount) on 127.0.0.1, "
+        f"a {human_size(size)} burst of random data in 1 MiB writes + fsync, until the "
+        f"replica applied it; {rounds} rounds, order alternating; medians"
+    )
+    print("MB = 10^6 bytes; replicated throughput = burst / (write + catch-up)")
+    print()
+    print(render_tls(cmp))
+    print()
+    print(verdict(cmp))
+    for err in cmp.errors:
+        print(f"error: {err}")
+    return 1 if cmp.errors else 0
 
 
 if __name__ == "__main__":

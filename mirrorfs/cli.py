@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
 import traceback
@@ -19,12 +20,23 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 import mirrorfs
-from mirrorfs.daemon import PROG, CliError, describe, root_cause  # CliError: cli.CliError too
-from mirrorfs.node import commands, replica_command, volume_commands
+from mirrorfs.daemon import (  # CliError: cli.CliError too
+    DEFAULT_LOG_LEVEL,
+    LOG_LEVELS,
+    LOG_NONE,
+    LOG_STDERR,
+    LOG_SYSLOG,
+    PROG,
+    CliError,
+    describe,
+    root_cause,
+)
+from mirrorfs.node import commands, replica_command, stop, volume_commands
 from mirrorfs.node.control import ControlError
 from mirrorfs.repl.address import AddressError, parse_address, parse_listen
 from mirrorfs.repl.wire import ReplError
 from mirrorfs.store.errors import StoreError
+from mirrorfs.store.files import DAEMON_LOG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +101,74 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _log_target_arg(text: str) -> str:
+    """``--log``: syslog, stderr, none, or a file (absolute; its directory must exist)."""
+    if text in (LOG_SYSLOG, LOG_STDERR, LOG_NONE):
+        return text
+    path = os.path.abspath(text)
+    if os.path.isdir(path) or not os.path.isdir(os.path.dirname(path)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither syslog, stderr, none nor a file in an existing directory"
+        )
+    return path
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, when it has one worth saying."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or not action.option_strings
+            or default in (None, False, True, "", [], argparse.SUPPRESS)
+        ):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class _MainHelpFormatter(_HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The top-level help: the grouped command list in the epilog keeps its layout."""
+
+
+#: ``mirrorfs --help`` lists the commands in these groups (others under "other").
+COMMAND_GROUPS = {
+    "volume": ("mkfs", "mount", "umount", "fsck", "stop"),
+    "mirroring": ("replica", "mirror"),
+    "failover": ("promote", "switchover", "demote"),
+    "inspection": ("status", "verify", "events"),
+}
+EXIT_CODES = (
+    "exit status: 0 success; 1 an error (one line on stderr), differences found by verify, "
+    "problems found by fsck; 2 bad arguments or an unexpected error; 130 interrupted"
+)
+
+
+def _command_list(sub: Any) -> str:
+    """The epilog of ``mirrorfs --help``: the commands by group, each with its help line."""
+    helps = {a.dest: a.help or "" for a in sub._choices_actions}
+    grouped = {name for names in COMMAND_GROUPS.values() for name in names}
+    groups = [(g, [n for n in names if n in helps]) for g, names in COMMAND_GROUPS.items()]
+    groups.append(("other", [n for n in helps if n not in grouped]))
+    width = max(map(len, helps)) + 2
+    lines = []
+    for group, names in groups:
+        if names:
+            lines.append(f"{group} commands:")
+            lines += [f"  {name:<{width}}{helps[name]}" for name in names]
+            lines.append("")
+    lines.append(f"'{PROG} COMMAND --help' describes a command's options.")
+    lines.append(EXIT_CODES)
+    return "\n".join(lines)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but an argument error is one line, not usage plus a message."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         sys.stderr.write(f"{PROG}: error: {message} (see '{self.prog} --help')\n")
@@ -106,45 +184,55 @@ def build_parser() -> argparse.ArgumentParser:
         default=argparse.SUPPRESS,
         help="verbose logging; tracebacks for unexpected errors",
     )
-    parser = _Parser(prog=PROG, description="A mirrored filesystem volume for Linux.")
+    parser = _Parser(
+        prog=PROG,
+        description="A mirrored filesystem volume for Linux.",
+        formatter_class=_MainHelpFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"{PROG} {mirrorfs.__version__}")
     parser.add_argument("--debug", action="store_true", default=False, help=argparse.SUPPRESS)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, help=argparse.SUPPRESS
+    )
+    # After add_subparsers, which derives the commands' "mirrorfs CMD" from the usage.
+    parser.usage = f"{PROG} [-h] [--version] COMMAND [ARGS...]"
 
     p = sub.add_parser("mkfs", parents=[common], help="create a volume with an empty filesystem")
     p.add_argument("dir", metavar="DIR", help="volume directory (created if missing)")
     p.add_argument("--size", required=True, type=_size_arg, help="e.g. 512M, 2G, 1T")
-    p.add_argument("--block-size", type=_positive_int, default=4096)
+    p.add_argument("--block-size", type=_positive_int, default=4096, help="bytes per block")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--inodes", type=_positive_int, help="number of inodes")
     group.add_argument(
         "--inode-ratio",
         type=_size_arg,
         default=DEFAULT_INODE_RATIO,
-        help="bytes of volume per inode (default %(default)s)",
+        help="bytes of volume per inode",
     )
     p.add_argument("--force", action="store_true", help="overwrite an existing volume")
+    _add_json_argument(p)
     p.set_defaults(func=volume_commands.cmd_mkfs)
 
     p = sub.add_parser("mount", parents=[common], help="mount a volume")
     p.add_argument("dir", metavar="DIR", help="volume directory")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--foreground", action="store_true", help="do not detach")
-    p.add_argument("--read-only", action="store_true")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
+    p.add_argument("--foreground", action="store_true", help="do not detach (systemd: Type=notify)")
+    p.add_argument("--read-only", action="store_true", help="mount read-only (ships nothing)")
     p.add_argument(
         "-o",
         dest="options",
         action="append",
         default=[],
         metavar="OPTS",
-        help="FUSE mount options, comma-separated (e.g. allow_other)",
+        help="FUSE mount options, comma-separated (e.g. allow_other; nonempty: mount over a "
+        "directory that is not empty or already a mount point)",
     )
     p.add_argument(
         "--commit-interval",
         type=_positive_float,
         default=volume_commands.DEFAULT_COMMIT_INTERVAL,
         metavar="SECONDS",
-        help="group-commit interval (default %(default)s)",
+        help="group-commit interval",
     )
     p.add_argument(
         "--mirror",
@@ -162,13 +250,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_size_arg,
         default=None,
         metavar="SIZE",
-        help="log kept for lagging targets before they go out-of-sync (e.g. 1G)",
+        help="log kept for lagging targets before they go out-of-sync (e.g. 1G; default: no cap)",
     )
     p.add_argument(
         "--force",
         action="store_true",
         help="keep accepting writes after a target reports a newer epoch (split brain)",
     )
+    add_log_arguments(p)
+    add_metrics_argument(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=volume_commands.cmd_mount)
 
@@ -179,21 +269,65 @@ def build_parser() -> argparse.ArgumentParser:
     add_node_arguments(sub, common)
 
     p = sub.add_parser("umount", parents=[common], help="unmount and wait for the final commit")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--timeout", type=_positive_float, default=600.0, metavar="SECONDS")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="where a volume is mounted")
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long to wait for the final commit",
+    )
+    p.add_argument(
+        "--lazy",
+        action="store_true",
+        help="detach now even if files are open; the final commit follows when the last "
+        "one is closed (not waited for)",
+    )
     p.set_defaults(func=volume_commands.cmd_umount)
 
     p = sub.add_parser("fsck", parents=[common], help="check (and repair) a volume")
-    p.add_argument("dir", metavar="DIR", help="volume directory")
-    p.add_argument("--repair", action="store_true")
+    p.add_argument("dir", metavar="DIR", help="volume directory (not mounted)")
+    p.add_argument("--repair", action="store_true", help="fix what is found, then check again")
+    _add_json_argument(p)
     p.set_defaults(func=volume_commands.cmd_fsck)
+
+    p = sub.add_parser(
+        "stop", parents=[common], help="stop the replica daemon or mount of a volume, and wait"
+    )
+    p.add_argument("dir", metavar="DIR", help="volume directory")
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to wait for it to exit",
+    )
+    p.set_defaults(func=stop.cmd_stop)
+    parser.epilog = _command_list(sub)
     return parser
+
+
+def add_log_arguments(p: argparse.ArgumentParser) -> None:
+    """Where a daemon (mount, replica) logs, and how much."""
+    p.add_argument(
+        "--log",
+        type=_log_target_arg,
+        default=None,
+        metavar="FILE|syslog|stderr|none",
+        help="the daemon's log: a file (rotated; reopened on SIGHUP), syslog (journald), "
+        f"stderr (with --foreground) or none (default: DIR/{DAEMON_LOG_FILE})",
+    )
+    p.add_argument(
+        "--log-level", choices=LOG_LEVELS, default=DEFAULT_LOG_LEVEL, help="least level logged"
+    )
 
 
 def _add_secret_arguments(p: argparse.ArgumentParser) -> None:
     """How a source authenticates to its targets: a secret, or --insecure off loopback."""
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--secret-file", metavar="FILE", help="shared secret for the targets")
+    group.add_argument(
+        "--secret-file", metavar="FILE", help="shared secret for the targets (mode 0600)"
+    )
     group.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback target without a secret"
     )
@@ -217,7 +351,12 @@ def add_replica_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--listen", required=True, type=_listen_arg, metavar="HOST:PORT", help="TCP address"
     )
-    p.add_argument("--mount", metavar="MNT", default=None, help="mount the replica read-only")
+    p.add_argument(
+        "--mount",
+        metavar="MNT",
+        default=None,
+        help="mount the replica read-only here (an empty directory)",
+    )
     p.add_argument(
         "-o",
         dest="options",
@@ -232,7 +371,9 @@ def add_replica_arguments(p: argparse.ArgumentParser) -> None:
         "--insecure", action="store_true", help="allow a non-loopback address without a secret"
     )
     add_tls_arguments(p)
-    p.add_argument("--foreground", action="store_true", help="do not detach")
+    p.add_argument("--foreground", action="store_true", help="do not detach (systemd: Type=notify)")
+    add_log_arguments(p)
+    add_metrics_argument(p)
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=replica_command.cmd_replica)
 
@@ -241,20 +382,60 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
     """The node commands (mirrorfs.node.commands) on the subparsers ``sub``."""
     p = sub.add_parser("status", parents=[common], help="role, positions, lag per target")
     p.add_argument("dir", metavar="DIR", help="volume directory")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    _add_json_argument(p)
+    p.add_argument(
+        "--watch",
+        nargs="?",
+        const=2.0,
+        default=None,
+        type=_positive_float,
+        metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until interrupted",
+    )
     p.set_defaults(func=commands.cmd_status)
+
+    p = sub.add_parser(
+        "events", parents=[common], help="one JSON line per state change, until interrupted"
+    )
+    p.add_argument("dir", metavar="DIR", help="volume directory (a running node)")
+    p.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=0.2,
+        metavar="SECONDS",
+        help="how often the daemon looks for changes",
+    )
+    p.add_argument("--count", type=_positive_int, default=None, help="exit after this many events")
+    p.set_defaults(func=commands.cmd_events)
 
     p = sub.add_parser("verify", parents=[common], help="compare every target with the source")
     p.add_argument("dir", metavar="DIR", help="source volume directory (mounted)")
-    p.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long each target may take",
+    )
+    _add_json_argument(p)
     p.set_defaults(func=commands.cmd_verify)
 
     p = sub.add_parser("mirror", parents=[common], help="add or remove a target of a source")
     p.add_argument("dir", metavar="DIR", help="source volume directory (mounted)")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--add", metavar="HOST:PORT")
-    group.add_argument("--remove", metavar="HOST:PORT")
+    group.add_argument("--add", metavar="HOST:PORT", help="start mirroring to this target")
+    group.add_argument("--remove", metavar="HOST:PORT", help="stop mirroring to this target")
+    p.add_argument(
+        "--wait",
+        nargs="?",
+        const=3600.0,
+        default=None,
+        type=_positive_float,
+        metavar="SECONDS",
+        help="with --add: follow the initial sync (a progress bar on a terminal) until the "
+        "target streams, at most SECONDS (default 3600)",
+    )
+    _add_json_argument(p)
     p.set_defaults(func=commands.cmd_mirror)
 
     p = sub.add_parser(
@@ -273,6 +454,15 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-mount", action="store_true", help="promote only, do not mount")
     p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=None,
+        metavar="OPTS",
+        help="FUSE options of the read-write mount, comma-separated (default: those the "
+        "replica daemon's mount had, e.g. allow_other)",
+    )
+    p.add_argument(
         "--mirror",
         dest="mirrors",
         action="append",
@@ -282,12 +472,14 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     _add_secret_arguments(p)
     add_tls_arguments(p)
+    _add_json_argument(p)
     p.set_defaults(func=commands.cmd_promote)
 
     p = sub.add_parser(
         "demote", parents=[common], help="make a stopped old source a target (failback)"
     )
     p.add_argument("dir", metavar="DIR", help="source volume directory (not mounted)")
+    _add_json_argument(p)
     p.set_defaults(func=commands.cmd_demote)
 
     p = sub.add_parser(
@@ -308,9 +500,55 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
         "--mount", metavar="MNT", help="mount read-only here (default: where DIR is mounted)"
     )
     group.add_argument("--no-mount", action="store_true", help="no read-only mount")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
-    p.add_argument("--json", action="store_true", help="machine-readable report")
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=None,
+        metavar="OPTS",
+        help="FUSE options of this node's read-only mount, comma-separated (default: those "
+        "of DIR's mount now, e.g. allow_other)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long the target may take to catch up and answer",
+    )
+    _add_json_argument(p)
     p.set_defaults(func=commands.cmd_switchover)
+
+
+def _add_json_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--json", action="store_true", help="a JSON report (schema: docs/json.md) for programs"
+    )
+
+
+def _metrics_arg(text: str) -> tuple[str, int]:
+    from mirrorfs.node.metrics import MetricsAddressError, parse_metrics_address
+
+    try:
+        return parse_metrics_address(text)
+    except MetricsAddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_metrics_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--metrics",
+        type=_metrics_arg,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback unless "
+        "--metrics-insecure; default: none)",
+    )
+    p.add_argument(
+        "--metrics-insecure",
+        action="store_true",
+        help="allow a --metrics address that is not loopback (the endpoint has no auth)",
+    )
 
 
 # -- entry point

@@ -93,9 +93,16 @@ class FakeFs:
         self._call("rmdir", parent, name)
 
     def rename(
-        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+        self,
+        old_parent: int,
+        old_name: bytes,
+        new_parent: int,
+        new_name: bytes,
+        flags: int = 0,
+        uid: int = 0,
+        gid: int = 0,
     ) -> None:
-        self._call("rename", old_parent, old_name, new_parent, new_name, flags)
+        self._call("rename", old_parent, old_name, new_parent, new_name, flags, uid, gid)
 
     def create(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
         self._call("create", parent, name, mode, uid, gid)

@@ -11,7 +11,9 @@ FaultProxy(...) as proxy``). Faults can be changed at any time, from any thread:
 - ``bandwidth``: bytes/s per direction, shared by all connections (None: unlimited)
 - ``cut_at(offset, direction)``: close a connection once ``offset`` bytes of it went that way
   (exactly: the receiver gets ``offset`` bytes, then EOF); ``cut_after(n, direction)``: the
-  same, ``n`` bytes from now counted over all connections
+  same, ``n`` bytes from now counted over all connections; ``reset_every(n, direction)``:
+  reset every connection (RST both ways, not FIN) once ``n`` bytes of it went that way (the
+  receiver gets at most ``n`` bytes: a reset may discard what its socket had not sent yet)
 - ``flip_at(offset, direction)`` / ``flip_after(n, direction)``: XOR one byte with ``mask``
 - ``mode``: what happens to new connections: ACCEPT, REFUSE (accepted then reset at once) or
   BLACKHOLE (accepted, never forwarded, never answered)
@@ -62,6 +64,7 @@ class ConnStats:
     down: int = 0
     open: bool = True
     cut: bool = False  # closed by a fault, not by an endpoint
+    reset: bool = False  # and reset (RST) rather than closed
 
     def count(self, direction: Direction) -> int:
         return self.up if direction is Direction.UP else self.down
@@ -75,6 +78,7 @@ class _Rule:
     total: bool
     once: bool
     mask: int = 0xFF
+    reset: bool = False  # a cut that resets the connection (RST) instead of closing it
 
 
 class _Cut(Exception):
@@ -136,6 +140,12 @@ class FaultProxy:
     def cut_after(self, nbytes: int, direction: Direction = Direction.UP) -> None:
         """Close whichever connection carries the proxy ``nbytes`` further that way."""
         self._add(_Rule("cut", direction, self._total(direction) + nbytes, True, True))
+
+    def reset_every(self, nbytes: int, direction: Direction = Direction.UP) -> None:
+        """Reset every connection (from now on) once ``nbytes`` of it went that way."""
+        if nbytes < 1:
+            raise ValueError("reset_every needs at least one byte per connection")
+        self._add(_Rule("cut", direction, nbytes, False, False, reset=True))
 
     def flip_at(
         self,
@@ -238,6 +248,8 @@ class FaultProxy:
             with trio.CancelScope(shield=True):
                 for s in (client, server):
                     if s is not None:
+                        if stats.reset:
+                            _reset(s)
                         await s.aclose()
 
     async def _pipe(
@@ -332,6 +344,7 @@ class FaultProxy:
                     # waiting for an answer and send nothing more.
                     del piece[at:]
                     cut = True
+                    stats.reset = stats.reset or rule.reset
                 elif rule.kind == "flip" and at < len(piece):
                     piece[at] ^= rule.mask
                 else:

@@ -229,6 +229,9 @@ class Replica:
     mountpoint: str | None
     secret_file: str | None = None
     pid: int = 0
+    #: ``-o`` values of its read-only mount.
+    options: tuple[str, ...] = ()
+    extra: tuple[str, ...] = ()  # more ``mirrorfs replica`` arguments (e.g. --metrics)
 
     @property
     def address(self) -> str:
@@ -241,6 +244,9 @@ class Replica:
             args += ["--mount", self.mountpoint]
         if self.secret_file:
             args += ["--secret-file", self.secret_file]
+        for opt in self.options:
+            args += ["-o", opt]
+        args += list(self.extra)
         proc = run_cli(*args, timeout=timeout)
         if proc.returncode != 0:
             raise AssertionError(f"replica failed ({proc.returncode}): {proc.stderr.strip()}")
@@ -346,12 +352,14 @@ class Cluster:
         mount: bool = True,
         secret_file: str | None = None,
         start: bool = True,
+        extra: tuple[str, ...] = (),
     ) -> Replica:
         rep = Replica(
             self.path(name),
             free_port(),
             self.path(name + "-mnt", mkdir=True) if mount else None,
             secret_file,
+            extra=extra,
         )
         self.replicas.append(rep)
         if start:

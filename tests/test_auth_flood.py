@@ -20,7 +20,7 @@ import trio
 import trio.testing
 
 from mirrorfs.fs.filesystem import ROOT_INO, Filesystem
-from mirrorfs.repl.admission import HandshakeLimiter, host_of
+from mirrorfs.repl.admission import HELLO_GRACE, HandshakeLimiter, host_of
 from mirrorfs.repl.auth import AuthRole, compute_proof
 from mirrorfs.repl.handshake import HandshakeRefused, Peer, SourceHandshake, TargetHandshake
 from mirrorfs.repl.receiver import Receiver, ReceiverState, _SlotGate
@@ -55,50 +55,72 @@ MiB = 1 << 20
 # ------------------------------------------------------------------- the caps, pure
 
 
-def test_per_host_cap_refuses_at_once_and_release_reopens():
+def test_per_host_cap_displaces_the_hosts_stale_handshakes_and_release_reopens():
     lim = HandshakeLimiter(per_host=2, total=10)
-    assert lim.admit("10.0.0.1", 0.0).admitted and lim.admit("10.0.0.1", 0.0).admitted
-    refused = lim.admit("10.0.0.1", 0.0)
-    assert not refused.admitted and "at most 2 per address" in refused.reason
-    assert "10.0.0.1" in refused.reason and "\n" not in refused.reason
-    assert lim.admit("10.0.0.2", 0.0).admitted  # another address is not held up
-    assert lim.pending == 3 and lim.pending_from("10.0.0.1") == 2
-    lim.release("10.0.0.1")
-    assert lim.admit("10.0.0.1", 0.0).admitted
-    for host in ("10.0.0.1", "10.0.0.1", "10.0.0.2"):
-        lim.release(host)
-    assert lim.pending == 0 and lim.pending_from("10.0.0.1") == 0
-    assert lim._pending == {}  # nothing kept for an address with nothing in progress
+    a, b = lim.admit("10.0.0.1", 0.0), lim.admit("10.0.0.1", 0.5)
+    assert not a.evicted and not b.evicted
+    # Young handshakes (within HELLO_GRACE) are never displaced by the per-address cap.
+    assert not lim.admit("10.0.0.1", 0.6).evicted and lim.pending_from("10.0.0.1") == 3
+    later = lim.admit("10.0.0.1", 5.0)  # now the others are stale: the oldest goes
+    assert later.evicted == (a.ticket,) and not a.ticket.pending
+    assert "at most 2 per address" in later.reason and "10.0.0.1" in later.reason
+    assert "\n" not in later.reason
+    assert not lim.admit("10.0.0.2", 5.0).evicted  # another address is not touched
+    assert lim.pending == 4 and lim.pending_from("10.0.0.1") == 3
+    lim.release(a.ticket)  # released by the eviction already: nothing happens
+    lim.release(b.ticket)
+    assert lim.pending == 3
 
 
-def test_total_cap_counts_every_address():
+def test_handshakes_are_displaced_stale_first_and_those_past_hello_last():
+    assert HELLO_GRACE == 1.0  # (the times below)
+    lim = HandshakeLimiter(per_host=3, total=10)
+    h = "127.0.0.1"
+    staller = lim.admit(h, 0.0).ticket
+    lim.hello(staller, 0.1)  # a whole HELLO, then nothing: rank 1 from 1.1 on
+    half = [lim.admit(h, 0.2).ticket, lim.admit(h, 0.3).ticket]  # half HELLOs: rank 0 later
+    assert lim.admit(h, 5.0).evicted == (half[0],)  # stale without HELLO first, oldest first
+    assert lim.admit(h, 5.1).evicted == (half[1],)
+    assert lim.admit(h, 5.2).evicted == (staller,)  # then stale past HELLO (younger stay)
+    assert not lim.admit(h, 5.3).evicted  # all young now: the address may have more
+    assert lim.pending_from(h) == 4
+    for t in list(lim._all):
+        lim.release(t)
+    assert lim.pending == 0 and lim._by_host == {} and lim._all == {}
+
+
+def test_total_cap_counts_every_address_and_keeps_a_fresh_hello_longest():
     lim = HandshakeLimiter(per_host=5, total=3)
-    for i in range(3):
-        assert lim.admit(f"h{i}", 0.0).admitted
-    refused = lim.admit("h9", 0.0)
-    assert not refused.admitted and "at most 3" in refused.reason
-    lim.release("h1")
-    assert lim.admit("h9", 0.0).admitted and lim.pending == 3
+    source = lim.admit("h0", 0.0).ticket
+    lim.hello(source, 0.05)  # a real source: its HELLO at once, its proof on the way
+    b, c = lim.admit("h1", 0.1).ticket, lim.admit("h2", 0.2).ticket
+    adm = lim.admit("h9", 0.5)  # all young: the oldest without a HELLO goes, not the source
+    assert adm.evicted == (b,) and "at most 3" in adm.reason
+    d = adm.ticket
+    assert lim.admit("h8", 5.0).evicted == (c,)  # stale without HELLO, oldest (c before d)
+    assert lim.pending == 3 and source.pending and d.pending
+    lim.release(source)
+    assert not lim.admit("h7", 6.0).evicted and lim.pending == 3
 
 
-def test_release_without_admission_is_a_bug():
-    lim = HandshakeLimiter()
-    with pytest.raises(RuntimeError):
-        lim.release("nobody")
+def test_caps_must_be_positive():
     with pytest.raises(ValueError):
         HandshakeLimiter(per_host=0)
+    with pytest.raises(ValueError):
+        HandshakeLimiter(total=0)
 
 
-def test_refusals_are_logged_once_per_period_with_the_count():
-    lim = HandshakeLimiter(per_host=1, total=10, log_every=10.0)
-    assert lim.admit("a", 0.0).admitted
-    first = lim.admit("a", 1.0)
-    assert first.log and first.suppressed == 0
-    quiet = [lim.admit("a", 1.0 + i / 10) for i in range(50)]
-    assert not any(q.log or q.admitted for q in quiet)
-    later = lim.admit("a", 11.5)
-    assert later.log and later.suppressed == 50
-    assert not lim.admit("a", 12.0).log
+def test_evictions_are_logged_once_per_period_with_the_count():
+    lim = HandshakeLimiter(per_host=1, total=10, log_every=100.0)
+    assert not lim.admit("a", 0.0).evicted
+    first = lim.admit("a", 2.0)  # each admission finds the previous one stale
+    assert first.evicted and first.log and first.suppressed == 0
+    quiet = [lim.admit("a", 4.0 + 2 * i) for i in range(40)]
+    assert all(q.evicted and not q.log for q in quiet)
+    later = lim.admit("a", 102.5)
+    assert later.log and later.suppressed == 40
+    assert not lim.admit("a", 105.0).log
+    assert lim.evictions == 43 and lim.pending == 1
 
 
 @pytest.mark.parametrize(
@@ -395,9 +417,10 @@ class Attackers:
         except (ProtocolError, trio.BrokenResourceError, Exception):
             return
 
-    async def flood_one(self, local: str, rounds: int, hold: bool) -> None:
-        """Connect and either hold the connection with half a HELLO (``hold``) or send a
-        valid-looking HELLO and a forged AUTH; read until dropped; again, ``rounds`` times."""
+    async def flood_one(self, local: str, rounds: int, mode: str) -> None:
+        """Connect and hold the connection with half a HELLO (``mode`` "half"), or send a
+        valid-looking HELLO and then a forged AUTH ("forge") or nothing more ("stall");
+        read until dropped; again, ``rounds`` times."""
         for _ in range(rounds):
             if self.stop.is_set():
                 return
@@ -409,7 +432,7 @@ class Attackers:
             fs = FramedStream(stream)
             try:
                 hello = hello_bytes(f"flood-{local}")
-                if hold:
+                if mode == "half":
                     await stream.send_all(hello[:30])
                     if not await stream.receive_some(100):
                         self.dropped_silently += 1
@@ -418,7 +441,8 @@ class Attackers:
                 msg = await fs.receive()
                 self.got.append(type(msg))
                 if isinstance(msg, HelloReply):
-                    await fs.send(Auth(os.urandom(32)))
+                    if mode == "forge":
+                        await fs.send(Auth(os.urandom(32)))
                     await self._read_all(fs)
             except Exception:
                 self.dropped_silently += 1
@@ -490,7 +514,8 @@ async def test_slow_loris_and_flood_do_not_keep_the_source_out(tmp_path, caplog)
                         attackers.start_soon(attack.loris, "127.0.0.1")
                     for i in range(200):  # 50 from each of four addresses, half of them idle
                         local = f"127.0.0.{2 + i % 4}"
-                        attackers.start_soon(attack.flood_one, local, 8, i % 8 < 4)
+                        mode = "half" if i % 8 < 4 else "forge"
+                        attackers.start_soon(attack.flood_one, local, 8, mode)
                     with trio.fail_after(10):
                         while attack.connections < 200:
                             await trio.sleep(0.01)
@@ -532,7 +557,8 @@ async def test_slow_loris_and_flood_do_not_keep_the_source_out(tmp_path, caplog)
         # A byte a second did not stretch the deadline.
         assert max(attack.loris_durations) < timeout + 1.5, attack.loris_durations
         text = caplog.text
-        assert "refusing connection from 127.0.0." in text and "per address" in text
+        assert "dropped an unauthenticated connection for one from 127.0.0." in text
+        assert "per address" in text
         assert "failed authentication" in text
         assert rcv.limiter.pending == 0
         assert_clean_log(caplog)
@@ -542,7 +568,17 @@ async def test_slow_loris_and_flood_do_not_keep_the_source_out(tmp_path, caplog)
             rcv.volume.close()
 
 
-async def test_total_cap_refuses_at_once_with_one_line(tmp_path, caplog):
+async def closed_by_peer(stream: trio.SocketStream, within: float) -> bool:
+    """Whether the peer closes ``stream`` (having said nothing) within ``within`` s."""
+    try:
+        with trio.move_on_after(within):
+            return await stream.receive_some(100) == b""
+    except trio.BrokenResourceError:
+        return True  # (closed with our bytes unread: a reset is a close too)
+    return False
+
+
+async def test_total_cap_displaces_the_oldest_with_one_line(tmp_path, caplog):
     caplog.set_level(logging.INFO, "mirrorfs")
     rcv = Receiver(
         str(tmp_path / "dst"),
@@ -551,37 +587,23 @@ async def test_total_cap_refuses_at_once_with_one_line(tmp_path, caplog):
         node_id="dst",
         limiter=HandshakeLimiter(per_host=8, total=3),
     )
-    with trio.fail_after(20):
+    with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
             listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
             port = listeners[0].socket.getsockname()[1]
             await nursery.start(trio.serve_listeners, rcv.serve, listeners)
             idle = []
-            for i in range(3):  # three silent connections fill the total cap
+            for i in range(23):  # 3 fill the total cap; each later one displaces the oldest
                 idle.append(
                     await trio.open_tcp_stream("127.0.0.1", port, local_address=f"127.0.0.{2 + i}")
                 )
-            with trio.fail_after(5):
-                while rcv.limiter.pending < 3:
-                    await trio.sleep(0.01)
-            closed = 0
-            for _ in range(20):
-                stream = await trio.open_tcp_stream("127.0.0.1", port, local_address="127.0.0.9")
-                began = time.monotonic()
-                try:
-                    with trio.fail_after(2):
-                        assert await stream.receive_some(100) == b""  # closed, nothing said
-                except trio.BrokenResourceError:
-                    pass  # (closed with our HELLO unread: a reset is a close too)
-                closed += 1
-                assert time.monotonic() - began < 1.0  # at once, not after a deadline
-                await stream.aclose()
-            for stream in idle:
-                await stream.aclose()
-            with trio.fail_after(5):
-                while rcv.limiter.pending:
-                    await trio.sleep(0.01)
-            # ... and with room again, a real source gets in.
+                with trio.fail_after(5):
+                    while rcv.limiter.pending < min(i + 1, 3) or rcv.limiter.evictions < i - 2:
+                        await trio.sleep(0.01)
+            for stream in idle[:20]:
+                assert await closed_by_peer(stream, 2.0)  # dropped at once, not at a deadline
+            assert rcv.limiter.pending == 3 and rcv.limiter.evictions == 20
+            # With the cap full of strangers, a real source still gets in.
             peer = await handshake_source(
                 FramedStream(await trio.open_tcp_stream("127.0.0.1", port)),
                 secret=SECRET,
@@ -592,10 +614,15 @@ async def test_total_cap_refuses_at_once_with_one_line(tmp_path, caplog):
                 allow_initial_sync=True,
             )
             assert peer.empty
+            for stream in idle:
+                await stream.aclose()
+            with trio.fail_after(5):
+                while rcv.limiter.pending:
+                    await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
-    refusals = [r for r in caplog.records if "refusing connection from" in r.getMessage()]
-    assert closed == 20 and len(refusals) == 1  # one line for the burst, not twenty
-    assert "at most 3" in refusals[0].getMessage() and refusals[0].levelno == logging.WARNING
+    lines = [r for r in caplog.records if "dropped an unauthenticated" in r.getMessage()]
+    assert len(lines) == 1  # one line for the burst, not twenty
+    assert "at most 3" in lines[0].getMessage() and lines[0].levelno == logging.WARNING
     assert_clean_log(caplog)
 
 
@@ -625,7 +652,7 @@ async def test_replica_daemon_lets_the_source_in_past_idle_strangers(tmp_path, c
                 idle.append(loris)  # (closed at the end, with the others)
                 nursery.start_soon(trickle, loris, hello_bytes("loris"))
                 with trio.fail_after(5):
-                    while node.receiver.limiter.pending < 9:  # 8 idle (the cap) + the loris
+                    while node.receiver.limiter.pending < 41:  # young: all counted
                         await trio.sleep(0.01)
                 shipper = shipper_mod.Shipper(
                     src.vol, ("127.0.0.1", node.port), secret=SECRET, node_id="src"
@@ -639,10 +666,87 @@ async def test_replica_daemon_lets_the_source_in_past_idle_strangers(tmp_path, c
                             break
                         await trio.sleep(0.05)
                 assert st["source_node_id"] == "src" and st["sessions"] == 1
+                # ... while the strangers still hold their handshakes (past the cap of 8).
+                assert node.receiver.limiter.pending_from("127.0.0.7") > 8
                 nursery.cancel_scope.cancel()
     finally:
         for stream in idle:
             await stream.aclose()
         src.close()
-    assert "refusing connection from 127.0.0.7" in caplog.text
     assert_clean_log(caplog)
+
+
+async def test_a_flood_from_the_sources_own_address_does_not_keep_it_out(tmp_path, caplog):
+    """On loopback an attacker shares 127.0.0.1 with the real source: 200 unauthenticated
+    connections from that same address (idle half-HELLOs, forged proofs, a loris), each
+    reconnecting as soon as it is dropped, under the daemon's 10 s handshake deadline (a
+    quarter of them send a whole HELLO and then nothing, which is the most an attacker
+    without the secret can do to look like a source). The
+    source still streams within 5 s, and nothing of the attackers is applied."""
+    caplog.set_level(logging.INFO, "mirrorfs")
+    from mirrorfs.repl import shipper as shipper_mod
+
+    applied: list[int] = []
+    rcv = Receiver(
+        str(tmp_path / "dst"),
+        None,
+        secret=SECRET,
+        node_id="dst",
+        handshake_timeout=10.0,
+        on_applied=lambda txn: applied.append(txn.seq),
+    )
+    src = SourceVolume(str(tmp_path / "src"))
+    src.change(3)
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+                port = listeners[0].socket.getsockname()[1]
+                await nursery.start(trio.serve_listeners, rcv.serve, listeners)
+                attack = Attackers(port)
+                async with trio.open_nursery() as attackers:
+                    attackers.start_soon(attack.loris, "127.0.0.1")
+                    for i in range(200):  # half HELLOs; whole ones, then silence or a forgery
+                        mode = ("half", "half", "stall", "forge")[i % 4]
+                        attackers.start_soon(attack.flood_one, "127.0.0.1", 10**6, mode)
+                    with trio.fail_after(20):
+                        while attack.connections < 400:  # they have been dropped and came back
+                            await trio.sleep(0.01)
+                    assert rcv.volume is None
+                    assert rcv.limiter.pending_from("127.0.0.1") > rcv.limiter.per_host
+
+                    shipper = shipper_mod.Shipper(
+                        src.vol, ("127.0.0.1", port), secret=SECRET, node_id="src"
+                    )
+                    shipper_mod.install_retention(src.vol, [shipper])
+                    began = time.monotonic()
+                    nursery.start_soon(shipper.run)
+                    with trio.fail_after(5):
+                        while rcv.state is not ReceiverState.STREAMING:
+                            await trio.sleep(0.01)
+                    took = time.monotonic() - began
+                    src.change(2, size=20000)  # streaming on, while the flood goes on
+                    with trio.fail_after(10):
+                        while not (
+                            rcv.volume is not None
+                            and rcv.volume.consistent
+                            and rcv.volume.last_seq == src.vol.last_seq
+                        ):
+                            await trio.sleep(0.01)
+                    attack.stop.set()
+                    attackers.cancel_scope.cancel()  # (the idle ones would wait for a deadline)
+                nursery.cancel_scope.cancel()
+        assert took < 5.0, took
+        assert rcv.limiter.evictions > 0  # the flood did fill every slot
+        st = rcv.status()
+        assert st["sessions"] == 1 and st["source_node_id"] == "src"
+        assert Accept not in attack.got
+        assert applied == list(range(1, src.vol.last_seq + 1)) or (
+            applied and applied == sorted(applied) and applied[-1] == src.vol.last_seq
+        )
+        assert rcv.limiter.pending == 0
+        assert_clean_log(caplog)
+    finally:
+        src.close()
+        if rcv.volume is not None:
+            rcv.volume.close()

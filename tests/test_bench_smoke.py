@@ -73,3 +73,27 @@ def test_bench_io_quick_runs_every_workload(tmp_path):
     with open("/proc/self/mounts") as f:
         assert str(tmp_path) not in f.read()
     assert os.listdir(tmp_path) == ["bench.json"]
+
+
+def test_bench_repl_tls_compares_both_links(tmp_path):
+    """``bench_repl.py --tls``: one round of each link at a tiny size, a table with both
+    columns filled, the verdict line, nothing left mounted."""
+    if os.geteuid() != 0:
+        pytest.skip("bench_repl.py needs root (FUSE mounts)")
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed (the benchmark makes its certificates with it)")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, env.get("PYTHONPATH")) if p)
+    argv = [sys.executable, os.path.join(REPO, "bench", "bench_repl.py"), "--tls"]
+    argv += ["--rounds", "1", "--size", "4M", "--workdir", str(tmp_path)]
+    proc = subprocess.run(
+        argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=180, check=False
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = {line.split("  ")[0]: line for line in proc.stdout.splitlines()}
+    line = rows["replicated throughput"]
+    assert "n/a" not in line and ">= 0.85x" in line, line
+    assert "TLS cost: " in proc.stdout and "goal under 15%" in proc.stdout
+    with open("/proc/self/mounts") as f:
+        assert str(tmp_path) not in f.read()
+    assert os.listdir(tmp_path) == []

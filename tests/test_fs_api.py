@@ -35,6 +35,26 @@ def test_format_makes_root(fs):
     assert [n for n, _, _ in fs.readdir(R, 0)] == [b".", b".."]
 
 
+def test_dot_lookup_finds_any_inode_by_number(fs):
+    """LOOKUP(ino, ".") is how the kernel serves a file handle of an evicted inode, for
+    every file type; a deleted or free inode is ENOENT (the kernel's ESTALE)."""
+    d = fs.mkdir(R, b"d", 0o755, 0, 0).ino
+    f = mkfile(fs, d, b"f", b"x")
+    fs.link(f, R, b"f-link")
+    fs.forget(f, 1)
+    s = fs.symlink(R, b"s", b"target", 0, 0).ino
+    for ino in (d, f, s):
+        before = fs.getattr(ino)
+        got = fs.lookup(ino, b".")
+        assert (got.ino, got.generation, got.mode) == (before.ino, before.generation, before.mode)
+        fs.forget(ino, 1)  # the lookup took a reference
+    gone = mkfile(fs, R, b"gone")
+    fs.unlink(R, b"gone")
+    raises(errno.ENOENT, fs.lookup, gone, b".")
+    raises(errno.ENOENT, fs.lookup, 1999, b".")  # never allocated
+    raises(errno.ENOTDIR, fs.lookup, f, b"..")
+
+
 def test_create_write_read_and_persist(vol_path):
     vol = Volume.open(vol_path)
     fs = Filesystem(vol)

@@ -4,9 +4,11 @@ replace, noreplace, exchange, errors, hints)."""
 from __future__ import annotations
 
 import errno
+import stat
 
 import pytest
 
+from mirrorfs.fs import fsck
 from mirrorfs.fs.filesystem import (
     Filesystem,
 )
@@ -134,3 +136,107 @@ def test_rename_hints(fs):
     assert (HintKind.ENTRY_REMOVED, t["b"], b"g") in kinds
     assert (HintKind.ENTRY_ADDED, t["b"], b"g") in kinds
     assert any(h.kind == HintKind.INODE_DELETED and h.ino == t["g"] for h in hints)
+
+
+# ------------------------------------------------------------------- RENAME_WHITEOUT
+
+WHITEOUT = 4
+
+
+def _is_whiteout(fs, parent, name) -> bool:
+    a = fs.lookup(parent, name)
+    fs.forget(a.ino, 1)
+    return a.mode == stat.S_IFCHR and a.rdev == 0 and a.nlink == 1
+
+
+def test_whiteout_rename_leaves_a_char_device_0_0(fs):
+    t = _tree(fs)
+    free = fs.statfs().files_free
+    fs.rename(t["a"], b"f", t["b"], b"moved", WHITEOUT, 1234, 5678)
+    assert fs.lookup(t["b"], b"moved").ino == t["f"]
+    assert fs.read(t["f"], 0, 9) == b"F"
+    assert _is_whiteout(fs, t["a"], b"f")
+    wh = fs.lookup(t["a"], b"f")
+    assert (wh.uid, wh.gid) == (1234, 5678)
+    assert fs.statfs().files_free == free - 1
+    listing = {n: a.mode for n, a, _ in fs.readdir(t["a"], 0)}
+    assert stat.S_ISCHR(listing[b"f"])
+    fs.forget(wh.ino, 1)
+    fs.volume.commit()
+    report = fsck.check(fs.volume)
+    assert report.clean, report.describe()
+
+
+def test_whiteout_over_a_target_and_with_noreplace(fs):
+    t = _tree(fs)
+    raises(errno.EEXIST, fs.rename, t["a"], b"f", t["b"], b"g", WHITEOUT | 1)
+    assert fs.lookup(t["a"], b"f").ino == t["f"]  # nothing changed
+    fs.rename(t["a"], b"f", t["b"], b"g", WHITEOUT)  # replaces g, as a plain rename
+    assert fs.lookup(t["b"], b"g").ino == t["f"]
+    raises(errno.ENOENT, fs.getattr, t["g"])
+    assert _is_whiteout(fs, t["a"], b"f")
+    fs.rename(t["b"], b"g", t["b"], b"g2", WHITEOUT | 1)  # noreplace + whiteout is valid
+    assert _is_whiteout(fs, t["b"], b"g")
+
+
+def test_whiteout_of_a_directory_moves_its_link(fs):
+    t = _tree(fs)
+    fs.rename(t["a"], b"sub", t["b"], b"sub", WHITEOUT)
+    assert fs.lookup(t["sub"], b"..").ino == t["b"]
+    assert fs.getattr(t["a"]).nlink == 2 and fs.getattr(t["b"]).nlink == 4
+    assert _is_whiteout(fs, t["a"], b"sub")
+
+
+def test_whiteout_in_a_setgid_directory_takes_its_group(fs):
+    d = fs.mkdir(R, b"sg", 0o2775, 0, 777).ino
+    mkfile(fs, d, b"f")
+    fs.rename(d, b"f", d, b"g", WHITEOUT, 10, 20)
+    wh = fs.lookup(d, b"f")
+    assert (wh.uid, wh.gid) == (10, 777)
+
+
+@pytest.mark.parametrize(
+    "flags,code",
+    [
+        (WHITEOUT | 2, errno.EINVAL),  # with RENAME_EXCHANGE
+        (WHITEOUT | 2 | 1, errno.EINVAL),
+        (8, errno.EINVAL),  # unknown flag
+        (WHITEOUT | 8, errno.EINVAL),
+    ],
+)
+def test_whiteout_flag_errors(fs, flags, code):
+    t = _tree(fs)
+    raises(code, fs.rename, t["a"], b"f", t["b"], b"g", flags)
+    assert names(fs, t["a"]) == [b"f", b"sub"]
+    assert names(fs, t["b"]) == [b"empty", b"g"]
+
+
+def test_whiteout_needs_a_free_inode(vol_path):
+    from mirrorfs.store.volume import Volume
+
+    vol = Volume.open(vol_path)
+    fs = Filesystem(vol)
+    try:
+        mkfile(fs, R, b"f")
+        n = 0
+        while fs.statfs().files_free:
+            mkfile(fs, R, b"x%d" % n)
+            n += 1
+        raises(errno.ENOSPC, fs.rename, R, b"f", R, b"g", WHITEOUT)
+        assert fs.lookup(R, b"f").ino  # still there, not renamed
+        raises(errno.ENOENT, fs.lookup, R, b"g")
+        fs.rename(R, b"f", R, b"g")  # a plain rename needs no inode
+    finally:
+        fs.close()
+        vol.close()
+
+
+def test_whiteout_hints_name_the_new_entry(fs):
+    t = _tree(fs)
+    fs.volume.commit()
+    fs.rename(t["a"], b"f", t["b"], b"h", WHITEOUT)
+    wh = fs.lookup(t["a"], b"f").ino
+    kinds = [(h.kind, h.ino, h.parent, h.name) for h in fs.volume._hints if h.parent]
+    assert (HintKind.ENTRY_REMOVED, t["f"], t["a"], b"f") in kinds
+    assert (HintKind.ENTRY_ADDED, wh, t["a"], b"f") in kinds
+    assert (HintKind.ENTRY_ADDED, t["f"], t["b"], b"h") in kinds

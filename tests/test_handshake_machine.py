@@ -96,7 +96,7 @@ def test_empty_target_asks_for_initial_sync():
     [
         ({"secret": b"x" * 32}, {}, "source", RefuseReason.AUTH, "target 'tgt' failed auth"),
         ({}, {"secret": None}, "source", RefuseReason.AUTH, "failed authentication"),
-        ({"protocol_version": 2}, {}, "target", RefuseReason.VERSION, "protocol version 2"),
+        ({"protocol_version": 1}, {}, "target", RefuseReason.VERSION, "protocol version 1"),
         ({}, {"volume_uuid": bytes(15) + b"\1"}, "source", RefuseReason.WRONG_VOLUME, "wrong"),
         ({}, {"volume_uuid": None}, "source", RefuseReason.NO_INITIAL_SYNC, "empty"),
         ({}, {"epochs": [(1, 1), (2, 4)]}, "source", RefuseReason.FENCED, "fenced"),
@@ -150,3 +150,30 @@ def test_refuse_from_peer_and_unexpected_messages():
 def test_source_needs_a_uuid():
     with pytest.raises(ValueError):
         source(volume_uuid=ZERO_UUID)
+
+
+def test_resume_points_reach_the_source():
+    """What the target holds of a record sent in parts, and of an unfinished initial-sync
+    copy (only when it is empty), is in the source's Peer after the handshake."""
+    s_steps, _ = run(source(), target(partial_seq=8, partial_offset=131072))
+    peer = s_steps[-1].peer
+    assert (peer.partial_seq, peer.partial_offset, peer.copy_block) == (8, 131072, 0)
+    src = source(allow_initial_sync=True)
+    s_steps, _ = run(src, target(volume_uuid=None, epochs=[], copy_seq=4, copy_block=96))
+    peer = s_steps[-1].peer
+    assert peer.empty and (peer.copy_seq, peer.copy_block) == (4, 96)
+    # A target with a volume has no copy to resume, whatever its caller says.
+    s_steps, _ = run(source(), target(copy_seq=4, copy_block=96))
+    assert s_steps[-1].peer.copy_block == 0
+
+
+def test_an_old_peer_is_refused_with_the_versions_named():
+    """A protocol-1 source (no TXN_PART, a shorter HELLO_REPLY) is told so at its HELLO,
+    before anything it could misread is sent."""
+    tgt = target()
+    step = tgt.receive(wire_copy(source(protocol_version=1).hello()))
+    assert step.send == [] and step.refuse is not None
+    assert step.refuse.reason is RefuseReason.VERSION
+    assert "speaks protocol version 1, the target speaks 2" in step.refuse.text
+    # ... in a REFUSE whose frame and payload are laid out as in protocol 1.
+    assert decode_frames(step.refuse.encode()) == [step.refuse]

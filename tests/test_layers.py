@@ -44,6 +44,7 @@ LAYERS: dict[str, int] = {
     "node": 3,
     "cli": 4,
     "__main__": 4,
+    "mount_helper": 4,
 }
 #: Top-level modules of one layer that must not import each other.
 APART: list[frozenset[str]] = [frozenset({"fs", "repl"})]

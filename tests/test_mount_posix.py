@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from tests import syscalls
 from tests.util import (
     cleanup,
     expect_errno,
@@ -316,6 +317,107 @@ def test_times_past_the_format_keep_the_mount_writable(d):
         os.fsync(f.fileno())
     with open(os.path.join(d, "after"), "rb") as f:
         assert f.read() == b"still writable"
+
+
+def test_file_handles_survive_dropped_caches(rw, d):
+    """name_to_handle_at + open_by_handle_at after the kernel evicted the inodes: the
+    kernel finds them again with LOOKUP(ino, "."), for files, hard links and directories;
+    a deleted inode (and a reused inode number) is ESTALE."""
+    if os.geteuid() != 0:
+        pytest.skip("open_by_handle_at and drop_caches need root")
+    sub = os.path.join(d, "sub")
+    os.mkdir(sub)
+    with open(os.path.join(sub, "f"), "wb") as f:
+        f.write(b"hello")
+    os.link(os.path.join(sub, "f"), os.path.join(d, "f-link"))
+    with open(os.path.join(d, "gone"), "wb") as f:
+        f.write(b"gone")
+    handles = {
+        name: syscalls.name_to_handle_at(os.path.join(d, name))
+        for name in ("sub", "sub/f", "f-link", "gone")
+    }
+    inos = {name: os.stat(os.path.join(d, name)).st_ino for name in handles}
+    os.unlink(os.path.join(d, "gone"))
+    with open(os.path.join(d, "new"), "wb") as f:  # may take the freed inode number
+        f.write(b"new")
+    syscalls.drop_caches()
+    mount_fd = os.open(rw.mnt, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for name in ("sub/f", "f-link"):
+            fd = syscalls.open_by_handle_at(mount_fd, handles[name])
+            try:
+                assert os.fstat(fd).st_ino == inos[name]
+                assert os.pread(fd, 100, 0) == b"hello"
+            finally:
+                os.close(fd)
+        fd = syscalls.open_by_handle_at(mount_fd, handles["sub"], os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert os.fstat(fd).st_ino == inos["sub"]
+            assert os.listdir(fd) == ["f"]
+        finally:
+            os.close(fd)
+        expect_errno(errno.ESTALE, syscalls.open_by_handle_at, mount_fd, handles["gone"])
+    finally:
+        os.close(mount_fd)
+
+
+def test_file_handles_survive_a_remount(tmp_path):
+    """A handle is the inode number and its generation, both on disk: it opens the same
+    file and directory through the next mount of the volume (what NFS needs of a server
+    restart)."""
+    if os.geteuid() != 0:
+        pytest.skip("open_by_handle_at needs root")
+    vol = tmp_path / "vol"
+    mkfs(vol, "64M")
+    with public_dir() as mnt:
+        with mounted(vol, mnt):
+            with open(os.path.join(mnt, "f"), "wb") as f:
+                f.write(b"kept")
+            os.mkdir(os.path.join(mnt, "d"))
+            handles = {n: syscalls.name_to_handle_at(os.path.join(mnt, n)) for n in ("f", "d")}
+            inos = {n: os.stat(os.path.join(mnt, n)).st_ino for n in ("f", "d")}
+        with mounted(vol, mnt):
+            mount_fd = os.open(mnt, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                for name, flags in (("f", os.O_RDONLY), ("d", os.O_RDONLY | os.O_DIRECTORY)):
+                    fd = syscalls.open_by_handle_at(mount_fd, handles[name], flags)
+                    try:
+                        assert os.fstat(fd).st_ino == inos[name]
+                        if name == "f":
+                            assert os.pread(fd, 10, 0) == b"kept"
+                    finally:
+                        os.close(fd)
+            finally:
+                os.close(mount_fd)
+
+
+def test_rename_whiteout(d):
+    """renameat2(RENAME_WHITEOUT), as overlayfs uses it: the source name becomes a
+    character device 0:0, the target gets the file; the flag combinations Linux refuses."""
+    src, dst = os.path.join(d, "src"), os.path.join(d, "dst")
+    with open(src, "wb") as f:
+        f.write(b"payload")
+    ino = os.stat(src).st_ino
+    syscalls.renameat2(src, dst, syscalls.RENAME_WHITEOUT)
+    st = os.lstat(src)
+    assert stat.S_ISCHR(st.st_mode) and st.st_rdev == 0 and st.st_ino != ino
+    assert os.stat(dst).st_ino == ino
+    with open(dst, "rb") as f:
+        assert f.read() == b"payload"
+    for flags in (
+        syscalls.RENAME_WHITEOUT | syscalls.RENAME_EXCHANGE,
+        syscalls.RENAME_NOREPLACE | syscalls.RENAME_EXCHANGE,
+    ):
+        expect_errno(errno.EINVAL, syscalls.renameat2, dst, src, flags)
+    expect_errno(
+        errno.EEXIST,
+        syscalls.renameat2,
+        dst,
+        src,
+        syscalls.RENAME_WHITEOUT | syscalls.RENAME_NOREPLACE,
+    )
+    os.unlink(src)  # a whiteout is an ordinary name outside an overlay
+    assert os.listdir(d) == ["dst"]
 
 
 def test_readdir_large_directory(d):

@@ -303,3 +303,43 @@ def test_thread_api():
     finally:
         server.shutdown()
         server.server_close()
+
+
+async def test_reset_every_connection_after_n_bytes(setup):
+    """``reset_every``: each connection gets at most N bytes through, then a reset (RST) on
+    both sides; every new connection again (the rule is not used up)."""
+    echo, proxy, port = setup
+    proxy.reset_every(20_000, Direction.UP)
+    data = os.urandom(100_000)
+    for i in range(3):
+        got, cut = await exchange(port, data)
+        assert cut, f"connection {i} was not cut"
+        received = await echo.ended()
+        assert 0 < len(received) <= 20_000 and received == data[: len(received)]
+        assert got == data[: len(got)] and len(got) <= 20_000
+        conn = proxy.connections[i]
+        assert conn.cut and conn.reset and conn.up == 20_000
+    # A reset, not a FIN: once the echoed bytes are read, the client's read fails (ECONNRESET)
+    # instead of returning EOF.
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(data[:30_000])
+    with trio.fail_after(5):
+        with pytest.raises(trio.BrokenResourceError):
+            while await stream.receive_some(65536):
+                pass
+    await stream.aclose()
+    proxy.clear_faults()
+    got, cut = await exchange(port, data)
+    assert got == data and not cut
+
+
+async def test_flip_once_over_every_connection(setup):
+    """``flip_after(n)`` flips exactly one byte, once, whichever connection carries it."""
+    echo, proxy, port = setup
+    proxy.flip_after(1500, Direction.UP)
+    data = os.urandom(1000)
+    got1, _ = await exchange(port, data)  # bytes 0..999: untouched
+    got2, _ = await exchange(port, data)  # bytes 1000..1999: byte 500 of this one flipped
+    got3, _ = await exchange(port, data)
+    assert got1 == data and got3 == data
+    assert [i for i in range(len(data)) if got2[i] != data[i]] == [500]

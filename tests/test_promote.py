@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from tests.repl_util import (
     Cluster,
@@ -41,7 +42,9 @@ def test_unmount_and_promote_a_running_replica(tmp_path):
         assert len(err.splitlines()) == 1 and rep.alive()
         st = rep.status()
         assert st["source_address"] and st["last_contact"] > 0
-        assert "source: " in run_cli("status", rep.dir).stdout
+        shown = run_cli("status", rep.dir).stdout
+        assert re.search(r"^source\s+127\.0\.0\.1:\d+ \(node \w+\)$", shown, re.M), shown
+        assert re.search(r"^  last contact\s+[\d.]+ m?s ago$", shown, re.M), shown
 
         proc = run_cli("promote", rep.dir, "--force")
         assert proc.returncode == 0, proc.stderr

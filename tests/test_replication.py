@@ -38,6 +38,7 @@ from tests.repl_util import (
     wait_target,
     write_secret,
 )
+from tests.status_schema import check_status
 from tests.util import expect_errno, fsck, needs_fuse, run_cli, umount, wait_for
 
 pytestmark = [pytest.mark.mount, needs_fuse]
@@ -64,7 +65,9 @@ def tree(tmp_path_factory) -> str:
 
 def cli_status(volume_dir: str) -> dict:
     proc = run_cli("status", volume_dir, "--json", check=True)
-    return json.loads(proc.stdout)
+    doc = json.loads(proc.stdout)
+    check_status(doc)  # the version-1 schema, field by field (docs/json.md)
+    return doc
 
 
 def cli_verify(volume_dir: str) -> str:

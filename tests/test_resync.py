@@ -18,6 +18,9 @@ import trio
 import mirrorfs.repl.resync as resync_mod
 import mirrorfs.repl.shipper as shipper_mod
 from mirrorfs.fs.filesystem import ROOT_INO, Filesystem
+from mirrorfs.node import events
+from mirrorfs.node.status_model import status_document
+from mirrorfs.node.status_view import status_text
 from mirrorfs.repl.lag import install_retention
 from mirrorfs.repl.receiver import Receiver
 from mirrorfs.repl.shipper import Shipper, ShipperState
@@ -27,6 +30,7 @@ from mirrorfs.store.samlog import SamLog
 from mirrorfs.store.staging import Stage, StagedBlocks, StagedTxn, stage_files
 from mirrorfs.store.volume import Volume
 from tests.repl_util import MemoryListener
+from tests.status_schema import LINK, assert_no_repr, check
 
 MiB = 1 << 20
 BS = 4096
@@ -163,12 +167,33 @@ async def test_resync_sends_only_what_differs_and_ends_identical(tmp_path, nurse
     changed: set[int] = set()
     await t.force_out_of_sync(lambda: write_run(t.src, rng, changed))
     assert not t.shipper.status()["pinning"]
+    # What the operator sees of it: out-of-sync, not connected, no lag figures of a stage.
+    oos = _source_doc(t.shipper)
+    (link,) = oos["targets"]
+    check(link, LINK)
+    assert (link["state"], link["connected"], link["resyncs"]) == ("out-of-sync", False, 0)
+    assert link["lag"]["sent_not_received"]["txns"] is None and link["lag_txns"] > 0
+    text = status_text(oos)
+    assert_no_repr(text)
+    assert "out-of-sync (not connected" in text and "resync needed" in text
 
     await t.come_back()
     await wait_until(lambda: t.shipper.resync is not None and t.shipper.resync.done, what="resync")
     await wait_until(t.caught_up, what="caught up")
     assert t.shipper.state is ShipperState.STREAMING
     assert same_blocks(t.src, t.receiver.volume)
+    back = _source_doc(t.shipper)
+    (link,) = back["targets"]
+    assert (link["state"], link["connected"], link["resyncs"], link["sync"]) == (
+        "streaming",
+        True,
+        1,
+        None,
+    )
+    assert "connected" in [e["event"] for e in events.diff(oos, back)]
+    rdoc = status_document({**t.receiver.status(), "role": "target"}, t.rdir)
+    check(rdoc["source"], LINK)
+    assert rdoc["source"]["resyncs"] == 1 and rdoc["source"]["applied_seq"] == t.src.last_seq
 
     r = t.shipper.status()["resync"]
     assert r["base_seq"] == base and r["end_seq"] == r["start_seq"] == t.src.last_seq
@@ -198,6 +223,14 @@ async def test_resync_sends_only_what_differs_and_ends_identical(tmp_path, nurse
     await wait_until(t.caught_up, what="streaming after the resync")
     assert same_blocks(t.src, tv)
     assert t.shipper.status()["pinning"]
+
+
+def _source_doc(shipper: Shipper) -> dict:
+    """The status document of a source with this one target (as the mount would serve)."""
+    vol = shipper.volume
+    raw = {"role": "source", "committed_seq": vol.last_seq, "epoch": vol.state.epoch,
+           "targets": [shipper.status()]}  # fmt: skip
+    return status_document(raw, vol.path)
 
 
 # -- a reader on the replica during a resync

@@ -152,3 +152,16 @@ def test_resync_reply_is_compared_or_refused():
         compare_reply(progress, batch, [a, a], VerifyReply(8, [a, b]), "t:1")
     with pytest.raises(ResyncError, match="1 digest.s. for 2: it moved"):
         compare_reply(progress, batch, [a, a], VerifyReply(7, [a]), "t:1")
+
+
+def test_copy_to_resume_only_the_copy_this_source_pins_for():
+    p = TargetPositions()
+    assert p.copy_to_resume(None, (30, 64), 1000) == 0  # no copy begun here
+    p.pin_sync(30)
+    assert p.copy_to_resume(30, (30, 64), 1000) == 64
+    assert p.copy_to_resume(30, (0, 0), 1000) == 0  # the target holds none (it restarted)
+    assert p.copy_to_resume(30, (29, 64), 1000) == 0  # another copy
+    assert p.copy_to_resume(30, (30, 1000), 1000) == 1000  # all copied: SYNC_END is left
+    assert p.copy_to_resume(30, (30, 1001), 1000) == 0  # outside the volume
+    p.pin_dropped = "beyond the log cap"  # S+1 may be gone: the copy cannot be made whole
+    assert p.copy_to_resume(30, (30, 64), 1000) == 0

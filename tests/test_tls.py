@@ -16,6 +16,7 @@ The end-to-end test with the daemons and mounts is ``test_tls_daemons_and_mounts
 from __future__ import annotations
 
 import datetime
+import functools
 import logging
 import os
 import random
@@ -24,8 +25,9 @@ import pytest
 import trio
 
 from mirrorfs import cli
+from mirrorfs.repl.admission import HandshakeLimiter
 from mirrorfs.repl.auth import check_listen_policy, check_peer_policy
-from mirrorfs.repl.receiver import Receiver
+from mirrorfs.repl.receiver import Receiver, ReceiverState
 from mirrorfs.repl.shipper import Shipper, ShipperState
 from mirrorfs.repl.tls import (
     TlsConfig,
@@ -256,9 +258,7 @@ async def listen(nursery: trio.Nursery, receiver: Receiver, tls: TlsConfig | Non
     does (node/replica.py ``_serve_one``); its port."""
 
     async def handler(stream: trio.SocketStream) -> None:
-        served = await accept(stream, tls, timeout=5.0)
-        if served is not None:
-            await receiver.serve(served)
+        await receiver.serve(stream, prepare=functools.partial(accept, tls=tls, timeout=5.0))
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     await nursery.start(trio.serve_listeners, handler, listeners)
@@ -616,3 +616,50 @@ async def test_close_is_bounded_when_the_peer_reads_nothing(pki, nursery, autoju
     with trio.CancelScope(shield=True):
         await client.aclose()  # the server never reads the close_notify
     assert trio.current_time() - start <= 1.5
+
+
+async def test_tls_handshakes_count_against_the_caps(tmp_path, pki, nursery, caplog):
+    """Connections that never start their TLS handshake hold a place under the receiver's
+    caps on unauthenticated connections like any other: beyond the total cap the oldest
+    are dropped at once, not after the TLS deadline, and a TLS source still gets in."""
+    caplog.set_level(logging.INFO)
+    src = make_source(tmp_path)
+    rdir = str(tmp_path / "replica")
+    os.makedirs(rdir)
+    limiter = HandshakeLimiter(per_host=8, total=16)
+    receiver = Receiver(rdir, None, secret=SECRET, node_id="tgt", limiter=limiter)
+    idle: list[trio.SocketStream] = []
+    try:
+        src.write(10, os.urandom(BS * 4))
+        src.commit()
+        port = await listen(nursery, receiver, load_tls(pki.node("t")))
+        for _ in range(40):  # silent: not even a ClientHello
+            idle.append(await trio.open_tcp_stream("127.0.0.1", port))
+        await wait_until(lambda: limiter.evictions >= 24, 10, "the oldest to be dropped")
+        assert limiter.pending == 16
+        for stream in idle[:24]:
+            with trio.fail_after(2):  # closed by the target (a reset counts as a close)
+                try:
+                    assert await stream.receive_some(100) == b""
+                except trio.BrokenResourceError:
+                    pass
+        address = ("127.0.0.1", port)
+        shipper = Shipper(
+            src,
+            address,
+            secret=SECRET,
+            node_id="src",
+            connect=connector(address, load_tls(pki.node("s"))),
+        )
+        began = trio.current_time()
+        await nursery.start(shipper.run)
+        await wait_until(lambda: receiver.state is ReceiverState.STREAMING, 5, "streaming")
+        assert trio.current_time() - began < 5
+        assert receiver.status()["sessions"] == 1
+        no_tracebacks(caplog)
+    finally:
+        for stream in idle:
+            await stream.aclose()
+        src.close()
+        if receiver.volume is not None:
+            receiver.volume.close()

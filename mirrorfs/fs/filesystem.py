@@ -250,13 +250,22 @@ class Filesystem(NamespaceOps):
     # -------------------------------------------------------------- lookups and attributes
 
     def lookup(self, parent: int, name: bytes) -> Attr:
-        """The inode named ``name`` in directory ``parent`` (+1 ref); b"." and b".." too."""
-        dinode = self._dir(parent)
+        """The inode named ``name`` in directory ``parent`` (+1 ref); b"." and b".." too.
+
+        b"." is also how the kernel finds an inode again by number after it evicted it, to
+        serve a file handle (open_by_handle_at, NFS; FUSE_EXPORT_SUPPORT, which pyfuse3
+        asks for): then ``parent`` is that inode, of any type. A freed or deleted inode is
+        ENOENT, which the kernel turns into ESTALE; a reused number has a new generation,
+        which the kernel checks against the handle's.
+        """
         if name == b".":
-            inode = dinode
+            inode = self._get(parent)
+            if inode.nlink == 0:
+                raise FsError(errno.ENOENT, f"inode {parent} is deleted")
         elif name == b"..":
-            inode = self.inodes.get(self.parent_of(dinode))
+            inode = self.inodes.get(self.parent_of(self._dir(parent)))
         else:
+            dinode = self._dir(parent)
             check_name(name)
             found = self.dirs.lookup(dinode, name)
             if found is None:

@@ -15,7 +15,9 @@ What is checked, from the root down:
 Repair (``repair=True``) fixes: wrong link counts, parent pointers and ``blocks`` counts;
 pending orphans and unreachable inodes with nlink 0 (freed); orphan-list entries that
 should not be there; leaked blocks (freed) and referenced blocks marked free (marked used);
-inode-bitmap bits of empty slots. It then commits and checks again; ``clean`` describes the
+inode-bitmap bits of empty slots; slots that are not empty but free in the bitmap (cleared,
+or marked used when a name points at them: a log that lost transactions leaves the table and
+the bitmap at different points). It then commits and checks again; ``clean`` describes the
 final state. Anything else is reported, not touched. Damage is a reported problem, never a
 traceback: every inode and directory is checked under its own ``try``.
 """
@@ -104,6 +106,8 @@ class _Scan:
     leaked: list[tuple[int, int]] = field(default_factory=list)
     unmarked: list[tuple[int, int]] = field(default_factory=list)
     empty_slots: list[int] = field(default_factory=list)
+    stale_slots: list[int] = field(default_factory=list)  # free in the bitmap, not empty
+    dangling: set[int] = field(default_factory=set)  # free inodes that entries point at
     blocks_used: int = 0
     unreadable: bool = False  # some inode's blocks are unknown: "leaks" may be its blocks
     fatal: bool = False
@@ -194,6 +198,7 @@ class _Checker:
                 if not used:
                     if raw != zero:
                         s.problem("slot", f"inode {ino}: free in the bitmap, slot not empty")
+                        s.stale_slots.append(ino)
                     continue
                 if raw == zero:
                     s.problem("slot", f"inode {ino}: allocated in the bitmap, slot empty")
@@ -273,6 +278,7 @@ class _Checker:
                     child = s.inodes.get(r.ino)
                     if child is None:
                         s.problem("dangling", f"{where} points at free inode {r.ino}")
+                        s.dangling.add(r.ino)
                         continue
                     if (child.mode >> 12) & 0xF != r.dtype:
                         s.problem(
@@ -408,6 +414,14 @@ class _Checker:
         for ino in s.empty_slots:
             table.bitmap.free(ino, 1)
             done.append(f"inode {ino}: empty slot marked free")
+        for ino in s.stale_slots:
+            # (a log that lost transactions leaves the table ahead of the bitmap, or behind)
+            if ino in s.dangling:  # a name still points at it: keep the file
+                table.bitmap.mark_used(ino, 1)
+                done.append(f"inode {ino}: in use by a name but free in the bitmap, marked used")
+            else:
+                table.clear_slot(ino)
+                done.append(f"inode {ino}: free in the bitmap, stale slot cleared")
         return done
 
     def repair_bitmap(self, s: _Scan) -> list[str]:
@@ -470,9 +484,14 @@ def check(volume: BlockStore, *, repair: bool = False) -> FsckReport:
     pending = any(s.inodes[i].nlink == 0 for i in s.orphan_list)
     if checker is not None and not s.fatal and (s.problems or pending):
         try:
+            adopted = any(ino in s.dangling for ino in s.stale_slots)
             report.repaired += checker.repair_inodes(s)
             volume.commit()
             checker, s = _scan(volume)  # block accounting after the frees
+            if adopted and checker is not None and not s.fatal:  # check what was kept
+                report.repaired += checker.repair_inodes(s)
+                volume.commit()
+                checker, s = _scan(volume)
             if checker is not None and not s.fatal:
                 report.repaired += checker.repair_bitmap(s)
                 volume.commit()

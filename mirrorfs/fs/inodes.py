@@ -208,6 +208,17 @@ class InodeTable:
         self.volume.hint(Hint(HintKind.INODE_DELETED, inode.ino))
         self._forget(inode.ino)
 
+    def clear_slot(self, ino: int) -> None:
+        """Zero the table slot of ``ino``, which the bitmap says is free (fsck)."""
+        if self.is_used(ino):
+            raise ValueError(f"inode {ino} is in use")
+        block, off = self._where(ino)
+        buf = bytearray(self.volume.read(block))
+        buf[off : off + INODE_SIZE] = bytes(INODE_SIZE)
+        self.volume.write(block, buf)
+        self.volume.hint(Hint(HintKind.INODE_DELETED, ino))
+        self._forget(ino)
+
     def _next_generation(self) -> int:
         if self._gen_next >= self._gen_limit:
             self._gen_limit = self._gen_next + GENERATION_BATCH

@@ -29,6 +29,8 @@ MAX_SYMLINK = 4095
 LINK_MAX = 65000
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
+#: The source name becomes a whiteout: a character device 0:0 (overlayfs's marker).
+RENAME_WHITEOUT = 4
 # Blocks a directory (or a symlink target) may need to grow by one block: the block itself
 # and extent-tree blocks. Checked up front so that ENOSPC never strikes half way.
 GROW_BLOCKS = 3
@@ -245,12 +247,21 @@ class NamespaceOps:
         raise fs_error(errno.EIO, "directory tree has a loop")
 
     def rename(
-        self, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes, flags: int = 0
+        self,
+        old_parent: int,
+        old_name: bytes,
+        new_parent: int,
+        new_name: bytes,
+        flags: int = 0,
+        uid: int = 0,
+        gid: int = 0,
     ) -> None:
-        """rename(2)/renameat2(2): flags RENAME_NOREPLACE=1, RENAME_EXCHANGE=2."""
+        """rename(2)/renameat2(2): flags RENAME_NOREPLACE=1, RENAME_EXCHANGE=2 and
+        RENAME_WHITEOUT=4 (as ext4: the source name then names a new character device 0:0
+        owned by ``uid``/``gid``; EXCHANGE with NOREPLACE or WHITEOUT is EINVAL)."""
         self._writable()
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == (
-            RENAME_NOREPLACE | RENAME_EXCHANGE
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT) or (
+            flags & RENAME_EXCHANGE and flags & (RENAME_NOREPLACE | RENAME_WHITEOUT)
         ):
             raise fs_error(errno.EINVAL)
         if old_name in (b".", b"..") or new_name in (b".", b".."):
@@ -292,9 +303,9 @@ class NamespaceOps:
                 raise fs_error(errno.ENOTEMPTY)
         if moving_dir and not t_dir and ndir.nlink >= LINK_MAX:
             raise fs_error(errno.EMLINK)
-        if tinode is None:
-            need = GROW_BLOCKS if self.dirs.needs_block(ndir, new_name) else 0
-            self._check_space(blocks=need)
+        whiteout = bool(flags & RENAME_WHITEOUT)
+        need = GROW_BLOCKS if tinode is None and self.dirs.needs_block(ndir, new_name) else 0
+        self._check_space(inodes=1 if whiteout else 0, blocks=need)
 
         now = self._now()
         # Add before remove: the add is the step that may need a new block.
@@ -302,7 +313,11 @@ class NamespaceOps:
             self.dirs.add(ndir, new_name, sinode.ino, dtype_of(sinode.mode))
         else:
             self.dirs.retarget(ndir, new_name, sinode.ino, dtype_of(sinode.mode))
-        self.dirs.remove(odir, old_name)
+        wh = self._new_whiteout(odir, uid, gid, now) if whiteout else None
+        if wh is None:
+            self.dirs.remove(odir, old_name)
+        else:  # the old entry now names the whiteout: no block to find
+            self.dirs.retarget(odir, old_name, wh.ino, dtype_of(wh.mode))
         if moving_dir:
             odir.nlink -= 1
             ndir.nlink += 1
@@ -315,6 +330,8 @@ class NamespaceOps:
             d.mtime_ns = d.ctime_ns = now
             self.inodes.put(d)
         self._hint(HintKind.ENTRY_REMOVED, sinode.ino, old_parent, old_name)
+        if wh is not None:
+            self._hint(HintKind.ENTRY_ADDED, wh.ino, old_parent, old_name)
         if tinode is not None:
             self._hint(HintKind.ENTRY_REMOVED, tinode.ino, new_parent, new_name)
             tinode.nlink = 0 if t_dir else tinode.nlink - 1
@@ -323,6 +340,17 @@ class NamespaceOps:
                 self.dirs.forget(tinode.ino)
             self._drop_link(tinode)
         self._hint(HintKind.ENTRY_ADDED, sinode.ino, new_parent, new_name)
+
+    def _new_whiteout(self, dinode: Inode, uid: int, gid: int, now: int) -> Inode:
+        """A whiteout for a name in ``dinode``: mode S_IFCHR with no permission bits, rdev
+        0:0, one link, owned like a new file (setgid directories give their group)."""
+        if dinode.mode & stat.S_ISGID:
+            gid = dinode.gid
+        inode = self.inodes.allocate(stat.S_IFCHR, uid, gid, now, goal=dinode.ino)
+        inode.nlink = 1
+        inode.rdev = 0
+        self.inodes.put(inode)
+        return inode
 
     def _exchange(
         self,

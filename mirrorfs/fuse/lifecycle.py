@@ -19,8 +19,10 @@ from mirrorfs.store.files import atomic_write
 
 log = logging.getLogger(__name__)
 
-#: What ends a mount process: ``kill``, Ctrl-C, and the terminal going away.
-MOUNT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+#: What ends a mount process: ``kill`` (systemd's stop) and Ctrl-C. SIGHUP reopens the log
+#: file instead (``HANGUP_SIGNALS``: logrotate's convention).
+MOUNT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+HANGUP_SIGNALS = (signal.SIGHUP,)
 
 
 class PidFile:

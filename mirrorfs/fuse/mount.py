@@ -26,7 +26,7 @@ and on the way out (``pyfuse3.main`` returned after ``fusermount3 -u``, a signal
 Unmounting first means no request can arrive while the last transaction is sealed; removing
 the pid file before ``volume.close`` unlocks means a new mount never sees a stale pid file.
 ``mirrorfs umount`` waits for this process to exit, i.e. for the final commit. Its services:
-``signals`` (SIGTERM/SIGINT/SIGHUP -> ``pyfuse3.terminate``), ``persister``
+``signals`` (SIGTERM/SIGINT -> ``pyfuse3.terminate``; SIGHUP -> ``on_hangup``), ``persister``
 (store/committer.py) and ``group-commit`` (seals the open transaction every
 ``commit_interval``), and those of ``MountConfig.services`` (the source's shippers and
 control socket).
@@ -38,6 +38,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,12 +46,13 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from mirrorfs.daemon import notify_systemd
 from mirrorfs.fs.api import ATIME_OPTIONS, AtimePolicy
 from mirrorfs.fs.filesystem import Filesystem
 from mirrorfs.fuse import fastwait
 from mirrorfs.fuse.bdi import raise_readahead
 from mirrorfs.fuse.invalidate import KernelInvalidator
-from mirrorfs.fuse.lifecycle import PidFile, watch_signals
+from mirrorfs.fuse.lifecycle import HANGUP_SIGNALS, PidFile, watch_signals
 from mirrorfs.fuse.operations import DEFAULT_COMMIT_BOUND, Operations
 from mirrorfs.store.errors import VolumeFailed
 from mirrorfs.store.files import MOUNT_PID_FILE
@@ -65,6 +67,9 @@ READY_TIMEOUT = 30.0
 
 #: ``-o`` options that mirrorfs takes itself rather than passing them to libfuse.
 WRITEBACK_OPTION = "writeback_cache"
+#: Consent to mount over a directory that is not empty or is a mount point already (libfuse
+#: 3 dropped the option and mounts anywhere; mirrorfs asks, as fuse 2 and mount(8) did).
+NONEMPTY_OPTION = "nonempty"
 
 #: A trio task function taking ``task_status`` (started with ``nursery.start``).
 Service = Callable[..., Awaitable[None]]
@@ -94,6 +99,8 @@ class MountConfig:
     #: passes the source's replication here): each is called with the volume and the
     #: mountpoint and returns a trio task function taking ``task_status``.
     services: Sequence[Callable[[Volume, str], Service]] = ()
+    #: Called on SIGHUP (the daemon reopens its log file there).
+    on_hangup: Callable[[], None] | None = None
 
 
 def fuse_options(volume_dir: str, extra: Sequence[str] = (), *, read_only: bool) -> set[str]:
@@ -106,6 +113,7 @@ def fuse_options(volume_dir: str, extra: Sequence[str] = (), *, read_only: bool)
     for opt in extra:
         opts.update(o.strip() for o in opt.split(",") if o.strip())
     opts.discard("rw")
+    opts.discard(NONEMPTY_OPTION)  # ours (check_mountpoint); libfuse 3 rejects it
     opts.discard(WRITEBACK_OPTION)  # ours (MountConfig.writeback_cache), unknown to libfuse
     # atime options are ours to apply (atime_policy); libfuse rejects all but noatime, which
     # it passes to the kernel (so that /proc/mounts shows it).
@@ -136,13 +144,52 @@ def wants_writeback(cfg: MountConfig) -> bool:
     return asked and not cfg.read_only
 
 
-def check_mountpoint(mountpoint: str) -> str:
-    """Absolute path of ``mountpoint``; MountError if it is missing or not a directory."""
+def has_option(extra: Sequence[str], name: str) -> bool:
+    """Whether the ``-o`` values ``extra`` (comma-separated strings) hold option ``name``."""
+    return any(o.strip() == name for opt in extra for o in opt.split(","))
+
+
+def _mounted_at(path: str) -> str | None:
+    """What is mounted at ``path`` ("TYPE SOURCE"), or None."""
+    found = None
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 3 and _unescape(fields[1]) == path:
+                found = f"{fields[2]} {_unescape(fields[0])}"
+    return found
+
+
+def _unescape(field: str) -> str:
+    # /proc/mounts escapes space, tab, newline and backslash as \ooo.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def check_mountpoint(mountpoint: str, *, nonempty: bool = False) -> str:
+    """Absolute path of ``mountpoint``; MountError if it is missing, not a directory, or
+    busy (a mount point already, or not empty) and ``nonempty`` was not given."""
     path = os.path.abspath(mountpoint)
     if not os.path.exists(path):
         raise MountError(f"mountpoint {path} does not exist")
     if not os.path.isdir(path):
         raise MountError(f"mountpoint {path} is not a directory")
+    if nonempty:
+        return path
+    busy = _mounted_at(os.path.realpath(path))
+    if busy is not None:
+        raise MountError(
+            f"mountpoint {path} is already a mount point ({busy}): unmount it first, "
+            f"or pass -o {NONEMPTY_OPTION} to mount over it"
+        )
+    try:
+        empty = not os.listdir(path)
+    except OSError as exc:
+        raise MountError(f"mountpoint {path}: {exc.strerror}") from None
+    if not empty:
+        raise MountError(
+            f"mountpoint {path} is not empty: its files would be hidden; "
+            f"pass -o {NONEMPTY_OPTION} to mount over them"
+        )
     return path
 
 
@@ -265,7 +312,7 @@ def run(cfg: MountConfig, on_ready: Callable[[], None] | None = None) -> None:
 
 async def _run(cfg: MountConfig, on_ready: Callable[[], None] | None) -> None:
     volume_dir = os.path.abspath(cfg.volume_dir)
-    mountpoint = check_mountpoint(cfg.mountpoint)
+    mountpoint = check_mountpoint(cfg.mountpoint, nonempty=has_option(cfg.options, NONEMPTY_OPTION))
     options = fuse_options(volume_dir, cfg.options, read_only=cfg.read_only)
 
     async with contextlib.AsyncExitStack() as stack:
@@ -295,6 +342,9 @@ async def _run(cfg: MountConfig, on_ready: Callable[[], None] | None) -> None:
             FuseSession(ops, mountpoint, options, invalidator=ops.invalidator)
         )
         services: list[Service] = [functools.partial(watch_signals, _terminate)]
+        if cfg.on_hangup is not None:
+            hangup = cfg.on_hangup
+            services.append(functools.partial(watch_signals, lambda sig: hangup(), HANGUP_SIGNALS))
         if not cfg.read_only:
             services += _commit_services(ops, volume, cfg.commit_interval)
             services += [make_service(volume, mountpoint) for make_service in cfg.services]
@@ -304,6 +354,7 @@ async def _run(cfg: MountConfig, on_ready: Callable[[], None] | None) -> None:
 
 def _terminate(sig: signal.Signals) -> None:
     log.info("received %s: unmounting", sig.name)
+    notify_systemd("STOPPING=1")
     pyfuse3.terminate()
 
 

@@ -30,6 +30,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -40,6 +41,7 @@ from mirrorfs.fs.filesystem import MAX_FILE_SIZE, Attr, Filesystem, FsError, Set
 from mirrorfs.fuse.gate import WriteGate
 from mirrorfs.fuse.invalidate import KernelInvalidator
 from mirrorfs.fuse.pagecache import DirectWriteCache
+from mirrorfs.fuse.request_stats import REQUEST_STATS
 from mirrorfs.store.committer import Committer
 from mirrorfs.store.errors import NoSpace, VolumeFailed
 
@@ -62,6 +64,8 @@ _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
 _ACCMODE_WRITE = (os.O_WRONLY, os.O_RDWR)
 
+_clock = time.perf_counter
+
 
 def _boundary(*, modifies: bool = False) -> Callable[[_F], _F]:
     """Wrap a handler so that only ``FUSEError`` can leave it.
@@ -73,16 +77,21 @@ def _boundary(*, modifies: bool = False) -> Callable[[_F], _F]:
 
     def decorate(fn: _F) -> _F:
         name = fn.__name__
+        stats = REQUEST_STATS.op(name)  # counts and latency (fuse/request_stats.py)
 
         @functools.wraps(fn)
         async def handler(self: Operations, *args: Any) -> Any:
-            if modifies:
-                self._check_writable()
-                if self.gate.closed or self.gate.refusal:
-                    await self.gate.enter()  # a switchover is draining: wait, do not fail
-                    self._check_writable()
+            t0 = _clock()
+            ok = False
             try:
-                return await fn(self, *args)
+                if modifies:
+                    self._check_writable()
+                    if self.gate.closed or self.gate.refusal:
+                        await self.gate.enter()  # a switchover is draining: wait, do not fail
+                        self._check_writable()
+                result = await fn(self, *args)
+                ok = True
+                return result
             except pyfuse3.FUSEError:
                 raise
             except FsError as exc:
@@ -99,6 +108,8 @@ def _boundary(*, modifies: bool = False) -> Callable[[_F], _F]:
                     # The change may be half done in the open transaction: never commit it.
                     self.enter_failsafe(f"{name}: {exc!r}", discard_open_transaction=True)
                 raise pyfuse3.FUSEError(errno.EIO) from None
+            finally:
+                stats.record(_clock() - t0, ok)
 
         return handler  # type: ignore[return-value]
 
@@ -337,7 +348,9 @@ class Operations(pyfuse3.Operations):
         flags: int,
         ctx: pyfuse3.RequestContext,
     ) -> None:
-        self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self.fs.rename(
+            parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx.uid, ctx.gid
+        )
 
     # -- files
 

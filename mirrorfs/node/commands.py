@@ -8,7 +8,7 @@ without taking the volume's lock (a running daemon is asked instead).
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import os
 import socket
@@ -20,8 +20,10 @@ from mirrorfs.daemon import PROG, CliError
 from mirrorfs.daemon import describe as one_line
 from mirrorfs.node.control import ControlError, control_request, socket_path
 from mirrorfs.node.handover import wait_lock_free
+from mirrorfs.node.json_report import print_json
+from mirrorfs.node.json_report import report as json_report
 from mirrorfs.repl.address import parse_address, parse_listen
-from mirrorfs.store.files import LOG_DIR
+from mirrorfs.store.files import LOG_DIR, NODE_FILE
 
 log = logging.getLogger(__name__)
 
@@ -63,110 +65,164 @@ def _offline_status(volume_dir: str) -> dict[str, Any]:
     }
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    volume_dir = os.path.abspath(args.dir)
-    if not os.path.isdir(volume_dir):
-        raise CommandError(f"{volume_dir}: no such volume directory")
+def node_status(volume_dir: str) -> dict[str, Any]:
+    """The status document (mirrorfs.node.status_model) of the node serving ``volume_dir``,
+    or of the stopped node there."""
+    from mirrorfs.node.status_model import status_document
+
     try:
-        status = _ask(volume_dir, {"cmd": "status"}, timeout=5.0)["status"]
-        status.setdefault("running", True)
+        raw = _ask(volume_dir, {"cmd": "status"}, timeout=5.0)["status"]
+        raw.setdefault("running", True)
     except CommandError as exc:
         if "no daemon is running" not in str(exc):
             raise
-        status = _offline_status(volume_dir)
+        raw = _offline_status(volume_dir)
+    return status_document(raw, volume_dir)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from mirrorfs.node.status_view import status_text, watch_status
+
+    volume_dir = os.path.abspath(args.dir)
+    if not os.path.isdir(volume_dir):
+        raise CommandError(f"{volume_dir}: no such volume directory")
+    doc = node_status(volume_dir)
+    if args.watch is not None:
+        if args.json:
+            raise CommandError("--watch draws for people; for JSON use 'mirrorfs events DIR'")
+        try:
+            watch_status(lambda: node_status(volume_dir), args.watch)
+        except KeyboardInterrupt:
+            return 0
     if args.json:
-        print(json.dumps(status, indent=1, sort_keys=True))
+        print_json(doc)
     else:
-        print(format_status(volume_dir, status))
+        print(status_text(doc))
     return 0
 
 
-def _fmt_seconds(value: Any) -> str:
+def require_source(volume_dir: str, what: str) -> None:
+    """Refuse a command that only makes sense on a source when DIR is a replica, whether
+    its daemon runs (it would refuse too) or not (rather than "no daemon is running")."""
+    from mirrorfs.store.errors import StoreError
+    from mirrorfs.store.nodestate import NodeState, Role
+
+    if not os.path.exists(os.path.join(volume_dir, NODE_FILE)):
+        return
     try:
-        return f"{float(value):.2f}s"
-    except (TypeError, ValueError):
-        return "-"
+        role = NodeState.load(volume_dir).role
+    except (StoreError, OSError, ValueError):
+        return  # the daemon, or the lack of one, says what is wrong
+    if role == Role.TARGET.value:
+        raise CommandError(
+            f"{volume_dir} is a replica (target): {what} only makes sense on a source; "
+            "run it on the source node"
+        )
 
 
-def format_status(volume_dir: str, st: dict[str, Any]) -> str:
-    """Human-readable status lines."""
-    lines = [f"{volume_dir}: {st.get('role', '?')}" + ("" if st.get("running") else " (stopped)")]
-    for key in (
-        "volume_uuid",
-        "node_id",
-        "epoch",
-        "committed_seq",
-        "checkpointed_seq",
-        "received_seq",
-        "applied_seq",
-        "state",
-        "sync_state",
-        "mountpoint",
-        "listen",
-        "log_bytes",
-        "failed",
-        "mount_error",
-    ):
-        if key in st and st[key] not in ("", None):
-            lines.append(f"  {key.replace('_', ' ')}: {st[key]}")
-    if st.get("source_address"):
-        last = float(st.get("last_contact") or 0.0)
-        heard = f"last heard {max(time.time() - last, 0.0):.1f}s ago" if last else "never heard"
-        node = f" (node {st['source_node_id']})" if st.get("source_node_id") else ""
-        lines.append(f"  source: {st['source_address']}{node}, {heard}")
-    for a in st.get("archives") or []:
-        lines.append(
-            f"  archive: {a.get('path')} (epoch {a.get('epoch')}, {a.get('records')} diverged "
-            f"transaction(s) after seq {a.get('fork_seq')})"
-            + (f": {a['note']}" if a.get("note") else "")
-        )
-    for t in st.get("targets", []):
-        reason = f" ({t['reason']})" if t.get("reason") else ""
-        lines.append(f"  target {t.get('address')}: {t.get('state')}{reason}")
-        sync = t.get("initial_sync")
-        if sync:
-            lines.append(f"    initial sync: {sync}")
-        lines.append(
-            f"    received {t.get('received_seq')} applied {t.get('applied_seq')}"
-            f"  lag {t.get('lag_txns', '-')} txn / {t.get('lag_bytes', '-')} bytes"
-            f" / {_fmt_seconds(t.get('lag_seconds'))}"
-            f"  throughput {t.get('throughput_bps', '-')} B/s"
-        )
-    return "\n".join(lines)
+def cmd_events(args: argparse.Namespace) -> int:
+    """``mirrorfs events DIR`` (mirrorfs.node.events: imported only for this command)."""
+    from mirrorfs.node.events import cmd_events as follow_events
+
+    return follow_events(args)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     volume_dir = os.path.abspath(args.dir)
+    require_source(volume_dir, "verify")
     t0 = time.monotonic()
-    reply = _ask(volume_dir, {"cmd": "verify", "timeout": args.timeout}, timeout=args.timeout * 4)
+    from mirrorfs.node.progress import spinner
+
+    request = {"cmd": "verify", "timeout": args.timeout}
+    with contextlib.nullcontext() if args.json else spinner(f"verifying {volume_dir}"):
+        reply = _ask(volume_dir, request, timeout=args.timeout * 4)
     results = reply.get("results", [])
+    ok = bool(results) and all(r.get("ok") for r in results)
     if args.json:
-        print(json.dumps(results, indent=1))
-    elif not results:
-        print(f"{volume_dir}: no targets to verify")
-    for r in results:
-        if not args.json:
-            print(r.get("summary") or f"{r['target']}: {r.get('error', 'failed')}")
-    if not results:
-        return 1
-    ok = all(r.get("ok") for r in results)
-    if not args.json:
-        print(
-            f"verify: {'all targets identical' if ok else 'DIFFERENCES FOUND'} "
-            f"({time.monotonic() - t0:.1f}s)"
+        print_json(
+            json_report(
+                "verify",
+                volume_dir=volume_dir,
+                ok=ok,
+                seconds=round(time.monotonic() - t0, 3),
+                results=[_verify_result(r) for r in results],
+            )
         )
+        return 0 if ok else 1
+    if not results:
+        print(f"{volume_dir}: no targets to verify")
+        return 1
+    for r in results:
+        print(r.get("summary") or f"{r['target']}: {r.get('error', 'failed')}")
+    print(
+        f"verify: {'all targets identical' if ok else 'DIFFERENCES FOUND'} "
+        f"({time.monotonic() - t0:.1f}s)"
+    )
     return 0 if ok else 1
 
 
+def _verify_result(r: dict[str, Any]) -> dict[str, Any]:
+    """One target's verify result in the report (docs/json.md)."""
+    differing = [[int(a), int(n)] for a, n in r.get("differing") or []]
+    return {
+        "target": str(r.get("target", "")),
+        "ok": bool(r.get("ok")),
+        "seq": r.get("seq"),
+        "blocks": r.get("blocks"),
+        "blocks_differing": sum(n for _, n in differing),
+        "differing_ranges": differing,
+        "error": str(r.get("error") or ""),
+        "summary": str(r.get("summary") or r.get("error") or ""),
+    }
+
+
 def cmd_mirror(args: argparse.Namespace) -> int:
+    from mirrorfs.node.status_model import source_link
+
     volume_dir = os.path.abspath(args.dir)
+    require_source(volume_dir, "mirror --add" if args.add else "mirror --remove")
     if args.add:
         reply = _ask(volume_dir, {"cmd": "mirror-add", "address": args.add})
-        print(f"mirroring to {args.add}: {reply.get('target', {}).get('state', 'starting')}")
+        target = source_link(reply.get("target") or {"address": args.add}, time.time())
+        if args.wait is not None:
+            target = _wait_streaming(volume_dir, target["address"], args.wait)
+        if args.json:
+            print_json(
+                json_report(
+                    "mirror", volume_dir=volume_dir, action="add", address=args.add, target=target
+                )  # fmt: skip
+            )
+        else:
+            print(f"mirroring to {args.add}: {target['state'] or 'starting'}")
     else:
         _ask(volume_dir, {"cmd": "mirror-remove", "address": args.remove})
-        print(f"stopped mirroring to {args.remove}")
+        if args.json:
+            print_json(
+                json_report(
+                    "mirror",
+                    volume_dir=volume_dir,
+                    action="remove",
+                    address=args.remove,
+                    target=None,
+                )  # fmt: skip
+            )
+        else:
+            print(f"stopped mirroring to {args.remove}")
     return 0
+
+
+def _wait_streaming(volume_dir: str, address: str, timeout: float) -> dict[str, Any]:
+    """Follow a new target's initial sync (a bar on a terminal) until it streams."""
+    from mirrorfs.node.progress import ProgressTimeout, follow_link
+
+    def fetch() -> dict[str, Any] | None:
+        targets = node_status(volume_dir)["targets"]
+        return next((t for t in targets if t["address"] == address), None)
+
+    try:
+        return follow_link(fetch, address, timeout=timeout)
+    except ProgressTimeout as exc:
+        raise CommandError(f"target {address}: {exc} after {timeout:g} s") from None
 
 
 def _wait_unlocked(volume_dir: str, timeout: float = 120.0) -> None:
@@ -203,17 +259,52 @@ def cmd_promote(args: argparse.Namespace) -> int:
         report["mountpoint"] = ""
     mountpoint = "" if args.no_mount else (args.mount or report.get("mountpoint") or "")
     report["mountpoint"] = ""
+    # The replica mount's FUSE options (allow_other, ...) unless -o says otherwise.
+    options = list(report.get("mount_options") or []) if args.options is None else args.options
+    if args.json:
+        if mountpoint:
+            _mount_promoted(volume_dir, mountpoint, args, options)
+        print_json(_promote_report(volume_dir, report, mountpoint, options, time.monotonic() - t0))
+        return 0
     for line in describe(report):
         print(line)
     if mountpoint:
-        _mount_promoted(volume_dir, mountpoint, args)
-        print(f"  mounted read-write at {mountpoint} ({time.monotonic() - t0:.2f}s after promote)")
+        _mount_promoted(volume_dir, mountpoint, args, options)
+        with_options = f" with -o {','.join(options)}" if options else ""
+        print(
+            f"  mounted read-write at {mountpoint}{with_options} "
+            f"({time.monotonic() - t0:.2f}s after promote)"
+        )
     elif args.mirrors:
         print(
             "  (--mirror takes effect when the volume is mounted: mirrorfs mount DIR MNT "
             "--mirror ...)"
         )
     return 0
+
+
+def _promote_report(
+    volume_dir: str,
+    promoted: dict[str, Any],
+    mountpoint: str,
+    options: list[str],
+    seconds: float,
+) -> dict[str, Any]:
+    return json_report(
+        "promote",
+        volume_dir=volume_dir,
+        old_epoch=promoted.get("old_epoch"),
+        epoch=promoted.get("epoch"),
+        epoch_start_seq=promoted.get("epoch_start_seq"),
+        last_applied_seq=promoted.get("last_applied_seq"),
+        applied_from_log=promoted.get("applied_from_log"),
+        old_source=str(promoted.get("old_source") or ""),
+        promoted_at=float(promoted.get("promoted_at") or 0.0),
+        mountpoint=mountpoint,
+        mounted=bool(mountpoint),
+        mount_options=list(options) if mountpoint else [],
+        seconds=round(seconds, 3),
+    )
 
 
 def _check_promoted_mirrors(args: argparse.Namespace) -> None:
@@ -241,7 +332,9 @@ def _check_promoted_mirrors(args: argparse.Namespace) -> None:
             raise CommandError(f"{exc}; nothing was promoted") from None
 
 
-def _mount_promoted(volume_dir: str, mountpoint: str, args: argparse.Namespace) -> None:
+def _mount_promoted(
+    volume_dir: str, mountpoint: str, args: argparse.Namespace, options: list[str]
+) -> None:
     """``mirrorfs mount volume_dir mountpoint [--mirror ...]`` after a promotion (with the
     promote command's secret and TLS options); a failure is printed as the mount's own
     error, then as the promotion's (CommandError)."""
@@ -263,6 +356,7 @@ def _mount_promoted(volume_dir: str, mountpoint: str, args: argparse.Namespace) 
             MountArgs(
                 volume_dir,
                 mountpoint,
+                options=list(options),
                 mirrors=mirrors,
                 secret_file=args.secret_file,
                 insecure=args.insecure,
@@ -286,6 +380,19 @@ def cmd_demote(args: argparse.Namespace) -> int:
         report = demote_stopped(volume_dir)
     except DemoteError as exc:
         raise CommandError(str(exc)) from None
+    if args.json:
+        print_json(
+            json_report(
+                "demote",
+                volume_dir=volume_dir,
+                last_seq=report["last_seq"],
+                epoch=report["epoch"],
+                epochs=[list(e) for e in report["epochs"]],
+                log_kept_from=report["log_kept_from"],
+                demoted_at=float(report["demoted_at"]),
+            )
+        )
+        return 0
     for line in describe(report):
         print(line)
     return 0
@@ -320,6 +427,7 @@ def cmd_switchover(args: argparse.Namespace) -> int:
     volume_dir = os.path.abspath(args.dir)
     if not os.path.isdir(volume_dir):
         raise CommandError(f"{volume_dir}: no such volume directory")
+    require_source(volume_dir, "switchover")
     _check_listen(args.listen)
     mount = "" if args.no_mount else (os.path.abspath(args.mount) if args.mount else None)
     request = {
@@ -327,6 +435,7 @@ def cmd_switchover(args: argparse.Namespace) -> int:
         "to": args.to,
         "listen": args.listen,
         "mount": mount,
+        "options": args.options,
         "timeout": args.timeout,
     }
     t0 = time.monotonic()
@@ -358,7 +467,7 @@ def cmd_switchover(args: argparse.Namespace) -> int:
     report["streaming_after_seconds"] = round(time.monotonic() - t0, 3)
     report["mounted_read_only"] = bool(st.get("mounted"))
     if args.json:
-        print(json.dumps(report, indent=1, sort_keys=True))
+        print_json(json_report("switchover", volume_dir=volume_dir, **report))
         return 0
     print(
         f"switched over {volume_dir} to {report['target']} at seq {report['seq']}: "

@@ -4,7 +4,9 @@
     daemon -> client   {"ok": true, ...what the handler returned}   e.g. {"ok": true, "status": {}}
                        {"ok": false, "error": "one line"}
 
-A connection may carry several requests, answered in order. The socket is mode 0600: only
+A connection may carry several requests, answered in order. A *stream* command (``events``)
+answers with one line per item until the client closes the connection; it is the last
+request of its connection. The socket is mode 0600: only
 its owner (and root) may talk to the daemon. ``serve_control`` is the daemon's side (a trio
 task), ``control_request`` the command line's (blocking, no trio).
 
@@ -21,7 +23,7 @@ import logging
 import os
 import socket
 import stat
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import trio
@@ -35,6 +37,8 @@ _BACKLOG = 16
 _SUN_PATH_MAX = 108  # bytes of sockaddr_un.sun_path, terminating NUL included
 
 Handler = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+#: A stream command: the items it yields go out as ``{"ok": true, "event": item}`` lines.
+StreamHandler = Callable[[dict[str, Any]], AsyncIterator[dict[str, Any]]]
 
 
 class ControlError(Exception):
@@ -83,9 +87,15 @@ def _socket_owner_alive(path: str) -> bool:
 class ControlServer:
     """Serves ``handlers`` (command name -> async callable) on the socket at ``path``."""
 
-    def __init__(self, path: str, handlers: dict[str, Handler]) -> None:
+    def __init__(
+        self,
+        path: str,
+        handlers: dict[str, Handler],
+        streams: dict[str, StreamHandler] | None = None,
+    ) -> None:
         self.path = os.path.abspath(path)
         self.handlers = handlers
+        self.streams = streams if streams is not None else {}
         self._listener: trio.SocketListener | None = None
         self._ident: tuple[int, int] | None = None  # (st_dev, st_ino) of our socket file
 
@@ -185,6 +195,8 @@ class ControlServer:
                         return
                     buf += data
                 line, buf = bytes(buf[:nl]), buf[nl + 1 :]
+                if await self._stream(stream, line):
+                    return
                 reply = await self._dispatch(line)
                 await stream.send_all(_encode(reply))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -192,6 +204,23 @@ class ControlServer:
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def _stream(self, stream: trio.SocketStream, line: bytes) -> bool:
+        """Serve ``line`` if it asks for a stream command; False if it does not."""
+        try:
+            request = json.loads(line)
+        except ValueError:
+            return False
+        if not isinstance(request, dict) or request.get("cmd") not in self.streams:
+            return False
+        items = self.streams[request["cmd"]](request)
+        try:
+            async for item in items:
+                await stream.send_all(_encode({"ok": True, "event": item}))
+        finally:
+            with trio.CancelScope(shield=True):
+                await items.aclose()  # type: ignore[attr-defined]
+        return True
 
     async def _dispatch(self, line: bytes) -> dict[str, Any]:
         try:
@@ -203,7 +232,7 @@ class ControlServer:
         cmd = request["cmd"]
         handler = self.handlers.get(cmd)
         if handler is None:
-            known = ", ".join(sorted(self.handlers))
+            known = ", ".join(sorted({*self.handlers, *self.streams}))
             return {"ok": False, "error": f"unknown command {cmd!r} (known: {known})"}
         try:
             result = await handler(request)
@@ -218,6 +247,7 @@ class ControlServer:
 async def serve_control(
     path: str,
     handlers: dict[str, Handler],
+    streams: dict[str, StreamHandler] | None = None,
     *,
     task_status: trio.TaskStatus[ControlServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -225,7 +255,7 @@ async def serve_control(
 
     Raises ControlError before ``started`` if another daemon answers there.
     """
-    await ControlServer(path, handlers).serve(task_status=task_status)
+    await ControlServer(path, handlers, streams).serve(task_status=task_status)
 
 
 def control_request(path: str, cmd: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
@@ -267,6 +297,41 @@ def control_request(path: str, cmd: dict[str, Any], timeout: float = 10.0) -> di
     if not isinstance(reply, dict):
         raise ControlError(f"the daemon for {where} sent a malformed reply")
     return reply
+
+
+def control_stream(path: str, cmd: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Send a stream command to the daemon at ``path`` and yield its replies (blocking)
+    until the daemon closes the connection. ControlError when no daemon answers."""
+    where = os.path.dirname(os.path.abspath(path))
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            _connect(s, path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            raise ControlError(f"no daemon is running for {where}") from None
+        except OSError as exc:
+            raise ControlError(f"cannot reach the daemon for {where}: {exc.strerror or exc}")
+        s.sendall(_encode(cmd))
+        buf = bytearray()
+        while True:
+            while (nl := buf.find(b"\n")) >= 0:
+                line, buf = bytes(buf[:nl]), buf[nl + 1 :]
+                try:
+                    reply = json.loads(line)
+                except ValueError:
+                    raise ControlError(f"the daemon for {where} sent a malformed reply") from None
+                yield reply
+            try:
+                data = s.recv(65536)
+            except ConnectionResetError:
+                return
+            if not data:
+                return
+            buf += data
+            if len(buf) > MAX_LINE:
+                raise ControlError(f"the daemon for {where} sent an oversized reply")
+    finally:
+        s.close()
 
 
 def _encode(obj: dict[str, Any]) -> bytes:

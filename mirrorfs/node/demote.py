@@ -86,7 +86,9 @@ def describe(report: dict[str, Any]) -> list[str]:
     last = report["last_seq"]
     return [
         f"demoted {report['volume']}: source -> target at seq {last} "
-        f"(epoch {report['epoch']}, history {report['epochs']})",
+        f"(epoch {report['epoch']}, epoch history: "
+        + ", ".join(f"{e} from seq {s}" for e, s in report["epochs"])
+        + ")",
         "  transactions after the fork point (found when a new source connects) are archived "
         "in DIR/archive/, then replaced by the new source's blocks",
         f"  log kept meanwhile: seq {kept}..{last}" if kept <= last else "  log: empty",

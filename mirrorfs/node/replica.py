@@ -14,6 +14,10 @@ hands the hints to the session's ``KernelInvalidator`` (mirrorfs.fuse.invalidate
 handler, served by the same loop, thus never sees new blocks through old caches; the
 kernel's caches are dropped afterwards, from a worker thread.
 
+A replica whose own log has a hole (acknowledged seqs missing, store/logrecovery.py) cuts
+it there and is not consistent again before its source has resent them
+(``open_replica_volume``, store/holes.py): it is neither mounted nor promoted meanwhile.
+
 An initial sync replaces the volume's own files in DIR (``Volume.create_replica``: blocks,
 log, node.json) and leaves the daemon's; ``_on_created`` still checks that the control
 socket, the log file and the pid file are in place (cheap, and robust to an operator's
@@ -23,6 +27,7 @@ cleanup).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -32,12 +37,20 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from mirrorfs.fuse.lifecycle import PidFile, watch_signals
+from mirrorfs.daemon import notify_systemd
+from mirrorfs.fuse.lifecycle import (
+    HANGUP_SIGNALS,
+    MOUNT_SIGNALS,
+    PidFile,
+    watch_signals,
+)
 from mirrorfs.node.control import ControlError, ControlServer, socket_path
+from mirrorfs.node.events import EventSource
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.receiver import Receiver
 from mirrorfs.repl.tls import TlsConfig, accept, peer_address
 from mirrorfs.repl.wire import Switchover, SwitchoverDone, SwitchoverResult
+from mirrorfs.store.errors import LogHole
 from mirrorfs.store.files import (
     BLOCK_FILE,
     CONTROL_SOCKET,
@@ -70,6 +83,15 @@ _NODE_LOCAL = {
 }
 
 
+#: The control commands of a source, and how a user asks for them (a replica refuses them).
+SOURCE_ONLY_COMMANDS = {
+    "verify": "verify",
+    "mirror-add": "mirror --add",
+    "mirror-remove": "mirror --remove",
+    "switchover": "switchover",
+}
+
+
 class ReplicaError(Exception):
     """The replica cannot start (one-line message for the user)."""
 
@@ -91,7 +113,11 @@ class ReplicaConfig:
     tls: TlsConfig | None = None
     #: Extra FUSE options for the read-only mount (e.g. ``allow_other``).
     mount_options: Sequence[str] = field(default_factory=tuple)
+    #: ``--log``/``--log-level`` as given: the successor of a switchover logs the same way.
+    log_argv: Sequence[str] = ()
     write_pid_file: bool = True
+    #: Serve Prometheus metrics here (``--metrics HOST:PORT``; mirrorfs.node.metrics).
+    metrics: tuple[str, int] | None = None
 
 
 def prepare_dir(volume_dir: str) -> str:
@@ -126,7 +152,20 @@ def open_replica_volume(path: str) -> Volume | None:
             f"{path} holds the source of volume {state.volume_uuid}; a replica needs a target "
             "volume (an empty directory, or a demoted source)"
         )
-    return Volume.open(path)
+    try:
+        return Volume.open(path)
+    except LogHole as hole:
+        # Acknowledged seqs are missing from its own log: cut it at the hole, and stay
+        # unserved (not consistent, store/holes.py) until the source has resent them.
+        log.warning(
+            "%s: the replica's SAM log has a hole: %s; the log is cut there and the replica "
+            "asks its source for seq %d on; it is not served before seq %d is applied again",
+            path,
+            hole.detail,
+            hole.first,
+            hole.last or hole.first,
+        )
+        return Volume.open(path, repair_log=True)
 
 
 @dataclass(slots=True)
@@ -155,6 +194,7 @@ class ReplicaNode:
         self._listen_scope = trio.CancelScope()
         self._listening_done = trio.Event()
         self.promoted: dict[str, Any] | None = None
+        self.events = EventSource(self.document)  # ``mirrorfs events`` (node/events.py)
 
     @property
     def mounted(self) -> bool:
@@ -170,19 +210,26 @@ class ReplicaNode:
         cfg = self.cfg
         check_listen_policy(cfg.host, cfg.secret, cfg.insecure, tls=cfg.tls is not None)
         if cfg.mountpoint:
-            from mirrorfs.fuse.mount import MountError, check_mountpoint
+            from mirrorfs.fuse.mount import (
+                NONEMPTY_OPTION,
+                MountError,
+                check_mountpoint,
+                has_option,
+            )
 
             try:
-                check_mountpoint(cfg.mountpoint)
+                check_mountpoint(
+                    cfg.mountpoint, nonempty=has_option(cfg.mount_options, NONEMPTY_OPTION)
+                )
             except MountError as exc:
                 raise ReplicaError(str(exc)) from None
         path = prepare_dir(self.path)
         self._remember_log_file()
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(self._close_volume)  # last: the volume's lock goes with it
-            control = ControlServer(
-                socket_path(path), {"status": self._cmd_status, "promote": self._cmd_promote}
-            )
+            handlers = {"status": self._cmd_status, "promote": self._cmd_promote}
+            handlers.update({cmd: self._source_only(cmd) for cmd in SOURCE_ONLY_COMMANDS})
+            control = ControlServer(socket_path(path), handlers, {"events": self.events.stream})
             control.bind()  # refuses when another daemon serves this directory
             self.control = control
             stack.callback(control.close)
@@ -194,6 +241,10 @@ class ReplicaNode:
                     self._nursery = nursery
                     await nursery.start(control.serve)
                     await nursery.start(self._serve_sources, listeners)
+                    if cfg.metrics is not None:
+                        from mirrorfs.node.metrics import serve_metrics
+
+                        await nursery.start(serve_metrics, cfg.metrics, self.document)
                     if cfg.write_pid_file:
                         pid_file = PidFile(os.path.join(path, REPLICA_PID_FILE))
                         self._pid_file = stack.enter_context(pid_file)
@@ -245,12 +296,11 @@ class ReplicaNode:
 
     async def _serve_one(self, stream: trio.SocketStream) -> None:
         """One accepted connection: its TLS handshake (or the plain-TCP check), then the
-        receiver; a peer refused there never reaches the receiver."""
-        address = peer_address(stream)
-        served = await accept(stream, self.cfg.tls, timeout=self._handshake_timeout())
-        if served is not None:
-            assert self.receiver is not None
-            await self.receiver.serve(served, address)
+        receiver's handshake; a peer refused by the first never reaches the second. Both
+        count against the receiver's caps on unauthenticated connections."""
+        assert self.receiver is not None
+        prepare = functools.partial(accept, tls=self.cfg.tls, timeout=self._handshake_timeout())
+        await self.receiver.serve(stream, peer_address(stream), prepare=prepare)
 
     def _handshake_timeout(self) -> float:
         return self.receiver.handshake_timeout if self.receiver is not None else 10.0
@@ -298,7 +348,9 @@ class ReplicaNode:
         else:
             report["old_source"] = "unknown: the old source is not connected"
         report["mountpoint"] = os.path.abspath(self.cfg.mountpoint) if self.cfg.mountpoint else ""
+        report["mount_options"] = list(self.cfg.mount_options)
         self.promoted = report
+        self.events.poke()
         assert self._nursery is not None
         self._nursery.start_soon(self._exit_after_reply)
         return {"promoted": report}
@@ -351,15 +403,38 @@ class ReplicaNode:
         out: dict[str, Any] = {"role": "target", "volume_dir": self.path}
         out["listen"] = f"{self.cfg.host or '*'}:{self.port}"
         out["tls"] = self.cfg.tls is not None
+        out["pid"] = os.getpid()
         if self.receiver is not None:
             out.update(self.receiver.status())
         out["mountpoint"] = self.cfg.mountpoint or ""
+        out["mount_options"] = [
+            o.strip() for opt in self.cfg.mount_options for o in opt.split(",") if o.strip()
+        ]
         out["mounted"] = self.mounted
         out["mount_error"] = self.mount_error
         return out
 
+    def document(self) -> dict[str, Any]:
+        """The status document (mirrorfs.node.status_model) of this node now."""
+        from mirrorfs.node.status_model import status_document
+
+        doc = status_document({**self.status(), "running": True}, self.path)
+        doc["promoted"] = self.promoted is not None
+        return doc
+
     async def _cmd_status(self, request: dict[str, Any]) -> dict[str, Any]:
         return {"status": self.status()}
+
+    def _source_only(self, cmd: str):
+        """The answer to a source's control command (``verify`` ...) asked of a replica."""
+
+        async def refuse(request: dict[str, Any]) -> dict[str, Any]:
+            raise ControlError(
+                f"{self.path} is a replica (target): {SOURCE_ONLY_COMMANDS[cmd]} only makes "
+                "sense on a source; run it on the source node"
+            )
+
+        return refuse
 
     # ------------------------------------------------------------------- receiver events
 
@@ -477,21 +552,30 @@ async def run_replica(
     await ReplicaNode(cfg).run(task_status=task_status)
 
 
-def main_replica(cfg: ReplicaConfig, *, on_ready: Callable[[], None] | None = None) -> int:
-    """Run the daemon in this process until SIGTERM/SIGINT; ``on_ready`` once listening."""
+def main_replica(
+    cfg: ReplicaConfig,
+    *,
+    on_ready: Callable[[], None] | None = None,
+    on_hangup: Callable[[], None] | None = None,
+) -> int:
+    """Run the daemon in this process until SIGTERM/SIGINT; ``on_ready`` once listening,
+    ``on_hangup`` on each SIGHUP (the log file is reopened there)."""
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
 
             def stop(sig: signal.Signals) -> None:
                 log.info("received %s: shutting down", sig.name)
+                notify_systemd("STOPPING=1")
                 nursery.cancel_scope.cancel()
 
             async def serve(task_status=trio.TASK_STATUS_IGNORED) -> None:
                 await run_replica(cfg, task_status=task_status)
                 nursery.cancel_scope.cancel()  # the daemon ended by itself (promoted)
 
-            await nursery.start(watch_signals, stop, (signal.SIGTERM, signal.SIGINT))
+            await nursery.start(watch_signals, stop, MOUNT_SIGNALS)
+            if on_hangup is not None:
+                await nursery.start(watch_signals, lambda sig: on_hangup(), HANGUP_SIGNALS)
             await nursery.start(serve)
             if on_ready is not None:
                 on_ready()

@@ -7,13 +7,21 @@ import logging
 import os
 from typing import Any
 
-from mirrorfs.daemon import CliError, run_detached, run_foreground, setup_daemon_logging
+from mirrorfs.daemon import (
+    CliError,
+    check_log_target,
+    daemon_log_file,
+    reopen_logs,
+    run_detached,
+    run_foreground,
+    setup_daemon_logging,
+)
 from mirrorfs.node.control import ControlError
 from mirrorfs.node.replica import ReplicaConfig, ReplicaError, main_replica, prepare_dir
+from mirrorfs.node.volume_commands import log_arguments
 from mirrorfs.repl.address import format_address
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.wire import ReplError
-from mirrorfs.store.files import DAEMON_LOG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +30,7 @@ def cmd_replica(args: Any) -> int:
     """``mirrorfs replica``: returns once the daemon listens (or, --foreground, at exit)."""
     from mirrorfs.fuse.mount import MountError
 
+    check_log_target(args.log, foreground=args.foreground)
     try:
         if args.foreground:
             return _replica_foreground(args)
@@ -39,6 +48,7 @@ def _replica_config(args: Any) -> ReplicaConfig:
     files = tls_from_args(args)
     tls = load_tls(files) if files is not None else None
     check_listen_policy(host, secret, args.insecure, tls=tls is not None)
+    _check_metrics(args)
     return ReplicaConfig(
         volume_dir=os.path.abspath(args.dir),
         host=host,
@@ -49,7 +59,18 @@ def _replica_config(args: Any) -> ReplicaConfig:
         insecure=args.insecure,
         tls=tls,
         mount_options=tuple(args.options),
+        log_argv=tuple(log_arguments(args)),
+        metrics=getattr(args, "metrics", None),
     )
+
+
+def _check_metrics(args: Any) -> None:
+    from mirrorfs.node.metrics import MetricsAddressError, check_metrics_policy
+
+    try:
+        check_metrics_policy(getattr(args, "metrics", None), args.metrics_insecure)
+    except MetricsAddressError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _replica_detached(args: Any) -> int:
@@ -68,18 +89,33 @@ def _replica_detached(args: Any) -> int:
         extra.append("--insecure")
     if cfg.tls is not None:
         extra += cfg.tls.files.argv()
+    extra += log_arguments(args)
+    if getattr(args, "metrics", None):
+        from mirrorfs.node.metrics import metrics_argv
+
+        extra += ["--metrics", metrics_argv(args.metrics)]
+        if args.metrics_insecure:
+            extra.append("--metrics-insecure")
     if getattr(args, "debug", False):
         extra.append("--debug")
     argv = ["replica", volume_dir, "--listen", format_address(host, port), *extra]
-    return run_detached(argv, os.path.join(volume_dir, DAEMON_LOG_FILE), "replica")
+    return run_detached(argv, daemon_log_file(volume_dir, args.log), "replica")
 
 
 def _replica_foreground(args: Any) -> int:
+    # Made first, so that a daemon on a new directory logs to DIR/mirrorfs.log from its start.
+    volume_dir = prepare_dir(args.dir)
     setup_daemon_logging(
-        os.path.abspath(args.dir), debug=getattr(args, "debug", False), ready_fd=args.ready_fd
+        volume_dir,
+        debug=getattr(args, "debug", False),
+        ready_fd=args.ready_fd,
+        target=args.log,
+        level=args.log_level,
     )
     return run_foreground(
         "replica",
         args.ready_fd,
-        lambda on_ready: main_replica(_replica_config(args), on_ready=on_ready),
+        lambda on_ready: main_replica(
+            _replica_config(args), on_ready=on_ready, on_hangup=reopen_logs
+        ),
     )

@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from mirrorfs.node.control import ControlError, serve_control, socket_path
+from mirrorfs.node.events import EventSource
 from mirrorfs.repl.address import parse_address
 from mirrorfs.repl.auth import PeerPolicyError, check_peer_policy
 from mirrorfs.repl.lag import install_retention
@@ -49,6 +50,13 @@ class SourceConfig:
     #: TLS for every target (``--tls-cert/--tls-key/--tls-ca``; also passed on to the
     #: replica daemon a switchover starts).
     tls: TlsConfig | None = None
+    #: The FUSE options (``-o``) of this read-write mount: status shows them, and a
+    #: switchover gives them to the read-only mount of the replica daemon that follows.
+    mount_options: tuple[str, ...] = ()
+    #: ``--log``/``--log-level`` as given: the successor of a switchover logs the same way.
+    log_argv: tuple[str, ...] = ()
+    #: Serve Prometheus metrics here (``--metrics HOST:PORT``; mirrorfs.node.metrics).
+    metrics: tuple[str, int] | None = None
 
 
 class SourceNode:
@@ -63,6 +71,7 @@ class SourceNode:
         self._scopes: dict[tuple[str, int], trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self._switching = False
+        self.events = EventSource(self.document)  # ``mirrorfs events`` (node/events.py)
         # A live view: targets added or removed later are seen at every checkpoint.
         install_retention(volume, self.shippers.values())
         volume.writer.watch_replication(self._replication_pending)
@@ -90,7 +99,12 @@ class SourceNode:
                 "promote": self._cmd_promote,
                 "switchover": self._cmd_switchover,
             }
-            await nursery.start(serve_control, socket_path(self.volume.path), handlers)
+            streams = {"events": self.events.stream}
+            await nursery.start(serve_control, socket_path(self.volume.path), handlers, streams)
+            if self.cfg.metrics is not None:
+                from mirrorfs.node.metrics import serve_metrics
+
+                await nursery.start(serve_metrics, self.cfg.metrics, self.document)
             for address in self.cfg.mirrors:
                 await self.add(address)
             task_status.started()
@@ -167,7 +181,9 @@ class SourceNode:
             "checkpointed_seq": st.checkpointed_seq,
             "log_first_seq": vol.samlog.first_seq,
             "log_bytes": vol.samlog.size_bytes,
+            "log_cap_bytes": self.cfg.max_log_bytes,
             "mountpoint": self.mountpoint,
+            "mount_options": _split_options(self.cfg.mount_options),
             "read_only": bool(vol.failed),
             "failed": vol.failed or "",
             "fenced": vol.condition.fenced,
@@ -175,6 +191,12 @@ class SourceNode:
             "pid": os.getpid(),
             "targets": [s.status() for s in self.shippers.values()],
         }
+
+    def document(self) -> dict[str, Any]:
+        """The status document (mirrorfs.node.status_model) of this node now."""
+        from mirrorfs.node.status_model import status_document
+
+        return status_document({**self.status(), "running": True}, self.volume.path)
 
     async def _cmd_promote(self, request: dict[str, Any]) -> dict[str, Any]:
         raise ControlError(
@@ -190,7 +212,9 @@ class SourceNode:
         if self._switching:
             raise ControlError("a switchover is already running")
         mount = request.get("mount")
+        options = request.get("options")
         req = SwitchoverRequest(
+            mount_options=tuple(self.cfg.mount_options if options is None else options),
             to=self._address({"address": request.get("to", "")}),
             listen=str(request.get("listen", "")),
             mountpoint=self.mountpoint if mount is None else str(mount),
@@ -248,3 +272,8 @@ class SourceNode:
                 }
             )
         return {"results": results}
+
+
+def _split_options(options: tuple[str, ...] | list[str]) -> list[str]:
+    """``-o`` values (each comma-separated) as one list of options."""
+    return [o.strip() for opt in options for o in str(opt).split(",") if o.strip()]

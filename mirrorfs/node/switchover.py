@@ -61,6 +61,8 @@ class SwitchoverRequest:
     listen: str  # HOST:PORT where this node's replica daemon will listen
     mountpoint: str  # where that daemon mounts read-only ("" = no mount)
     timeout: float = DEFAULT_TIMEOUT
+    #: FUSE options of that read-only mount (by default the source mount's own).
+    mount_options: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -179,10 +181,13 @@ async def switch_source(node: Any, req: SwitchoverRequest) -> dict[str, Any]:
     argv = ["replica", vol.path, "--listen", req.listen]
     if req.mountpoint:
         argv += ["--mount", req.mountpoint]
+        for opt in req.mount_options:
+            argv += ["-o", opt]
     if node.cfg.secret_file:
         argv += ["--secret-file", node.cfg.secret_file]
     if node.cfg.tls is not None:
         argv += node.cfg.tls.files.argv()
+    argv += node.cfg.log_argv
     helper = spawn(vol.path, argv)
     log.warning(
         "switchover to %s done: seq %d, epoch %d from seq %d; writes held %.3f s",
@@ -202,6 +207,7 @@ async def switch_source(node: Any, req: SwitchoverRequest) -> dict[str, Any]:
         "requests_held": held,
         "listen": req.listen,
         "mountpoint": req.mountpoint,
+        "mount_options": list(req.mount_options) if req.mountpoint else [],
         "handover_pid": helper,
     }
 
@@ -247,4 +253,5 @@ def successor_argv(volume_dir: str, report: dict[str, Any], cfg: Any) -> list[st
         argv += ["--secret-file", cfg.secret_file]
     if cfg.tls is not None:
         argv += cfg.tls.files.argv()
+    argv += cfg.log_argv
     return argv

@@ -17,14 +17,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mirrorfs.daemon import (
+    DEFAULT_LOG_LEVEL,
     PROG,
     CliError,
+    check_log_target,
+    daemon_log_file,
+    reopen_logs,
     run_detached,
     run_foreground,
     setup_daemon_logging,
     setup_logging,
 )
-from mirrorfs.store.files import DAEMON_LOG_FILE, MOUNT_PID_FILE
+from mirrorfs.store.files import MOUNT_PID_FILE
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +62,25 @@ def cmd_mkfs(args: Any) -> int:
         Filesystem.format(volume, inode_count=inodes, uid=os.getuid(), gid=os.getgid())
     finally:
         volume.close()
+    if getattr(args, "json", False):
+        from mirrorfs.node.json_report import print_json, report
+
+        print_json(
+            report(
+                "mkfs",
+                volume_dir=path,
+                size_bytes=args.size,
+                block_size=bs,
+                blocks=args.size // bs,
+                inodes=inodes,
+            )
+        )
+        return 0
+    import humanize
+
     print(
-        f"{PROG}: created {path}: {args.size} bytes in {args.size // bs} blocks of {bs}, "
-        f"{inodes} inodes"
+        f"{PROG}: created {path}: {humanize.naturalsize(args.size, binary=True)} in "
+        f"{args.size // bs} blocks of {humanize.naturalsize(bs, binary=True)}, {inodes} inodes"
     )
     return 0
 
@@ -87,6 +107,10 @@ class MountArgs:
     tls_ca: str | None = None
     max_log: int | None = None
     force: bool = False
+    log: str | None = None
+    log_level: str = DEFAULT_LOG_LEVEL
+    metrics: tuple[str, int] | None = None
+    metrics_insecure: bool = False
     debug: bool = False
     ready_fd: int | None = None
 
@@ -115,8 +139,23 @@ def _passthrough_mount_args(args: Any) -> list[str]:
         extra += ["--max-log", str(args.max_log)]
     if args.force:
         extra.append("--force")
+    extra += log_arguments(args)
+    if getattr(args, "metrics", None):
+        from mirrorfs.node.metrics import metrics_argv
+
+        extra += ["--metrics", metrics_argv(args.metrics)]
+        if args.metrics_insecure:
+            extra.append("--metrics-insecure")
     if args.debug:
         extra.append("--debug")
+    return extra
+
+
+def log_arguments(args: Any) -> list[str]:
+    """``--log`` and ``--log-level`` as given, for the detached child."""
+    extra = ["--log", args.log] if args.log else []
+    if args.log_level != DEFAULT_LOG_LEVEL:
+        extra += ["--log-level", args.log_level]
     return extra
 
 
@@ -124,13 +163,39 @@ def cmd_mount(args: Any) -> int:
     """``mirrorfs mount DIR MNT``: returns once mounted (``--foreground``: at unmount)."""
     if args.read_only and args.mirrors:
         raise CliError("a read-only mount ships nothing: --mirror needs a read-write mount")
+    check_log_target(args.log, foreground=args.foreground)
+    if args.secret_file:
+        check_secret(args.secret_file)
     tls = check_tls(args)
+    _check_metrics(args)
     check_mirrors(
         args.mirrors, secret_given=bool(args.secret_file), insecure=args.insecure, tls=tls
     )
     if args.foreground:
         return _mount_foreground(args)
     return _mount_detached(args)
+
+
+def check_secret(path: str) -> None:
+    """Refuse a secret file the daemon would refuse, here on the user's terminal (SecretError,
+    one line). Its warnings (a weak secret) are the daemon's to give: it relays them once."""
+    from mirrorfs.repl import auth
+
+    auth_log = logging.getLogger(auth.__name__)
+    disabled, auth_log.disabled = auth_log.disabled, True
+    try:
+        auth.load_secret(path)
+    finally:
+        auth_log.disabled = disabled
+def _check_metrics(args: Any) -> None:
+    from mirrorfs.node.metrics import MetricsAddressError, check_metrics_policy
+
+    if getattr(args, "metrics", None) is not None and args.read_only:
+        raise CliError("--metrics needs a read-write (source) mount; a replica has its own")
+    try:
+        check_metrics_policy(getattr(args, "metrics", None), args.metrics_insecure)
+    except MetricsAddressError as exc:
+        raise CliError(str(exc)) from None
 
 
 def check_tls(args: Any) -> bool:
@@ -160,31 +225,52 @@ def check_mirrors(
 
 def _mount_detached(args: Any) -> int:
     """Start ``mount --foreground`` in a new session and wait until it says the mount is live."""
-    volume_dir = os.path.abspath(args.dir)
-    if not os.path.isdir(volume_dir):
-        raise CliError(f"volume directory {volume_dir} does not exist")
+    volume_dir = check_volume_dir(args.dir)
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mountpoint):
         what = "is not a directory" if os.path.exists(mountpoint) else "does not exist"
         raise CliError(f"mountpoint {mountpoint} {what}")
     argv = ["mount", volume_dir, mountpoint, *_passthrough_mount_args(args)]
-    return run_detached(argv, os.path.join(volume_dir, DAEMON_LOG_FILE), "mount")
+    return run_detached(argv, daemon_log_file(volume_dir, args.log), "mount")
+
+
+def check_volume_dir(path: str) -> str:
+    """Absolute ``path``; CliError unless it is a directory (what a volume is)."""
+    path = os.path.abspath(path)
+    if not os.path.exists(path):
+        raise CliError(f"volume directory {path} does not exist")
+    if not os.path.isdir(path):
+        raise CliError(f"{path} is not a volume directory (a volume is a directory made by mkfs)")
+    return path
 
 
 def _mount_foreground(args: Any) -> int:
     from mirrorfs.fuse.mount import MountConfig, run
 
     volume_dir = os.path.abspath(args.dir)
-    setup_daemon_logging(volume_dir, debug=args.debug, ready_fd=args.ready_fd)
-    cfg = MountConfig(
-        volume_dir=volume_dir,
-        mountpoint=args.mountpoint,
-        read_only=args.read_only,
-        options=args.options,
-        commit_interval=args.commit_interval,
-        services=[] if args.read_only else [_source_service(args)],
+    setup_daemon_logging(
+        volume_dir,
+        debug=args.debug,
+        ready_fd=args.ready_fd,
+        target=args.log,
+        level=args.log_level,
     )
-    return run_foreground("mount", args.ready_fd, lambda on_ready: run(cfg, on_ready=on_ready))
+
+    def serve(on_ready) -> None:
+        # Inside run_foreground: a bad secret or TLS file reaches the ready pipe (the
+        # user's terminal), not only the log.
+        cfg = MountConfig(
+            volume_dir=volume_dir,
+            mountpoint=args.mountpoint,
+            read_only=args.read_only,
+            options=args.options,
+            commit_interval=args.commit_interval,
+            services=[] if args.read_only else [_source_service(args)],
+            on_hangup=reopen_logs,
+        )
+        run(cfg, on_ready=on_ready)
+
+    return run_foreground("mount", args.ready_fd, serve)
 
 
 def _source_service(args: Any):
@@ -203,6 +289,9 @@ def _source_service(args: Any):
         force=args.force,
         insecure=args.insecure,
         tls=load_tls(files) if files is not None else None,
+        mount_options=tuple(args.options),
+        log_argv=tuple(log_arguments(args)),
+        metrics=getattr(args, "metrics", None),
     )
 
     def make(volume, mountpoint):
@@ -245,7 +334,11 @@ def _pid_running(pid: int) -> bool:
 
 
 def cmd_umount(args: Any) -> int:
-    """``mirrorfs umount MNT``: unmount, then wait until the mount process has exited."""
+    """``mirrorfs umount MNT``: unmount, then wait until the mount process has exited.
+
+    ``--lazy``: detach the mount now even while files are open in it; the kernel ends the
+    FUSE session (and the process makes its final commit) once the last one is closed,
+    which is not waited for."""
     setup_logging(args.debug)
     target = os.path.realpath(args.mountpoint)
     found = find_mount(target)
@@ -259,12 +352,14 @@ def cmd_umount(args: Any) -> int:
     except (OSError, ValueError):
         log.warning("no pid file in %s: not waiting for the final commit", volume_dir)
 
-    proc = subprocess.run(["fusermount3", "-u", target], capture_output=True, text=True)
+    lazy = bool(getattr(args, "lazy", False))
+    cmd = ["fusermount3", "-u", *(["-z"] if lazy else []), target]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines() or [f"fusermount3 exited with {proc.returncode}"]
         reason = lines[-1].removeprefix("fusermount3: ")
         raise CliError(f"cannot unmount {target}: {reason}")
-    if pid is not None:
+    if pid is not None and not lazy:
         deadline = time.monotonic() + args.timeout
         while _pid_running(pid):
             if time.monotonic() > deadline:
@@ -282,21 +377,61 @@ def cmd_umount(args: Any) -> int:
 def cmd_fsck(args: Any) -> int:
     """``mirrorfs fsck DIR [--repair]``: 0 when the volume is clean."""
     from mirrorfs.fs import fsck
+    from mirrorfs.store.nodestate import Role
     from mirrorfs.store.volume import Volume
 
     setup_logging(args.debug)
-    path = os.path.abspath(args.dir)
-    if not os.path.isdir(path):
-        raise CliError(f"volume directory {path} does not exist")
+    path = check_volume_dir(args.dir)
     volume = Volume.open(path, read_only=not args.repair, repair_log=args.repair)
     try:
         # With repair, fsck commits its fixes and checks again: ``clean`` is the final state.
+        log_note = ""
+        as_json = getattr(args, "json", False)
         if volume.recovery.replayed or volume.recovery.log_note:
-            print(f"log: {volume.recovery.describe()}")
-        report = fsck.check(volume, repair=args.repair)
-        lines = report.describe()
-        print(lines if isinstance(lines, str) else "\n".join(lines))
+            log_note = volume.recovery.describe()
+            if not as_json:
+                print(f"log: {log_note}")
+        # A replica's blocks come from its source: a local fix would be a transaction the
+        # source never had (the log's own repair above only makes it ask for them again).
+        repair_fs = args.repair and volume.state.role != Role.TARGET.value
+        if args.repair and not repair_fs and not as_json:
+            print(
+                "replica: the filesystem is only checked, not repaired: its source sends "
+                "what it is missing (a local fix would diverge from the source)"
+            )
+        report = fsck.check(volume, repair=repair_fs)
+        if as_json:
+            _print_fsck_json(path, report, log_note)
+        else:
+            lines = report.describe()
+            print(lines if isinstance(lines, str) else "\n".join(lines))
         clean = report.clean
     finally:
         volume.close()
     return 0 if clean else 1
+
+
+def _print_fsck_json(path: str, report: Any, log_note: str) -> None:
+    from mirrorfs.node.json_report import print_json
+    from mirrorfs.node.json_report import report as json_report
+
+    print_json(
+        json_report(
+            "fsck",
+            volume_dir=path,
+            clean=report.clean,
+            repair=report.repair,
+            log=log_note,
+            inodes=report.inodes,
+            dirs=report.dirs,
+            files=report.files,
+            symlinks=report.symlinks,
+            others=report.others,
+            orphans=report.orphans,
+            blocks_used=report.blocks_used,
+            blocks_total=report.blocks_total,
+            problems=list(report.problems),
+            repaired=list(report.repaired),
+            remaining=list(report.remaining),
+        )
+    )

@@ -3,15 +3,38 @@
 A replica holds nothing for a connection until its peer has proved the shared secret
 (mirrorfs.repl.receiver); what an unauthenticated connection does cost is a task, a socket
 and a bounded buffer for the length of the handshake's deadline. ``HandshakeLimiter``
-bounds that cost: at most ``per_host`` handshakes in progress from one address and
-``total`` from all of them, so a flood or a slow sender from one address cannot keep a
-source at another address out, and a flood from many addresses cannot exhaust the
-replica's memory or file descriptors. A connection beyond a cap is refused at once.
+bounds that cost: at most ``total`` handshakes in progress from all addresses together,
+so a flood cannot exhaust the replica's memory or file descriptors, and, past their first
+moments, ``per_host`` from one address.
 
-Refusals are logged without letting a flood write the log: ``admit`` says whether to log
+A new connection beyond a cap is not refused: it takes the place of the least advanced,
+oldest handshake in progress (from its address, or from any address at the total cap),
+which is dropped. Refusing the newcomer would let whoever fills the slots first keep
+them for a whole deadline; on loopback an attacker shares 127.0.0.1 with the real source,
+so a flood from that one address would keep the source out. With eviction the newest
+connection always gets a slot, and a handshake that moves on keeps it. Dropped first,
+oldest first within each rank:
+
+    0  still without its whole HELLO ``HELLO_GRACE`` after it connected (a half HELLO,
+       a loris)
+    1  past its HELLO (``hello``) but without its proof ``HELLO_GRACE`` after that
+    2  connected less than ``HELLO_GRACE`` ago, no HELLO yet
+    3  past its HELLO less than ``HELLO_GRACE`` ago, waiting for its proof
+
+The per-address cap displaces only stale handshakes of that address (rank 0 or 1); young
+ones (rank 2 and 3) count against the total cap alone, which displaces across addresses
+by the same order. A real source sends its HELLO at once and its proof one round trip
+later: it is rank 2, then rank 3, and the newest of its rank. An attacker without the
+secret can drop its handshake only by opening ``total`` connections inside the moment
+before its HELLO, or completing as many HELLOs inside its round trip (and whoever is in
+the source's process's event loop: a test, may take a few loop turns for that moment);
+the source's retry then gets a slot at once again.
+
+Evictions are logged without letting a flood write the log: ``admit`` says whether to log
 this one (at most one line every ``log_every`` seconds) and how many it kept quiet since.
 
-Sans-IO: no trio, no sockets, no clock reads (``now`` is passed in).
+Sans-IO: no trio, no sockets, no clock reads (``now`` is passed in). The caller drops
+the handshakes that ``admit`` names in ``Admission.evicted``.
 """
 
 from __future__ import annotations
@@ -23,17 +46,31 @@ log = logging.getLogger(__name__)
 
 PER_HOST = 8  # handshakes in progress from one address
 TOTAL = 128  # handshakes in progress from every address together
-LOG_EVERY = 10.0  # seconds between two log lines about refused connections
+LOG_EVERY = 10.0  # seconds between two log lines about dropped handshakes
+#: How long a handshake may take for its next step (its HELLO after connecting, TLS first,
+#: over a WAN; its proof after its HELLO) before it is dropped first for a newcomer.
+HELLO_GRACE = 1.0
+
+
+@dataclass(slots=True, eq=False)
+class Ticket:
+    """One handshake in progress (compared by identity)."""
+
+    host: str
+    started: float
+    hello_at: float | None = None  # when its HELLO arrived whole
+    pending: bool = True  # still counted (until released or evicted)
 
 
 @dataclass(slots=True, frozen=True)
 class Admission:
-    """The answer to a new connection: admitted, or refused with a one-line reason."""
+    """The answer to a new connection: its ticket, and the handshakes it displaced."""
 
-    admitted: bool
-    reason: str = ""  # why it was refused ("" when admitted)
-    log: bool = False  # log this refusal (the first one in a ``log_every`` period)
-    suppressed: int = 0  # refusals not logged since the last line (when ``log``)
+    ticket: Ticket
+    evicted: tuple[Ticket, ...] = ()  # the caller drops these handshakes now
+    reason: str = ""  # why they were dropped, one line ("" when none was)
+    log: bool = False  # log this eviction (the first one in a ``log_every`` period)
+    suppressed: int = 0  # evictions not logged since the last line (when ``log``)
 
 
 def host_of(address: str) -> str:
@@ -48,11 +85,26 @@ def host_of(address: str) -> str:
     return address
 
 
+def _rank(t: Ticket, stale: float) -> int:
+    """How readily ``t`` is dropped for a newcomer, 0 first (the module docstring)."""
+    if t.hello_at is None:
+        return 0 if t.started <= stale else 2
+    return 1 if t.hello_at <= stale else 3
+
+
+def _victim(tickets: dict[Ticket, None], now: float) -> Ticket:
+    """The handshake to drop for a newcomer: the lowest rank, the oldest of that rank (dicts
+    keep the order of admission)."""
+    stale = now - HELLO_GRACE
+    return min(tickets, key=lambda t: _rank(t, stale))  # min keeps the first of equals
+
+
 class HandshakeLimiter:
     """Counts the handshakes in progress, per host and in total (module docstring).
 
-    ``admit(host, now)`` before the handshake starts; ``release(host)`` once, when an
-    admitted handshake ended (authenticated or not).
+    ``admit(host, now)`` before the handshake starts; ``hello(ticket, now)`` when its HELLO
+    arrived whole; ``release(ticket)`` when it ended or its peer proved the secret (a second
+    release, or one after an eviction, does nothing).
     """
 
     def __init__(
@@ -63,52 +115,68 @@ class HandshakeLimiter:
         self.per_host = per_host
         self.total = total
         self.log_every = log_every
-        self._pending: dict[str, int] = {}
-        self._count = 0
+        self._by_host: dict[str, dict[Ticket, None]] = {}
+        self._all: dict[Ticket, None] = {}
         self._logged_at: float | None = None
-        self._quiet = 0  # refusals since the last logged one
+        self._quiet = 0  # evictions since the last logged one
+        self.evictions = 0  # since the start (for tests and status)
 
     @property
     def pending(self) -> int:
         """Handshakes in progress from every host."""
-        return self._count
+        return len(self._all)
 
     def pending_from(self, host: str) -> int:
         """Handshakes in progress from ``host``."""
-        return self._pending.get(host, 0)
+        return len(self._by_host.get(host, ()))
 
     def admit(self, host: str, now: float) -> Admission:
-        """Admit a new connection from ``host`` (counted until ``release``), or refuse it."""
-        mine = self._pending.get(host, 0)
-        if mine >= self.per_host:
-            return self._refuse(
-                now,
-                f"{mine} connections from {host or '?'} are already authenticating "
-                f"(at most {self.per_host} per address)",
+        """Count a new connection from ``host``; past a cap, displace the least advanced,
+        oldest handshake (module docstring)."""
+        evicted: list[Ticket] = []
+        reason = ""
+        mine = self._by_host.get(host)
+        if mine is not None and len(mine) >= self.per_host:
+            victim = _victim(mine, now)
+            if _rank(victim, now - HELLO_GRACE) <= 1:  # the cap displaces stale ones only
+                evicted.append(victim)
+                reason = (
+                    f"{len(mine)} connections from {host or '?'} are already authenticating "
+                    f"(at most {self.per_host} per address)"
+                )
+        if not evicted and len(self._all) >= self.total:
+            evicted.append(_victim(self._all, now))
+            reason = (
+                f"{len(self._all)} connections are already authenticating (at most {self.total})"
             )
-        if self._count >= self.total:
-            return self._refuse(
-                now,
-                f"{self._count} connections are already authenticating (at most {self.total})",
-            )
-        self._pending[host] = mine + 1
-        self._count += 1
-        return Admission(True)
-
-    def release(self, host: str) -> None:
-        """An admitted handshake from ``host`` ended."""
-        mine = self._pending.get(host, 0)
-        if mine <= 0:
-            raise RuntimeError(f"release of {host!r} without a pending handshake")
-        if mine == 1:
-            del self._pending[host]
-        else:
-            self._pending[host] = mine - 1
-        self._count -= 1
-
-    def _refuse(self, now: float, reason: str) -> Admission:
+        for t in evicted:
+            self.release(t)
+        ticket = Ticket(host, now)
+        self._by_host.setdefault(host, {})[ticket] = None
+        self._all[ticket] = None
+        if not evicted:
+            return Admission(ticket)
+        self.evictions += len(evicted)
         if self._logged_at is not None and now - self._logged_at < self.log_every:
             self._quiet += 1
-            return Admission(False, reason)
+            return Admission(ticket, tuple(evicted), reason)
         quiet, self._quiet, self._logged_at = self._quiet, 0, now
-        return Admission(False, reason, log=True, suppressed=quiet)
+        return Admission(ticket, tuple(evicted), reason, log=True, suppressed=quiet)
+
+    def hello(self, ticket: Ticket, now: float) -> None:
+        """``ticket``'s HELLO arrived whole (module docstring: what that changes)."""
+        ticket.hello_at = now
+
+    def release(self, ticket: Ticket) -> None:
+        """``ticket``'s handshake ended, or its peer proved the secret; idempotent."""
+        if not ticket.pending:
+            return
+        ticket.pending = False
+        del self._all[ticket]
+        mine = self._by_host[ticket.host]
+        del mine[ticket]
+        if not mine:
+            del self._by_host[ticket.host]
+
+
+__all__ = ["LOG_EVERY", "PER_HOST", "TOTAL", "Admission", "HandshakeLimiter", "Ticket", "host_of"]

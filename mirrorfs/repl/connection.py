@@ -3,7 +3,9 @@
 ``Connection.run`` starts three tasks and the first failure ends all three:
 
 - the sender: the initial sync or resync the plan asked for, then TXN frames in sequence
-  order within the window (``SourceSession.may_send``), and VERIFY_REQ once caught up;
+  order within the window (``SourceSession.may_send``; a record larger than a chunk as
+  TXN_PARTs, from where the target holds it: mirrorfs.repl.txn_parts), and VERIFY_REQ once
+  caught up;
 - the reader: every frame from the target, routed by ``SourceSession.handle`` (ACKs move
   the target's positions and open the window, VERIFY_REPLY goes to the resync or the verify
   channel, REFUSE ends the connection), with a silence deadline;
@@ -37,8 +39,9 @@ from mirrorfs.repl.source_session import (
     TargetPositions,
 )
 from mirrorfs.repl.stream import ConnectionClosed, FramedStream
+from mirrorfs.repl.txn_parts import resume_offset, split_record
 from mirrorfs.repl.verify import VerifyChannel
-from mirrorfs.repl.wire import Ack, Message, Ping, ReplError, Txn, VerifyReply
+from mirrorfs.repl.wire import Ack, Message, Ping, ReplError, VerifyReply
 from mirrorfs.store.errors import LogError, StoreError
 
 log = logging.getLogger(__name__)
@@ -100,8 +103,13 @@ class Connection:
         self.replies: ReplyQueue | None = None  # where VERIFY_REPLY goes while it runs
         self._log_reader: Iterator[tuple[int, bytes]] | None = None
         self._reader_next = 0
+        # What the target holds of a record sent in parts: (seq, offset) from its HELLO_REPLY.
+        self.resume: tuple[int, int] = (0, 0)
+        # What an empty target holds of an initial-sync copy: (S, block) from its HELLO_REPLY.
+        self.copy_resume: tuple[int, int] = (0, 0)
         self._control_wake = trio.Event()
         self._scope: trio.CancelScope | None = None
+        self.last_contact = 0.0  # wall clock of the last frame from the target (0: none)
 
     def cancel(self) -> None:
         """End the connection's tasks (retention dropped the pin)."""
@@ -153,13 +161,23 @@ class Connection:
         side, m = self.side, self.machine
         vol = side.volume
         if next_seq == 0:
-            start = vol.last_seq
-            # Pinned before the first await, so no checkpoint can retire S+1 from under us.
-            side.positions.pin_sync(start)
-            side.sync = SyncProgress(start, vol.block_count)
+            sync_start = side.sync.start_seq if side.sync is not None else None
+            first_block = side.positions.copy_to_resume(
+                sync_start, self.copy_resume, vol.block_count
+            )
+            if first_block:
+                assert side.sync is not None
+                start = side.sync.start_seq  # S+1 stayed pinned since that copy began
+            else:
+                start = vol.last_seq
+                # Pinned before the first await, so no checkpoint can retire S+1 from under us.
+                side.positions.pin_sync(start)
+                side.sync = SyncProgress(start, vol.block_count)
             side.set_state(ShipperState.INITIAL_SYNC)
             m.last_sent = start
-            next_seq = await run_initial_sync(vol, self.fs, side.sync, side.label)
+            next_seq = await run_initial_sync(
+                vol, self.fs, side.sync, side.label, first_block=first_block
+            )
             side.set_state(ShipperState.STREAMING)
         elif self.resync is not None:
             self.replies = ReplyQueue()
@@ -190,7 +208,7 @@ class Connection:
                     side.tracker.set_size(seq, len(rec))
                     pending = None
                     next_seq = seq + 1
-                    await self.fs.send(Txn(seq, rec))
+                    await self._send_record(seq, rec)
                     continue
             elif side.verify.wanted:
                 # Caught up: every transaction up to last_seq is sent, and the digests are
@@ -201,6 +219,21 @@ class Connection:
                 continue
             # Nothing to do until a commit, an ACK (window) or a verify request.
             await side.wakeup.wait()
+
+    async def _send_record(self, seq: int, rec: bytes) -> None:
+        """TXN ``seq``: one TXN frame, or TXN_PARTs from where the target holds it up to
+        (mirrorfs.repl.txn_parts), so a cut connection costs one part, not the record."""
+        start = resume_offset(seq, rec, *self.resume)
+        if start:
+            log.info(
+                "target %s: resuming seq %d at byte %d of %d",
+                self.side.label,
+                seq,
+                start,
+                len(rec),
+            )
+        for frame in split_record(seq, rec, start=start):
+            await self.fs.send(frame)
 
     def _read_record(self, seq: int) -> tuple[int, bytes] | None:
         """Record ``seq`` from the log (synchronous); None if it is not committed yet."""
@@ -228,6 +261,7 @@ class Connection:
         while True:
             with trio.move_on_after(silence):
                 msg = await self.fs.receive()
+                self.last_contact = time.time()
                 self._handle(msg)
                 continue
             raise ConnectionClosed(f"target silent for {silence:g} s")

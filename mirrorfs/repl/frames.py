@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 MAGIC = b"MFSW"
 FRAME_VERSION = 1
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: TXN_PART, and HELLO_REPLY's partial_seq/partial_offset
 MAX_FRAME = 64 << 20
 HEADER = struct.Struct("<4sBBHIII")
 assert HEADER.size == 20

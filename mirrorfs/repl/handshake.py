@@ -83,6 +83,10 @@ class Peer:
     last_seq: int = 0  # source: its last committed transaction
     received_seq: int = 0  # target: durable in its log
     applied_seq: int = 0  # target: applied to its block file
+    partial_seq: int = 0  # target: holds the first partial_offset bytes of this record
+    partial_offset: int = 0
+    copy_seq: int = 0  # empty target: it holds the initial-sync copy from this seq ...
+    copy_block: int = 0  # ... below this block (0: none)
     empty: bool = False  # target: holds no volume yet and wants an initial sync
     initial_sync_allowed: bool = False  # source
 
@@ -266,6 +270,10 @@ class SourceHandshake(_Machine):
                 protocol_version=reply.protocol_version,
                 received_seq=reply.received_seq,
                 applied_seq=reply.applied_seq,
+                partial_seq=reply.partial_seq,
+                partial_offset=reply.partial_offset,
+                copy_seq=reply.copy_seq,
+                copy_block=reply.copy_block,
                 empty=reply.volume_uuid == ZERO_UUID,
             )
         )
@@ -323,6 +331,9 @@ class TargetHandshake(_Machine):
     """The target's half: ``receive`` HELLO, then AUTH.
 
     ``volume_uuid`` None (or all zero) means this target is empty and wants an initial sync.
+    ``partial_seq``/``partial_offset``: what it holds of a record sent in parts
+    (mirrorfs.repl.txn_parts), announced so that the source resumes it there; likewise
+    ``copy_seq``/``copy_block``, an unfinished initial-sync copy of an empty target.
     ``gate``, if given: ``gate.hello(hello)`` once the HELLO's version is right, before
     anything is answered; ``gate.admit(peer, acceptable)`` once the source has proved the
     secret (not when the checks find it fenced), ``acceptable`` saying whether the volume
@@ -340,6 +351,10 @@ class TargetHandshake(_Machine):
         epochs: Sequence[tuple[int, int]],
         received_seq: int,
         applied_seq: int,
+        partial_seq: int = 0,
+        partial_offset: int = 0,
+        copy_seq: int = 0,
+        copy_block: int = 0,
         protocol_version: int = PROTOCOL_VERSION,
         nonce: bytes | None = None,
         gate: TargetGate | None = None,
@@ -353,6 +368,10 @@ class TargetHandshake(_Machine):
         self.epochs = list(epochs)
         self.received_seq = received_seq
         self.applied_seq = applied_seq
+        self.partial_seq = partial_seq
+        self.partial_offset = partial_offset
+        self.copy_seq = copy_seq
+        self.copy_block = copy_block
         self.protocol_version = protocol_version
         self.nonce = nonce if nonce is not None else new_nonce()
         self._phase = _Phase.HELLO
@@ -397,6 +416,10 @@ class TargetHandshake(_Machine):
             self.nonce,
             proof,
             self.protocol_version,
+            self.partial_seq,
+            self.partial_offset,
+            self.copy_seq if self.own_uuid == ZERO_UUID else 0,
+            self.copy_block if self.own_uuid == ZERO_UUID else 0,
         )
         self._hello = hello
         self._phase, self._expected, self._peer_name = _Phase.AUTH, Auth, who

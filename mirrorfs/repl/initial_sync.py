@@ -4,10 +4,18 @@ Source side (``run_initial_sync``, called by the shipper's sending task, drives
 ``InitialSyncRound`` of mirrorfs.repl.source_rounds, which decides what is sent):
 
 SYNC_BEGIN(FULL, geometry, S), the non-zero blocks of the block file in chunks of at most
-1 MiB (holes skipped with SEEK_DATA/SEEK_HOLE, zero chunks skipped, lz4 when it helps),
+128 KiB (holes skipped with SEEK_DATA/SEEK_HOLE, zero chunks skipped, lz4 when it helps),
 SYNC_END(T). The caller (the shipper) pinned the log from S+1 before the first await and
 streams S+1.. afterwards; the target replays them over the fuzzy copy (physical redo is
 idempotent) and is consistent once it has applied T.
+
+Resumed (a connection cut during the copy): the target, still running, announces in its
+HELLO_REPLY that it holds the copy from S below block B (``ReplicaStore.copy_resume``); the
+shipper kept S+1 pinned, so the next connection sends SYNC_BEGIN(FULL, S, first_block=B) and
+the chunks from B on. That is the same fuzzy copy, only read over a longer time: the blocks
+below B reflect states from S to the first connection's T, the rest later ones, and the
+replay of S+1..T (the last connection's T) makes every block what it is at T. A target that
+restarted holds no such promise (it is kept in memory only) and gets a new copy.
 
 Block file reads happen between awaits; each chunk reflects a state at or before T, where T
 also counts a transaction that the mount's persist worker may be writing in place while a
@@ -38,6 +46,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "SYNC_CHUNK",
     "SyncProgress",
+    "check_resume",
     "data_runs",
     "finish_copy",
     "run_initial_sync",
@@ -46,17 +55,34 @@ __all__ = [
 
 
 async def run_initial_sync(
-    volume: SourceVolume, fs: FramedStream, progress: SyncProgress, label: str
+    volume: SourceVolume,
+    fs: FramedStream,
+    progress: SyncProgress,
+    label: str,
+    *,
+    first_block: int = 0,
 ) -> int:
-    """Copy the block file's non-zero blocks; return the first seq to stream (S+1).
+    """Copy the block file's non-zero blocks (from ``first_block``: the target holds the
+    copy below it); return the first seq to stream (S+1).
 
     The decisions (which blocks, in which chunks, the SYNC_BEGIN/SYNC_END seqs) are
     ``InitialSyncRound``'s; this sends what it says and reads what it asks for.
     """
     vol = volume
     bs, count = vol.block_size, vol.block_count
-    m = InitialSyncRound(progress, bs, count)
-    log.info("target %s: initial sync of %d blocks from seq %d", label, count, progress.start_seq)
+    m = InitialSyncRound(progress, bs, count, first_block=first_block)
+    if first_block:
+        log.info(
+            "target %s: resuming the initial sync from seq %d at block %d of %d",
+            label,
+            progress.start_seq,
+            first_block,
+            count,
+        )
+    else:
+        log.info(
+            "target %s: initial sync of %d blocks from seq %d", label, count, progress.start_seq
+        )
     await fs.send(m.begin())
     vol.flush_in_place()  # SEEK_DATA sees the raw file: commits <= S must be in it
     for block, n in m.chunks(data_runs(vol.device.fd, bs, count)):
@@ -104,6 +130,25 @@ def start_replica(
         msg.start_seq,
     )
     return vol
+
+
+def check_resume(msg: SyncBegin, same_copy: bool, held: tuple[int, int]) -> None:
+    """SYNC_BEGIN(FULL, S, first_block=B) on the target: ProtocolError unless it goes on with
+    the copy held (``same_copy``: of the same volume, from the same S, same geometry; ``held``
+    = (S, B) as announced)."""
+    if same_copy and held == (msg.start_seq, msg.first_block):
+        log.info(
+            "resuming the initial-sync copy from seq %d at block %d of %d",
+            msg.start_seq,
+            msg.first_block,
+            msg.block_count,
+        )
+        return
+    have = f"the copy from seq {held[0]} below block {held[1]}" if held[1] else "none"
+    raise ProtocolError(
+        f"cannot resume the initial sync from seq {msg.start_seq} at block {msg.first_block}: "
+        f"this target holds {have}"
+    )
 
 
 def finish_copy(vol: Volume, msg: SyncEnd, volume_uuid: bytes) -> None:

@@ -163,6 +163,24 @@ def lag_seconds(tracker: CommitTracker, volume: Volume, applied: int) -> float:
     return max(0.0, (time.time_ns() - record.parse_header(got[1]).timestamp_ns) / 1e9)
 
 
+def stage_lag(tracker: CommitTracker, volume: Volume, low: int | None, high: int | None) -> dict:
+    """The transactions past ``low`` and up to ``high`` (one stage of the way to a target:
+    sent but not acknowledged, acknowledged but not applied): how many, their record bytes,
+    and the seconds since the oldest of them was committed. None figures when a position is
+    unknown (no handshake yet)."""
+    if low is None or high is None:
+        return {"txns": None, "bytes": None, "seconds": None}
+    txns = max(0, high - low)
+    if not txns:
+        return {"txns": 0, "bytes": 0, "seconds": 0.0}
+    nbytes = tracker.bytes_after(low) - tracker.bytes_after(high)
+    return {
+        "txns": txns,
+        "bytes": max(0, nbytes),
+        "seconds": round(lag_seconds(tracker, volume, low), 3),
+    }
+
+
 # ---------------------------------------------------------------------------- retention
 
 

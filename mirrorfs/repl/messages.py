@@ -21,6 +21,7 @@ from mirrorfs.repl.payload import (
     _READERS,
     _WRITERS,
     MAX_SYNC_RAW,
+    MAX_TXN_RECORD,
     _compile,
     _Fixed,
     _Reader,
@@ -39,6 +40,7 @@ class MsgType(enum.IntEnum):
     REFUSE = 5
     TXN = 16
     ACK = 17
+    TXN_PART = 18
     SYNC_BEGIN = 32
     SYNC_BLOCKS = 33
     SYNC_END = 34
@@ -199,11 +201,19 @@ class Hello(Message):
 @_message(
     MsgType.HELLO_REPLY,
     "protocol_version:H -:H -:I volume_uuid:16s nonce:32s proof:32s received_seq:Q"
-    " applied_seq:Q node_id:NODE_ID epochs:EPOCHS",
+    " applied_seq:Q partial_seq:Q partial_offset:Q copy_seq:Q copy_block:Q node_id:NODE_ID"
+    " epochs:EPOCHS",
 )
 @dataclass(slots=True)
 class HelloReply(Message):
-    """Target -> source: who I am, my positions, my challenge and my proof over yours."""
+    """Target -> source: who I am, my positions, my challenge and my proof over yours.
+
+    ``partial_seq``/``partial_offset``: the first ``partial_offset`` bytes of the record of
+    transaction ``partial_seq`` arrived in TXN_PART frames and are kept (0, 0: none); the
+    source resumes that record there. ``copy_seq``/``copy_block``: an empty target (all-zero
+    uuid) that holds an unfinished initial-sync copy from ``copy_seq`` of the source's volume,
+    every block below ``copy_block`` of it (0, 0: none); the source may resume it there.
+    """
 
     volume_uuid: bytes
     node_id: str
@@ -213,6 +223,16 @@ class HelloReply(Message):
     nonce: bytes
     proof: bytes
     protocol_version: int = PROTOCOL_VERSION
+    partial_seq: int = 0
+    partial_offset: int = 0
+    copy_seq: int = 0
+    copy_block: int = 0
+
+    def check(self) -> None:
+        if self.partial_offset and not self.partial_seq:
+            raise ValueError("a partial offset without a partial seq")
+        if self.copy_block and any(self.volume_uuid):
+            raise ValueError("an initial-sync copy to resume, but the target is not empty")
 
 
 @_message(MsgType.AUTH, "proof:32s")
@@ -254,6 +274,31 @@ class Txn(Message):
     record: bytes
 
 
+@_message(MsgType.TXN_PART, "seq:Q total:I crc:I offset:I -:I data:REST")
+@dataclass(slots=True)
+class TxnPart(Message):
+    """Source -> target: bytes ``offset`` .. ``offset + len(data)`` of the SAM record of
+    transaction ``seq``, which is ``total`` bytes long with crc32 ``crc`` (a record larger
+    than one chunk travels in parts, so that a connection cut inside it loses one part at
+    most: mirrorfs.repl.txn_parts)."""
+
+    seq: int
+    total: int
+    crc: int
+    offset: int
+    data: bytes
+
+    def check(self) -> None:
+        if not self.data:
+            raise ValueError("an empty part")
+        if self.offset + len(self.data) > self.total:
+            raise ValueError(
+                f"part {self.offset}+{len(self.data)} runs past the record's {self.total} bytes"
+            )
+        if self.total > MAX_TXN_RECORD:
+            raise ValueError(f"record of {self.total} bytes exceeds {MAX_TXN_RECORD}")
+
+
 @_message(MsgType.ACK, "received_seq:Q applied_seq:Q target_time_ns:Q")
 @dataclass(slots=True)
 class Ack(Message):
@@ -265,16 +310,30 @@ class Ack(Message):
 
 
 @_message(
-    MsgType.SYNC_BEGIN, "kind:B -:B -:H block_size:I block_count:Q start_seq:Q", kind=SyncKind
+    MsgType.SYNC_BEGIN,
+    "kind:B -:B -:H block_size:I block_count:Q start_seq:Q first_block:Q",
+    kind=SyncKind,
 )
 @dataclass(slots=True)
 class SyncBegin(Message):
-    """Source -> target: a block sync of the given geometry starts at ``start_seq``."""
+    """Source -> target: a block sync of the given geometry starts at ``start_seq``.
+
+    ``first_block`` > 0 (FULL only): the initial-sync copy from ``start_seq`` that the target
+    holds below that block goes on from there (the target announced it in HELLO_REPLY); at
+    ``block_count``, only SYNC_END is left to send.
+    """
 
     kind: SyncKind
     block_size: int
     block_count: int
     start_seq: int
+    first_block: int = 0
+
+    def check(self) -> None:
+        if self.first_block and self.kind is not SyncKind.FULL:
+            raise ValueError("only an initial sync resumes at a block")
+        if self.first_block > self.block_count:
+            raise ValueError(f"first block {self.first_block} outside the volume")
 
 
 @_message(MsgType.SYNC_BLOCKS, "first_block:Q nblocks:I flags:I data:REST", flags=SyncFlags)

@@ -15,6 +15,9 @@ mirrorfs/INTERNALS.md ("Replication session"):
                              applied as one group when TXN T is staged)
     TXN                      logged in groups (one fsync each), ACK(received); applied in
                              batches, ACK(applied) (mirrorfs.repl.txn_pipeline)
+    TXN_PART                 a part of a large record, kept across sessions (in memory,
+                             ``ReplicaStore.partial``) and announced in the next HELLO_REPLY;
+                             the complete record goes on as a TXN (mirrorfs.repl.txn_parts)
     PING / VERIFY_REQ        PONG / VERIFY_REPLY (once applied_seq reaches the asked seq)
     SWITCHOVER               SWITCHOVER_DONE: checked (repl/switchover.py), then promoted by
                              ``on_switchover`` in the same step; no TXN is taken after that
@@ -28,8 +31,9 @@ Concurrency (one trio loop, shared with the FUSE handlers of a read-only mount):
 
 - Nothing is held for a connection before its peer has proved the secret (with no secret,
   before its handshake completed): until then it only counts against ``limiter``
-  (mirrorfs.repl.admission: handshakes in progress per address and in total; refused at
-  once beyond), under one deadline for the whole handshake. The source slot (``_busy``) is
+  (mirrorfs.repl.admission: handshakes in progress per address and in total; beyond a cap
+  a newcomer displaces the least advanced, oldest one, whose handshake is cancelled at
+  once), under one deadline for the whole handshake. The source slot (``_busy``) is
   checked and taken by ``_SlotGate.admit``, called by the handshake machine in the step
   that sends ACCEPT, with no await in between, so two connections can never both become
   the active source, and a slow or hostile client never holds it.
@@ -59,12 +63,12 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
-from mirrorfs.repl.admission import HandshakeLimiter, host_of
+from mirrorfs.repl.admission import HandshakeLimiter, Ticket, host_of
 from mirrorfs.repl.lag import RateMeter
 from mirrorfs.repl.receiver_session import (
     _PHASE_STATE,
@@ -99,12 +103,17 @@ from mirrorfs.repl.wire import (
     RefuseReason,
     ReplError,
     Txn,
+    TxnPart,
     VerifyReply,
 )
 from mirrorfs.store.errors import StoreError
 from mirrorfs.store.volume import Volume
 
 log = logging.getLogger(__name__)
+
+#: What a listener does with a new stream before the handshake (its TLS handshake): the
+#: stream to serve, or None when it refused the peer (and closed the stream).
+Prepare = Callable[[trio.abc.Stream], Awaitable["trio.abc.Stream | None"]]
 
 KEEPALIVE = 5.0  # send a PING after this long without sending anything
 SILENCE_TIMEOUT = 30.0  # drop a source that sent nothing for this long
@@ -166,6 +175,7 @@ class Receiver:
         self._rate = RateMeter(window=THROUGHPUT_WINDOW)
         self._bytes_before = 0  # bytes received by the sessions that ended
         self._log_limiter: trio.CapacityLimiter | None = None  # one thread owns the SAM log
+        self._handshakes: dict[Ticket, trio.CancelScope] = {}  # in progress, to evict
 
     # ------------------------------------------------------------------------------ status
 
@@ -227,42 +237,57 @@ class Receiver:
 
     # ------------------------------------------------------------------------- connections
 
-    async def serve(self, stream: trio.abc.Stream, address: str = "") -> None:
+    async def serve(
+        self, stream: trio.abc.Stream, address: str = "", prepare: Prepare | None = None
+    ) -> None:
         """Serve one connected source until it goes away or something is wrong.
 
         Nothing is held for the connection until its peer has proved the secret: before
-        that it only counts against the caps on handshakes in progress (``limiter``: a
-        connection beyond them is closed at once), and its handshake has one deadline.
-        Never raises for what the peer does: every ending is logged as one line.
+        that it only counts against the caps on handshakes in progress (``limiter``: beyond
+        them it displaces the least advanced, oldest one), and its handshake has one
+        deadline. ``prepare`` (the listener's TLS handshake, repl/tls.py ``accept``) runs
+        inside that count too: the stream to serve, or None when it refused the peer.
+        Never raises for what the peer does: every ending is logged as one line (a
+        displaced handshake: one line per ``limiter.log_every`` for all of them).
         """
         address = address or _peer_address(stream)
-        host = host_of(address)
-        admission = self.limiter.admit(host, trio.current_time())
-        if not admission.admitted:
-            if admission.log:
-                more = (
-                    f" ({admission.suppressed} more refused since)" if admission.suppressed else ""
-                )
-                log.warning(
-                    "refusing connection from %s: %s%s", address or "?", admission.reason, more
-                )
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await stream.aclose()
-            return
-        fs = FramedStream(stream)
-        gate = _SlotGate(self, address, self.store.handshake_args())
+        admission = self.limiter.admit(host_of(address), trio.current_time())
+        for victim in admission.evicted:
+            scope = self._handshakes.pop(victim, None)
+            if scope is not None:
+                scope.cancel()
+        if admission.log:
+            more = f" ({admission.suppressed} more since)" if admission.suppressed else ""
+            log.warning(
+                "dropped an unauthenticated connection for one from %s: %s%s",
+                address or "?",
+                admission.reason,
+                more,
+            )
+        ticket = admission.ticket
+        fs: FramedStream | None = None
+        gate = _SlotGate(self, address, self.store.handshake_args(), ticket)
+        peer: Peer | None = None
         try:
             try:
-                peer = await self._authenticate(fs, address, gate)
+                with trio.CancelScope() as scope:
+                    self._handshakes[ticket] = scope
+                    served = stream if prepare is None else await prepare(stream)
+                    if served is not None:
+                        fs = FramedStream(served)
+                        peer = await self._authenticate(fs, address, gate)
+                if scope.cancelled_caught:
+                    peer = None  # displaced by a newer connection (the line above says so)
             finally:
-                self.limiter.release(host)
-            if peer is not None:
+                self._handshakes.pop(ticket, None)
+                self.limiter.release(ticket)
+            if peer is not None and fs is not None:
                 await self._serve_locked(fs, address, peer)
         finally:
             if gate.held:
                 self._busy = False
             with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                await fs.aclose()
+                await (fs.aclose() if fs is not None else stream.aclose())
 
     async def _authenticate(self, fs: FramedStream, address: str, gate: _SlotGate) -> Peer | None:
         """The handshake, with ``gate`` deciding about the slot; None (logged) if it failed."""
@@ -406,7 +431,7 @@ class Receiver:
                 # Drain what the reader has queued (TXNs join the group), then log the group
                 # and acknowledge once (coalesced), never holding an ACK back > ACK_DELAY.
                 while True:
-                    if not isinstance(msg, Txn):
+                    if not isinstance(msg, (Txn, TxnPart)):
                         await pipe.flush(drain=True)
                     out = machine.handle(msg)
                     for reply in out.send:
@@ -476,13 +501,22 @@ class _SlotGate:
     Called by the handshake machine between two awaits, so each check and the claim are one
     step. Nothing is taken before the peer proved the secret: ``hello`` only reads the
     slot (and refuses a second source at once, as BUSY, holding nothing); ``admit`` takes
-    it (``held``), which the connection gives back when it ends.
+    it (``held``), which the connection gives back when it ends. The connection's
+    ``ticket`` with the handshake limiter advances at HELLO and is given back at the
+    proof, so that an authenticated peer is never displaced by a newcomer.
     """
 
-    def __init__(self, receiver: Receiver, address: str, announced: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        receiver: Receiver,
+        address: str,
+        announced: dict[str, Any],
+        ticket: Ticket | None = None,
+    ) -> None:
         self.receiver = receiver
         self.address = address
         self.announced = announced  # what our HELLO_REPLY says of the replica
+        self.ticket = ticket
         self.held = False
 
     def _text(self) -> str:
@@ -492,6 +526,8 @@ class _SlotGate:
 
     def hello(self, hello: Hello) -> Refuse | None:
         rcv = self.receiver
+        if self.ticket is not None:
+            rcv.limiter.hello(self.ticket, trio.current_time())
         if not rcv._busy:
             return None
         active = rcv._active
@@ -511,6 +547,9 @@ class _SlotGate:
 
     def admit(self, peer: Peer, acceptable: bool) -> Refuse | None:
         rcv = self.receiver
+        if self.ticket is not None:  # proved the secret: no longer unauthenticated
+            rcv._handshakes.pop(self.ticket, None)
+            rcv.limiter.release(self.ticket)
         if rcv._busy:
             active = rcv._active
             if (

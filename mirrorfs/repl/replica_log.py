@@ -74,6 +74,15 @@ class GroupLog:
         """The group is as large as one fsync should cover: log it now."""
         return self._bytes >= GROUP_BYTES
 
+    def taken(self, vol: Volume) -> int:
+        """The last seq taken off the wire, logged or not (status: received, not flushed)."""
+        return max(self._taken_seq, vol.received_seq)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Record bytes taken and not handed to the logger yet."""
+        return self._bytes
+
     def received(self, vol: Volume) -> int:
         """The received seq an ACK may report now (durable in the log)."""
         return vol.received_seq if self._durable_seq is None else self._durable_seq

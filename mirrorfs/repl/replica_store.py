@@ -51,19 +51,29 @@ applies them from the log at the end of the session, in one step, so the replica
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from mirrorfs.repl.fork import judge
 from mirrorfs.repl.handshake import Peer
-from mirrorfs.repl.initial_sync import finish_copy, start_replica
+from mirrorfs.repl.initial_sync import check_resume, finish_copy, start_replica
 from mirrorfs.repl.replica_log import CheckpointClock, GroupLog
 from mirrorfs.repl.resync import TargetResync
 from mirrorfs.repl.switchover import switchover_refusal
 from mirrorfs.repl.target_session import ResyncStage
+from mirrorfs.repl.txn_parts import PartialTxn, take_part
 from mirrorfs.repl.verify import range_digests
-from mirrorfs.repl.wire import Switchover, SwitchoverDone, SyncBegin, SyncBlocks, SyncEnd
+from mirrorfs.repl.wire import (
+    ProtocolError,
+    Switchover,
+    SwitchoverDone,
+    SyncBegin,
+    SyncBlocks,
+    SyncEnd,
+    TxnPart,
+)
 from mirrorfs.store.nodestate import Role
 from mirrorfs.store.txn import Transaction
 from mirrorfs.store.volume import Volume
@@ -104,10 +114,22 @@ class ReplicaStore:
         self.last_resync: dict[str, Any] | None = None  # what the last resync did
         self.sync_blocks_copied = 0
         self.sync_blocks_total = 0
+        self.sync_started = 0.0  # time.monotonic() of the last SYNC_BEGIN of a copy
+        self.txns_applied = 0  # since the daemon started (metrics)
+        self.bytes_applied = 0
+        self.resyncs = 0
         self._consistent_reported = volume is not None and volume.consistent
         self.group = GroupLog()  # TXNs taken, logged with one fsync (repl/replica_log.py)
         self.checkpoints = CheckpointClock()
         self.apply_step_bytes = APPLY_STEP_BYTES
+        # The parts of a record sent in TXN_PART frames that arrived, kept across sessions
+        # (in memory only: mirrorfs.repl.txn_parts says why that is safe).
+        self.partial: PartialTxn | None = None
+        # The initial-sync copy being made: (source volume uuid, S, block size, block count)
+        # and the block it goes on at; in memory only, so a target that restarts (whose copy
+        # may have lost unsynced writes) gets a new copy instead of resuming one.
+        self.copy_key: tuple[bytes, int, int, int] | None = None
+        self.copy_next = 0
 
     # ------------------------------------------------------------------ what it holds
 
@@ -121,8 +143,15 @@ class ReplicaStore:
 
     @property
     def empty(self) -> bool:
-        """No volume, or an initial sync that never completed: ask for an initial sync."""
-        return self.volume is None or bool(self.volume.state.sync_state)
+        """No volume, or an initial-sync copy that is not complete: ask for an initial sync.
+
+        A complete copy (SYNC_END recorded it, fsynced, with T = ``consistent_at``) whose
+        replay of S+1..T a cut interrupted is a replica that is not consistent yet: it
+        announces its positions and the source streams on from there, instead of copying
+        everything again (on a link cut every few hundred KiB, it might never get further).
+        """
+        vol = self.volume
+        return vol is None or bool(vol.state.sync_state and not vol.state.consistent_at)
 
     @property
     def is_source(self) -> bool:
@@ -154,7 +183,42 @@ class ReplicaStore:
             "epochs": [] if empty or vol is None else [tuple(e) for e in vol.state.epochs],
             "received_seq": 0 if empty or vol is None else vol.received_seq,
             "applied_seq": 0 if empty or vol is None else vol.last_seq,
+            **dict(zip(("partial_seq", "partial_offset"), self.resume_point(), strict=True)),
+            **dict(zip(("copy_seq", "copy_block"), self.copy_resume(), strict=True)),
         }
+
+    def copy_resume(self) -> tuple[int, int]:
+        """(S, B): the unfinished initial-sync copy from S held below block B, to announce;
+        (0, 0) if none."""
+        vol = self.volume
+        if self.copy_key is None or vol is None or not self.empty or not self.copy_next:
+            return 0, 0
+        return self.copy_key[1], self.copy_next
+
+    def resume_point(self) -> tuple[int, int]:
+        """(seq, offset) of the record held in part, to announce; (0, 0) if none. A record
+        that the log holds by now is forgotten here."""
+        p, vol = self.partial, self.volume
+        if p is None:
+            return 0, 0
+        if vol is None or self.empty or p.seq <= vol.received_seq:
+            self.partial = None
+            return 0, 0
+        return p.seq, p.resume_at
+
+    def take_part(self, part: TxnPart) -> bytes | None:
+        """Keep TXN_PART ``part``; the whole record once it is complete (ProtocolError if the
+        part does not continue what is held)."""
+        self.resume_point()  # (forgets a record the log holds by now)
+        self.partial, record = take_part(self.partial, part)
+        if record is not None and self.partial is not None:
+            log.info(
+                "seq %d complete from %d part(s) (%d bytes)",
+                part.seq,
+                self.partial.parts,
+                len(record),
+            )
+        return record
 
     def positions(self) -> tuple[int, int]:
         """(received, applied): received is what is durable in the log, never more."""
@@ -171,6 +235,20 @@ class ReplicaStore:
             "archives": list(vol.state.archives) if vol is not None else [],
             "log_kept_from": vol.state.keep_log_from if vol is not None else 0,
         }
+        out["txns_applied"], out["bytes_applied"] = self.txns_applied, self.bytes_applied
+        out["resyncs"] = self.resyncs
+        if self.sync_started:
+            out["sync_seconds"] = round(time.monotonic() - self.sync_started, 3)
+        if vol is not None and not vol.state.sync_state:
+            out["wire_seq"] = self.group.taken(vol)
+            out["wire_bytes_pending"] = self.group.pending_bytes
+            out["log_bytes"] = vol.samlog.size_bytes
+            out["log_first_seq"] = vol.samlog.first_seq
+            out["epoch"] = vol.state.epoch
+            out["epochs"] = vol.state.epochs
+            out["checkpointed_seq"] = vol.state.checkpointed_seq
+        p = self.partial
+        out["partial"] = {"seq": p.seq, "bytes": p.offset, "total": p.total} if p else None
         return out
 
     def judge_fork(self, peer: Peer) -> int | None:
@@ -223,6 +301,8 @@ class ReplicaStore:
             pending.popleft()
             nbytes = sum(len(data) for _, data in txn.runs)
             size += nbytes
+            self.txns_applied += 1
+            self.bytes_applied += nbytes
             self.checkpoints.applied(nbytes)
             n += 1
             self._notify(txn)
@@ -243,8 +323,8 @@ class ReplicaStore:
         if vol is None or vol.failed or self.resync is not None:
             return 0
         self.group.reset()
-        if vol.received_seq <= vol.last_seq or vol.state.sync_state:
-            return 0
+        if vol.received_seq <= vol.last_seq or self.empty:
+            return 0  # (a complete copy replaying S+1..T applies them: it streams on)
         vol.applier.sync_log()  # (a cancelled group may not have had its fsync)
         first, n = vol.last_seq + 1, 0
         for txn in vol.samlog.scan(first):
@@ -272,21 +352,40 @@ class ReplicaStore:
     # ------------------------------------------------------------------ initial sync
 
     def start_copy(self, msg: SyncBegin, peer: Peer) -> None:
+        key = (peer.volume_uuid, msg.start_seq, msg.block_size, msg.block_count)
+        if msg.first_block:
+            held, same = self.copy_resume(), key == self.copy_key
+            self.copy_key = None  # the next handshake offers no resume, unless this one works
+            check_resume(msg, same, held)  # ProtocolError if it cannot go on
+            self.copy_key = key
+            self.group.reset()
+            self.partial = None
+            return
         old, self.volume = self.volume, None
         self.group.reset()
+        self.partial = None
+        self.copy_key, self.copy_next = None, 0
         self.volume = start_replica(self.volume_dir, old, msg, peer, self.node_id)
+        self.copy_key = key
         self._consistent_reported = False
         self.sync_blocks_copied, self.sync_blocks_total = 0, msg.block_count
+        self.sync_started = time.monotonic()
         if self.on_created is not None:
             self.on_created(self.volume)
 
     def copy_blocks(self, msg: SyncBlocks) -> None:
         vol = self._vol()
+        if msg.first_block < self.copy_next:
+            raise ProtocolError(
+                f"SYNC_BLOCKS at block {msg.first_block}, but the copy is at block {self.copy_next}"
+            )
         vol.applier.write_sync_blocks(msg.first_block, msg.blocks(vol.block_size))
         self.sync_blocks_copied += msg.nblocks
+        self.copy_next = msg.first_block + msg.nblocks
 
     def finish_copy(self, msg: SyncEnd, volume_uuid: bytes) -> None:
         vol = self._vol()
+        self.copy_key, self.copy_next = None, 0
         finish_copy(vol, msg, volume_uuid)
         log.info(
             "initial-sync copy done: %d blocks; consistent once seq %d is applied",
@@ -300,6 +399,7 @@ class ReplicaStore:
     def begin_resync(self, msg: SyncBegin, fork_seq: int | None, peer: Peer) -> TargetResync:
         epochs = [list(e) for e in peer.epochs]
         self.group.reset()  # (every TXN before it is logged and applied: nothing is lost)
+        self.resyncs += 1
         self.resync = TargetResync(self._vol(), msg, fork_seq=fork_seq, source_epochs=epochs)
         return self.resync
 

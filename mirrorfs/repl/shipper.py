@@ -14,7 +14,9 @@ mirrorfs/INTERNALS.md "Replication session":
   seqs past the fork (failback of an old source, mirrorfs.repl.fork): the target archives
   those seqs, and the blocks either side changed since the fork are what differs;
 - then TXN frames in sequence order from the target's received_seq + 1, read verbatim from
-  the SAM log, with at most ``window_bytes`` of TXN records not yet acknowledged as received.
+  the SAM log, with at most ``window_bytes`` of TXN records not yet acknowledged as received;
+  a record larger than a chunk goes as TXN_PART frames, resumed where the target's
+  HELLO_REPLY says it holds it (mirrorfs.repl.txn_parts).
 
 Several shippers can serve one volume (fan-out), each at its own pace.
 
@@ -55,7 +57,7 @@ import trio
 
 from mirrorfs.repl.connection import Connection, Fenced, OutOfSync, Wakeup
 from mirrorfs.repl.initial_sync import SyncProgress
-from mirrorfs.repl.lag import CommitTracker, RateMeter, install_retention, lag_seconds
+from mirrorfs.repl.lag import CommitTracker, RateMeter, install_retention, lag_seconds, stage_lag
 from mirrorfs.repl.resync import ResyncProgress
 from mirrorfs.repl.source_session import LogView, Plan, PlanKind, ShipperState, TargetPositions
 from mirrorfs.repl.stream import (
@@ -130,8 +132,16 @@ class Shipper:
         self.sync: SyncProgress | None = None
         self.resync: ResyncProgress | None = None  # the current or last resync
         self.connections = 0
+        self.resumed: dict | None = None  # the last record the target held in part
+        # What the target said it holds at the last handshake (received seq, and the record
+        # it holds in part), and whether that was more than at the one before.
+        self._held: tuple[int, int, int, int] | None = None
+        self._progressed = False
         self._bytes_sent_before = 0  # wire bytes of finished connections
         self._session: Connection | None = None
+        self._last_contact = 0.0  # of the connections that ended (wall clock)
+        self._txns_sent_before = 0  # TXN frames of the connections that ended
+        self.resyncs = 0  # resyncs started (metrics)
         self.tracker = CommitTracker()
         self.acked = RateMeter()
         self.wakeup = Wakeup()  # the sender looks again (commit, ack, verify, pin drop)
@@ -210,8 +220,21 @@ class Shipper:
             lag_bytes = self.tracker.bytes_after(applied) if lag_txns else 0
             lag_secs = round(lag_seconds(self.tracker, vol, applied), 3)
         s = self._session
+        sent = s.machine.last_sent if s is not None else None
+        received = self.received_seq
+        contact = max(self._last_contact, s.last_contact if s is not None else 0.0)
         return {
             "address": self.label,
+            "connected": s is not None,
+            "sent_seq": sent,
+            "last_contact": contact,
+            "txns_sent": self._txns_sent_before + (s.machine.txns_sent if s is not None else 0),
+            "resyncs": self.resyncs,
+            "stages": {
+                "committed_not_sent": stage_lag(self.tracker, vol, sent, last),
+                "sent_not_received": stage_lag(self.tracker, vol, received, sent),
+                "flushed_not_applied": stage_lag(self.tracker, vol, applied, received),
+            },
             "state": self.state.value,
             "reason": self.reason,
             "target_node_id": self.target_node_id,
@@ -229,6 +252,7 @@ class Shipper:
             "resync": self.resync.as_dict() if self.resync is not None else None,
             "pinning": self.retain_seq() is not None,
             "connections": self.connections,
+            "resumed": self.resumed,
         }
 
     # ------------------------------------------------------------------ verify
@@ -269,7 +293,12 @@ class Shipper:
                 streamed = await self._connect_once()
                 if streamed and self.state is not ShipperState.OUT_OF_SYNC:
                     delay = BACKOFF_MIN  # (a resync that keeps failing backs off)
-                if not self._idle():
+                if self._progressed:
+                    # The target holds more than at the handshake before: the link carries
+                    # bytes, only not for long. Go on at once (bounded by the data to send).
+                    self._progressed = False
+                    await trio.sleep(0)
+                elif not self._idle():
                     await trio.sleep(delay)
                     delay = min(delay * 2, BACKOFF_MAX)
         finally:
@@ -321,6 +350,13 @@ class Shipper:
             )
             self.target_node_id = peer.node_id
             session = Connection(fs, self, self.window_bytes)
+            session.resume = (peer.partial_seq, peer.partial_offset)
+            session.copy_resume = (peer.copy_seq, peer.copy_block)
+            if peer.partial_offset:
+                self.resumed = {"seq": peer.partial_seq, "offset": peer.partial_offset}
+            held = (peer.received_seq, peer.partial_seq, peer.partial_offset, peer.copy_block)
+            self._progressed = self._held is not None and held > self._held
+            self._held = held
             self._session = session
             if peer.empty:
                 next_seq = 0
@@ -380,6 +416,7 @@ class Shipper:
             self.set_state(ShipperState.STREAMING)
             return plan.next_seq
         fork = plan.verdict.fork_seq if plan.verdict is not None else None
+        self.resyncs += 1
         s.resync = self.resync = ResyncProgress(
             applied, plan.start_seq, vol.block_count, fork_seq=fork
         )
@@ -410,14 +447,15 @@ class Shipper:
         s = self._session
         self._session = None
         if s is not None:
+            self._last_contact = max(self._last_contact, s.last_contact)
+            self._txns_sent_before += s.machine.txns_sent
             self.verify.fail_all(f"connection to {self.label} lost during verify")
             s.close()
         for notify in list(self.on_session_end):
             notify()
-        if self.received_seq is None:
-            # An initial sync that did not finish restarts (with a new pin) next time.
-            self.positions.sync_pin = None
-            self.sync = None
+        # An initial sync that did not finish keeps its pin (S+1) and progress: the target,
+        # if it still holds the copy, resumes it at its next block (repl.initial_sync); if
+        # not, the next one starts with a new pin, which replaces this one.
 
 
 __all__ = ["Shipper", "ShipperState", "SyncProgress", "install_retention"]

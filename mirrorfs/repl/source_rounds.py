@@ -43,7 +43,10 @@ FANOUT = 16  # parts a differing range is split into per round
 ROUND_BYTES = 64 << 20  # bytes digested per VERIFY_REQ
 MAX_REQ_RANGES = 4096  # ranges per VERIFY_REQ
 SEND_CHUNK = 1 << 20  # bytes of block data per SYNC_BLOCKS (resync)
-SYNC_CHUNK = 1 << 20  # bytes of block data per SYNC_BLOCKS (initial sync)
+# Bytes of block data per SYNC_BLOCKS (initial sync): as TXN_CHUNK (repl.txn_parts), so that
+# a link cut every 256 KiB still carries a whole chunk per connection, and an initial sync
+# resumed at the target's next block (``InitialSyncRound(first_block=)``) moves forward.
+SYNC_CHUNK = 128 << 10
 
 
 class ResyncError(ProtocolError):
@@ -109,10 +112,12 @@ class SyncProgress:
     blocks_done: int = 0
     blocks_sent: int = 0
     bytes_sent: int = 0
+    started: float = field(default_factory=time.monotonic)
 
     def as_dict(self) -> dict:
         pct = 100.0 * self.blocks_done / self.blocks_total if self.blocks_total else 100.0
         return {
+            "seconds": round(time.monotonic() - self.started, 3),
             "start_seq": self.start_seq,
             "blocks_total": self.blocks_total,
             "blocks_done": self.blocks_done,
@@ -266,12 +271,19 @@ class InitialSyncRound:
     ``begin`` gives SYNC_BEGIN(FULL); ``chunks(runs)`` the block ranges to read from the runs
     that may hold data; ``on_chunk`` the SYNC_BLOCKS for one (None: all zeros, skipped);
     ``end`` the SYNC_END(T).
+
+    ``first_block`` > 0 resumes the copy from ``progress.start_seq`` that the target holds
+    below that block (it announced it; the log was pinned from S+1 all along): nothing
+    below it is sent again.
     """
 
-    def __init__(self, progress: SyncProgress, block_size: int, block_count: int) -> None:
+    def __init__(
+        self, progress: SyncProgress, block_size: int, block_count: int, *, first_block: int = 0
+    ) -> None:
         self.progress = progress
         self.block_size = block_size
         self.block_count = block_count
+        self.first_block = first_block
         self.per_chunk = max(1, SYNC_CHUNK // block_size)
         self._zeros = bytes(self.per_chunk * block_size)
 
@@ -282,12 +294,21 @@ class InitialSyncRound:
 
     def begin(self) -> SyncBegin:
         """SYNC_BEGIN(FULL, geometry, S): the target creates an empty replica."""
-        return SyncBegin(SyncKind.FULL, self.block_size, self.block_count, self.progress.start_seq)
+        return SyncBegin(
+            SyncKind.FULL,
+            self.block_size,
+            self.block_count,
+            self.progress.start_seq,
+            self.first_block,
+        )
 
     def chunks(self, runs: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int]]:
         """``(first_block, nblocks)`` to read, in order, from ``(first, end)`` runs (taken
         one at a time: each is looked up after the previous one was sent)."""
         for first, end in runs:
+            if end <= self.first_block:
+                continue  # the target holds it from an earlier connection
+            first = max(first, self.first_block)
             self.progress.blocks_done = first
             block = first
             while block < end:

@@ -150,6 +150,7 @@ class SourceSession:
         self.inflight: deque[tuple[int, int]] = deque()  # (seq, record bytes), sent order
         self.unacked = 0
         self.last_sent = last_sent  # highest seq sent (or the sync's start seq)
+        self.txns_sent = 0  # TXN frames sent on this connection (metrics)
         self.peer_error = ""  # what ERROR_STATE said
         self.pong_due: list[int] = []
 
@@ -162,6 +163,7 @@ class SourceSession:
         self.inflight.append((seq, size))
         self.unacked += size
         self.last_sent = seq
+        self.txns_sent += 1
 
     def on_ack(self, ack: Ack) -> int:
         """Check ``ack`` against what was sent; the bytes it took off the window."""
@@ -300,6 +302,20 @@ class TargetPositions:
         self.sync_pin = last_seq + 1
         self.pin_dropped = ""
         return self.sync_pin
+
+    def copy_to_resume(
+        self, sync_start: int | None, announced: tuple[int, int], block_count: int
+    ) -> int:
+        """The block to resume an initial sync at (0: make a new copy). ``announced``: the
+        (S, block) that an empty target says it holds of a copy; ``sync_start``: the S of
+        the copy this source began for it (None: none). Only that copy, with S+1 pinned all
+        along, can go on: the log from S+1 is what makes the fuzzy copy consistent."""
+        seq, block = announced
+        if not block or sync_start is None or self.pin_dropped or self.sync_pin is None:
+            return 0
+        if sync_start != seq or self.sync_pin != seq + 1 or block > block_count:
+            return 0
+        return block
 
     def forget(self) -> None:
         """An empty target: its positions are unknown until its copy is acknowledged."""

@@ -47,6 +47,7 @@ from mirrorfs.repl.wire import (
     SyncEnd,
     SyncKind,
     Txn,
+    TxnPart,
     VerifyReply,
     VerifyReq,
 )
@@ -96,6 +97,11 @@ class TargetStore(Protocol):
 
     def positions(self) -> tuple[int, int]:
         """(received, applied) as an ACK reports them outside a resync."""
+
+    def take_part(self, part: TxnPart) -> bytes | None:
+        """Keep TXN_PART ``part`` (across sessions); the whole record once it is complete
+        and its crc32 checks (mirrorfs.repl.txn_parts). ProtocolError if it does not
+        continue what is held."""
 
     def receive_apply(self, seq: int, record: bytes) -> None:
         """Take TXN ``seq``: logged durably, applied, and told to the layers above, now or
@@ -238,6 +244,8 @@ class TargetSession:
     def _dispatch(self, msg: Message) -> list[Message]:
         if isinstance(msg, Txn):
             self._on_txn(msg)
+        elif isinstance(msg, TxnPart):
+            self._on_part(msg)
         elif isinstance(msg, SyncBegin):
             self._on_sync_begin(msg)
         elif isinstance(msg, SyncBlocks):
@@ -258,22 +266,35 @@ class TargetSession:
             raise _Drop(f"unexpected {msg.TYPE.name} from the source")
         return []
 
-    def _on_txn(self, msg: Txn) -> None:
+    def _check_txn(self, what: str) -> None:
+        """Drop unless a TXN (or a part of one) is welcome now."""
         store = self.store
         if not store.present or not self.ready:
-            raise _Drop(f"TXN {msg.seq} before the initial sync completed")
+            raise _Drop(f"{what} before the initial sync completed")
+        if self.resync is not None:
+            return
+        if store.is_source:
+            raise _Drop(f"{what}, but this node was promoted: it is a source now")
+        if self.fork_seq is not None:
+            raise _Drop(
+                f"{what}, but this replica diverged after seq {self.fork_seq}: it needs "
+                "a resync first"
+            )
+
+    def _on_txn(self, msg: Txn) -> None:
+        self._check_txn(f"TXN {msg.seq}")
         if self.resync is not None:
             if self.resync.on_txn(msg):
                 self._finish_resync()
             return
-        if store.is_source:
-            raise _Drop(f"TXN {msg.seq}, but this node was promoted: it is a source now")
-        if self.fork_seq is not None:
-            raise _Drop(
-                f"TXN {msg.seq}, but this replica diverged after seq {self.fork_seq}: it needs "
-                "a resync first"
-            )
-        store.receive_apply(msg.seq, msg.record)
+        self.store.receive_apply(msg.seq, msg.record)
+
+    def _on_part(self, msg: TxnPart) -> None:
+        """A part of a large record: kept; the record goes on as a TXN once complete."""
+        self._check_txn(f"TXN_PART {msg.seq}")
+        record = self.store.take_part(msg)
+        if record is not None:
+            self._on_txn(Txn(msg.seq, record))
 
     def _on_sync_begin(self, msg: SyncBegin) -> None:
         if msg.kind is SyncKind.RESYNC:

@@ -27,7 +27,12 @@ buffered, and the magic as soon as its bytes arrive (a stranger is turned away a
 
 The frame version is distinct from the protocol version carried in HELLO: the header layout
 is meant to stay fixed, so a peer speaking another protocol version can still read the
-REFUSE that tells it so.
+REFUSE that tells it so. HELLO's layout is fixed for the same reason: the target reads a
+HELLO of any version and refuses another version than its own with REFUSE VERSION (the
+source does the same with HELLO_REPLY), so nothing else is exchanged between versions.
+Protocol versions: 1, the first; 2 adds TXN_PART, HELLO_REPLY's partial_seq,
+partial_offset, copy_seq and copy_block, and SYNC_BEGIN's first_block (a version-1 peer is
+refused at HELLO, before it could misread them).
 
 Payloads. ``str`` = u16 byte length + UTF-8 (node ids <= 255 bytes, texts <= 1024 bytes);
 ``epochs`` = u32 count + count x (epoch u64, start_seq u64), oldest first, count <= 4096.
@@ -43,15 +48,30 @@ The SAM record in TXN is at most MAX_TXN_RECORD (MAX_FRAME - 8) bytes::
     HELLO_REPLY  (2, target -> source) protocol_version u16, reserved u16, reserved u32,
                  volume_uuid 16s (all zero: the target is empty and wants an initial sync),
                  nonce 32s, proof 32s (over the source's nonce, see repl.auth),
-                 received_seq u64, applied_seq u64, node_id str, epochs
+                 received_seq u64, applied_seq u64, partial_seq u64, partial_offset u64
+                 (the target holds the first partial_offset bytes of the record of
+                 partial_seq from TXN_PART frames; 0, 0: nothing), copy_seq u64,
+                 copy_block u64 (an empty target holding an unfinished initial-sync copy
+                 from copy_seq: every block below copy_block; 0, 0: none; non-zero only
+                 with an all-zero volume_uuid), node_id str, epochs
     AUTH         (3, source -> target) proof 32s (over the target's nonce)
     ACCEPT       (4, target -> source) empty: the handshake succeeded
     REFUSE       (5, either side) reason u16 (RefuseReason), text str (one line)
     TXN          (16, source -> target) seq u64, then a SAM log record (store.record), verbatim
                  to the end of the payload (the record carries its own checksum)
     ACK          (17, target -> source) received_seq u64, applied_seq u64, target_time_ns u64
+    TXN_PART     (18, source -> target) seq u64, total u32, crc u32, offset u32,
+                 reserved u32, data (the rest, >= 1 byte): bytes offset..offset+len(data)
+                 of the SAM record of ``seq``, ``total`` bytes long with crc32 ``crc``.
+                 A record larger than TXN_CHUNK (128 KiB) is sent as consecutive parts of at
+                 most TXN_CHUNK bytes instead of one TXN; the target keeps whole parts across
+                 connections (in memory) and, once they add up to ``total`` bytes whose crc32
+                 is ``crc``, takes the record as a TXN. It announces what it holds in its next
+                 HELLO_REPLY, and the source resumes the record there (repl.txn_parts).
     SYNC_BEGIN   (32, source -> target) kind u8 (SyncKind), reserved u8, reserved u16,
-                 block_size u32, block_count u64, start_seq u64
+                 block_size u32, block_count u64, start_seq u64, first_block u64 (FULL only,
+                 <= block_count: > 0 goes on with the copy from start_seq that the target
+                 announced it holds below that block; the source pinned S+1 all along)
     SYNC_BLOCKS  (33, source -> target) first_block u64, nblocks u32 (>= 1),
                  flags u32 (SyncFlags: bit 0 = data is lz4.block without size prefix),
                  data (the rest; nblocks * block_size bytes once decompressed)
@@ -110,6 +130,7 @@ from mirrorfs.repl.messages import (
     SyncFlags,
     SyncKind,
     Txn,
+    TxnPart,
     VerifyReply,
     VerifyReq,
     decode_payload,
@@ -198,6 +219,7 @@ __all__ = [
     "SyncFlags",
     "SyncKind",
     "Txn",
+    "TxnPart",
     "VerifyReply",
     "VerifyReq",
     "decode_frames",

@@ -21,6 +21,9 @@ LOG_DIR = "log"
 LOCK_FILE = "lock"
 NODE_FILE = "node.json"
 ARCHIVE_DIR = "archive"
+# inside LOG_DIR, beside the segments: the highest seq once durable (store/syncmark.py);
+# a dot name, so that it sorts before every segment file
+SYNC_MARK_FILE = ".synced"
 
 # kept beside the volume by the process that serves it
 MOUNT_PID_FILE = "mount.pid"

@@ -1,12 +1,24 @@
 """Recovery of a SAM log at open: validate every segment, cut a torn tail, repair.
 
 Sealed segments are checked cheaply (header + SEAL trailer); the last unsealed one is
-scanned record by record. An invalid record with nothing valid after it is a torn tail and
-is truncated away. An invalid record followed by valid data, a sequence gap or a bad
-trailer on a non-last segment is corruption: ``CorruptRecord`` unless ``repair=True``,
-which cuts the log there. Segments of a lower generation are leftovers of an interrupted
-``reset`` and are deleted. What was done goes into the ``RecoveryReport``
-(``SamLog.recovery_report``).
+scanned record by record. An invalid record with nothing valid after it, at the end of the
+newest segment, is a torn tail (a crash cut the record being appended) and is truncated
+away. Everything else that loses records is a *hole* (``LogHole``, one line naming segment,
+offset and the seqs at stake), refused unless ``repair=True``, which cuts the log there:
+
+- an invalid record followed by valid data, or a sequence gap inside a segment;
+- a sequence gap between segments, or a sealed segment cut short (its SEAL is gone and the
+  next segment starts past its end);
+- a log that ends before its sync mark (``store/syncmark.py``): records that were durable,
+  so acknowledged, are gone. That is how a segment truncated in the middle, by storage
+  that lost acknowledged writes, is told from a crash. One record of slack: a log that ends
+  one record before its mark is still taken for a torn tail (crash drills cut the last
+  record after it was synced; one record of a real loss goes unseen).
+
+Segments of a lower generation are leftovers of an interrupted ``reset`` and are deleted.
+What was done goes into the ``RecoveryReport`` (``SamLog.recovery_report``); a repair says
+which seqs it gave up (``lost_first..lost_last``) and removes the sync mark. A torn tail is
+truncated only once the whole log passed, so a refused log is left as it was found.
 
 ``look_only`` (a check that must not write, ``fsck`` without ``--repair``) validates the
 same way but changes no file: a torn tail is left in place and only not read, superseded
@@ -20,8 +32,8 @@ import os
 import uuid
 from pathlib import Path
 
-from mirrorfs.store import record
-from mirrorfs.store.errors import CorruptRecord, LogError, TornRecord
+from mirrorfs.store import record, syncmark
+from mirrorfs.store.errors import CorruptRecord, LogError, LogHole, TornRecord
 from mirrorfs.store.files import fsync_dir
 from mirrorfs.store.record import HEADER, SEAL_RECORD_SIZE, SEG_HEADER, RecordType, SegmentHeader
 from mirrorfs.store.segments import (
@@ -37,6 +49,9 @@ from mirrorfs.store.segments import (
 )
 
 log = logging.getLogger(__name__)
+
+#: Records a log may end short of its sync mark and still count as torn by a crash.
+TORN_SLACK = 1
 
 
 def _all_zero(path: Path, start: int) -> bool:
@@ -62,6 +77,7 @@ class LogRecovery:
         self.generation = 1
         self.epoch = 0  # epoch of the last record seen, for later SEAL headers
         self.look_only = False
+        self._torn_at: tuple[Path, int] | None = None  # truncated once the log passed
 
     def _read_header(self, name: str) -> SegmentHeader:
         with open(self.directory / name, "rb") as f:
@@ -89,6 +105,7 @@ class LogRecovery:
         names = sorted(n for n in os.listdir(self.directory) if _NAME_RE.match(n))
         if not names:
             raise LogError(f"no log segments in {self.directory}")
+        mark = syncmark.read(self.directory)  # (read first: a repair removes it)
         entries: list[tuple[str, SegmentHeader | CorruptRecord]] = []
         for name in names:
             try:
@@ -106,15 +123,36 @@ class LogRecovery:
         kept: list[_Segment] = []
         for i, (name, hdr) in enumerate(entries):
             if isinstance(hdr, SegmentHeader) and kept and hdr.first_seq != kept[-1].last_seq + 1:
-                why = f"sequence gap: the previous segment ends at seq {kept[-1].last_seq}"
-                hdr = record.corrupt(why, name, 0, hdr.first_seq)
+                prev = kept[-1].last_seq
+                stake = (
+                    f"seq {prev + 1}..{hdr.first_seq - 1} are missing"
+                    if hdr.first_seq > prev
+                    else f"seq {hdr.first_seq}..{prev} are there twice"
+                )
+                hdr = LogHole.found(
+                    self.directory,
+                    f"segment {name} at offset 0 (seq {hdr.first_seq}): sequence gap: the "
+                    f"previous segment ends at seq {prev}: {stake}",
+                    segment=name,
+                    offset=0,
+                    first=prev + 1,
+                    last=max(hdr.first_seq - 1, prev + 1),
+                )
             if isinstance(hdr, CorruptRecord):
                 if not repair:
                     raise hdr
-                self._cut(entries, i, hdr, name, 0)
+                first = kept[-1].last_seq + 1 if kept else int(entries[0][0][:20])
+                self.report.lose(first, getattr(hdr, "last", 0))
+                self._cut(entries, i, hdr, name, 0, first)
                 break
             if not self._check_segment(entries, i, hdr, kept, repair):
                 break
+        if kept:
+            self._check_mark(kept[-1], mark, repair)
+        if self._torn_at is not None and not look_only:
+            _truncate(*self._torn_at)
+        if self.report.repaired:  # (never look_only) the loss is accepted: a new mark follows
+            syncmark.remove(self.directory)
         if not kept:  # repair removed everything: restart where the first segment began
             first = int(entries[0][0][:20])
             header = SegmentHeader(self.block_size, self.volume_uuid, first, self.generation)
@@ -146,12 +184,10 @@ class LogRecovery:
         if scan.error is None and (scan.sealed or is_last):
             kept.append(seg)
             return True
-        after, after_txns = _count_valid(path, scan.end + 1) if scan.error else (0, 0)
+        after, after_txns, after_top = _count_valid(path, scan.end + 1) if scan.error else (0, 0, 0)
         if scan.error and scan.torn_candidate and is_last and after == 0:
-            zeros = _all_zero(path, scan.end)
-            if not self.look_only:
-                _truncate(path, scan.end)
-            if not zeros:
+            self._torn_at = (path, scan.end)
+            if not _all_zero(path, scan.end):
                 r = self.report
                 r.torn_bytes, r.segment, r.offset = size - scan.end, name, scan.end
             # else: only the zeros that appends write ahead (store/samlog.py), no record
@@ -160,11 +196,22 @@ class LogRecovery:
         err = scan.error or record.corrupt(
             "segment is not sealed but later segments exist", name, size, scan.last_seq
         )
+        nxt = entries[i + 1][1] if not is_last else None
+        top = max(after_top, err.seq, nxt.first_seq - 1 if isinstance(nxt, SegmentHeader) else 0)
+        first = seg.last_seq + 1
         if not repair:
             note = f"; {after} valid record(s) follow, so it is not a torn tail" if after else ""
-            msg = f"{err}{note} (open with repair to cut the log there)"
-            raise CorruptRecord(msg, segment=err.segment, offset=err.offset, seq=err.seq)
-        nxt = entries[i + 1][1] if not is_last else None
+            if isinstance(nxt, SegmentHeader):
+                note += f"; the next segment starts at seq {nxt.first_seq}"
+            stake = f"seq {first}..{top}" if top > first else f"seq {first}"
+            raise LogHole.found(
+                self.directory,
+                f"{err}{note}: {stake} unreadable or missing",
+                segment=err.segment,
+                offset=err.offset,
+                first=first,
+                last=top,
+            )
         _truncate(path, seg.size)
         kept.append(seg)
         if after == 0 and isinstance(nxt, SegmentHeader) and nxt.first_seq == seg.last_seq + 1:
@@ -179,18 +226,47 @@ class LogRecovery:
         # A valid but misplaced record at the cut is lost too; an invalid one never counted.
         misplaced = scan.error is not None and not scan.torn_candidate
         self.report.discarded_records += after_txns + misplaced
-        self._cut(entries, i + 1, err, name, seg.size)
+        self.report.lose(first, top)
+        self._cut(entries, i + 1, err, name, seg.size, first)
         return False
 
-    def _cut(self, entries: list, i: int, err: LogError, at: str, offset: int) -> None:
-        """Repair: remove segments ``i..`` and record the cut in the report."""
+    def _cut(self, entries: list, i: int, err: LogError, at: str, offset: int, first: int) -> None:
+        """Repair: remove segments ``i..`` and record the cut (seq ``first`` on are given
+        up) in the report."""
         r = self.report
-        r.repaired, r.reason, r.segment, r.offset = True, str(err), at, offset
+        r.repaired, r.segment, r.offset = True, at, offset
+        r.reason = err.detail if isinstance(err, LogHole) else str(err)
         for name, _ in reversed(entries[i:]):  # newest first: a crash leaves a prefix
-            r.discarded_records += _count_valid(self.directory / name, SEG_HEADER.size)[1]
+            _, txns, top = _count_valid(self.directory / name, SEG_HEADER.size)
+            r.discarded_records += txns
+            r.lose(first, top)
             os.unlink(self.directory / name)
             r.removed_segments.insert(0, name)
-        log.error("SAM log %s: repair cut the log: %s", self.directory, err)
+        log.error("SAM log %s: repair cut the log: %s", self.directory, r.reason)
+
+    def _check_mark(self, seg: _Segment, mark: syncmark.SyncMark | None, repair: bool) -> None:
+        """A log that ends before its sync mark lost durable records: a hole."""
+        last = seg.last_seq
+        if mark is None or mark.generation != self.generation or mark.seq <= last + TORN_SLACK:
+            return
+        hole = LogHole.found(
+            self.directory,
+            f"seq {last + 1}..{mark.seq} were durable (acknowledged) but are missing: the log "
+            f"ends at offset {seg.size} of segment {seg.name} after seq {last}; a crash does "
+            "not lose durable records, the storage did",
+            segment=seg.name,
+            offset=seg.size,
+            first=last + 1,
+            last=mark.seq,
+        )
+        if not repair:
+            raise hole
+        r = self.report
+        r.lose(last + 1, mark.seq)
+        if r.repaired:  # cut already (and said so): the mark only widens what was given up
+            return
+        r.repaired, r.reason, r.segment, r.offset = True, hole.detail, seg.name, seg.size
+        log.error("SAM log %s: repair accepted a hole: %s", self.directory, hole.detail)
 
     def _read_trailer(self, fd: int, name: str, seg: _Segment) -> record.Record | None:
         """The SEAL record that ends the file, if it is there and matches the segment."""

@@ -56,6 +56,7 @@ from mirrorfs.store.segments import (
     _write_segment,
     write_seal,
 )
+from mirrorfs.store.syncmark import SyncMarkWriter
 from mirrorfs.store.txn import Transaction
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class SamLog:
         self._appended = self._synced = 0
         #: The current segment file's size: past ``seg.size`` it holds zeros written ahead.
         self._file_end = 0
+        self._mark = SyncMarkWriter(self.directory)  # the highest seq once durable
 
     # ------------------------------------------------------------------ create / open
 
@@ -150,6 +152,11 @@ class SamLog:
         """Sequence number of the oldest record held, 0 when the log holds none."""
         first = self._segments[0].first_seq
         return first if first <= self.last_seq else 0
+
+    def end_position(self) -> tuple[str, int]:
+        """(segment name, offset) where the log ends: the next record would go there."""
+        seg = self._segments[-1]
+        return seg.name, seg.size
 
     @property
     def size_bytes(self) -> int:
@@ -252,6 +259,7 @@ class SamLog:
             os.close(self._fd)
             self._fd = -1
             self._synced = self._appended  # the seal's fsync covered them
+            self._mark_synced(seg.last_seq)
         nxt = SegmentHeader(self.block_size, self.volume_uuid, seg.last_seq + 1, self._generation)
         self._segments.append(_write_segment(self.directory, nxt))
         self._fd = os.open(self.directory / self._segments[-1].name, os.O_RDWR)
@@ -263,6 +271,15 @@ class SamLog:
         if fd >= 0 and appended != self._synced:
             os.fdatasync(fd)
             self._synced = appended
+            self._mark_synced(self.last_seq)
+
+    def _mark_synced(self, seq: int) -> None:
+        """Record that ``seq`` is durable (store/syncmark.py): best effort, never fatal."""
+        try:
+            self._mark.write(self._generation, seq)
+        except OSError as exc:
+            self._mark.forget()
+            log.warning("SAM log %s: cannot write the sync mark: %s", self.directory, exc)
 
     def retire(self, upto_seq: int) -> int:
         """Delete the segments whose records are all <= ``upto_seq``; return how many.
@@ -311,6 +328,7 @@ class SamLog:
             finally:
                 os.close(self._fd)
                 self._fd = -1
+        self._mark.close()
         self._closed = True
 
     def __enter__(self) -> SamLog:

@@ -51,6 +51,16 @@ class RecoveryReport:
     resealed_segments: list[str] = field(default_factory=list)
     reason: str = ""
     look_only: bool = False  # found, not done: the files were left as they are
+    # The sequence numbers a repair gave up (a hole accepted, records cut): 0 when none.
+    lost_first: int = 0
+    lost_last: int = 0
+
+    def lose(self, first: int, last: int) -> None:
+        """A repair gave up seq ``first..last`` (merged with what it gave up already)."""
+        if last < first:
+            return
+        self.lost_first = min(self.lost_first or first, first)
+        self.lost_last = max(self.lost_last, last)
 
     @property
     def changed(self) -> bool:
@@ -71,11 +81,14 @@ class RecoveryReport:
                 f"of segment {self.segment}"
             )
         if self.repaired:
-            parts.append(
-                f"repaired: discarded {self.discarded_records} record(s) from offset "
-                f"{self.offset} of segment {self.segment} and removed "
-                f"{len(self.removed_segments)} later segment(s) ({self.reason})"
-            )
+            what = [f"gave up seq {self.lost_first}..{self.lost_last}"] if self.lost_first else []
+            if self.discarded_records or self.removed_segments or not self.lost_first:
+                what.append(
+                    f"discarded {self.discarded_records} record(s) from offset {self.offset} "
+                    f"of segment {self.segment} and removed {len(self.removed_segments)} later "
+                    "segment(s)"
+                )
+            parts.append(f"repaired: {', '.join(what)} ({self.reason})")
         if self.resealed_segments:
             parts.append(f"resealed {', '.join(self.resealed_segments)}")
         if self.superseded_segments:
@@ -142,12 +155,13 @@ def _write_segment(directory: Path, header: SegmentHeader) -> _Segment:
     return _Segment(header.first_seq, header.first_seq - 1, SEG_HEADER.size)
 
 
-def _count_valid(path: Path, start: int) -> tuple[int, int]:
-    """(valid records, of which TXN) from ``start`` to the end of a file, found by magic."""
+def _count_valid(path: Path, start: int) -> tuple[int, int, int]:
+    """(valid records, of which TXN, highest TXN seq or 0) from ``start`` to the end of a
+    file, found by magic."""
     with open(path, "rb") as f:
         f.seek(start)
         buf = f.read()
-    count = txns = pos = 0
+    count = txns = pos = top = 0
     while (pos := buf.find(record.MAGIC, pos)) >= 0:
         try:
             hdr, pos = record.verify(buf, pos)
@@ -155,8 +169,10 @@ def _count_valid(path: Path, start: int) -> tuple[int, int]:
             pos += 1
             continue
         count += 1
-        txns += hdr.type == RecordType.TXN
-    return count, txns
+        if hdr.type == RecordType.TXN:
+            txns += 1
+            top = max(top, hdr.seq)
+    return count, txns, top
 
 
 def _truncate(path: Path, size: int) -> None:

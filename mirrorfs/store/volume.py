@@ -45,6 +45,7 @@ from mirrorfs.store.geometry import (
     MIN_BLOCKS,
     VolumeSuper,
 )
+from mirrorfs.store.holes import accept_loss, checkpoint_hole
 from mirrorfs.store.nodestate import NodeState
 from mirrorfs.store.samlog import SamLog
 from mirrorfs.store.staging import remove_stages
@@ -266,6 +267,14 @@ class Volume(VolumeCore):
             repair=repair_log and not read_only,
             look_only=read_only,
         )
+        loss_note = ""
+        if fresh is None:
+            hole = checkpoint_hole(state, samlog)
+            if hole is not None and not (repair_log and not read_only):
+                samlog.close()
+                raise hole
+            if not read_only:
+                loss_note = accept_loss(path, state, samlog)
         block_file = os.path.join(path, BLOCK_FILE)
         size = os.path.getsize(block_file) if os.path.exists(block_file) else -1
         if size <= 0 or size % bs:
@@ -277,7 +286,7 @@ class Volume(VolumeCore):
         )
         note = samlog.recovery_report.describe()
         if note and note != "clean":
-            vol.recovery.log_note = note
+            vol.recovery.log_note = note + (f"; {loss_note}" if loss_note else "")
         if fresh is not None:
             vol.sb = fresh
             return vol
