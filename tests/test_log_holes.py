@@ -54,7 +54,7 @@ def written_log(path: Path, n: int, *, synced: int) -> SamLog:
 def offsets(seg: Path) -> dict[int, int]:
     """seq -> offset of every record of a segment file."""
     buf, off, out = seg.read_bytes(), 64, {}
-    while off < len(buf):
+    while off < len(buf) and buf[off:].strip(b"\0"):  # (an open log has zeros ahead)
         rec, end = record.decode(buf, off)
         out[rec.seq] = off
         off = end

@@ -17,14 +17,25 @@ writes = st.lists(
 
 
 @settings(max_examples=300, deadline=None)
-@given(writes, st.integers(0, NBLOCKS - 1), st.integers(1, 16))
-def test_overlay_matches_model(ops, rstart, rcount):
-    ov = BlockOverlay(BS)
+@given(
+    writes,
+    st.integers(0, NBLOCKS - 1),
+    st.integers(1, 16),
+    st.sampled_from([1 << 20, 3 * BS]),  # all small (owned), or mixed with by-reference
+    st.booleans(),
+)
+def test_overlay_matches_model(ops, rstart, rcount, join_below, mutable):
+    ov = BlockOverlay(BS, join_below=join_below)
     model: dict[int, bytes] = {}
     for start, count, fill in ops:
         count = min(count, NBLOCKS - start)
         data = bytes([fill]) * (BS * count)
-        ov.put(start, data)
+        if mutable:
+            buf = bytearray(data)
+            ov.put(start, buf)
+            buf[:] = b"\xaa" * len(buf)  # the caller reuses its buffer: no effect
+        else:
+            ov.put(start, data)
         for i in range(count):
             model[start + i] = bytes([fill]) * BS
     # runs never overlap and cover exactly the written blocks
@@ -32,6 +43,7 @@ def test_overlay_matches_model(ops, rstart, rcount):
     prev_end = -1
     for s, run in ov.runs():
         assert len(run) % BS == 0 and s >= prev_end
+        assert not isinstance(run, bytearray)  # nothing mutable leaves the map
         for i in range(len(run) // BS):
             covered[s + i] = bytes(run[i * BS : (i + 1) * BS])
         prev_end = s + len(run) // BS
@@ -57,3 +69,23 @@ def test_streaming_writes_make_one_run():
     assert runs[0][0] == 10 and len(runs[0][1]) == 400 * BS
     ov.clear()
     assert not ov and ov.nbytes == 0
+
+
+def test_rewrites_of_a_small_block_stay_one_piece():
+    """A metadata block rewritten again and again (and its neighbours) in one transaction
+    is copied over in place: the map does not fragment."""
+    ov = BlockOverlay(BS)
+    for i in range(50):
+        ov.put(7, bytes([i]) * BS)
+        ov.put(8, bytes([i + 1]) * BS)
+        ov.put(7, bytes([i + 2]) * (2 * BS))
+    assert len(ov) == 1 and ov.nbytes == 2 * BS
+    assert ov.runs() == [(7, bytes([51]) * (2 * BS))]
+
+
+def test_large_immutable_writes_are_kept_by_reference():
+    ov = BlockOverlay(BS, join_below=4 * BS)
+    data = bytes(range(8 * BS))
+    ov.put(0, data)
+    ((start, run),) = ov.runs()
+    assert start == 0 and isinstance(run, memoryview) and run.obj is data

@@ -45,7 +45,7 @@ def record_offsets(path: Path) -> list[tuple[int, int, int]]:
     """(offset, end, seq) of every record of a segment file."""
     buf = path.read_bytes()
     out, off = [], 64
-    while off < len(buf):
+    while off < len(buf) and buf[off:].strip(b"\0"):  # (an open log has zeros ahead)
         rec, end = record.decode(buf, off)
         out.append((off, end, rec.seq))
         off = end
@@ -70,7 +70,8 @@ def test_append_scan_round_trip_across_segments(tmp_path):
     names = segments(d)
     assert len(names) >= 8 and names[0] == segment_name(1)
     assert (log.first_seq, log.last_seq) == (1, 30)
-    assert log.size_bytes == sum(os.path.getsize(d / n) for n in names)
+    # The current segment has zeros written ahead of its records; they go at close.
+    assert log.size_bytes <= sum(os.path.getsize(d / n) for n in names)
     assert list(log.scan(1)) == txns
     assert list(log.scan(17)) == txns[16:]
     assert list(log.scan(31)) == []
@@ -97,10 +98,48 @@ def test_append_is_written_before_it_returns(tmp_path):
     n = log.append(txn(1))
     # Another reader of the file sees the whole record without any sync.
     buf = (d / segment_name(1)).read_bytes()
-    assert len(buf) == 64 + n
-    assert record.decode_txn(buf[64:], block_size=BS) == txn(1)
+    assert len(buf) >= 64 + n and not buf[64 + n :].strip(b"\0")  # zeros written ahead
+    assert record.decode_txn(buf[64 : 64 + n], block_size=BS) == txn(1)
     log.sync()
     log.close()
+    assert (d / segment_name(1)).stat().st_size == 64 + n  # close cut the zeros
+
+
+def test_small_appends_overwrite_zeros_written_ahead_and_a_crash_leaves_them(tmp_path):
+    """fdatasync of an append that grows the file waits for the host's journal; small
+    records go into zeros written ahead instead. After a crash (the log never closed) the
+    zero tail is no torn record: recovery drops it without a word."""
+    d = tmp_path / "log"
+    log = new_log(d)
+    sizes = [log.append(txn(s)) for s in range(1, 6)]
+    log.sync()
+    path = d / segment_name(1)
+    ahead = path.stat().st_size
+    assert ahead >= 64 + sum(sizes) + (32 << 10)  # one stretch of zeros for all five
+    crashed = reopen(d)  # as after a SIGKILL: the first log is still open, never closed
+    assert crashed.recovery_report.describe() == "clean"
+    assert crashed.last_seq == 5 and list(crashed.scan(1)) == [txn(s) for s in range(1, 6)]
+    assert path.stat().st_size == 64 + sum(sizes)
+    crashed.close()
+    os.close(log._fd)  # the "crashed" one, without its close
+
+
+def test_a_torn_record_in_the_zeros_ahead_is_still_a_torn_tail(tmp_path):
+    d = tmp_path / "log"
+    log = new_log(d)
+    n1 = log.append(txn(1))
+    n2 = log.append(txn(2))
+    log.sync()
+    path = d / segment_name(1)
+    with open(path, "r+b") as f:  # the second record half written, zeros after it
+        f.seek(64 + n1 + n2 // 2)
+        f.write(bytes(n2 - n2 // 2))
+    unsync(d, 2)  # a crash tore it: its fdatasync never returned, so the mark is before it
+    torn = reopen(d)
+    assert torn.last_seq == 1
+    assert torn.recovery_report.torn_bytes > 0 and "torn tail" in torn.recovery_report.describe()
+    torn.close()
+    os.close(log._fd)
 
 
 def test_scan_is_lazy_and_follows_appends(tmp_path):
@@ -209,9 +248,10 @@ def test_recovery_after_last_record_cut_at_every_offset(tmp_path, compressed):
     crash(log)  # the last record written, its fdatasync never done: what a crash can tear
     assert syncmark.read(d).seq == n - 1
     seg = d / segment_name(1)
-    full = seg.read_bytes()
     start, end, seq = record_offsets(seg)[-1]
-    assert (seq, end) == (n, len(full))
+    data = seg.read_bytes()
+    assert seq == n and not data[end:].strip(b"\0")  # (after it: only the zeros written ahead)
+    full = data[:end]
     assert (end - start < 200) == compressed
     cuts = range(start, end) if compressed else [*range(start, start + 64), *range(start, end, 7)]
     for cut in cuts:
@@ -228,7 +268,7 @@ def test_recovery_after_last_record_cut_at_every_offset(tmp_path, compressed):
         assert list(log.scan(n)) == [last]
         assert [t.seq for t in log.scan(1)] == list(range(1, n + 1))
         crash(log)
-    assert seg.read_bytes() == full
+    assert seg.read_bytes()[:end] == full
 
 
 def test_torn_seal_and_missing_next_segment(tmp_path):

@@ -49,6 +49,7 @@ import trio
 from mirrorfs.daemon import notify_systemd
 from mirrorfs.fs.api import ATIME_OPTIONS, AtimePolicy
 from mirrorfs.fs.filesystem import Filesystem
+from mirrorfs.fuse import fastwait
 from mirrorfs.fuse.bdi import raise_readahead
 from mirrorfs.fuse.invalidate import KernelInvalidator
 from mirrorfs.fuse.lifecycle import HANGUP_SIGNALS, PidFile, watch_signals
@@ -256,7 +257,8 @@ class FuseSession:
                     await nursery.start(service)
                 nursery.start_soon(self._announce_ready, nursery, on_ready, name="ready")
                 try:
-                    await pyfuse3.main()
+                    with fastwait.installed():  # no epoll round trip per queued request
+                        await pyfuse3.main()
                     log.info("unmounting %s", self.mountpoint)
                     if on_unmounted is not None:
                         await on_unmounted()

@@ -50,6 +50,16 @@ log = logging.getLogger(__name__)
 #: Commit inline from ``write`` when the open transaction holds more than this.
 DEFAULT_COMMIT_BOUND = 16 << 20
 
+#: How long the kernel may trust a name or an inode's attributes without asking (seconds).
+#: On a read-write mount every change passes through this kernel, which updates or drops
+#: what it cached itself (size and times after a write, atime after a read, nlink and ctime
+#: after link/unlink/rename, a directory after a change in it), and nothing else writes the
+#: volume (it is locked while mounted, and a switchover ends the mount): the cache can stay
+#: valid long. A read-only mount may be a replica, whose volume changes underneath it (the
+#: invalidator drops what an applied transaction changed): short.
+RW_CACHE_TIMEOUT = 60.0
+RO_CACHE_TIMEOUT = 2.0
+
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
 _ACCMODE_WRITE = (os.O_WRONLY, os.O_RDWR)
@@ -138,8 +148,8 @@ class Operations(pyfuse3.Operations):
         volume: Any,
         *,
         read_only: bool = False,
-        entry_timeout: float = 2.0,
-        attr_timeout: float = 2.0,
+        entry_timeout: float | None = None,
+        attr_timeout: float | None = None,
         commit_bound: int = DEFAULT_COMMIT_BOUND,
         writeback_cache: bool = False,
     ) -> None:
@@ -152,8 +162,9 @@ class Operations(pyfuse3.Operations):
         self.read_only = read_only
         #: Set after the store failed to persist a change: reads go on, writes get EROFS.
         self.failsafe = False
-        self.entry_timeout = entry_timeout
-        self.attr_timeout = attr_timeout
+        default_timeout = RO_CACHE_TIMEOUT if read_only else RW_CACHE_TIMEOUT
+        self.entry_timeout = default_timeout if entry_timeout is None else entry_timeout
+        self.attr_timeout = default_timeout if attr_timeout is None else attr_timeout
         self.commit_bound = commit_bound
         self.committer = Committer(volume, max_in_flight_bytes=4 * commit_bound)
         self.gate = WriteGate(self.committer)

@@ -51,6 +51,16 @@ from mirrorfs.store.segments import (
 log = logging.getLogger(__name__)
 
 
+def _all_zero(path: Path, start: int) -> bool:
+    """Whether the file holds only zero bytes from ``start`` on."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        while chunk := f.read(1 << 20):
+            if chunk.count(0) != len(chunk):
+                return False
+    return True
+
+
 class LogRecovery:
     """One recovery pass over the segment files of a log directory (``run``)."""
 
@@ -187,8 +197,10 @@ class LogRecovery:
         after, after_txns, after_top = _count_valid(path, scan.end + 1) if scan.error else (0, 0, 0)
         if scan.error and scan.torn_candidate and is_last and after == 0:
             self._torn_at = (path, scan.end)
-            r = self.report
-            r.torn_bytes, r.segment, r.offset = size - scan.end, name, scan.end
+            if not _all_zero(path, scan.end):
+                r = self.report
+                r.torn_bytes, r.segment, r.offset = size - scan.end, name, scan.end
+            # else: only the zeros that appends write ahead (store/samlog.py), no record
             kept.append(seg)
             return True
         err = scan.error or record.corrupt(

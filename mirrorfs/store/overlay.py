@@ -1,16 +1,26 @@
-"""A map of new block content: non-overlapping runs, kept by reference.
+"""A map of new block content: non-overlapping runs, large ones kept by reference.
 
 The open transaction's blocks live here until it is sealed; the sealed ones stay here until
 they are finished; the in-place backlog (``store/inplace.py``) merges finished transactions
 into one. Reads patch these runs over the block file.
 
-Data is copied once, by the kernel: an immutable buffer given to ``put`` (``bytes``, or a
-memoryview of ``bytes``, such as a slice of the FUSE request's buffer) is kept by reference,
-and an overwrite splits the runs it covers into memoryview slices. Only a mutable buffer (a
-``bytearray`` of a read-modify-write, a metadata block being built) is copied, since its
-owner may change it later. A stored run is never modified in place, so a sealed map can be
-read from another thread (the log append, the flusher) while the volume thread fills the
-next one.
+Two kinds of piece, by size:
+
+- A large write (at least ``JOIN_BELOW`` bytes, a 128 KiB or 1 MiB FUSE write) is copied
+  once, by the kernel: an immutable buffer given to ``put`` (``bytes``, or a memoryview of
+  ``bytes``, such as the FUSE request's buffer) is kept by reference, and an overwrite
+  splits the pieces it covers into memoryview slices; only a mutable one is copied.
+- A small write (a metadata block, a 4 KiB write) is copied into a ``bytearray`` that the
+  map owns, merged with the owned piece it overwrites or extends: a block rewritten many
+  times in one transaction (an inode-table or bitmap block, a directory block) costs one
+  4 KiB copy and no change to the sorted map, and sequential small writes grow one piece.
+  Owned pieces never leave the map: ``covers``/``patch`` copy out of them, ``runs`` turns
+  them into ``bytes``.
+
+A map is modified only by its owner's thread; once it stops being modified (a sealed
+transaction, a flushing batch), other threads may read it (the log append, the flusher):
+``pieces`` is for those readers of maps built with ``put_frozen`` (the in-place backlog),
+which holds read-only views only.
 
 ``runs`` returns the map for a transaction record: adjacent small pieces are joined into
 one run (metadata, small sequential writes); large pieces stay views of the caller's
@@ -23,8 +33,12 @@ from sortedcontainers import SortedDict
 
 Data = bytes | bytearray | memoryview
 
-#: Pieces at least this large are handed on by reference; smaller adjacent ones are joined.
+#: Pieces at least this large are kept by reference; smaller ones are copied into owned
+#: pieces (``put``) and joined with their neighbours (``runs``).
 JOIN_BELOW = 64 << 10
+#: An owned piece grows by appending up to this size (sequential small writes), then a new
+#: one starts: bounds the copy that a later split or ``runs`` makes of it.
+OWNED_MAX = 1 << 20
 
 
 def frozen(data: Data) -> memoryview:
@@ -36,10 +50,12 @@ def frozen(data: Data) -> memoryview:
 
 
 class BlockOverlay:
-    """Blocks written over the block file, as runs ``first_block -> read-only memoryview``."""
+    """Blocks written over the block file, as runs ``first_block -> piece``: a read-only
+    memoryview (by reference) or an owned ``bytearray`` (small writes, see the module doc)."""
 
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, *, join_below: int = JOIN_BELOW):
         self.block_size = block_size
+        self.join_below = join_below
         self._runs: SortedDict = SortedDict()
         self.nbytes = 0
 
@@ -51,11 +67,42 @@ class BlockOverlay:
         return len(self._runs)
 
     def put(self, start: int, data: Data) -> None:
-        """Record ``data`` (full blocks) at ``start``, replacing what overlaps."""
-        self.put_frozen(start, frozen(data))
+        """Record ``data`` (full blocks) at ``start``, replacing what overlaps.
 
-    def put_frozen(self, start: int, view: memoryview) -> None:
-        """``put`` of a view already made by ``frozen`` (no check, no copy)."""
+        Small ``data`` is copied (into an owned piece); large ``data`` is kept by reference
+        when it is immutable."""
+        n = len(data)
+        if n >= self.join_below:
+            self.put_frozen(start, frozen(data))
+            return
+        bs = self.block_size
+        runs = self._runs
+        i = runs.bisect_right(start) - 1
+        if i >= 0:
+            keys = runs.keys()
+            s = keys[i]
+            old = runs[s]
+            if type(old) is bytearray:
+                e = s + len(old) // bs
+                end = start + n // bs
+                if end <= e:
+                    # Inside an owned piece (a metadata block rewritten): copy over it.
+                    old[(start - s) * bs : (end - s) * bs] = data
+                    return
+                if (
+                    e >= start
+                    and len(old) < OWNED_MAX
+                    and (i + 1 == len(keys) or keys[i + 1] >= end)
+                ):
+                    # Overlapping its tail or right after it, nothing else in the way.
+                    self.nbytes += (end - e) * bs
+                    old[(start - s) * bs :] = data
+                    return
+        self.put_frozen(start, bytearray(data))
+
+    def put_frozen(self, start: int, view: memoryview | bytearray) -> None:
+        """``put`` of a view already made by ``frozen`` (no check, no copy), or of an owned
+        ``bytearray`` nobody else holds."""
         bs = self.block_size
         end = start + len(view) // bs
         runs = self._runs
@@ -127,7 +174,7 @@ class BlockOverlay:
             return bytes(run[(start - s) * bs : (start - s + count) * bs])
         return None
 
-    def pieces(self) -> list[tuple[int, memoryview]]:
+    def pieces(self) -> list[tuple[int, memoryview | bytearray]]:
         """The stored pieces in block order, as they are (adjacent ones not joined)."""
         return list(self._runs.items())
 
@@ -137,23 +184,32 @@ class BlockOverlay:
         out: list[tuple[int, bytes | memoryview]] = []
         group: list[memoryview] = []
         gstart = gend = -1
+        join_below = self.join_below
         for s, run in self._runs.items():
-            small = len(run) < JOIN_BELOW
+            # Owned pieces are always joined (into bytes): they must not leave the map.
+            small = len(run) < join_below or type(run) is bytearray
             if group and s == gend and small:
                 group.append(run)
                 gend += len(run) // bs
                 continue
             if group:
-                out.append((gstart, group[0] if len(group) == 1 else b"".join(group)))
+                out.append((gstart, _joined(group)))
                 group = []
             if small:
                 group, gstart, gend = [run], s, s + len(run) // bs
             else:
                 out.append((s, run))
         if group:
-            out.append((gstart, group[0] if len(group) == 1 else b"".join(group)))
+            out.append((gstart, _joined(group)))
         return out
 
     def clear(self) -> None:
         self._runs.clear()
         self.nbytes = 0
+
+
+def _joined(group: list) -> bytes | memoryview:
+    """One run of adjacent pieces: a lone view as it is, anything else as new bytes."""
+    if len(group) == 1 and type(group[0]) is memoryview:
+        return group[0]
+    return b"".join(group)

@@ -21,7 +21,15 @@ what was done. Corruption inside a sealed segment is found when it is read (``sc
 ``verify``).
 
 Write-ahead: ``append`` returns once the record is written (page cache); ``sync`` makes it
-durable. Not thread-safe: callers serialize every call (``sync`` may run in a worker thread
+durable. ``sync`` is an ``fdatasync``; one that must also make a larger file size durable
+waits for a journal commit of the host filesystem as well, which is most of what a small
+fsync costs. So before a small record would grow the current segment, ``append`` writes
+zeros ahead of it (room for ``PREZERO_RECORDS`` more like it): the records that follow
+overwrite bytes the file already has, and their ``fdatasync`` writes just them. The zero
+tail is no record: recovery drops an all-zero tail silently, ``close`` and the roll to a
+new segment cut it off first.
+
+Not thread-safe: callers serialize every call (``sync`` may run in a worker thread
 as long as no other method of the same log runs meanwhile).
 """
 
@@ -53,6 +61,17 @@ from mirrorfs.store.txn import Transaction
 
 log = logging.getLogger(__name__)
 
+#: Zeros written ahead of the end of the current segment when a small record reaches it:
+#: room for about ``PREZERO_RECORDS`` more like it, within [PREZERO_MIN, PREZERO_BYTES].
+#: Small, so that the fsync that pays for them (one in that many) is not much slower than
+#: one that grows the file by its own record alone: that one is a fsync's p99.
+PREZERO_RECORDS = 8
+PREZERO_MIN = 64 << 10
+PREZERO_BYTES = 1 << 20
+#: Records at least this large just grow the file (a journal commit is little beside them).
+PREZERO_BELOW = 256 << 10
+_ZEROS = bytes(PREZERO_BYTES)
+
 
 class SamLog:
     """An open SAM log. Make one with ``SamLog.create``, then use ``SamLog.open``."""
@@ -73,6 +92,8 @@ class SamLog:
         # Appends counted / durable; counters, not a flag, so a sync that overlaps an append
         # can never mark that append durable.
         self._appended = self._synced = 0
+        #: The current segment file's size: past ``seg.size`` it holds zeros written ahead.
+        self._file_end = 0
         self._mark = SyncMarkWriter(self.directory)  # the highest seq once durable
 
     # ------------------------------------------------------------------ create / open
@@ -113,6 +134,7 @@ class SamLog:
         self._generation, self._epoch = recovery.generation, recovery.epoch
         if not self._segments[-1].sealed and not look_only:
             self._fd = os.open(self.directory / self._segments[-1].name, os.O_RDWR)
+            self._file_end = self._segments[-1].size
         report = self.recovery_report
         report.segments, report.last_seq = len(self._segments), self.last_seq
         if report.changed:  # (Volume.open warns of it, with what it replayed)
@@ -187,25 +209,50 @@ class SamLog:
         elif seg.sealed or (seg.last_seq >= seg.first_seq and seg.size + size > self.segment_bytes):
             self._roll()
         seg = self._segments[-1]
+        if size < PREZERO_BELOW and seg.size + size > self._file_end:
+            ahead = min(PREZERO_BYTES, max(PREZERO_MIN, PREZERO_RECORDS * size))
+            self._prezero(seg.size + size, ahead)
         try:
             _pwrite_all(self._fd, data, seg.size)
         except OSError:
             try:  # leave no partial record behind, so later appends stay valid
                 os.ftruncate(self._fd, seg.size)
+                self._file_end = seg.size
             except OSError:
                 self._failed = True
                 log.exception("SAM log %s: cannot undo a failed append", self.directory)
             raise
         seg.size += size
+        self._file_end = max(self._file_end, seg.size)
         seg.last_seq, self._epoch = seq, epoch
         self._appended += 1
         return size
+
+    def _prezero(self, need: int, ahead: int) -> None:
+        """Make the current segment file at least ``need`` bytes (and ``ahead`` more) by
+        writing zeros past its end; best effort (a full disk only makes appends slower)."""
+        start = self._file_end
+        end = min(max(need, start) + ahead, max(self.segment_bytes, need))
+        try:
+            while start < end:
+                start += os.pwrite(self._fd, memoryview(_ZEROS)[: end - start], start)
+        except OSError as exc:
+            log.debug("SAM log %s: no zeros written ahead: %s", self.directory, exc)
+        self._file_end = max(self._file_end, start)
+
+    def _cut_zeros(self) -> None:
+        """Drop the zeros written ahead of the current segment's last record."""
+        seg = self._segments[-1]
+        if self._fd >= 0 and self._file_end > seg.size:
+            os.ftruncate(self._fd, seg.size)
+        self._file_end = seg.size
 
     def _roll(self) -> None:
         """Seal the current segment (unless it is sealed already) and start the next one."""
         seg = self._segments[-1]
         if not seg.sealed:
             try:
+                self._cut_zeros()  # the SEAL record ends the file
                 write_seal(self._fd, seg, self.volume_uuid, self._epoch)
             except OSError:
                 os.ftruncate(self._fd, seg.size)
@@ -217,6 +264,7 @@ class SamLog:
         nxt = SegmentHeader(self.block_size, self.volume_uuid, seg.last_seq + 1, self._generation)
         self._segments.append(_write_segment(self.directory, nxt))
         self._fd = os.open(self.directory / self._segments[-1].name, os.O_RDWR)
+        self._file_end = self._segments[-1].size
 
     def sync(self) -> None:
         """Make every appended record durable."""
@@ -278,12 +326,14 @@ class SamLog:
         fsync_dir(self.directory)
         self._segments = [new]
         self._fd = os.open(self.directory / new.name, os.O_RDWR)
+        self._file_end = new.size
 
     def close(self) -> None:
         """Sync and close (idempotent)."""
         if self._fd >= 0:
             try:
                 self.sync()
+                self._cut_zeros()  # (if this is lost in a crash, recovery cuts them)
             finally:
                 os.close(self._fd)
                 self._fd = -1
