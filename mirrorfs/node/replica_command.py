@@ -19,7 +19,7 @@ from mirrorfs.daemon import (
 from mirrorfs.node.control import ControlError
 from mirrorfs.node.replica import ReplicaConfig, main_replica
 from mirrorfs.node.replica_volume import ReplicaError, prepare_dir
-from mirrorfs.node.volume_commands import log_arguments
+from mirrorfs.node.volume_commands import log_arguments, quiet_auth
 from mirrorfs.repl.address import format_address
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.wire import ReplError
@@ -76,7 +76,9 @@ def _check_metrics(args: Any) -> None:
 
 def _replica_detached(args: Any) -> int:
     """Start ``replica --foreground`` in a new session; wait until it says it listens."""
-    cfg = _replica_config(args)  # fail here, with the user's terminal, when we can
+    # Fail here, with the user's terminal, when we can; the daemon gives the warnings.
+    with quiet_auth():
+        cfg = _replica_config(args)
     volume_dir = prepare_dir(cfg.volume_dir)
     host, port = args.listen
     extra: list[str] = []

@@ -8,11 +8,13 @@ that ``umount`` and the detached mount launcher start fast and work without pyfu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,10 +197,20 @@ def check_secret(path: str) -> None:
     one line). Its warnings (a weak secret) are the daemon's to give: it relays them once."""
     from mirrorfs.repl import auth
 
+    with quiet_auth():
+        auth.load_secret(path)
+
+
+@contextlib.contextmanager
+def quiet_auth() -> Iterator[None]:
+    """Silence mirrorfs.repl.auth's warnings (a weak secret, --insecure) in a launching
+    process that only checks what its daemon will load and warn of again."""
+    from mirrorfs.repl import auth
+
     auth_log = logging.getLogger(auth.__name__)
     disabled, auth_log.disabled = auth_log.disabled, True
     try:
-        auth.load_secret(path)
+        yield
     finally:
         auth_log.disabled = disabled
 def _check_metrics(args: Any) -> None:
