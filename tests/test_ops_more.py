@@ -3,10 +3,19 @@ replica, handshake-failure warnings rate-limited under a flood, progress on a te
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import signal
 import subprocess
 
+import pytest
+import trio
+
+from mirrorfs.repl.admission import FAILURES_LOGGED, HandshakeLimiter, LogThrottle
+from mirrorfs.repl.handshake import HandshakeRefused
+from mirrorfs.repl.receiver import Receiver
+from mirrorfs.repl.stream import FramedStream, handshake_source
 from tests.repl_util import free_port, write_secret
 from tests.test_cli import assert_one_line_error
 from tests.util import pid_alive, run_cli
@@ -57,3 +66,88 @@ def test_zsh_completion_and_an_unknown_shell(tmp_path):
     assert proc.stdout.startswith("#compdef mirrorfs")
     assert "switchover" in proc.stdout
     assert_one_line_error(run_cli("completion", "fish"), code=2, contains="invalid choice: 'fish'")
+
+
+# -- failed handshakes under a flood: a few lines, then one per period with a count
+
+
+def test_log_throttle_logs_the_first_few_then_one_line_per_period():
+    lim = HandshakeLimiter(log_every=10.0)
+    shown = [lim.failed("127.0.0.1", 0.1 * i) for i in range(50)]
+    assert shown[:FAILURES_LOGGED] == [(True, 0)] * FAILURES_LOGGED
+    assert not any(show for show, _ in shown[FAILURES_LOGGED:])
+    assert lim.failed("10.0.0.9", 5.0) == (True, 0)  # another address has its own few
+    assert lim.failed("127.0.0.1", 10.5) == (True, 50 - FAILURES_LOGGED)  # the summary
+    assert lim.failed("127.0.0.1", 11.0) == (False, 0)
+    assert lim.failed("127.0.0.1", 21.0) == (True, 1)
+    # Quiet for a whole period: a new burst, logged one by one again.
+    assert [lim.failed("127.0.0.1", 40.0 + i)[0] for i in range(4)] == [True] * 3 + [False]
+    assert lim.failures == 58
+
+
+def test_log_throttle_forgets_the_oldest_address_past_its_bound():
+    throttle = LogThrottle(first=1, every=10.0, keys=2)
+    assert throttle.note("a", 0.0) == (True, 0)
+    assert throttle.note("a", 1.0) == (False, 0)
+    throttle.note("b", 2.0)
+    throttle.note("c", 3.0)  # "a" is forgotten: its next failure starts a burst again
+    assert throttle.note("a", 4.0) == (True, 0)
+
+
+async def test_a_flood_of_failed_handshakes_from_127_0_0_1_logs_a_few_lines(
+    tmp_path, caplog, mock_clock
+):
+    mock_clock.rate = 1.0  # real time, but one that the test can move on
+    caplog.set_level(logging.INFO, "mirrorfs")
+    rcv = Receiver(
+        str(tmp_path / "dst"),
+        None,
+        secret=b"s" * 32,
+        node_id="dst",
+        limiter=HandshakeLimiter(log_every=30.0),
+    )
+
+    async def garbage(port: int, count: int) -> None:
+        for _ in range(count):
+            before = rcv.limiter.failures
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            with contextlib.suppress(trio.BrokenResourceError):
+                await stream.send_all(b"\xffGARBAGE" * 8)
+            await stream.aclose()
+            while rcv.limiter.failures == before:
+                await trio.sleep(0.005)
+
+    def failure_lines() -> list[str]:
+        return [
+            r.getMessage()
+            for r in caplog.records
+            if r.levelno == logging.WARNING and "handshake with 127.0.0.1:" in r.getMessage()
+        ]
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+            port = listeners[0].socket.getsockname()[1]
+            await nursery.start(trio.serve_listeners, rcv.serve, listeners)
+            await garbage(port, 200)
+            with pytest.raises(HandshakeRefused):  # a wrong proof counts the same
+                await handshake_source(
+                    FramedStream(await trio.open_tcp_stream("127.0.0.1", port)),
+                    secret=b"w" * 32,
+                    volume_uuid=bytes(range(16)),
+                    node_id="mallory",
+                    epochs=[(1, 1)],
+                    last_seq=0,
+                    allow_initial_sync=True,
+                )
+            with trio.fail_after(10):
+                while rcv.limiter.failures < 201:
+                    await trio.sleep(0.005)
+            assert len(failure_lines()) == FAILURES_LOGGED, failure_lines()
+            mock_clock.jump(31.0)  # a period later: one line with the count
+            await garbage(port, 1)
+            nursery.cancel_scope.cancel()
+    lines = failure_lines()
+    assert len(lines) == FAILURES_LOGGED + 1, lines
+    assert lines[-1].endswith(f"({201 - FAILURES_LOGGED} more from this address not logged)")
+    assert rcv.volume is None
