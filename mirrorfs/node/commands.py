@@ -242,6 +242,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if not os.path.isdir(volume_dir):
         raise CommandError(f"{volume_dir}: no such volume directory")
     _check_promoted_mirrors(args)
+    _check_promoted_metrics(args)
     t0 = time.monotonic()
     try:
         request = {"cmd": "promote", "force": bool(args.force)}
@@ -265,6 +266,8 @@ def cmd_promote(args: argparse.Namespace) -> int:
     report["mountpoint"] = ""
     # The replica mount's FUSE options (allow_other, ...) unless -o says otherwise.
     options = list(report.get("mount_options") or []) if args.options is None else args.options
+    if args.metrics is None:  # the replica daemon's metrics endpoint, unless --metrics is given
+        args.metrics, args.metrics_insecure = _carried_metrics(report.get("metrics_argv") or [])
     if args.json:
         if mountpoint:
             _mount_promoted(volume_dir, mountpoint, args, options)
@@ -309,6 +312,25 @@ def _promote_report(
         mount_options=list(options) if mountpoint else [],
         seconds=round(seconds, 3),
     )
+
+
+def _check_promoted_metrics(args: argparse.Namespace) -> None:
+    """Refuse, before promoting, a --metrics address the mount would refuse."""
+    from mirrorfs.node.metrics import MetricsAddressError, check_metrics_policy
+
+    try:
+        check_metrics_policy(args.metrics, args.metrics_insecure)
+    except MetricsAddressError as exc:
+        raise CommandError(f"{exc}; nothing was promoted") from None
+
+
+def _carried_metrics(argv: list[str]) -> tuple[tuple[str, int] | None, bool]:
+    """``--metrics`` of the replica daemon (its ``metrics_argv``), for the promoted mount."""
+    from mirrorfs.node.metrics import parse_metrics_address
+
+    if len(argv) < 2 or argv[0] != "--metrics":
+        return None, False
+    return parse_metrics_address(argv[1]), "--metrics-insecure" in argv
 
 
 def _check_promoted_mirrors(args: argparse.Namespace) -> None:
@@ -367,6 +389,8 @@ def _mount_promoted(
                 tls_cert=getattr(args, "tls_cert", None),
                 tls_key=getattr(args, "tls_key", None),
                 tls_ca=getattr(args, "tls_ca", None),
+                metrics=args.metrics,
+                metrics_insecure=args.metrics_insecure,
             )
         )
     except (CliError, OSError) as exc:

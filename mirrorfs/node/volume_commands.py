@@ -152,12 +152,7 @@ def _passthrough_mount_args(args: Any) -> list[str]:
     if args.force:
         extra.append("--force")
     extra += log_arguments(args)
-    if getattr(args, "metrics", None):
-        from mirrorfs.node.metrics import metrics_argv
-
-        extra += ["--metrics", metrics_argv(args.metrics)]
-        if args.metrics_insecure:
-            extra.append("--metrics-insecure")
+    extra += metrics_arguments(args)
     if getattr(args, "checkpoint_every", None):
         extra += ["--checkpoint-every", repr(args.checkpoint_every)]
     if getattr(args, "checkpoint_keep", None):
@@ -173,6 +168,17 @@ def log_arguments(args: Any) -> list[str]:
     if args.log_level != DEFAULT_LOG_LEVEL:
         extra += ["--log-level", args.log_level]
     return extra
+
+
+def metrics_arguments(args: Any) -> list[str]:
+    """``--metrics`` (and ``--metrics-insecure``) as given, for a detached child and for the
+    successors of a promotion or switchover."""
+    if getattr(args, "metrics", None) is None:
+        return []
+    from mirrorfs.node.metrics import metrics_argv
+
+    extra = ["--metrics", metrics_argv(args.metrics)]
+    return extra + ["--metrics-insecure"] if args.metrics_insecure else extra
 
 
 def cmd_mount(args: Any) -> int:
@@ -318,6 +324,7 @@ def _source_service(args: Any):
         mount_options=tuple(args.options),
         log_argv=tuple(log_arguments(args)),
         metrics=getattr(args, "metrics", None),
+        metrics_argv=tuple(metrics_arguments(args)),
         checkpoint_every=getattr(args, "checkpoint_every", None),
         checkpoint_keep=getattr(args, "checkpoint_keep", None),
     )
