@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 
 import pytest
 import trio
@@ -18,7 +19,7 @@ from mirrorfs.repl.receiver import Receiver
 from mirrorfs.repl.stream import FramedStream, handshake_source
 from tests.repl_util import free_port, write_secret
 from tests.test_cli import assert_one_line_error
-from tests.util import pid_alive, run_cli
+from tests.util import REPO, _env, mkfs, pid_alive, run_cli
 
 
 def test_detached_replica_warns_of_a_weak_secret_once(tmp_path):
@@ -151,3 +152,101 @@ async def test_a_flood_of_failed_handshakes_from_127_0_0_1_logs_a_few_lines(
     assert len(lines) == FAILURES_LOGGED + 1, lines
     assert lines[-1].endswith(f"({201 - FAILURES_LOGGED} more from this address not logged)")
     assert rcv.volume is None
+
+
+# -- progress on a terminal, none off it
+
+
+def _run_on_pty(*args: str, timeout: float = 120.0) -> tuple[int, bytes]:
+    """``python -m mirrorfs ARGS`` with stdout and stderr on a pseudo-terminal: its exit
+    status and everything it wrote."""
+    import pty
+    import select
+    import time
+
+    master, slave = pty.openpty()
+    env = dict(_env(), TERM="xterm-256color", COLUMNS="100")
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mirrorfs", *map(str, args)],
+        stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=env, cwd=REPO,
+    )  # fmt: skip
+    os.close(slave)
+    out = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed its end
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            elif proc.poll() is not None:
+                break
+        return proc.wait(timeout=30), bytes(out)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+def test_fsck_draws_a_bar_on_a_terminal_and_no_escapes_off_it(tmp_path):
+    vol = tmp_path / "vol"
+    mkfs(vol, "16M")
+    code, out = _run_on_pty("fsck", vol)
+    text = out.decode(errors="replace")
+    assert code == 0, text
+    assert "\x1b[" in text and "━" in text, text  # rich's bar, drawn with cursor control
+    assert f"fsck {vol}: done" in text and "100%" in text, text
+    assert "clean" in text, text
+    plain = run_cli("fsck", vol)
+    assert plain.returncode == 0, plain.stderr
+    assert "\x1b" not in plain.stdout + plain.stderr
+    assert "━" not in plain.stdout + plain.stderr and "fsck " not in plain.stderr
+
+
+def test_fsck_reports_every_pass_to_its_progress(tmp_path):
+    from mirrorfs.fs import fsck as fsck_mod
+    from mirrorfs.store.volume import Volume
+
+    vol = tmp_path / "vol"
+    mkfs(vol, "16M")
+    seen: list[tuple[str, int, int]] = []
+    volume = Volume.open(str(vol), read_only=True)
+    try:
+        report = fsck_mod.check(volume, progress=lambda *a: seen.append(a))
+    finally:
+        volume.close()
+    assert report.clean
+    phases = list(dict.fromkeys(p for p, _, _ in seen))
+    assert phases == [
+        "inode table", "block runs", "directories", "links", "block bitmap", "checkpoints"
+    ]  # fmt: skip
+    assert all(0 <= done <= total for _, done, total in seen)
+
+
+def test_slow_notice_only_after_its_delay_and_only_on_a_terminal():
+    import io
+    import time
+
+    from mirrorfs.node.progress import slow_notice
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    quick, slow, pipe = Tty(), Tty(), io.StringIO()
+    with slow_notice("promoting x", after=5.0, stream=quick):
+        pass
+    with slow_notice("promoting x", after=0.05, stream=slow):
+        time.sleep(0.3)
+    with slow_notice("promoting x", after=0.0, stream=pipe):
+        time.sleep(0.1)
+    assert quick.getvalue() == "" and pipe.getvalue() == ""
+    assert slow.getvalue().startswith("\rpromoting x... 0 s")
+    assert slow.getvalue().endswith("s)\n") and "promoting x... done (0." in slow.getvalue()

@@ -437,7 +437,10 @@ def cmd_fsck(args: Any) -> int:
                 "replica: the filesystem is only checked, not repaired: its source sends "
                 "what it is missing (a local fix would diverge from the source)"
             )
-        report = fsck.check(volume, repair=repair_fs)
+        from mirrorfs.node.progress import phase_bar
+
+        with phase_bar(f"fsck {path}") as progress:
+            report = fsck.check(volume, repair=repair_fs, progress=progress)
         if as_json:
             _print_fsck_json(path, report, log_note)
         else:
