@@ -34,7 +34,7 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 
-if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3, trio, lz4, sortedcontainers, rich, humanize, prometheus_client, pytest, hypothesis, trustme' 2>/dev/null; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -c 'import pyfuse3, trio, lz4, sortedcontainers, rich, humanize, prometheus_client, shtab, pytest, hypothesis, trustme' 2>/dev/null; then
     echo "bootstrap: installing Python packages into .venv"
     python3 -m venv .venv
     .venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true

@@ -14,7 +14,7 @@ import argparse
 import logging
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 import mirrorfs
@@ -70,6 +70,7 @@ COMMAND_GROUPS = {
     "failover": ("promote", "switchover", "demote"),
     "inspection": ("status", "verify", "events"),
     "checkpoints": ("checkpoint",),
+    "shell": ("completion",),
 }
 EXIT_CODES = (
     "exit status: 0 success; 1 an error (one line on stderr), differences found by verify, "
@@ -258,8 +259,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for it to exit",
     )
     p.set_defaults(func=stop.cmd_stop)
+
+    p = sub.add_parser(
+        "completion",
+        parents=[common],
+        help="print a shell completion script (e.g. mirrorfs completion bash > FILE)",
+    )
+    p.add_argument("shell", choices=COMPLETION_SHELLS, help="the shell to complete for")
+    p.set_defaults(func=_cmd_completion)
     parser.epilog = _command_list(sub)
     return parser
+
+
+COMPLETION_SHELLS = ("bash", "zsh")
+#: Arguments completed as directories (volumes, mountpoints); the rest of the paths as files.
+_DIRECTORY_METAVARS = ("DIR", "MOUNTPOINT", "MNT")
+
+
+def _cmd_completion(args: Any) -> int:
+    """``mirrorfs completion SHELL``: the script, generated from this very parser by shtab."""
+    import shtab
+
+    parser = build_parser()
+    for action in _walk_actions(parser):
+        if isinstance(action, argparse._SubParsersAction):
+            action.help = "command"  # hidden from --help (grouped in its epilog), not here
+        elif action.metavar in _DIRECTORY_METAVARS:
+            action.complete = shtab.DIRECTORY  # type: ignore[attr-defined]
+        elif action.metavar in ("FILE", "PATH") or action.dest.endswith("_file"):
+            action.complete = shtab.FILE  # type: ignore[attr-defined]
+    sys.stdout.write(shtab.complete(parser, shell=args.shell))
+    return 0
+
+
+def _walk_actions(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
+    for action in parser._actions:
+        yield action
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                yield from _walk_actions(child)
 
 
 def _is_mount_error(exc: BaseException) -> bool:

@@ -272,6 +272,7 @@ def add_node_arguments(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     add_secret_arguments(p)
     add_tls_arguments(p)
+    add_metrics_argument(p, default="the replica daemon's, if it had one")
     add_json_argument(p)
     p.set_defaults(func=commands.cmd_promote)
 
@@ -335,14 +336,14 @@ def metrics_arg(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_metrics_argument(p: argparse.ArgumentParser) -> None:
+def add_metrics_argument(p: argparse.ArgumentParser, default: str = "none") -> None:
     p.add_argument(
         "--metrics",
         type=metrics_arg,
         default=None,
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (loopback unless "
-        "--metrics-insecure; default: none)",
+        f"--metrics-insecure; default: {default})",
     )
     p.add_argument(
         "--metrics-insecure",

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from tests.repl_util import Cluster, free_port, log_text, status, wait_caught_up
+from tests.repl_util import Cluster, free_port, log_text, status, stopped_status, wait_caught_up
 from tests.test_cli import assert_one_line_error
 from tests.util import (
     REPO,
@@ -236,12 +236,35 @@ def test_mount_foreground_notifies_systemd(tmp_path):
         cleanup(m)
 
 
-def test_promote_keeps_the_replica_mount_options_and_stop(tmp_path):
+def _node_role(metrics_port: int) -> str:
+    """The role that the node serving ``metrics_port`` reports (mirrorfs_node_info)."""
+    from tests.test_status_live import scrape
+
+    def role() -> str | None:
+        try:
+            samples = scrape(metrics_port)
+        except OSError:
+            return None  # not (yet) listening: the successor is starting
+        roles = [dict(lv)["role"] for (n, lv), _ in samples.items() if n == "mirrorfs_node_info"]
+        return roles[0] if len(roles) == 1 else None
+
+    found: list[str | None] = [None]
+
+    def answered() -> bool:
+        found[0] = role()
+        return found[0] is not None
+
+    wait_for(answered, 60, f"the metrics endpoint at 127.0.0.1:{metrics_port}", interval=0.2)
+    return found[0] or ""
+
+
+def test_promote_keeps_the_replica_mount_options_metrics_and_stop(tmp_path):
     c = Cluster(str(tmp_path))
     promoted: Mount | None = None
     try:
         src = c.mkfs("src", "64M")
-        rep = c.replica("rep", start=False)
+        mport = free_port()
+        rep = c.replica("rep", start=False, extra=("--metrics", f"127.0.0.1:{mport}"))
         rep.options = ("allow_other",)
         rep.start()
         source = c.mount_source(src, [rep.address])
@@ -260,6 +283,7 @@ def test_promote_keeps_the_replica_mount_options_and_stop(tmp_path):
         opts = _mount_options(rep.mountpoint)
         assert "allow_other" in opts and "rw" in opts
         assert status(rep.dir)["mount_options"] == ["allow_other"]
+        assert _node_role(mport) == "source"  # the replica's endpoint, now the mount's
 
         # ``mirrorfs stop`` ends a mount as umount does: unmounted, final commit, exited.
         with open(os.path.join(rep.mountpoint, "g"), "w") as f:
@@ -274,18 +298,22 @@ def test_promote_keeps_the_replica_mount_options_and_stop(tmp_path):
         c.close()
 
 
-def test_switchover_keeps_both_mounts_options(tmp_path):
+def test_switchover_keeps_both_mounts_options_and_metrics(tmp_path):
     """The promoted side mounts read-write with its replica mount's options, the old source
-    mounts read-only with those of its read-write mount."""
+    mounts read-only with those of its read-write mount; each keeps its metrics endpoint."""
     from tests.test_switchover import _retire, _successors, _switchover
 
     c = Cluster(str(tmp_path))
     try:
         a = c.mkfs("a", "64M")
-        b = c.replica("b", start=False)
+        a_metrics, b_metrics = free_port(), free_port()
+        b = c.replica("b", start=False, extra=("--metrics", f"127.0.0.1:{b_metrics}"))
         b.options = ("noexec",)
         b.start()
-        a_src = c.mount_source(a, [b.address], extra=("-o", "allow_other"))
+        a_src = c.mount_source(
+            a, [b.address], extra=("-o", "allow_other", "--metrics", f"127.0.0.1:{a_metrics}")
+        )
+        assert _node_role(a_metrics) == "source" and _node_role(b_metrics) != "source"
         with open(os.path.join(a_src.mountpoint, "f"), "w") as f:
             f.write("before the switchover\n")
         wait_caught_up(a)
@@ -307,6 +335,8 @@ def test_switchover_keeps_both_mounts_options(tmp_path):
         assert "allow_other" in a_opts and "ro" in a_opts
         assert status(b.dir)["mount_options"] == ["noexec"]
         assert status(a)["mount_options"] == ["allow_other"]
+        assert _node_role(b_metrics) == "source"
+        assert _node_role(a_metrics) not in ("", "source")
     finally:
         c.close()
 
@@ -322,8 +352,16 @@ def test_promote_of_a_stopped_replica_takes_o(tmp_path):
     state.save(vol)
     m = None
     try:
-        proc = run_cli("promote", vol, "--mount", mnt, "-o", "noexec", "-o", "nodev")
+        mport = free_port()
+        bad = run_cli("promote", vol, "--mount", mnt, "--metrics", "192.0.2.1:9100")
+        assert_one_line_error(bad, code=1, contains="--metrics-insecure")
+        assert stopped_status(vol)["role"] == "target"  # refused before promoting
+        proc = run_cli(
+            "promote", vol, "--mount", mnt, "-o", "noexec", "-o", "nodev",
+            "--metrics", f"127.0.0.1:{mport}",
+        )  # fmt: skip
         assert proc.returncode == 0, proc.stderr
+        assert _node_role(mport) == "source"
         assert f"mounted read-write at {mnt} with -o noexec,nodev" in proc.stdout
         m = Mount(_mount_pid(vol), vol, str(mnt))
         assert {"noexec", "nodev", "rw"} <= _mount_options(mnt)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mirrorfs.fs import filedata, inodes, xattrs
@@ -40,6 +41,13 @@ log = logging.getLogger(__name__)
 # Report at most this many problems of one kind in full; the rest are counted.
 MAX_PER_KIND = 20
 TABLE_CHUNK_BLOCKS = 256
+#: ``progress(phase, done, total)``: how far a check is (for a bar; called now and then).
+Progress = Callable[[str, int, int], None]
+PROGRESS_EVERY = 1024  # inodes between two progress calls of a phase
+
+
+def _no_progress(phase: str, done: int, total: int) -> None:
+    pass
 _TYPES = (
     stat.S_IFREG,
     stat.S_IFDIR,
@@ -156,8 +164,9 @@ def _subtract(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[
 
 
 class _Checker:
-    def __init__(self, volume: BlockStore) -> None:
+    def __init__(self, volume: BlockStore, progress: Progress = _no_progress) -> None:
         self.volume = volume
+        self.progress = progress
         self.bs = volume.block_size
         self.sb = inodes.read_super(volume)
         self.table = inodes.InodeTable(volume, self.sb)
@@ -174,10 +183,14 @@ class _Checker:
             s.fatal = True
             return s
         runs = self._check_runs(s)
+        self.progress("directories", 0, 1)
         self._walk(s)
+        self.progress("links", 0, 1)
         self._check_orphans(s)
         self._check_links(s)
+        self.progress("block bitmap", 0, 1)
         self._check_bitmap(s, runs)
+        self.progress("block bitmap", 1, 1)
         return s
 
     def _load_inodes(self, s: _Scan) -> None:
@@ -187,6 +200,7 @@ class _Checker:
         bitmap = self.table.bitmap
         zero = bytes(INODE_SIZE)
         for first in range(0, sb.inode_table_blocks, TABLE_CHUNK_BLOCKS):
+            self.progress("inode table", first, sb.inode_table_blocks)
             n = min(TABLE_CHUNK_BLOCKS, sb.inode_table_blocks - first)
             buf = self.volume.read(sb.inode_table_start + first, n)
             for slot in range(n * per_block):
@@ -214,7 +228,9 @@ class _Checker:
         """Every inode's block runs: inside the volume, counted right. Returns (start, n, ino)."""
         out: list[tuple[int, int, int]] = []
         nblocks = self.volume.block_count
-        for ino, inode in s.inodes.items():
+        for i, (ino, inode) in enumerate(s.inodes.items()):
+            if i % PROGRESS_EVERY == 0:
+                self.progress("block runs", i, len(s.inodes))
             kind = stat.S_IFMT(inode.mode)
             key = {stat.S_IFDIR: "dirs", stat.S_IFREG: "files", stat.S_IFLNK: "symlinks"}
             s.counts[key.get(kind, "others")] = s.counts.get(key.get(kind, "others"), 0) + 1
@@ -459,9 +475,9 @@ def _fill(report: FsckReport, s: _Scan) -> None:
     report.blocks_used = s.blocks_used
 
 
-def _scan(volume: BlockStore) -> tuple[_Checker | None, _Scan]:
+def _scan(volume: BlockStore, progress: Progress = _no_progress) -> tuple[_Checker | None, _Scan]:
     try:
-        checker = _Checker(volume)
+        checker = _Checker(volume, progress)
         return checker, checker.scan()
     except Exception as exc:  # superblock or bitmap geometry unreadable
         s = _Scan()
@@ -470,13 +486,17 @@ def _scan(volume: BlockStore) -> tuple[_Checker | None, _Scan]:
         return None, s
 
 
-def check(volume: BlockStore, *, repair: bool = False) -> FsckReport:
-    """Check the filesystem on an opened Volume; with ``repair``, fix what can be and commit."""
+def check(
+    volume: BlockStore, *, repair: bool = False, progress: Progress = _no_progress
+) -> FsckReport:
+    """Check the filesystem on an opened Volume; with ``repair``, fix what can be and commit.
+    ``progress`` hears how far each pass is (a bar on a terminal)."""
     report = FsckReport(repair=repair, blocks_total=volume.block_count)
-    checker, s = _scan(volume)
+    checker, s = _scan(volume, progress)
     report.problems = list(s.problems)
     _fill(report, s)
     # Checkpoints are reported, never repaired (fs/fsck_snapshots.py).
+    progress("checkpoints", 0, 1)
     held = check_checkpoints(volume, lambda view: check(view).problems)
     report.problems += held
     if not repair:
@@ -491,19 +511,19 @@ def check(volume: BlockStore, *, repair: bool = False) -> FsckReport:
             adopted = any(ino in s.dangling for ino in s.stale_slots)
             report.repaired += checker.repair_inodes(s)
             volume.commit()
-            checker, s = _scan(volume)  # block accounting after the frees
+            checker, s = _scan(volume, progress)  # block accounting after the frees
             if adopted and checker is not None and not s.fatal:  # check what was kept
                 report.repaired += checker.repair_inodes(s)
                 volume.commit()
-                checker, s = _scan(volume)
+                checker, s = _scan(volume, progress)
             if checker is not None and not s.fatal:
                 report.repaired += checker.repair_bitmap(s)
                 volume.commit()
-            checker, s = _scan(volume)
+            checker, s = _scan(volume, progress)
         except Exception as exc:
             log.exception("fsck: repair failed")
             report.repaired.append(f"repair stopped: {exc}")
-            checker, s = _scan(volume)
+            checker, s = _scan(volume, progress)
     report.remaining = list(s.problems) + held
     _fill(report, s)
     return report

@@ -242,29 +242,16 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if not os.path.isdir(volume_dir):
         raise CommandError(f"{volume_dir}: no such volume directory")
     _check_promoted_mirrors(args)
+    _check_promoted_metrics(args)
     t0 = time.monotonic()
-    try:
-        request = {"cmd": "promote", "force": bool(args.force)}
-        reply = control_request(socket_path(volume_dir), request, timeout=120.0)
-    except ControlError as exc:
-        if "no daemon is running" not in str(exc):
-            raise CommandError(str(exc)) from None
-        reply = None
-    if reply is not None:
-        if not reply.get("ok"):
-            raise CommandError(str(reply.get("error", "the replica refused to promote")))
-        report = reply["promoted"]
-        _wait_unlocked(volume_dir)
-    else:
-        try:
-            report = promote_stopped(volume_dir)
-        except PromoteError as exc:
-            raise CommandError(str(exc)) from None
-        report["mountpoint"] = ""
+    with _slow(args, f"promoting {volume_dir}"):
+        report = _promote(volume_dir, args, promote_stopped, PromoteError)
     mountpoint = "" if args.no_mount else (args.mount or report.get("mountpoint") or "")
     report["mountpoint"] = ""
     # The replica mount's FUSE options (allow_other, ...) unless -o says otherwise.
     options = list(report.get("mount_options") or []) if args.options is None else args.options
+    if args.metrics is None:  # the replica daemon's metrics endpoint, unless --metrics is given
+        args.metrics, args.metrics_insecure = _carried_metrics(report.get("metrics_argv") or [])
     if args.json:
         if mountpoint:
             _mount_promoted(volume_dir, mountpoint, args, options)
@@ -285,6 +272,35 @@ def cmd_promote(args: argparse.Namespace) -> int:
             "--mirror ...)"
         )
     return 0
+
+
+def _slow(args: argparse.Namespace, text: str) -> Any:
+    from mirrorfs.node.progress import slow_notice
+
+    return contextlib.nullcontext() if args.json else slow_notice(text)
+
+
+def _promote(volume_dir: str, args: argparse.Namespace, promote_stopped, error) -> dict:
+    """Promote through the running daemon (which then exits), or in place when stopped."""
+    try:
+        request = {"cmd": "promote", "force": bool(args.force)}
+        reply = control_request(socket_path(volume_dir), request, timeout=120.0)
+    except ControlError as exc:
+        if "no daemon is running" not in str(exc):
+            raise CommandError(str(exc)) from None
+        reply = None
+    if reply is not None:
+        if not reply.get("ok"):
+            raise CommandError(str(reply.get("error", "the replica refused to promote")))
+        report = reply["promoted"]
+        _wait_unlocked(volume_dir)
+        return report
+    try:
+        report = promote_stopped(volume_dir)
+    except error as exc:
+        raise CommandError(str(exc)) from None
+    report["mountpoint"] = ""
+    return report
 
 
 def _promote_report(
@@ -309,6 +325,25 @@ def _promote_report(
         mount_options=list(options) if mountpoint else [],
         seconds=round(seconds, 3),
     )
+
+
+def _check_promoted_metrics(args: argparse.Namespace) -> None:
+    """Refuse, before promoting, a --metrics address the mount would refuse."""
+    from mirrorfs.node.metrics import MetricsAddressError, check_metrics_policy
+
+    try:
+        check_metrics_policy(args.metrics, args.metrics_insecure)
+    except MetricsAddressError as exc:
+        raise CommandError(f"{exc}; nothing was promoted") from None
+
+
+def _carried_metrics(argv: list[str]) -> tuple[tuple[str, int] | None, bool]:
+    """``--metrics`` of the replica daemon (its ``metrics_argv``), for the promoted mount."""
+    from mirrorfs.node.metrics import parse_metrics_address
+
+    if len(argv) < 2 or argv[0] != "--metrics":
+        return None, False
+    return parse_metrics_address(argv[1]), "--metrics-insecure" in argv
 
 
 def _check_promoted_mirrors(args: argparse.Namespace) -> None:
@@ -367,6 +402,8 @@ def _mount_promoted(
                 tls_cert=getattr(args, "tls_cert", None),
                 tls_key=getattr(args, "tls_key", None),
                 tls_ca=getattr(args, "tls_ca", None),
+                metrics=args.metrics,
+                metrics_insecure=args.metrics_insecure,
             )
         )
     except (CliError, OSError) as exc:
@@ -443,6 +480,30 @@ def cmd_switchover(args: argparse.Namespace) -> int:
         "timeout": args.timeout,
     }
     t0 = time.monotonic()
+    with _slow(args, f"switching over {volume_dir} to {args.to}"):
+        report = _switch(volume_dir, request, args)
+    report["streaming_after_seconds"] = round(time.monotonic() - t0, 3)
+    if args.json:
+        print_json(json_report("switchover", volume_dir=volume_dir, **report))
+        return 0
+    print(
+        f"switched over {volume_dir} to {report['target']} at seq {report['seq']}: "
+        f"{report['target']} is the source in epoch {report['epoch']} from seq "
+        f"{report['epoch_start_seq']}"
+    )
+    print(
+        f"  writes held on the old source for {report['writes_held_seconds']:.3f} s "
+        f"({report['requests_held']} request(s), answered EROFS: write on the new source)"
+    )
+    where = f", mounted read-only at {report['mountpoint']}" if report["mountpoint"] else ""
+    print(f"  {volume_dir}: target listening on {report['listen']}{where}")
+    print(f"  the new source streams to it ({report['streaming_after_seconds']:.2f} s in all)")
+    return 0
+
+
+def _switch(volume_dir: str, request: dict[str, Any], args: argparse.Namespace) -> dict:
+    """Ask the source to switch over, then wait for both new roles: this node's replica
+    daemon answers, and the new source streams to it."""
     try:
         reply = control_request(socket_path(volume_dir), request, timeout=3 * args.timeout + 10)
     except ControlError as exc:
@@ -450,7 +511,6 @@ def cmd_switchover(args: argparse.Namespace) -> int:
     if not reply.get("ok"):
         raise CommandError(str(reply.get("error", "the source refused the switchover")))
     report = reply["switchover"]
-    # Both new roles: this node's replica daemon answers, and the new source streams to it.
     deadline = time.monotonic() + 3 * args.timeout + 30
     st: dict[str, Any] = {}
     while True:
@@ -468,21 +528,5 @@ def cmd_switchover(args: argparse.Namespace) -> int:
                 f"(this node: {st.get('state') or 'not running'}; see {volume_dir}/mirrorfs.log)"
             )
         time.sleep(0.05)
-    report["streaming_after_seconds"] = round(time.monotonic() - t0, 3)
     report["mounted_read_only"] = bool(st.get("mounted"))
-    if args.json:
-        print_json(json_report("switchover", volume_dir=volume_dir, **report))
-        return 0
-    print(
-        f"switched over {volume_dir} to {report['target']} at seq {report['seq']}: "
-        f"{report['target']} is the source in epoch {report['epoch']} from seq "
-        f"{report['epoch_start_seq']}"
-    )
-    print(
-        f"  writes held on the old source for {report['writes_held_seconds']:.3f} s "
-        f"({report['requests_held']} request(s), answered EROFS: write on the new source)"
-    )
-    where = f", mounted read-only at {report['mountpoint']}" if report["mountpoint"] else ""
-    print(f"  {volume_dir}: target listening on {report['listen']}{where}")
-    print(f"  the new source streams to it ({report['streaming_after_seconds']:.2f} s in all)")
-    return 0
+    return report

@@ -3,13 +3,15 @@ otherwise (a log file or a pipe gets no cursor movement and no redraws).
 
 ``follow_link`` follows one link of a node's status document (an initial sync or a resync
 to a target) until it streams; ``spinner`` shows that a blocking request (``verify``) is
-still running.
+still running; ``phase_bar`` draws how far each pass of a check is (``fsck``), and
+``slow_notice`` says that a short operation (``promote``, ``switchover``) is taking long.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -121,3 +123,60 @@ def spinner(text: str, *, console: Console | None = None) -> Iterator[None]:
     with Progress(*columns, console=console, transient=True) as bar:
         bar.add_task(text, total=None)
         yield
+
+
+@contextlib.contextmanager
+def phase_bar(
+    label: str, *, console: Console | None = None
+) -> Iterator[Callable[[str, int, int], None]]:
+    """A bar for a job of passes: yields ``progress(phase, done, total)``, which redraws it
+    on a terminal (``label: phase``, percent, time) and does nothing otherwise."""
+    console = console or _console()
+    if not console.is_terminal:
+        yield lambda phase, done, total: None
+        return
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task(f"{label}: starting", total=1)
+
+        def progress(phase: str, done: int, total: int) -> None:
+            bar.update(task, description=f"{label}: {phase}", total=max(total, 1),
+                       completed=min(done, max(total, 1)))  # fmt: skip
+
+        yield progress
+        bar.update(task, description=f"{label}: done", total=1, completed=1)
+
+
+@contextlib.contextmanager
+def slow_notice(text: str, *, after: float = 1.0, stream: Any = None) -> Iterator[None]:
+    """On a terminal, once the block has run ``after`` seconds: ``text... N s``, redrawn
+    every second in place, then ``text... done (N.N s)``. Nothing off a terminal, nor for
+    a block that ends sooner."""
+    stream = stream or sys.stderr
+    if not stream.isatty():
+        yield
+        return
+    t0, done, shown = time.monotonic(), threading.Event(), [False]
+
+    def tick() -> None:
+        wait = after
+        while not done.wait(wait):
+            stream.write(f"\r{text}... {time.monotonic() - t0:.0f} s")
+            stream.flush()
+            shown[0], wait = True, 1.0
+
+    thread = threading.Thread(target=tick, name="slow-notice", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        if shown[0]:
+            stream.write(f"\r{text}... done ({time.monotonic() - t0:.1f} s)\n")
+            stream.flush()

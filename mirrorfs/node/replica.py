@@ -97,6 +97,8 @@ class ReplicaConfig:
     write_pid_file: bool = True
     #: Serve Prometheus metrics here (``--metrics HOST:PORT``; mirrorfs.node.metrics).
     metrics: tuple[str, int] | None = None
+    #: ``--metrics`` as given: the mount that follows a promotion or switchover serves there.
+    metrics_argv: Sequence[str] = ()
 
 
 @dataclass(slots=True)
@@ -280,6 +282,7 @@ class ReplicaNode:
             report["old_source"] = "unknown: the old source is not connected"
         report["mountpoint"] = os.path.abspath(self.cfg.mountpoint) if self.cfg.mountpoint else ""
         report["mount_options"] = list(self.cfg.mount_options)
+        report["metrics_argv"] = list(self.cfg.metrics_argv)
         self.promoted = report
         self.events.poke()
         assert self._nursery is not None

@@ -19,7 +19,7 @@ from mirrorfs.daemon import (
 from mirrorfs.node.control import ControlError
 from mirrorfs.node.replica import ReplicaConfig, main_replica
 from mirrorfs.node.replica_volume import ReplicaError, prepare_dir
-from mirrorfs.node.volume_commands import log_arguments
+from mirrorfs.node.volume_commands import log_arguments, metrics_arguments, quiet_auth
 from mirrorfs.repl.address import format_address
 from mirrorfs.repl.auth import check_listen_policy
 from mirrorfs.repl.wire import ReplError
@@ -62,6 +62,7 @@ def _replica_config(args: Any) -> ReplicaConfig:
         mount_options=tuple(args.options),
         log_argv=tuple(log_arguments(args)),
         metrics=getattr(args, "metrics", None),
+        metrics_argv=tuple(metrics_arguments(args)),
     )
 
 
@@ -76,7 +77,9 @@ def _check_metrics(args: Any) -> None:
 
 def _replica_detached(args: Any) -> int:
     """Start ``replica --foreground`` in a new session; wait until it says it listens."""
-    cfg = _replica_config(args)  # fail here, with the user's terminal, when we can
+    # Fail here, with the user's terminal, when we can; the daemon gives the warnings.
+    with quiet_auth():
+        cfg = _replica_config(args)
     volume_dir = prepare_dir(cfg.volume_dir)
     host, port = args.listen
     extra: list[str] = []
@@ -91,12 +94,7 @@ def _replica_detached(args: Any) -> int:
     if cfg.tls is not None:
         extra += cfg.tls.files.argv()
     extra += log_arguments(args)
-    if getattr(args, "metrics", None):
-        from mirrorfs.node.metrics import metrics_argv
-
-        extra += ["--metrics", metrics_argv(args.metrics)]
-        if args.metrics_insecure:
-            extra.append("--metrics-insecure")
+    extra += metrics_arguments(args)
     if getattr(args, "debug", False):
         extra.append("--debug")
     argv = ["replica", volume_dir, "--listen", format_address(host, port), *extra]

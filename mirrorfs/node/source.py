@@ -57,6 +57,8 @@ class SourceConfig:
     log_argv: tuple[str, ...] = ()
     #: Serve Prometheus metrics here (``--metrics HOST:PORT``; mirrorfs.node.metrics).
     metrics: tuple[str, int] | None = None
+    #: ``--metrics`` as given: the replica daemon that follows a switchover serves there.
+    metrics_argv: tuple[str, ...] = ()
     #: Take a checkpoint every this many seconds (``mount --checkpoint-every``), keeping
     #: the ``checkpoint_keep`` newest of them (``--checkpoint-keep``; None: all).
     checkpoint_every: float | None = None

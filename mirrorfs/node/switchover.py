@@ -188,6 +188,7 @@ async def switch_source(node: Any, req: SwitchoverRequest) -> dict[str, Any]:
     if node.cfg.tls is not None:
         argv += node.cfg.tls.files.argv()
     argv += node.cfg.log_argv
+    argv += node.cfg.metrics_argv  # this process has exited before the successor binds it
     helper = spawn(vol.path, argv)
     log.warning(
         "switchover to %s done: seq %d, epoch %d from seq %d; writes held %.3f s",
@@ -254,4 +255,5 @@ def successor_argv(volume_dir: str, report: dict[str, Any], cfg: Any) -> list[st
     if cfg.tls is not None:
         argv += cfg.tls.files.argv()
     argv += cfg.log_argv
+    argv += cfg.metrics_argv
     return argv

@@ -8,11 +8,13 @@ that ``umount`` and the detached mount launcher start fast and work without pyfu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,12 +152,7 @@ def _passthrough_mount_args(args: Any) -> list[str]:
     if args.force:
         extra.append("--force")
     extra += log_arguments(args)
-    if getattr(args, "metrics", None):
-        from mirrorfs.node.metrics import metrics_argv
-
-        extra += ["--metrics", metrics_argv(args.metrics)]
-        if args.metrics_insecure:
-            extra.append("--metrics-insecure")
+    extra += metrics_arguments(args)
     if getattr(args, "checkpoint_every", None):
         extra += ["--checkpoint-every", repr(args.checkpoint_every)]
     if getattr(args, "checkpoint_keep", None):
@@ -171,6 +168,17 @@ def log_arguments(args: Any) -> list[str]:
     if args.log_level != DEFAULT_LOG_LEVEL:
         extra += ["--log-level", args.log_level]
     return extra
+
+
+def metrics_arguments(args: Any) -> list[str]:
+    """``--metrics`` (and ``--metrics-insecure``) as given, for a detached child and for the
+    successors of a promotion or switchover."""
+    if getattr(args, "metrics", None) is None:
+        return []
+    from mirrorfs.node.metrics import metrics_argv
+
+    extra = ["--metrics", metrics_argv(args.metrics)]
+    return extra + ["--metrics-insecure"] if args.metrics_insecure else extra
 
 
 def cmd_mount(args: Any) -> int:
@@ -195,10 +203,20 @@ def check_secret(path: str) -> None:
     one line). Its warnings (a weak secret) are the daemon's to give: it relays them once."""
     from mirrorfs.repl import auth
 
+    with quiet_auth():
+        auth.load_secret(path)
+
+
+@contextlib.contextmanager
+def quiet_auth() -> Iterator[None]:
+    """Silence mirrorfs.repl.auth's warnings (a weak secret, --insecure) in a launching
+    process that only checks what its daemon will load and warn of again."""
+    from mirrorfs.repl import auth
+
     auth_log = logging.getLogger(auth.__name__)
     disabled, auth_log.disabled = auth_log.disabled, True
     try:
-        auth.load_secret(path)
+        yield
     finally:
         auth_log.disabled = disabled
 def _check_metrics(args: Any) -> None:
@@ -306,6 +324,7 @@ def _source_service(args: Any):
         mount_options=tuple(args.options),
         log_argv=tuple(log_arguments(args)),
         metrics=getattr(args, "metrics", None),
+        metrics_argv=tuple(metrics_arguments(args)),
         checkpoint_every=getattr(args, "checkpoint_every", None),
         checkpoint_keep=getattr(args, "checkpoint_keep", None),
     )
@@ -418,7 +437,10 @@ def cmd_fsck(args: Any) -> int:
                 "replica: the filesystem is only checked, not repaired: its source sends "
                 "what it is missing (a local fix would diverge from the source)"
             )
-        report = fsck.check(volume, repair=repair_fs)
+        from mirrorfs.node.progress import phase_bar
+
+        with phase_bar(f"fsck {path}") as progress:
+            report = fsck.check(volume, repair=repair_fs, progress=progress)
         if as_json:
             _print_fsck_json(path, report, log_note)
         else:

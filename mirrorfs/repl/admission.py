@@ -32,6 +32,9 @@ the source's retry then gets a slot at once again.
 
 Evictions are logged without letting a flood write the log: ``admit`` says whether to log
 this one (at most one line every ``log_every`` seconds) and how many it kept quiet since.
+Failed handshakes (a wrong proof, a deadline, garbage) likewise: ``failed`` says whether to
+log one, the first ``FAILURES_LOGGED`` of an address each and then one line per
+``log_every`` with the count kept quiet (``LogThrottle``, the same for both).
 
 Sans-IO: no trio, no sockets, no clock reads (``now`` is passed in). The caller drops
 the handshakes that ``admit`` names in ``Admission.evicted``.
@@ -46,7 +49,9 @@ log = logging.getLogger(__name__)
 
 PER_HOST = 8  # handshakes in progress from one address
 TOTAL = 128  # handshakes in progress from every address together
-LOG_EVERY = 10.0  # seconds between two log lines about dropped handshakes
+LOG_EVERY = 10.0  # seconds between two log lines about dropped or failed handshakes
+FAILURES_LOGGED = 3  # failed handshakes of one address logged one by one, before LOG_EVERY
+THROTTLED_KEYS = 1024  # addresses whose failures are counted (the oldest idle one is forgotten)
 #: How long a handshake may take for its next step (its HELLO after connecting, TLS first,
 #: over a WAN; its proof after its HELLO) before it is dropped first for a newcomer.
 HELLO_GRACE = 1.0
@@ -99,6 +104,42 @@ def _victim(tickets: dict[Ticket, None], now: float) -> Ticket:
     return min(tickets, key=lambda t: _rank(t, stale))  # min keeps the first of equals
 
 
+@dataclass(slots=True)
+class _Quiet:
+    logged: int = 0  # lines of this burst so far
+    at: float = 0.0  # when the last line was
+    quiet: int = 0  # events not logged since
+
+
+class LogThrottle:
+    """Which of a stream of like events (per ``key``) to log: the first ``first`` one by one,
+    then one every ``every`` seconds, which carries the count of those kept quiet. A key
+    that stayed quiet for ``every`` starts again. At most ``keys`` keys are remembered."""
+
+    def __init__(self, *, first: int = 1, every: float = LOG_EVERY, keys: int = THROTTLED_KEYS):
+        self.first = first
+        self.every = every
+        self.keys = keys
+        self._state: dict[str, _Quiet] = {}
+
+    def note(self, key: str, now: float) -> tuple[bool, int]:
+        """An event of ``key``: (log it?, how many were kept quiet before it)."""
+        st = self._state.pop(key, None)
+        if st is None:
+            st = _Quiet()
+            if len(self._state) >= self.keys:  # dicts keep order: the first is the oldest
+                del self._state[next(iter(self._state))]
+        self._state[key] = st  # the most recent last
+        if st.logged and now - st.at >= self.every and not st.quiet:
+            st.logged = 0  # a new burst, after a quiet period
+        if st.logged < self.first or now - st.at >= self.every:
+            quiet, st.quiet, st.at = st.quiet, 0, now
+            st.logged += 1
+            return True, quiet
+        st.quiet += 1
+        return False, 0
+
+
 class HandshakeLimiter:
     """Counts the handshakes in progress, per host and in total (module docstring).
 
@@ -117,9 +158,10 @@ class HandshakeLimiter:
         self.log_every = log_every
         self._by_host: dict[str, dict[Ticket, None]] = {}
         self._all: dict[Ticket, None] = {}
-        self._logged_at: float | None = None
-        self._quiet = 0  # evictions since the last logged one
+        self._evicted_log = LogThrottle(first=1, every=log_every)
+        self._failed_log = LogThrottle(first=FAILURES_LOGGED, every=log_every)
         self.evictions = 0  # since the start (for tests and status)
+        self.failures = 0  # failed handshakes since the start
 
     @property
     def pending(self) -> int:
@@ -157,11 +199,14 @@ class HandshakeLimiter:
         if not evicted:
             return Admission(ticket)
         self.evictions += len(evicted)
-        if self._logged_at is not None and now - self._logged_at < self.log_every:
-            self._quiet += 1
-            return Admission(ticket, tuple(evicted), reason)
-        quiet, self._quiet, self._logged_at = self._quiet, 0, now
-        return Admission(ticket, tuple(evicted), reason, log=True, suppressed=quiet)
+        show, quiet = self._evicted_log.note("", now)
+        return Admission(ticket, tuple(evicted), reason, log=show, suppressed=quiet)
+
+    def failed(self, host: str, now: float) -> tuple[bool, int]:
+        """A handshake from ``host`` failed: (log it?, how many of ``host``'s failures were
+        not logged before it) (module docstring)."""
+        self.failures += 1
+        return self._failed_log.note(host, now)
 
     def hello(self, ticket: Ticket, now: float) -> None:
         """``ticket``'s HELLO arrived whole (module docstring: what that changes)."""
@@ -179,4 +224,14 @@ class HandshakeLimiter:
             del self._by_host[ticket.host]
 
 
-__all__ = ["LOG_EVERY", "PER_HOST", "TOTAL", "Admission", "HandshakeLimiter", "Ticket", "host_of"]
+__all__ = [
+    "FAILURES_LOGGED",
+    "LOG_EVERY",
+    "PER_HOST",
+    "TOTAL",
+    "Admission",
+    "HandshakeLimiter",
+    "LogThrottle",
+    "Ticket",
+    "host_of",
+]

@@ -299,14 +299,14 @@ class Receiver:
                 gate=gate,
                 **gate.announced,
             )
-        except HandshakeRefused as exc:
-            if exc.by_peer:
-                log.warning("handshake with %s failed: %s", address or "source", exc)
-            else:
-                log.warning("refused source at %s: %s", address or "?", exc)
-            return None
-        except (HandshakeTimeout, ConnectionClosed, ProtocolError) as exc:
-            log.warning("handshake with %s failed: %s", address or "source", exc)
+        except (HandshakeRefused, HandshakeTimeout, ConnectionClosed, ProtocolError) as exc:
+            # The first few of an address, then one line per period: a flood cannot fill the disk.
+            show, quiet = self.limiter.failed(host_of(address), trio.current_time())
+            if show:
+                refused = isinstance(exc, HandshakeRefused) and not exc.by_peer
+                what = "refused source at %s: %s%s" if refused else "handshake with %s failed: %s%s"
+                more = f" ({quiet} more from this address not logged)" if quiet else ""
+                log.warning(what, address or ("?" if refused else "source"), exc, more)
             return None
 
     async def _serve_locked(self, fs: FramedStream, address: str, peer: Peer) -> None:
