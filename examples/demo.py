@@ -44,13 +44,19 @@ class DemoError(Exception):
 def say(text: str) -> None:
     """Narration: what the operator does next and why."""
     for para in textwrap.dedent(text).strip().split("\n\n"):
-        print(textwrap.fill(" ".join(para.split()), width=92, initial_indent="  ",
-                            subsequent_indent="  "), flush=True)
+        print(
+            textwrap.fill(
+                " ".join(para.split()), width=92, initial_indent="  ", subsequent_indent="  "
+            ),
+            flush=True,
+        )
 
 
 def step(number: str, title: str) -> None:
-    print(f"\n\033[1m[{number}] {title}\033[0m" if sys.stdout.isatty()
-          else f"\n[{number}] {title}", flush=True)
+    print(
+        f"\n\033[1m[{number}] {title}\033[0m" if sys.stdout.isatty() else f"\n[{number}] {title}",
+        flush=True,
+    )
 
 
 def show(out: str) -> None:
@@ -60,8 +66,11 @@ def show(out: str) -> None:
 
 def sh(*argv: str, expect: int | None = 0, quiet: bool = False) -> str:
     """Run a command, print it as the operator would type it and what it printed."""
-    shown = ["mirrorfs", *argv[len(MIRRORFS):]] if list(argv[: len(MIRRORFS)]) == MIRRORFS \
+    shown = (
+        ["mirrorfs", *argv[len(MIRRORFS) :]]
+        if list(argv[: len(MIRRORFS)]) == MIRRORFS
         else list(argv)
+    )
     print("  $ " + shlex.join(shown), flush=True)
     env = dict(os.environ, COLUMNS="100")
     res = subprocess.run(list(argv), capture_output=True, text=True, env=env, timeout=180)
@@ -162,8 +171,7 @@ def copy_real_tree(dest: str) -> str:
             p = os.path.join(base, name)
             if os.path.islink(p) or not os.path.isdir(p):
                 continue
-            size = sum(os.lstat(os.path.join(d, f)).st_size
-                       for d, _, fs in os.walk(p) for f in fs)
+            size = sum(os.lstat(os.path.join(d, f)).st_size for d, _, fs in os.walk(p) for f in fs)
             if total + size > TREE_BUDGET:
                 continue
             picked.append(p)
@@ -173,19 +181,23 @@ def copy_real_tree(dest: str) -> str:
         picked = [os.path.join(base, n) for n in ("json", "email", "asyncio", "unittest")]
     os.mkdir(dest)
     for p in picked:
-        shutil.copytree(p, os.path.join(dest, os.path.basename(p)), symlinks=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            p,
+            os.path.join(dest, os.path.basename(p)),
+            symlinks=True,
+            ignore=shutil.ignore_patterns("__pycache__"),
+        )
     return f"{len(picked)} directories of {base}"
 
 
 class Demo:
     def __init__(self, work: str) -> None:
         self.work = work
-        self.a = os.path.join(work, "a")  # the first source
-        self.b = os.path.join(work, "b")  # its replica
-        self.a_mnt = os.path.join(work, "a-mnt")
-        self.b_mnt = os.path.join(work, "b-mnt")
-        self.ck_mnt = os.path.join(work, "checkpoint-mnt")
+        # Names relative to the work directory (the demo runs there), so that the commands
+        # read as an operator would type them.
+        self.a = "a"  # the first source's volume directory
+        self.b = "b"  # its replica's
+        self.a_mnt, self.b_mnt, self.ck_mnt = "a-mnt", "b-mnt", "checkpoint-mnt"
         for d in (self.a_mnt, self.b_mnt, self.ck_mnt):
             os.mkdir(d)
         self.pids: dict[str, int] = {}  # what this demo started: name -> pid
@@ -194,7 +206,7 @@ class Demo:
     # -- 1. mirroring
 
     def mirroring(self) -> None:
-        step("1/3", "A source mirrored to a replica")
+        step("1/4", "A source mirrored to a replica")
         say("""Make a volume: a sparse block file, an empty SAM log (every change is a
             numbered transaction, written there first) and the node's state.""")
         mfs("mkfs", self.a, "--size", "512M")
@@ -211,16 +223,31 @@ class Demo:
         took = wait_until("the initial sync", lambda: caught_up(self.a))
         print(f"    (initial sync done in {took:.1f} s; the replica is streaming)")
 
-        say("Copy a real tree onto the source.")
+        say("""Copy a real tree onto the source. While the copy runs, the source's status
+            shows, per target, the positions and three lags as pg_stat_replication has
+            them (sent but not received, received but not flushed, flushed but not
+            applied), the last contact and the throughput.""")
+        result: list = []
+
+        def copy() -> None:
+            try:
+                result.append(copy_real_tree(os.path.join(self.a_mnt, "doc")))
+            except BaseException as exc:  # reported below, in the demo's own words
+                result.append(exc)
+
         t0 = time.monotonic()
-        what = copy_real_tree(os.path.join(self.a_mnt, "doc"))
+        copier = threading.Thread(target=copy, daemon=True)
+        copier.start()
+        copier.join(timeout=4.0)
+        mfs("status", self.a)
+        say("""(Both ends on one machine: the replica keeps up, so the lags stay near zero;
+            over a slow link or with a busy replica they grow, in all three units.)""")
+        copier.join()
+        if isinstance(result[0], BaseException):
+            raise DemoError(f"copying the tree failed: {result[0]}")
         os.sync()
         d = tree_digest(os.path.join(self.a_mnt, "doc"))
-        print(f"    copied {what}: {describe(d)} in {time.monotonic() - t0:.1f} s")
-        say("""The source's status right after: per target, the positions and three lags
-            as pg_stat_replication has them (sent but not received, received but not
-            flushed, flushed but not applied), last contact and throughput.""")
-        mfs("status", self.a)
+        print(f"    copied {result[0]}: {describe(d)} in {time.monotonic() - t0:.1f} s")
         wait_until("the replica to catch up", lambda: caught_up(self.a))
         say("""The replica's status: the same link seen from the other end (its source,
             what it received, flushed and applied, and the lag it knows).""")
@@ -240,10 +267,13 @@ class Demo:
         new = os.path.join("doc", f"{first}.renamed")
         t0 = time.monotonic()
         os.rename(os.path.join(self.a_mnt, old), os.path.join(self.a_mnt, new))
-        took = wait_until("the rename on the replica",
-                          lambda: os.path.isdir(os.path.join(self.b_mnt, new)))
-        print(f"    mv {old} {new} on the source: on the replica {took:.2f} s later"
-              f" ({old} gone there: {not os.path.exists(os.path.join(self.b_mnt, old))})")
+        took = wait_until(
+            "the rename on the replica", lambda: os.path.isdir(os.path.join(self.b_mnt, new))
+        )
+        print(
+            f"    mv {old} {new} on the source: on the replica {took:.2f} s later"
+            f" ({old} gone there: {not os.path.exists(os.path.join(self.b_mnt, old))})"
+        )
         say("""verify: checksums of every block range of source and target, taken at the
             same sequence number.""")
         mfs("verify", self.a)
@@ -251,7 +281,7 @@ class Demo:
     # -- 2. a backup from a checkpoint on the replica
 
     def backup(self) -> None:
-        step("2/3", "A backup from a checkpoint, taken on the replica")
+        step("2/4", "A backup from a checkpoint, taken on the replica")
         say("""A checkpoint is a point-in-time read-only view of the volume. Made on the
             source, it is a transaction like any other, so the replica has it too; the
             backup reads it there and costs the source nothing.""")
@@ -270,9 +300,12 @@ class Demo:
             tree is overwritten, another deleted, and a writer adds files all along.""")
         victim = sorted(os.listdir(doc))[1]
         victim_dir = os.path.join(doc, victim)
-        files = sorted(f for f in os.listdir(victim_dir)
-                       if os.path.isfile(os.path.join(victim_dir, f))
-                       and not os.path.islink(os.path.join(victim_dir, f)))
+        files = sorted(
+            f
+            for f in os.listdir(victim_dir)
+            if os.path.isfile(os.path.join(victim_dir, f))
+            and not os.path.islink(os.path.join(victim_dir, f))
+        )
         if files:
             synced_write(os.path.join(victim_dir, files[0]), b"overwritten after the checkpoint\n")
         if len(files) > 1:
@@ -288,16 +321,18 @@ class Demo:
 
         t = threading.Thread(target=writer, daemon=True)
         t.start()
-        tarball = os.path.join(self.work, "nightly.tar.gz")
+        tarball = "nightly.tar.gz"
         try:
             sh("tar", "-C", self.ck_mnt, "-czf", tarball, "doc")
         finally:
             self.stop_writer.set()
             t.join(timeout=30)
         wait_until("the replica to catch up", lambda: caught_up(self.a))
-        print(f"    {os.path.getsize(tarball) / MiB:.1f} MiB written to {tarball}; meanwhile "
-              f"the source wrote {written[0]} files of 64 KiB")
-        restore = os.path.join(self.work, "restore")
+        print(
+            f"    {os.path.getsize(tarball) / MiB:.1f} MiB written to {tarball}; meanwhile "
+            f"the source wrote {written[0]} files of 64 KiB"
+        )
+        restore = "restore"
         os.mkdir(restore)
         with tarfile.open(tarball) as tf:
             tf.extractall(restore, filter="tar")
@@ -314,7 +349,7 @@ class Demo:
     # -- 3. the bad day
 
     def bad_day(self) -> None:
-        step("3/3", "The bad day: the source dies")
+        step("3/4", "The bad day: the source dies")
         pid = self.pids["mount a"]
         say(f"""The source's mount daemon (pid {pid}) is killed without warning, as a
             power cut would; its dead FUSE mount is detached.""")
@@ -328,8 +363,9 @@ class Demo:
         mfs("promote", self.b, expect=1)
         took = wait_until(
             "10 s without contact",
-            lambda: ((status(self.b).get("source") or {}).get("last_contact_age_seconds")
-                     or 0) > 10.5,
+            lambda: (
+                ((status(self.b).get("source") or {}).get("last_contact_age_seconds") or 0) > 10.5
+            ),
             60,
         )
         say(f"""{took:.0f} s later the source has been silent long enough (here we know it
@@ -338,12 +374,13 @@ class Demo:
         mfs("promote", self.b)
         del self.pids["replica b"]  # the replica daemon handed over to a read-write mount
         self.pids["mount b"] = read_pid(os.path.join(self.b, "mount.pid"))
-        synced_write(os.path.join(self.b_mnt, "after-failover.txt"),
-                     b"written on the promoted replica\n")
+        synced_write(
+            os.path.join(self.b_mnt, "after-failover.txt"), b"written on the promoted replica\n"
+        )
         shutil.rmtree(os.path.join(self.b_mnt, "live"))
         print(f"    wrote after-failover.txt and removed live/ on {self.b_mnt}")
 
-        step("3/3", "Failback: the old source rejoins as a target")
+        step("4/4", "Failback: the old source rejoins as a target")
         say("""The old source is demoted: it becomes a target, keeping its log from the
             fork on so that only what differs is sent again (what it committed that the
             replica never got is archived, not lost).""")
@@ -357,8 +394,10 @@ class Demo:
         mfs("status", self.b)
         mfs("status", self.a)
         seen = os.path.exists(os.path.join(self.a_mnt, "after-failover.txt"))
-        print(f"    after-failover.txt on the old source's read-only mount: "
-              f"{'there' if seen else 'MISSING'}")
+        print(
+            f"    after-failover.txt on the old source's read-only mount: "
+            f"{'there' if seen else 'MISSING'}"
+        )
         if not seen:
             raise DemoError("the old source did not get the new source's writes")
         mfs("verify", self.b)
@@ -405,6 +444,8 @@ def main() -> int:
     work = tempfile.mkdtemp(prefix="mirrorfs-demo-")
     print(f"mirrorfs demo, in {work} (removed at the end)")
     t0 = time.monotonic()
+    here = os.getcwd()
+    os.chdir(work)
     demo = Demo(work)
     try:
         demo.mirroring()
@@ -421,6 +462,7 @@ def main() -> int:
         return 130
     finally:
         demo.cleanup()
+        os.chdir(here)
         shutil.rmtree(work, ignore_errors=True)
 
 
