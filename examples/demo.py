@@ -344,7 +344,7 @@ class Demo:
             raise DemoError("the backup does not hold the checkpoint's state")
         print("    the backup holds the checkpoint's state, none of the later writes")
         mfs("umount", self.ck_mnt)
-        self.pids.pop("checkpoint mount", None)
+        self.gone("checkpoint mount")
 
     # -- 3. the bad day
 
@@ -355,7 +355,7 @@ class Demo:
             power cut would; its dead FUSE mount is detached.""")
         sh("kill", "-KILL", str(pid))
         wait_until("the source to die", lambda: not pid_alive(pid), 30)
-        del self.pids["mount a"]
+        self.gone("mount a")
         sh("fusermount3", "-u", "-z", self.a_mnt)
         say("""Promote the replica in place. promote refuses while the source was heard
             from in the last 10 s: a source behind a cut link may still be alive, and two
@@ -372,7 +372,7 @@ class Demo:
             is dead, so --force would have done as well): promote goes through. The
             replica's read-only mount becomes the read-write source of epoch 2.""")
         mfs("promote", self.b)
-        del self.pids["replica b"]  # the replica daemon handed over to a read-write mount
+        self.gone("replica b")  # it handed over to a read-write mount and exits
         self.pids["mount b"] = read_pid(os.path.join(self.b, "mount.pid"))
         synced_write(
             os.path.join(self.b_mnt, "after-failover.txt"), b"written on the promoted replica\n"
@@ -408,9 +408,17 @@ class Demo:
         step("end", "Clean stop")
         say("Unmount the new source (waits for the last commit) and stop the replica.")
         mfs("umount", self.b_mnt)
-        self.pids.pop("mount b", None)
+        self.gone("mount b")
         mfs("stop", self.a)
-        self.pids.pop("replica a", None)
+        self.gone("replica a")
+
+    def gone(self, name: str, timeout: float = 30.0) -> None:
+        """Wait until the process ``name`` has exited (it was told to), then forget it."""
+        pid = self.pids.get(name)
+        if pid is None:
+            return
+        wait_until(f"the {name} (pid {pid}) to exit", lambda: not pid_alive(pid), timeout)
+        del self.pids[name]
 
     def cleanup(self) -> None:
         """Stop what is still running (our pids only), detach our mounts."""
