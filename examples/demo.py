@@ -335,7 +335,9 @@ class Demo:
         restore = "restore"
         os.mkdir(restore)
         with tarfile.open(tarball) as tf:
-            tf.extractall(restore, filter="tar")
+            # extraction filters exist from Python 3.11.4 (Debian 12 has 3.11.2)
+            kw = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+            tf.extractall(restore, **kw)  # our own archive, just written
         got, now = tree_digest(os.path.join(restore, "doc")), tree_digest(doc)
         print(f"    the tree at the checkpoint: {describe(before)}")
         print(f"    extracted from the backup:  {describe(got)}")
