@@ -3,7 +3,8 @@
 PostgreSQL (Debian's package, installed here when missing) runs pgbench with its data
 directory on a source mount; a checkpoint is taken while pgbench writes; on the replica,
 once it has applied that checkpoint, the checkpoint is mounted and the data directory
-copied out of it file by file. A second server started on that copy must recover (the
+copied out of it file by file while pgbench goes on writing (so the replica keeps
+applying under the checkpoint mount). A second server started on that copy must recover (the
 checkpoint is one point in time, so the copy is crash-consistent whatever order cp read
 it in) and satisfy pgbench's invariant and ``pg_amcheck``.
 """
@@ -199,6 +200,37 @@ INVARIANT = (
 )
 
 
+def _history(server: _Server) -> int:
+    return int(server.sql("select count(*) from pgbench_history"))
+
+
+class _Bench:
+    """pgbench against ``server`` in rounds of 2 s, in a thread, until ``stop()``."""
+
+    def __init__(self, server: _Server) -> None:
+        self.server = server
+        self.done = threading.Event()
+        self.failed: list[str] = []
+        self.rounds = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        args = ("-c", "4", "-j", "2", "-T", "2", "-n", "postgres")
+        while not self.done.is_set():
+            proc = self.server.run("pgbench", *args, timeout=120, check=False)
+            if proc.returncode != 0:
+                self.failed.append(proc.stdout[-1000:] + proc.stderr[-1000:])
+                return
+            self.rounds += 1
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join(timeout=120)
+        assert not self.thread.is_alive(), "pgbench did not finish"
+        assert not self.failed, self.failed
+
+
 def _cli_ok(*args: str) -> str:
     proc = run_cli(*args, timeout=120)
     assert proc.returncode == 0, f"{args}: {proc.stdout}{proc.stderr}"
@@ -248,57 +280,32 @@ def _offload(bindir: str, tmp: str, pub: str) -> None:
         live.start()
         live.run("pgbench", "-i", "-s", "1", "-q", "postgres", timeout=120)
 
-        # pgbench writes for a few seconds; the checkpoint is taken in the middle.
-        bench: dict[str, subprocess.CompletedProcess] = {}
-        t = threading.Thread(
-            target=lambda: bench.setdefault(
-                "p",
-                live.run(
-                    "pgbench",
-                    "-c",
-                    "4",
-                    "-j",
-                    "2",
-                    "-T",
-                    "6",
-                    "-n",
-                    "postgres",
-                    timeout=120,
-                    check=False,
-                ),
-            )
-        )
-        t.start()
+        # pgbench writes, in rounds of 2 s, from before the checkpoint until the copy is
+        # done: the live side and the replica under the checkpoint mount keep changing.
+        bench = _Bench(live)
         try:
+            wait_for(lambda: _history(live) > 50, 30, "pgbench to get going", interval=0.2)
+            before = _history(live)
+            out = _cli_ok("checkpoint", "create", vol, "backup")
+            seq = json.loads(_cli_ok("checkpoint", "list", vol, "--json"))["checkpoints"][0]["seq"]
+            assert f"at seq {seq}" in out
             wait_for(
-                lambda: int(live.sql("select count(*) from pgbench_history")) > 50,
-                30,
-                "pgbench to get going",
+                lambda: rep.status()["applied_seq"] >= seq,
+                60,
+                f"the replica to apply seq {seq}",
                 interval=0.2,
             )
-            before = int(live.sql("select count(*) from pgbench_history"))
-            out = _cli_ok("checkpoint", "create", vol, "backup")
-            in_ck = int(live.sql("select count(*) from pgbench_history"))
+            ck_mnt = cluster.path("rep-ck", mkdir=True)
+            _cli_ok("checkpoint", "mount", rep.dir, "backup", ck_mnt)
+            assert is_mounted(ck_mnt)
+            copy = os.path.join(pub, "copy")
+            at_copy = _history(live)
+            shutil.copytree(os.path.join(ck_mnt, "pgdata"), copy, symlinks=True)
+            assert _history(live) > at_copy, "pgbench wrote nothing while the copy ran"
         finally:
-            t.join(timeout=120)
-        assert bench["p"].returncode == 0, bench["p"].stdout + bench["p"].stderr
-        total = int(live.sql("select count(*) from pgbench_history"))
-        assert total > in_ck, "pgbench wrote nothing after the checkpoint"
-        seq = json.loads(_cli_ok("checkpoint", "list", vol, "--json"))["checkpoints"][0]["seq"]
-        assert f"at seq {seq}" in out
-        wait_for(
-            lambda: rep.status()["applied_seq"] >= seq,
-            60,
-            f"the replica to apply seq {seq}",
-            interval=0.2,
-        )
-
-        ck_mnt = cluster.path("rep-ck", mkdir=True)
-        _cli_ok("checkpoint", "mount", rep.dir, "backup", ck_mnt)
-        assert is_mounted(ck_mnt)
-        copy = os.path.join(pub, "copy")
-        shutil.copytree(os.path.join(ck_mnt, "pgdata"), copy, symlinks=True)
+            bench.stop()
         _cli_ok("umount", ck_mnt)
+        total = _history(live)
         os.unlink(os.path.join(copy, "postmaster.pid"))  # the live server's lock file
         _chown_tree(copy)
         os.chmod(copy, 0o700)
@@ -311,7 +318,7 @@ def _offload(bindir: str, tmp: str, pub: str) -> None:
         a, b, t_, h, n = (int(x) for x in restored.sql(INVARIANT).split("|"))
         assert a == b == t_ == h, f"pgbench invariant broken: {a} {b} {t_} {h}"
         # Every commit that had returned before the checkpoint, and not all of them.
-        assert before <= n < total, (before, n, in_ck, total)
+        assert before <= n < total, (before, n, total)
         restored.run(
             "pg_amcheck", "--install-missing", "--heapallindexed", "-d", "postgres", timeout=120
         )
