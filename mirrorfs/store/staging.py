@@ -210,6 +210,13 @@ class Stage:
         self._append(bytes(record_bytes))
         self.last_seq = seq
 
+    def trim(self) -> None:
+        """Cut the file back to what was appended whole (a write that failed half-way
+        leaves nothing behind for the records appended next)."""
+        if os.fstat(self._fd).st_size != self.size:
+            os.ftruncate(self._fd, self.size)
+            self._dirty = True
+
     def sync(self) -> None:
         """Make everything appended durable."""
         if self._dirty:
