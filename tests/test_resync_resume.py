@@ -84,7 +84,7 @@ def test_plan_resumes_only_while_s_plus_1_stayed_pinned():
 
 def test_resumed_round_sends_what_differs_from_the_target_block_without_comparing():
     per = SEND_CHUNK // BS
-    assert SEND_CHUNK == 128 * KiB
+    assert 128 * KiB == SEND_CHUNK
     p = ResyncProgress(10, 50, 8192)
     m = ResyncRound(p, BS, 8192, "t")
     assert m.begin() == SyncBegin(SyncKind.RESYNC, BS, 8192, 50, 0)
