@@ -26,6 +26,11 @@ at T unless S+1..T wrote it, and then the replay does. Digests and block reads o
 may run while a transaction is being written in place by the mount's persist worker; T
 counts that transaction in (``in_flight_seq``), so its replay covers whatever was read.
 
+A resync larger than one connection resumes (INTERNALS.md "Flaky links"): the target keeps
+its stage across sessions and announces (S, next block, staged seq) in HELLO_REPLY; the
+source, which kept the differing ranges and S+1 pinned, sends SYNC_BEGIN(RESYNC, S,
+first_block) and only the rest, then a new SYNC_END(T') and the TXN after what is staged.
+
 Failback uses the same exchange as a *rewind*: the target's epoch history forked from the
 source's at F and it holds seqs past F (mirrorfs.repl.fork). Its block file is still a
 consistent state (its own seq X), so comparing it with the source's blocks finds exactly the
