@@ -182,6 +182,7 @@ async def test_resync_through_resets_every_256k_resumes_its_stage(tmp_path, nurs
 
     proxy.clear_faults()
     proxy.reset_every(256 * KiB, Direction.UP)
+    start, conns = trio.current_time(), shipper.connections
     seen: list[tuple[int, int, int]] = []  # (S, blocks staged, seq staged) as status moves
     with trio.fail_after(90):
         while not done():
@@ -197,6 +198,11 @@ async def test_resync_through_resets_every_256k_resumes_its_stage(tmp_path, nurs
             await trio.sleep(0.01)  # the ACK of T applied
     assert same_blocks(src, receiver.volume)
     assert stage_files(rdir) == []
+    print(
+        f"\nresync through resets every 256 KiB: {trio.current_time() - start:.1f} s, "
+        f"{shipper.connections - conns} connections, {shipper.resync.blocks_differing} "
+        f"blocks differing, {shipper.resync.resumes} resumes"
+    )
 
     progress = shipper.resync
     assert progress is not None and progress.done
