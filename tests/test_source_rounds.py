@@ -114,7 +114,8 @@ def test_resync_sends_a_long_difference_in_chunks():
     per = SEND_CHUNK // BS
     assert m.differing == [(64, 640)]  # multiples of the granularity (64)
     blocks = [(f.first_block, f.nblocks) for f in out if isinstance(f, SyncBlocks)]
-    assert blocks == [(64, per), (64 + per, per), (64 + 2 * per, 640 - 2 * per)]
+    assert per == 32  # 128 KiB, as the initial sync's and TXN_PART's chunks
+    assert blocks == [(b, per) for b in range(64, 704, per)]
 
 
 def test_resync_end_seq_is_the_last_seq_without_a_transaction_in_flight():

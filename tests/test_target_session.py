@@ -111,9 +111,9 @@ class FakeStore:
         self.calls.append(("commit_resync",))
         self.received = self.applied = stage.staged
 
-    def abort_resync(self, stage: FakeStage, why: str) -> None:
+    def suspend_resync(self, stage: FakeStage, why: str) -> None:
         assert stage is self.stage
-        self.calls.append(("abort_resync", why))
+        self.calls.append(("suspend_resync", why))
 
     def switchover_refusal(self, seq: int, *, busy: bool) -> str | None:
         if busy:
@@ -247,7 +247,7 @@ def test_resync_stages_then_applies_the_group_once():
     assert store.calls[-1] == ("commit_resync",) and store.calls.count(("commit_resync",)) == 1
     assert s.ack(1.1, 2) == Ack(22, 22, 2)
     s.close("bye")
-    assert ("abort_resync", "bye") not in store.calls
+    assert ("suspend_resync", "bye") not in store.calls
 
 
 def test_abandoned_resync_is_aborted_on_close():
@@ -257,7 +257,7 @@ def test_abandoned_resync_is_aborted_on_close():
     again = s.handle(SyncBegin(SyncKind.RESYNC, 4096, 1024, 20))
     assert again.drop.reason == "SYNC_BEGIN(RESYNC), but this target is not a consistent replica"
     s.close("")
-    assert store.calls[-1] == ("abort_resync", "session ended")
+    assert store.calls[-1] == ("suspend_resync", "session ended")
 
 
 def test_diverged_replica_acks_the_fork_and_takes_only_a_rewind():

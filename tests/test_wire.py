@@ -96,6 +96,18 @@ def examples() -> list[wire.Message]:
         wire.HelloReply(
             uuid, "tgt", [(1, 1)], 7, 6, nonce, bytes(32), partial_seq=8, partial_offset=131072
         ),
+        wire.HelloReply(
+            uuid,
+            "tgt",
+            [(1, 1)],
+            6,
+            6,
+            nonce,
+            bytes(32),
+            resync_seq=90,
+            resync_block=64,
+            resync_txn=91,
+        ),
         wire.Auth(bytes(range(32, 64))),
         wire.Accept(),
         wire.Refuse(wire.RefuseReason.FENCED, "fenced: epoch 2 < 3"),
@@ -103,6 +115,7 @@ def examples() -> list[wire.Message]:
         wire.Ack(10, 9, 1_700_000_000_000_000_000),
         wire.TxnPart(11, 300_000, 0xDEADBEEF, 131072, b"part" * 100),
         wire.SyncBegin(wire.SyncKind.RESYNC, 4096, 1 << 20, 77),
+        wire.SyncBegin(wire.SyncKind.RESYNC, 4096, 1 << 20, 77, first_block=1 << 20),
         wire.SyncBegin(wire.SyncKind.FULL, 4096, 1 << 20, 77, first_block=4096),
         wire.SyncBlocks.pack(12, bytes(4096) * 3, 4096),
         wire.SyncBlocks.pack(12, bytes(range(256)) * 16, 4096, compress=False),
@@ -178,6 +191,13 @@ def test_encode_rejects_unrepresentable():
         wire.Hello(bytes(16), "x" * 300, [], 0, bytes(32)).encode()
     with pytest.raises(ValueError, match="MAX_FRAME"):
         encode_frame(MsgType.TXN, bytes(MAX_FRAME + 1))
+    uuid, nonce = bytes(range(16)), bytes(range(32))
+    with pytest.raises(ValueError, match="without its start seq"):
+        wire.HelloReply(uuid, "t", [], 1, 1, nonce, bytes(32), resync_block=3).encode()
+    with pytest.raises(ValueError, match="not of a consistent target"):  # an empty one
+        empty = wire.HelloReply(bytes(16), "t", [], 0, 0, nonce, bytes(32), resync_seq=3)
+        empty.resync_txn = 3
+        empty.encode()
 
 
 # ---------------------------------------------------------------------------- errors
@@ -224,7 +244,7 @@ def first_error(data: bytes) -> str:
             frame(MsgType.SYNC_BEGIN, struct.pack("<BBHIQQQ", 9, 0, 0, 4096, 1, 1, 0)),
             "unknown kind",
         ),
-        (frame(MsgType.SYNC_BEGIN, struct.pack("<BBHIQQQ", 2, 0, 0, 4096, 9, 1, 3)), "only an"),
+        (frame(MsgType.SYNC_BEGIN, struct.pack("<BBHIQQQ", 2, 0, 0, 4096, 9, 1, 10)), "outside"),
         (frame(MsgType.SYNC_BEGIN, struct.pack("<BBHIQQQ", 1, 0, 0, 4096, 9, 1, 10)), "outside"),
         (frame(MsgType.HELLO, struct.pack("<HHI16s32sQ", 1, 4, 0, b"", b"", 0)), "flags bits"),
         (frame(MsgType.SYNC_BLOCKS, struct.pack("<QII", 0, 0, 0) + b"x"), "no blocks"),

@@ -100,6 +100,8 @@ class Connection:
         self.side = side
         self.machine = SourceSession(side.label, window_bytes)
         self.resync: ResyncProgress | None = None  # a resync to run before streaming
+        # (first_block, staged_txn): that resync goes on where the target's stage ends
+        self.resync_resume: tuple[int, int] | None = None
         self.replies: ReplyQueue | None = None  # where VERIFY_REPLY goes while it runs
         self._log_reader: Iterator[tuple[int, bytes]] | None = None
         self._reader_next = 0
@@ -181,9 +183,12 @@ class Connection:
             side.set_state(ShipperState.STREAMING)
         elif self.resync is not None:
             self.replies = ReplyQueue()
-            m.last_sent = self.resync.start_seq
+            resume = self.resync_resume
+            m.last_sent = resume[1] if resume is not None else self.resync.start_seq
             try:
-                next_seq = await run_resync(vol, self.fs, self.resync, self.replies, side.label)
+                next_seq = await run_resync(
+                    vol, self.fs, self.resync, self.replies, side.label, resume=resume
+                )
             finally:
                 self.replies = None
             # RESYNCING until the target acks T applied (_on_ack)

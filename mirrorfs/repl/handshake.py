@@ -87,6 +87,9 @@ class Peer:
     partial_offset: int = 0
     copy_seq: int = 0  # empty target: it holds the initial-sync copy from this seq ...
     copy_block: int = 0  # ... below this block (0: none)
+    resync_seq: int = 0  # target: holds the stage of a resync from this seq (0: none) ...
+    resync_block: int = 0  # ... with every differing block below this one ...
+    resync_txn: int = 0  # ... and S+1..resync_txn staged
     empty: bool = False  # target: holds no volume yet and wants an initial sync
     initial_sync_allowed: bool = False  # source
 
@@ -274,6 +277,9 @@ class SourceHandshake(_Machine):
                 partial_offset=reply.partial_offset,
                 copy_seq=reply.copy_seq,
                 copy_block=reply.copy_block,
+                resync_seq=reply.resync_seq,
+                resync_block=reply.resync_block,
+                resync_txn=reply.resync_txn,
                 empty=reply.volume_uuid == ZERO_UUID,
             )
         )
@@ -333,7 +339,8 @@ class TargetHandshake(_Machine):
     ``volume_uuid`` None (or all zero) means this target is empty and wants an initial sync.
     ``partial_seq``/``partial_offset``: what it holds of a record sent in parts
     (mirrorfs.repl.txn_parts), announced so that the source resumes it there; likewise
-    ``copy_seq``/``copy_block``, an unfinished initial-sync copy of an empty target.
+    ``copy_seq``/``copy_block``, an unfinished initial-sync copy of an empty target, and
+    ``resync``: (S, block, txn) of a resync stage it holds (HelloReply).
     ``gate``, if given: ``gate.hello(hello)`` once the HELLO's version is right, before
     anything is answered; ``gate.admit(peer, acceptable)`` once the source has proved the
     secret (not when the checks find it fenced), ``acceptable`` saying whether the volume
@@ -355,6 +362,7 @@ class TargetHandshake(_Machine):
         partial_offset: int = 0,
         copy_seq: int = 0,
         copy_block: int = 0,
+        resync: tuple[int, int, int] = (0, 0, 0),
         protocol_version: int = PROTOCOL_VERSION,
         nonce: bytes | None = None,
         gate: TargetGate | None = None,
@@ -372,6 +380,7 @@ class TargetHandshake(_Machine):
         self.partial_offset = partial_offset
         self.copy_seq = copy_seq
         self.copy_block = copy_block
+        self.resync = resync
         self.protocol_version = protocol_version
         self.nonce = nonce if nonce is not None else new_nonce()
         self._phase = _Phase.HELLO
@@ -420,6 +429,7 @@ class TargetHandshake(_Machine):
             self.partial_offset,
             self.copy_seq if self.own_uuid == ZERO_UUID else 0,
             self.copy_block if self.own_uuid == ZERO_UUID else 0,
+            *(self.resync if self.own_uuid != ZERO_UUID else (0, 0, 0)),
         )
         self._hello = hello
         self._phase, self._expected, self._peer_name = _Phase.AUTH, Auth, who

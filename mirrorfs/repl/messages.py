@@ -201,7 +201,8 @@ class Hello(Message):
 @_message(
     MsgType.HELLO_REPLY,
     "protocol_version:H -:H -:I volume_uuid:16s nonce:32s proof:32s received_seq:Q"
-    " applied_seq:Q partial_seq:Q partial_offset:Q copy_seq:Q copy_block:Q node_id:NODE_ID"
+    " applied_seq:Q partial_seq:Q partial_offset:Q copy_seq:Q copy_block:Q resync_seq:Q"
+    " resync_block:Q resync_txn:Q node_id:NODE_ID"
     " epochs:EPOCHS",
 )
 @dataclass(slots=True)
@@ -213,6 +214,10 @@ class HelloReply(Message):
     source resumes that record there. ``copy_seq``/``copy_block``: an empty target (all-zero
     uuid) that holds an unfinished initial-sync copy from ``copy_seq`` of the source's volume,
     every block below ``copy_block`` of it (0, 0: none); the source may resume it there.
+    ``resync_seq``/``resync_block``/``resync_txn``: a consistent target that holds the stage
+    of an unfinished resync from ``resync_seq`` (S): every differing block below
+    ``resync_block`` and the transactions S+1..``resync_txn`` (0, 0, 0: none); the source
+    may resume that resync there (repl.resync).
     """
 
     volume_uuid: bytes
@@ -227,8 +232,15 @@ class HelloReply(Message):
     partial_offset: int = 0
     copy_seq: int = 0
     copy_block: int = 0
+    resync_seq: int = 0
+    resync_block: int = 0
+    resync_txn: int = 0
 
     def check(self) -> None:
+        if (self.resync_block or self.resync_txn) and not self.resync_seq:
+            raise ValueError("a resync stage to resume without its start seq")
+        if self.resync_seq and (self.resync_txn < self.resync_seq or not any(self.volume_uuid)):
+            raise ValueError("a resync stage to resume, but not of a consistent target")
         if self.partial_offset and not self.partial_seq:
             raise ValueError("a partial offset without a partial seq")
         if self.copy_block and any(self.volume_uuid):
@@ -318,9 +330,12 @@ class Ack(Message):
 class SyncBegin(Message):
     """Source -> target: a block sync of the given geometry starts at ``start_seq``.
 
-    ``first_block`` > 0 (FULL only): the initial-sync copy from ``start_seq`` that the target
+    ``first_block`` > 0 (FULL): the initial-sync copy from ``start_seq`` that the target
     holds below that block goes on from there (the target announced it in HELLO_REPLY); at
-    ``block_count``, only SYNC_END is left to send.
+    ``block_count``, only SYNC_END is left to send. RESYNC: the target resumes the stage of
+    the resync from ``start_seq`` that it announced with ``resync_block`` == ``first_block``
+    (any other SYNC_BEGIN(RESYNC) replaces that stage); no VERIFY_REQ follows, only the
+    differing blocks from ``first_block`` on.
     """
 
     kind: SyncKind
@@ -330,8 +345,6 @@ class SyncBegin(Message):
     first_block: int = 0
 
     def check(self) -> None:
-        if self.first_block and self.kind is not SyncKind.FULL:
-            raise ValueError("only an initial sync resumes at a block")
         if self.first_block > self.block_count:
             raise ValueError(f"first block {self.first_block} outside the volume")
 

@@ -185,6 +185,7 @@ class ReplicaStore:
             "applied_seq": 0 if empty or vol is None else vol.last_seq,
             **dict(zip(("partial_seq", "partial_offset"), self.resume_point(), strict=True)),
             **dict(zip(("copy_seq", "copy_block"), self.copy_resume(), strict=True)),
+            "resync": self.resync.resume_point() if self.resync is not None else (0, 0, 0),
         }
 
     def copy_resume(self) -> tuple[int, int]:
@@ -277,6 +278,8 @@ class ReplicaStore:
     def receive_apply(self, seq: int, record: bytes) -> None:
         """Take TXN ``seq`` into the group being collected (module docstring): logged by
         ``GroupLog.log``, then applied by ``apply_step``. Raises LogError out of sequence."""
+        if self.resync is not None:  # a stage kept for a resume that did not come
+            _drop_kept_resync(self, f"the source streams from seq {seq}")
         self.group.take(self._vol(), seq, record)
 
     @property
@@ -397,6 +400,14 @@ class ReplicaStore:
     # ------------------------------------------------------------------ resync
 
     def begin_resync(self, msg: SyncBegin, fork_seq: int | None, peer: Peer) -> TargetResync:
+        """A stage kept from an earlier session goes on if ``msg`` resumes it as announced;
+        any other SYNC_BEGIN(RESYNC) replaces it."""
+        kept = self.resync
+        if kept is not None:
+            if kept.matches(msg, fork_seq):
+                kept.resume(msg)
+                return kept
+            _drop_kept_resync(self, f"replaced by a resync from seq {msg.start_seq}")
         epochs = [list(e) for e in peer.epochs]
         self.group.reset()  # (every TXN before it is logged and applied: nothing is lost)
         self.resyncs += 1
@@ -420,10 +431,11 @@ class ReplicaStore:
             log.exception("resync hooks failed after seq %d", result.end_seq)
         self._check_consistent(vol)
 
-    def abort_resync(self, stage: ResyncStage, why: str) -> None:
-        assert isinstance(stage, TargetResync)
-        self.resync = None
-        stage.abort(why)
+    def suspend_resync(self, stage: ResyncStage, why: str) -> None:
+        """The session ended first: keep the stage (in memory, its file on disk) for the
+        next session's source to resume; a restart discards it (Volume.open)."""
+        assert isinstance(stage, TargetResync) and stage is self.resync
+        stage.suspend(why)
 
     # ------------------------------------------------------------------ switchover
 
@@ -431,4 +443,12 @@ class ReplicaStore:
         return switchover_refusal(self.volume, seq, busy=busy)
 
     def promote(self, msg: Switchover) -> SwitchoverDone | None:
+        _drop_kept_resync(self, "switchover")
         return self.on_switchover(msg) if self.on_switchover is not None else None
+
+
+def _drop_kept_resync(store: ReplicaStore, why: str) -> None:
+    """A kept stage that will not be resumed: discarded (the replica stays at A)."""
+    stage, store.resync = store.resync, None
+    if stage is not None:
+        stage.abort(why)

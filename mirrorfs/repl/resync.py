@@ -26,6 +26,11 @@ at T unless S+1..T wrote it, and then the replay does. Digests and block reads o
 may run while a transaction is being written in place by the mount's persist worker; T
 counts that transaction in (``in_flight_seq``), so its replay covers whatever was read.
 
+A resync larger than one connection resumes (INTERNALS.md "Flaky links"): the target keeps
+its stage across sessions and announces (S, next block, staged seq) in HELLO_REPLY; the
+source, which kept the differing ranges and S+1 pinned, sends SYNC_BEGIN(RESYNC, S,
+first_block) and only the rest, then a new SYNC_END(T') and the TXN after what is staged.
+
 Failback uses the same exchange as a *rewind*: the target's epoch history forked from the
 source's at F and it holds seqs past F (mirrorfs.repl.fork). Its block file is still a
 consistent state (its own seq X), so comparing it with the source's blocks finds exactly the
@@ -115,23 +120,45 @@ async def run_resync(
     *,
     granularity: int = GRANULARITY,
     fanout: int = FANOUT,
+    resume: tuple[int, int] | None = None,
 ) -> int:
-    """Resync the target behind ``fs`` (source side); return the first seq to stream (S+1).
+    """Resync the target behind ``fs`` (source side); return the first seq to stream (S+1,
+    or after what the target staged).
 
     The caller pinned the log from S+1 before the first await and routes VERIFY_REPLY frames
     to ``replies``. Raises ResyncError when the target answers for another seq than A.
+    ``resume``: (first_block, staged_txn) of the stage the target kept of this resync
+    (``source_rounds.resync_resume``): no comparison, only what differs from that block.
     """
     vol = volume
     m = ResyncRound(
-        progress, vol.block_size, vol.block_count, label, granularity=granularity, fanout=fanout
-    )
-    wire0 = fs.bytes_sent
-    log.info(
-        "target %s: resync from seq %d (it has seq %d)",
+        progress,
+        vol.block_size,
+        vol.block_count,
         label,
-        progress.start_seq,
-        progress.base_seq,
+        granularity=granularity,
+        fanout=fanout,
+        resume=resume,
     )
+    wire0 = fs.bytes_sent - progress.wire_bytes  # (a resumed resync counts on)
+    if resume is None:
+        log.info(
+            "target %s: resync from seq %d (it has seq %d)",
+            label,
+            progress.start_seq,
+            progress.base_seq,
+        )
+    else:
+        log.info(
+            "target %s: resuming the resync from seq %d at block %d (%d block(s) left of "
+            "%d differing; seq %d staged)",
+            label,
+            progress.start_seq,
+            resume[0],
+            m.remaining,
+            progress.blocks_differing,
+            resume[1],
+        )
     await fs.send(m.begin())
     while (req := m.next_request()) is not None:
         # Ask first, so that both sides hash at the same time.
@@ -141,6 +168,7 @@ async def run_resync(
     for block, n in m.chunks():
         # Committed content, of some seq in S..T; read between two awaits.
         await fs.send(m.on_chunk(block, vol.device.read(block, n)))
+        progress.wire_bytes = fs.bytes_sent - wire0
     end = m.end(vol.last_seq, vol.writer.in_flight_seq)
     await fs.send(end)
     progress.wire_bytes = fs.bytes_sent - wire0
@@ -195,6 +223,8 @@ class TargetResync:
             self.archive = archive_divergence(volume, fork_seq)
         self.stage = volume.applier.begin_resync(msg.start_seq, rewind=fork_seq is not None)
         self.end_seq: int | None = None
+        self.next_block = 0  # every differing block below it is staged (they come in order)
+        self.resumes = 0  # connections that went on with this stage
         self.blocks_staged = 0
         self.bytes_staged = 0
         self.txns_staged = 0
@@ -211,13 +241,48 @@ class TargetResync:
         """The stage holds everything up to T: the group can be applied."""
         return self.end_seq is not None and self.stage.last_seq == self.end_seq
 
+    def resume_point(self) -> tuple[int, int, int]:
+        """(S, block, txn) for HELLO_REPLY: the differing blocks below ``block`` and S+1..txn
+        are staged; ``block`` is the block count once SYNC_END came (only T is left)."""
+        block = self.volume.block_count if self.end_seq is not None else self.next_block
+        return self.start_seq, block, self.stage.last_seq
+
+    def matches(self, msg: SyncBegin, fork_seq: int | None) -> bool:
+        """``msg`` (SYNC_BEGIN(RESYNC)) goes on with this stage, as announced."""
+        return (
+            msg.start_seq == self.start_seq
+            and msg.first_block == self.resume_point()[1]
+            and fork_seq == self.fork_seq
+            and self.volume.last_seq == self.base_seq
+        )
+
+    def resume(self, msg: SyncBegin) -> None:
+        """Go on with this stage in a new session: the rest of the blocks from
+        ``msg.first_block``, a new SYNC_END(T') with T' >= what is staged, then TXN."""
+        self.stage.trim()
+        self.end_seq = None
+        self.next_block = msg.first_block
+        self.resumes += 1
+        log.info(
+            "resuming the resync from seq %d at block %d: %d block(s) and seq %d staged",
+            self.start_seq,
+            msg.first_block,
+            self.blocks_staged,
+            self.stage.last_seq,
+        )
+
     def on_blocks(self, msg: SyncBlocks) -> None:
         if self.end_seq is not None:
             raise ProtocolError("SYNC_BLOCKS after SYNC_END")
+        if msg.first_block < self.next_block:
+            raise ProtocolError(
+                f"SYNC_BLOCKS at block {msg.first_block}, below block {self.next_block}"
+            )
         vol = self.volume
         msg.blocks(vol.block_size)  # a bad frame is refused now, not when the group applies
         lz4 = bool(msg.flags & SyncFlags.LZ4)
         vol.applier.stage_blocks(self.stage, msg.first_block, msg.nblocks, msg.data, lz4=lz4)
+        self.next_block = msg.first_block + msg.nblocks
         self.blocks_staged += msg.nblocks
         self.bytes_staged += len(msg.data)
 
@@ -267,8 +332,22 @@ class TargetResync:
         )
         return result
 
+    def suspend(self, why: str) -> None:
+        """The session ended first: the stage stays, for the next session to resume."""
+        log.info(
+            "resync from seq %d interrupted (%s): stage kept (%d block(s) below block %d, "
+            "seq %d); replica still at seq %d",
+            self.start_seq,
+            why,
+            self.blocks_staged,
+            self.resume_point()[1],
+            self.stage.last_seq,
+            self.volume.last_seq,
+        )
+
     def abort(self, why: str) -> None:
-        """The session ended first: discard the stage; the replica stays at A."""
+        """Not to be resumed (replaced by another resync, or the replica moved on): discard
+        the stage; the replica stays at A."""
         self.stage.discard()
         log.warning(
             "resync from seq %d abandoned (%s): stage discarded, replica still at seq %d",
@@ -286,6 +365,8 @@ class TargetResync:
             "blocks_staged": self.blocks_staged,
             "bytes_staged": self.bytes_staged,
             "txns_staged": self.txns_staged,
+            "next_block": self.resume_point()[1],
+            "resumes": self.resumes,
             "fork_seq": self.fork_seq,
             "archive": self.archive["path"] if self.archive else None,
         }

@@ -56,9 +56,11 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from mirrorfs.repl.connection import Connection, Fenced, OutOfSync, Wakeup
+from mirrorfs.repl.fork import judge
 from mirrorfs.repl.initial_sync import SyncProgress
 from mirrorfs.repl.lag import CommitTracker, RateMeter, install_retention, lag_seconds, stage_lag
 from mirrorfs.repl.resync import ResyncProgress
+from mirrorfs.repl.source_rounds import resync_resume
 from mirrorfs.repl.source_session import LogView, Plan, PlanKind, ShipperState, TargetPositions
 from mirrorfs.repl.stream import (
     ConnectionClosed,
@@ -354,7 +356,15 @@ class Shipper:
             session.copy_resume = (peer.copy_seq, peer.copy_block)
             if peer.partial_offset:
                 self.resumed = {"seq": peer.partial_seq, "offset": peer.partial_offset}
-            held = (peer.received_seq, peer.partial_seq, peer.partial_offset, peer.copy_block)
+            held = (
+                peer.received_seq,
+                peer.partial_seq,
+                peer.partial_offset,
+                peer.copy_block,
+                peer.resync_seq,
+                peer.resync_txn,
+                peer.resync_block,
+            )
             self._progressed = self._held is not None and held > self._held
             self._held = held
             self._session = session
@@ -362,13 +372,24 @@ class Shipper:
                 next_seq = 0
                 self.positions.forget()
             else:
+                verdict = judge(vol.state.epochs, peer.epochs, peer.received_seq)
+                resume = resync_resume(
+                    self.resync,
+                    (peer.resync_seq, peer.resync_block, peer.resync_txn),
+                    peer.applied_seq,
+                    verdict.fork_seq if verdict.diverged else None,
+                    vol.block_count,
+                )
                 plan = self.positions.plan(
                     self.log_view(),
                     peer.received_seq,
                     peer.applied_seq,
                     peer.epochs,
                     allow_resync=self.allow_resync,
+                    resume_seq=peer.resync_seq if resume is not None else None,
                 )
+                if plan.resumed:
+                    session.resync_resume = resume
                 next_seq = self._adopt(session, plan, peer.applied_seq)
             streamed = True
             await session.run(next_seq)
@@ -416,10 +437,14 @@ class Shipper:
             self.set_state(ShipperState.STREAMING)
             return plan.next_seq
         fork = plan.verdict.fork_seq if plan.verdict is not None else None
-        self.resyncs += 1
-        s.resync = self.resync = ResyncProgress(
-            applied, plan.start_seq, vol.block_count, fork_seq=fork
-        )
+        if plan.resumed and self.resync is not None:
+            s.resync = self.resync  # goes on where the last connection left it
+        else:
+            s.resync_resume = None
+            self.resyncs += 1
+            s.resync = self.resync = ResyncProgress(
+                applied, plan.start_seq, vol.block_count, fork_seq=fork
+            )
         self.set_state(ShipperState.RESYNCING, plan.reason)
         if plan.kind is PlanKind.REWIND:
             log.warning("target %s %s: rewinding it by a resync", self.label, plan.reason)

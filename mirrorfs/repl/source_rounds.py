@@ -9,7 +9,7 @@ drivers are ``run_resync`` (repl/resync.py) and ``run_initial_sync`` (repl/initi
     send(resync.begin())                              SYNC_BEGIN(RESYNC, geometry, S)
     while (req := resync.next_request()) is not None:  VERIFY_REQ(A, batch), bisection rounds
         send(req); resync.on_reply(digests(req.ranges), <VERIFY_REPLY>)
-    for block, n in resync.chunks():                   the differing ranges, <= 1 MiB each
+    for block, n in resync.chunks():                   the differing ranges, <= 128 KiB each
         send(resync.on_chunk(block, read(block, n)))   SYNC_BLOCKS
     send(resync.end(last_seq, in_flight_seq))          SYNC_END(T)
 
@@ -42,11 +42,12 @@ GRANULARITY = 64  # blocks: the unit a difference is narrowed down to (and sent 
 FANOUT = 16  # parts a differing range is split into per round
 ROUND_BYTES = 64 << 20  # bytes digested per VERIFY_REQ
 MAX_REQ_RANGES = 4096  # ranges per VERIFY_REQ
-SEND_CHUNK = 1 << 20  # bytes of block data per SYNC_BLOCKS (resync)
-# Bytes of block data per SYNC_BLOCKS (initial sync): as TXN_CHUNK (repl.txn_parts), so that
-# a link cut every 256 KiB still carries a whole chunk per connection, and an initial sync
-# resumed at the target's next block (``InitialSyncRound(first_block=)``) moves forward.
+# Bytes of block data per SYNC_BLOCKS (initial sync and resync): as TXN_CHUNK
+# (repl.txn_parts), so that a link cut every 256 KiB still carries a whole chunk per
+# connection, and a copy or a resync resumed at the target's next block
+# (``InitialSyncRound(first_block=)``, ``ResyncRound(resume=)``) moves forward.
 SYNC_CHUNK = 128 << 10
+SEND_CHUNK = SYNC_CHUNK  # (resync)
 
 
 class ResyncError(ProtocolError):
@@ -75,6 +76,11 @@ class ResyncProgress:
     wire_bytes: int = 0  # everything sent from SYNC_BEGIN to SYNC_END, frames included
     started: float = field(default_factory=time.monotonic)
     seconds: float = 0.0  # SYNC_BEGIN to the target's ACK of T applied
+    # The merged differing ranges once the comparison is over (None before): what a resumed
+    # resync sends from the target's next block, without comparing again.
+    differing: list[tuple[int, int]] | None = None
+    resumes: int = 0  # connections that went on with this resync where the last one stopped
+    resumed_at: list[int] = field(default_factory=list)  # the block of each resume
 
     @property
     def done(self) -> bool:
@@ -99,6 +105,7 @@ class ResyncProgress:
             "blocks_sent": self.blocks_sent,
             "bytes_sent": self.bytes_sent,
             "wire_bytes": self.wire_bytes,
+            "resumes": self.resumes,
             "seconds": round(self.seconds or time.monotonic() - self.started, 3),
         }
 
@@ -148,6 +155,32 @@ def compare_reply(
     return [a != b for a, b in zip(mine, reply.digests, strict=True)]
 
 
+def resync_resume(
+    progress: ResyncProgress | None,
+    announced: tuple[int, int, int],
+    applied: int,
+    fork_seq: int | None,
+    block_count: int,
+) -> tuple[int, int] | None:
+    """``(first_block, staged_txn)`` to resume ``progress`` at, or None for a new resync.
+
+    ``announced``: the (S, block, txn) of the stage that the target says it holds
+    (HELLO_REPLY). Only the resync that this source began from that S, whose comparison is
+    over, over the same target state (``applied`` = A, the same fork), goes on; the caller
+    also needs S+1 pinned all along (``TargetPositions.plan(resume_seq=)``). Why it is still
+    right: the target applied nothing since (its blocks are those compared), and every block
+    sent, before or after the cut, was read at some seq in S..T' with T' >= T.
+    """
+    seq, block, txn = announced
+    if progress is None or progress.done or progress.differing is None or not seq:
+        return None
+    if (seq, applied, fork_seq) != (progress.start_seq, progress.base_seq, progress.fork_seq):
+        return None
+    if not 0 <= block <= block_count or txn < seq:
+        return None
+    return block, txn
+
+
 def end_seq_of(last_seq: int, in_flight_seq: int | None) -> int:
     """T of SYNC_END: every block read or digested so far reflects a state at or before it,
     including a transaction that the persist worker may be writing in place meanwhile."""
@@ -172,6 +205,7 @@ class ResyncRound:
         *,
         granularity: int = GRANULARITY,
         fanout: int = FANOUT,
+        resume: tuple[int, int] | None = None,
     ) -> None:
         self.progress = progress
         self.block_size = block_size
@@ -186,23 +220,48 @@ class ResyncRound:
         self._round_open = False
         self._differing: list[Range] = []
         self._begun = False
+        # Resumed: the comparison of an earlier connection stands (progress.differing); send
+        # what differs from ``first_block``; the target staged S+1..``staged_txn``.
+        self._resume = resume
+        if resume is not None:
+            assert progress.differing is not None, "a resync resumes after its comparison"
+            self._differing = [
+                (max(f, resume[0]), f + n - max(f, resume[0]))
+                for f, n in progress.differing
+                if f + n > resume[0]
+            ]
+            progress.phase = "sending"
+            progress.end_seq = None
+            progress.resumes += 1
+            progress.resumed_at.append(resume[0])
 
     @property
     def first_to_stream(self) -> int:
-        """S+1: where the transaction stream goes on after SYNC_END."""
-        return self.progress.start_seq + 1
+        """S+1, or after what the target staged already (resumed): where the transaction
+        stream goes on after SYNC_END."""
+        staged = self._resume[1] if self._resume is not None else self.progress.start_seq
+        return staged + 1
+
+    @property
+    def remaining(self) -> int:
+        """Blocks still to send (of the differing ranges, once known)."""
+        return sum(n for _, n in self._differing)
 
     def begin(self) -> SyncBegin:
-        """SYNC_BEGIN(RESYNC, geometry, S): the target opens a stage."""
+        """SYNC_BEGIN(RESYNC, geometry, S): the target opens a stage (or, resumed, goes on
+        with the one it announced, from ``first_block``)."""
         assert not self._begun, "a resync begins once"
         self._begun = True
+        first = self._resume[0] if self._resume is not None else 0
         return SyncBegin(
-            SyncKind.RESYNC, self.block_size, self.block_count, self.progress.start_seq
+            SyncKind.RESYNC, self.block_size, self.block_count, self.progress.start_seq, first
         )
 
     def next_request(self) -> VerifyReq | None:
         """The next VERIFY_REQ(A, batch); None once the comparison is over."""
         assert self._begun and self._asked is None, "one VERIFY_REQ at a time"
+        if self._resume is not None:
+            return None  # compared by an earlier connection
         if not self._round_open:
             if self._bisection.done:
                 self._finish_comparing()
@@ -231,6 +290,7 @@ class ResyncRound:
         if self.progress.phase != "comparing":
             return
         self._differing = merge_ranges(self._bisection.found)
+        self.progress.differing = list(self._differing)
         self.progress.blocks_differing = sum(n for _, n in self._differing)
         self.progress.phase = "sending"
 

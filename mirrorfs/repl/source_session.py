@@ -250,6 +250,7 @@ class Plan:
     start_seq: int = 0
     reason: str = ""
     verdict: ForkVerdict | None = None
+    resumed: bool = False  # RESYNC/REWIND: the resync from ``start_seq`` goes on (resume_seq)
 
 
 @dataclass(slots=True)
@@ -329,15 +330,23 @@ class TargetPositions:
         epochs: Sequence[Sequence[int]] | None,
         *,
         allow_resync: bool,
+        resume_seq: int | None = None,
     ) -> Plan:
         """Adopt a target's handshake positions; what its connection does first.
 
         ``epochs``: the target's epoch history; one that forked from ours and holds seqs past
         the fork (an old source after a failover) gets a rewind (mirrorfs.repl.fork).
+        ``resume_seq``: S of an unfinished resync that the target holds the stage of
+        (``source_rounds.resync_resume``); the resync goes on from it only if S+1 stayed
+        pinned since (``Plan.resumed``), else a new one starts at our last seq.
         """
+        resume = (
+            resume_seq is not None and not self.pin_dropped and self.sync_pin == resume_seq + 1
+        )
+        start = resume_seq if resume and resume_seq is not None else view.last_seq
         verdict = judge(view.epochs, epochs, received) if epochs is not None else None
         if verdict is not None and verdict.diverged:
-            return self._rewind(view, received, applied, verdict, allow_resync)
+            return self._rewind(view, received, applied, verdict, allow_resync, start, resume)
         if received > view.last_seq or applied > received:
             self.pin_dropped = ""  # a diverged target is not one a resync can serve
             return Plan(
@@ -352,12 +361,12 @@ class TargetPositions:
             if not allow_resync:
                 return Plan(PlanKind.OUT_OF_SYNC, reason=view.missing(next_seq))
             # Resync: pin S+1 now; the sender compares, copies, then streams from S+1.
-            start = view.last_seq
             return Plan(
                 PlanKind.RESYNC,
                 next_seq=self.pin_sync(start),
                 start_seq=start,
                 reason=view.missing(next_seq),
+                resumed=resume,
             )
         # Streaming: the target's position pins from here on (a resync pin of an earlier
         # connection is no longer needed: the target applied its group, or never will).
@@ -365,7 +374,14 @@ class TargetPositions:
         return Plan(PlanKind.STREAM, next_seq=next_seq)
 
     def _rewind(
-        self, view: LogView, received: int, applied: int, verdict: ForkVerdict, allow: bool
+        self,
+        view: LogView,
+        received: int,
+        applied: int,
+        verdict: ForkVerdict,
+        allow: bool,
+        start: int,
+        resume: bool,
     ) -> Plan:
         """Failback: a target that diverged after the fork F holds a consistent volume at
         ``applied``, so the checksum resync sends only what either side changed since F."""
@@ -378,13 +394,13 @@ class TargetPositions:
         fork = verdict.fork_seq
         # Up to F it has what we have; the rest is its own (and acknowledged as F).
         self.received_seq = self.applied_seq = min(fork, applied)
-        start = view.last_seq
         return Plan(
             PlanKind.REWIND,
             next_seq=self.pin_sync(start),
             start_seq=start,
             reason=verdict.describe(received),
             verdict=verdict,
+            resumed=resume,
         )
 
     def on_ack(self, ack: Ack, *, resyncing: bool, resync_end: int | None) -> bool:

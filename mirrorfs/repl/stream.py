@@ -182,6 +182,7 @@ async def handshake_target(
     partial_offset: int = 0,
     copy_seq: int = 0,
     copy_block: int = 0,
+    resync: tuple[int, int, int] = (0, 0, 0),
     protocol_version: int = PROTOCOL_VERSION,
     timeout: float = 10.0,
     hello: Hello | None = None,
@@ -207,6 +208,7 @@ async def handshake_target(
         partial_offset=partial_offset,
         copy_seq=copy_seq,
         copy_block=copy_block,
+        resync=resync,
         protocol_version=protocol_version,
         gate=gate,
     )

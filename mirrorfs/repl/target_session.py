@@ -121,8 +121,9 @@ class TargetStore(Protocol):
     def commit_resync(self, stage: ResyncStage) -> None:
         """Apply the complete group in one step and tell the layers above."""
 
-    def abort_resync(self, stage: ResyncStage, why: str) -> None:
-        """The session ended first: discard the stage; the replica stays at A."""
+    def suspend_resync(self, stage: ResyncStage, why: str) -> None:
+        """The session ended first: the stage is kept (the replica stays at A) for the next
+        session's source to resume (SYNC_BEGIN(RESYNC, S, first_block)), or replace."""
 
     def switchover_refusal(self, seq: int, *, busy: bool) -> str | None: ...
 
@@ -409,7 +410,7 @@ class TargetSession:
         return now - self.last_received > 2 * self.keepalive
 
     def close(self, why: str) -> None:
-        """The session ended: an unfinished resync stage is discarded."""
+        """The session ended: an unfinished resync stage is kept for a resume."""
         stage, self.resync = self.resync, None
         if stage is not None:
-            self.store.abort_resync(stage, why or "session ended")
+            self.store.suspend_resync(stage, why or "session ended")

@@ -31,8 +31,9 @@ REFUSE that tells it so. HELLO's layout is fixed for the same reason: the target
 HELLO of any version and refuses another version than its own with REFUSE VERSION (the
 source does the same with HELLO_REPLY), so nothing else is exchanged between versions.
 Protocol versions: 1, the first; 2 adds TXN_PART, HELLO_REPLY's partial_seq,
-partial_offset, copy_seq and copy_block, and SYNC_BEGIN's first_block (a version-1 peer is
-refused at HELLO, before it could misread them).
+partial_offset, copy_seq, copy_block, resync_seq, resync_block and resync_txn, and
+SYNC_BEGIN's first_block (a version-1 peer is refused at HELLO, before it could misread
+them).
 
 Payloads. ``str`` = u16 byte length + UTF-8 (node ids <= 255 bytes, texts <= 1024 bytes);
 ``epochs`` = u32 count + count x (epoch u64, start_seq u64), oldest first, count <= 4096.
@@ -53,7 +54,11 @@ The SAM record in TXN is at most MAX_TXN_RECORD (MAX_FRAME - 8) bytes::
                  partial_seq from TXN_PART frames; 0, 0: nothing), copy_seq u64,
                  copy_block u64 (an empty target holding an unfinished initial-sync copy
                  from copy_seq: every block below copy_block; 0, 0: none; non-zero only
-                 with an all-zero volume_uuid), node_id str, epochs
+                 with an all-zero volume_uuid), resync_seq u64, resync_block u64,
+                 resync_txn u64 (a consistent target holding the stage of an unfinished
+                 resync from resync_seq: every differing block below resync_block, the
+                 block count once SYNC_END came, and seqs resync_seq+1..resync_txn;
+                 0, 0, 0: none), node_id str, epochs
     AUTH         (3, source -> target) proof 32s (over the target's nonce)
     ACCEPT       (4, target -> source) empty: the handshake succeeded
     REFUSE       (5, either side) reason u16 (RefuseReason), text str (one line)
@@ -69,9 +74,11 @@ The SAM record in TXN is at most MAX_TXN_RECORD (MAX_FRAME - 8) bytes::
                  is ``crc``, takes the record as a TXN. It announces what it holds in its next
                  HELLO_REPLY, and the source resumes the record there (repl.txn_parts).
     SYNC_BEGIN   (32, source -> target) kind u8 (SyncKind), reserved u8, reserved u16,
-                 block_size u32, block_count u64, start_seq u64, first_block u64 (FULL only,
-                 <= block_count: > 0 goes on with the copy from start_seq that the target
-                 announced it holds below that block; the source pinned S+1 all along)
+                 block_size u32, block_count u64, start_seq u64, first_block u64
+                 (<= block_count; FULL: > 0 goes on with the copy from start_seq that the
+                 target announced it holds below that block; RESYNC: equal to the
+                 resync_block announced for a stage from start_seq, goes on with that stage,
+                 without VERIFY_REQ; the source pinned S+1 all along)
     SYNC_BLOCKS  (33, source -> target) first_block u64, nblocks u32 (>= 1),
                  flags u32 (SyncFlags: bit 0 = data is lz4.block without size prefix),
                  data (the rest; nblocks * block_size bytes once decompressed)

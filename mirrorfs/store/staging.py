@@ -4,7 +4,9 @@ While a target is resynced, nothing reaches its block file or its SAM log: the c
 content of the differing block ranges and the transactions S+1..T that follow the copy are
 appended to a stage file in the volume directory instead. Once the stage holds everything up
 to T, ``Volume.commit_resync`` applies it in one step (see volume.py); until then the replica
-stays consistent at its applied seq A, and a crash simply discards the stage.
+stays consistent at its applied seq A, and a crash simply discards the stage. A stage
+outlives a cut connection (the resync resumes into it, ``trim`` first); it never outlives
+the process, unless its group was recorded in node.json (then the open redoes it).
 
 File ``DIR/resync-%020d.stage`` (named by S, the resync's start seq), all integers
 little-endian::
@@ -209,6 +211,13 @@ class Stage:
             raise LogError(f"stage {self.name}: seq {seq} after {self.last_seq}", seq=seq)
         self._append(bytes(record_bytes))
         self.last_seq = seq
+
+    def trim(self) -> None:
+        """Cut the file back to what was appended whole (a write that failed half-way
+        leaves nothing behind for the records appended next)."""
+        if os.fstat(self._fd).st_size != self.size:
+            os.ftruncate(self._fd, self.size)
+            self._dirty = True
 
     def sync(self) -> None:
         """Make everything appended durable."""
