@@ -31,6 +31,10 @@ from typing import Any
 from mirrorfs.node.json_report import SCHEMA_VERSION
 
 CONNECTED = frozenset({"initial-sync", "resyncing", "streaming"})
+#: A shipper between two attempts says ``error`` and ``connecting`` during one, turn about:
+#: both are one state for the operator, trying to reach the target (``reason``: what the
+#: last attempt met), so that the screen, the metrics and the events do not flicker.
+RETRYING = frozenset({"connecting", "error"})
 STAGES = ("sent_not_received", "received_not_flushed", "flushed_not_applied")
 
 _UNKNOWN: dict[str, Any] = {"txns": None, "bytes": None, "seconds": None}
@@ -108,6 +112,8 @@ def source_link(t: dict[str, Any], now: float) -> dict[str, Any]:
     """A shipper's status (mirrorfs.repl.shipper) as a link of the document."""
     state = str(t.get("state", ""))
     connected = bool(t.get("connected", state in CONNECTED)) and state in CONNECTED
+    if state in RETRYING:
+        state = "connecting"
     stages = t.get("stages") or {}
     lags: dict[str, Any] = {}
     for name in STAGES:
