@@ -13,7 +13,7 @@ import os
 import pytest
 
 from tests.netproxy import Mode
-from tests.repl_util import Cluster, free_port, wait_caught_up
+from tests.repl_util import Cluster, free_port, status, wait_caught_up, wait_target
 from tests.status_schema import assert_no_repr, check_status
 from tests.util import needs_fuse, run_cli, wait_for
 
@@ -94,20 +94,17 @@ def test_status_out_of_sync_then_resyncing(cluster):
     write_synced(os.path.join(src.mountpoint, "f"), os.urandom(1 * MiB))
     wait_caught_up(vol)
 
-    # The target goes away; the source writes more than a log segment (64 MiB) beyond the
-    # cap: the same 8 MiB rewritten, so that the resync has little to send.
+    # The target goes away; the source writes until it no longer keeps the log for it
+    # (a checkpoint retires segments once 256 MiB were logged: the same 8 MiB rewritten, so
+    # that the resync has little to send).
     proxy.mode = Mode.REFUSE
     proxy.cut_all()
     data = os.urandom(8 * MiB)
-    for i in range(10):
+    for i in range(64):
         write_synced(os.path.join(src.mountpoint, "f"), data[i:] + data[:i])
-
-    def out_of_sync() -> bool:
-        return json.loads(run_cli("status", vol, "--json", check=True).stdout)["targets"][0][
-            "state"
-        ] == "out-of-sync"
-
-    wait_for(out_of_sync, 30, "the target to go out-of-sync")
+        if status(vol)["targets"][0]["state"] == "out-of-sync":
+            break
+    wait_target(vol, address, lambda t: t["state"] == "out-of-sync", 30, "out-of-sync")
     st, text = both(vol)
     (t,) = st["targets"]
     assert "log cap" in t["reason"] and t["resyncs"] == 0 and t["sync"] is None, t
@@ -140,11 +137,12 @@ def test_status_out_of_sync_then_resyncing(cluster):
             assert "resync (" in text, text
         assert "resyncing" in text and "not connected" not in text
         rst, rtext = both(rep.dir)
-        assert rst["state"] == "resyncing" and rst["consistent"] is False
+        # (the resync is staged: the old copy stays consistent until it is committed)
+        assert rst["state"] == "resyncing" and rst["consistent"] is True
         s = rst["source"]
         assert s["connected"] and s["state"] == "resyncing" and s["node_id"] == st["node_id"]
         assert s["sync"] is not None and s["sync"]["kind"] == "resync"
-        assert "resyncing" in rtext and "no (initial sync or resync)" in rtext
+        assert "resyncing" in rtext and "resync (receiving)" in rtext
         assert "not connected" not in rtext
     finally:
         proxy.paused = False

@@ -190,7 +190,10 @@ def target_link(raw: dict[str, Any], now: float) -> dict[str, Any] | None:
     total_txns = None
     if source_seq is not None and applied is not None:
         total_txns = max(0, source_seq - applied)
-    total = lag(total_txns, 0 if total_txns == 0 else None, 0.0 if total_txns == 0 else None)
+    # Caught up means no bytes and no seconds behind, but only while connected: a source out
+    # of reach may have committed since (the transactions stay a lower bound).
+    nothing = connected and total_txns == 0
+    total = lag(total_txns, 0 if nothing else None, 0.0 if nothing else None)
     lags["total"] = total
     return {
         "address": str(raw.get("source_address", "")),

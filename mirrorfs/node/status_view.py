@@ -124,7 +124,12 @@ def render_link(title: str, link: dict[str, Any]) -> RenderableType:
         _row(grid, f"  {_STAGE_TITLES['total']}", fmt_lag(lags["total"]))
     else:
         behind = lags["total"]["txns"]
-        text = "unknown" if behind is None else f"at least {behind} txn (as of last contact)"
+        if behind is None:
+            text = "unknown"
+        elif behind == 0:
+            text = "unknown (caught up as of last contact)"
+        else:
+            text = f"at least {behind} txn (as of last contact)"
         _row(grid, "  behind", text)
     _row(grid, "  last contact", fmt_age(link["last_contact_age_seconds"]))
     _row(
