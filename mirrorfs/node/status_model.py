@@ -275,6 +275,7 @@ def status_document(
         "failed": reason_text(raw.get("failed") or raw.get("volume_failed")),
         "fenced": reason_text(raw.get("fenced")),
         "mount_error": reason_text(raw.get("mount_error")),
+        "last_refused": reason_text(raw.get("last_refused")),
         "listen": str(raw.get("listen") or ""),
         "tls": bool(raw.get("tls", False)),
         "consistent": raw.get("consistent", raw.get("sync_state", "consistent") == "consistent"),

@@ -300,6 +300,7 @@ class Receiver:
                 **gate.announced,
             )
         except HandshakeRefused as exc:
+            self._status.last_refused = f"{address or '?'}: {exc}"
             if exc.by_peer:
                 log.warning("handshake with %s failed: %s", address or "source", exc)
             else:
