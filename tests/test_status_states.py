@@ -89,7 +89,7 @@ def test_status_out_of_sync_then_resyncing(cluster):
     rep = cluster.replica("rep", mount=False)
     proxy = cluster.proxy(rep)
     address = f"127.0.0.1:{proxy.port}"
-    vol = cluster.mkfs("src")
+    vol = cluster.mkfs("src", "64M")  # (fewer blocks for the resync to compare)
     src = cluster.mount_source(vol, [address], extra=("--max-log", "1M"))
     write_synced(os.path.join(src.mountpoint, "f"), os.urandom(1 * MiB))
     wait_caught_up(vol)
@@ -111,7 +111,7 @@ def test_status_out_of_sync_then_resyncing(cluster):
     assert t["lag"]["total"]["txns"] > 0  # what it missed (a lower bound)
     assert_not_connected(t, text)
     assert "out-of-sync (not connected" in text and "resync needed" in text
-    assert "log cap" in text
+    assert "log cap of 1.0 MiB" in text  # in units people read
     rst, rtext = both(rep.dir)
     assert rst["state"] == "disconnected", rst["state"]
     assert_not_connected(rst["source"], rtext)
@@ -121,11 +121,7 @@ def test_status_out_of_sync_then_resyncing(cluster):
     proxy.bandwidth = 256 << 10
     proxy.mode = Mode.ACCEPT
 
-    def resyncing() -> bool:
-        doc = json.loads(run_cli("status", rep.dir, "--json", check=True).stdout)
-        return doc["state"] == "resyncing"
-
-    wait_for(resyncing, 30, "the replica to report the resync")
+    wait_for(lambda: rep.status()["state"] == "resyncing", 30, "the replica to resync")
     proxy.paused = True  # hold the copy where it is while we look
     try:
         st, text = both(vol)
@@ -175,10 +171,7 @@ def test_status_of_a_fenced_source(cluster):
     rep.start()
     proxy.mode = Mode.ACCEPT
 
-    def fenced() -> bool:
-        return json.loads(run_cli("status", vol, "--json", check=True).stdout)["state"] == "fenced"
-
-    wait_for(fenced, 30, "the source to be fenced")
+    wait_for(lambda: bool(status(vol)["fenced"]), 30, "the source to be fenced")
     st, text = both(vol)
     assert st["fenced"] and "epoch" in st["fenced"], st["fenced"]
     (t,) = st["targets"]
