@@ -84,6 +84,7 @@ STATUS = {
     "failed": STR,
     "fenced": STR,
     "mount_error": STR,
+    "last_refused": STR,
     "listen": STR,
     "tls": BOOL,
     "consistent": BOOL,

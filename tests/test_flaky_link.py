@@ -117,7 +117,8 @@ def test_20mb_file_and_tree_over_a_link_reset_every_256k(cluster, tmp_path):
     # Each cut is one line on each side, never a traceback (checklogs checks the rest).
     rlog, slog = log_text(rep.dir), log_text(vol)
     drops = rlog.count("dropped source")
-    assert cuts // 2 <= drops <= cuts + 5, (drops, cuts)
+    # (the log holds the initial sync's cuts too: at most one line per connection in all)
+    assert cuts // 2 <= drops <= len(proxy.connections) + 5, (drops, cuts, len(proxy.connections))
     assert "CRC mismatch" in rlog  # the flipped byte ended one connection, nothing more
     proxy.clear_faults()
     umount(src)

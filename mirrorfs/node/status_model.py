@@ -31,6 +31,10 @@ from typing import Any
 from mirrorfs.node.json_report import SCHEMA_VERSION
 
 CONNECTED = frozenset({"initial-sync", "resyncing", "streaming"})
+#: A shipper between two attempts says ``error`` and ``connecting`` during one, turn about:
+#: both are one state for the operator, trying to reach the target (``reason``: what the
+#: last attempt met), so that the screen, the metrics and the events do not flicker.
+RETRYING = frozenset({"connecting", "error"})
 STAGES = ("sent_not_received", "received_not_flushed", "flushed_not_applied")
 
 _UNKNOWN: dict[str, Any] = {"txns": None, "bytes": None, "seconds": None}
@@ -108,6 +112,8 @@ def source_link(t: dict[str, Any], now: float) -> dict[str, Any]:
     """A shipper's status (mirrorfs.repl.shipper) as a link of the document."""
     state = str(t.get("state", ""))
     connected = bool(t.get("connected", state in CONNECTED)) and state in CONNECTED
+    if state in RETRYING:
+        state = "connecting"
     stages = t.get("stages") or {}
     lags: dict[str, Any] = {}
     for name in STAGES:
@@ -184,7 +190,10 @@ def target_link(raw: dict[str, Any], now: float) -> dict[str, Any] | None:
     total_txns = None
     if source_seq is not None and applied is not None:
         total_txns = max(0, source_seq - applied)
-    total = lag(total_txns, 0 if total_txns == 0 else None, 0.0 if total_txns == 0 else None)
+    # Caught up means no bytes and no seconds behind, but only while connected: a source out
+    # of reach may have committed since (the transactions stay a lower bound).
+    nothing = connected and total_txns == 0
+    total = lag(total_txns, 0 if nothing else None, 0.0 if nothing else None)
     lags["total"] = total
     return {
         "address": str(raw.get("source_address", "")),
@@ -266,6 +275,7 @@ def status_document(
         "failed": reason_text(raw.get("failed") or raw.get("volume_failed")),
         "fenced": reason_text(raw.get("fenced")),
         "mount_error": reason_text(raw.get("mount_error")),
+        "last_refused": reason_text(raw.get("last_refused")),
         "listen": str(raw.get("listen") or ""),
         "tls": bool(raw.get("tls", False)),
         "consistent": raw.get("consistent", raw.get("sync_state", "consistent") == "consistent"),

@@ -124,7 +124,14 @@ def render_link(title: str, link: dict[str, Any]) -> RenderableType:
         _row(grid, f"  {_STAGE_TITLES['total']}", fmt_lag(lags["total"]))
     else:
         behind = lags["total"]["txns"]
-        text = "unknown" if behind is None else f"at least {behind} txn (as of last contact)"
+        if link["state"] == "fenced":
+            text = "nothing to ship: the target follows a newer epoch"
+        elif behind is None:
+            text = "unknown"
+        elif behind == 0:
+            text = "unknown (caught up as of last contact)"
+        else:
+            text = f"at least {behind} txn (as of last contact)"
         _row(grid, "  behind", text)
     _row(grid, "  last contact", fmt_age(link["last_contact_age_seconds"]))
     _row(
@@ -204,7 +211,7 @@ def render_status(doc: dict[str, Any]) -> RenderableType:
         _row(grid, "mount", f"{doc['mountpoint']} ({mode}, {shown})")
         if doc.get("mount_options"):
             _row(grid, "mount options", ",".join(doc["mount_options"]))
-    for key in ("failed", "fenced", "mount_error"):
+    for key in ("failed", "fenced", "mount_error", "last_refused"):
         if doc.get(key):
             _row(grid, key.replace("_", " "), doc[key])
     for a in doc.get("archives") or []:

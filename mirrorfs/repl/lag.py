@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+import humanize
+
 from mirrorfs.store import record
 from mirrorfs.store.errors import StoreError
 from mirrorfs.store.segments import segment_first_seq
@@ -240,9 +242,12 @@ def retention(volume: Volume, pinners: Iterable[Pinner]) -> Callable[[], int | N
                     segments = log_segments(volume)
                 held = pinned_bytes(segments, need)
                 if held > pinner.max_log_bytes:
+                    # (read by people: status, the log; ``binary``: 1 MiB, as --max-log says)
+                    behind = humanize.naturalsize(held, binary=True)
+                    cap = humanize.naturalsize(pinner.max_log_bytes, binary=True)
                     pinner.drop_pin(
-                        f"fell {held} log bytes behind (from seq {need}), more than the "
-                        f"log cap of {pinner.max_log_bytes} bytes: resync needed"
+                        f"fell {behind} of log behind (from seq {need}), more than the "
+                        f"log cap of {cap}: resync needed"
                     )
                     continue
             low = need if low is None else min(low, need)

@@ -300,6 +300,8 @@ class Receiver:
                 **gate.announced,
             )
         except (HandshakeRefused, HandshakeTimeout, ConnectionClosed, ProtocolError) as exc:
+            if isinstance(exc, HandshakeRefused):  # status: why no source is connected
+                self._status.last_refused = f"{address or '?'}: {exc}"
             # The first few of an address, then one line per period: a flood cannot fill the disk.
             show, quiet = self.limiter.failed(host_of(address), trio.current_time())
             if show:

@@ -57,6 +57,7 @@ class ReceiverStatus:
     sync_blocks_total: int = 0  # block count of the volume being copied
     sessions: int = 0
     last_error: str = ""
+    last_refused: str = ""  # the last source refused at its handshake, and why
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "state": self.state.value, "throughput": round(self.throughput, 1)}
