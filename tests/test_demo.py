@@ -106,6 +106,9 @@ def test_demo_interrupted_cleans_up(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        # A shell without job control starts background jobs with SIGINT ignored, and an
+        # ignored signal stays ignored across exec: give the demo Ctrl-C back.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = []
     try:
