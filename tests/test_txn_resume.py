@@ -21,7 +21,9 @@ from mirrorfs.repl.handshake import Peer
 from mirrorfs.repl.target_session import TargetSession
 from mirrorfs.repl.txn_parts import (
     TXN_CHUNK,
+    WHOLE_RECORD_MAX,
     PartialTxn,
+    chunk_for,
     resume_offset,
     split_record,
     take_part,
@@ -296,6 +298,77 @@ async def test_large_transactions_through_resets_every_256k(tmp_path, nursery, c
     # The flipped byte was caught by a frame CRC and ended one connection, nothing more.
     assert any("CRC mismatch" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.exc_info], "a traceback in the log"
+
+
+class _Tap(trio.abc.Stream):
+    """A stream that decodes the frames written through it (what the source sent)."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.decoder = FrameDecoder()
+        self.sent: list[object] = []
+
+    async def send_all(self, data) -> None:
+        self.decoder.feed(bytes(data))
+        while (msg := self.decoder.next_message()) is not None:
+            self.sent.append(msg)
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes=None):
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_healthy_link_sends_large_records_whole(tmp_path, nursery):
+    """Pieces cost a copy and a crc32 on both ends: on a connection that has carried a
+    record, the next large records go as one TXN frame each, none in TXN_PARTs."""
+    from mirrorfs.repl.receiver import Receiver
+    from mirrorfs.repl.shipper import Shipper
+    from tests.test_shipper import commit_random, make_source, same_blocks, serve_receiver
+
+    assert chunk_for(first_of_connection=True) == TXN_CHUNK
+    assert chunk_for(first_of_connection=False) == WHOLE_RECORD_MAX > 3 * MiB
+    rng = random.Random(7)
+    src = make_source(tmp_path, size=32 * MiB)
+    commit_random(src, rng)
+    rdir = str(tmp_path / "replica")
+    os.makedirs(rdir)
+    receiver = Receiver(rdir, None, secret=None, node_id="tgt")
+    port = await serve_receiver(nursery, receiver)
+    taps: list[_Tap] = []
+
+    async def connect() -> trio.abc.Stream:
+        taps.append(_Tap(await trio.open_tcp_stream("127.0.0.1", port)))
+        return taps[-1]
+
+    shipper = Shipper(src, ("127.0.0.1", port), secret=None, node_id="src", connect=connect)
+    await nursery.start(shipper.run)
+
+    def done():
+        v = receiver.volume
+        return v is not None and v.consistent and v.last_seq == src.last_seq
+
+    with trio.fail_after(30):
+        while not done():
+            await trio.sleep(0.01)
+    commit_random(src, rng)  # the connection's first record (small)
+    big = []
+    for i in range(2):
+        src.write(1000 + i * 1000, rng.randbytes(3 * MiB))
+        big.append(src.commit())
+    with trio.fail_after(30):
+        while not done():
+            await trio.sleep(0.01)
+    assert same_blocks(src, receiver.volume)
+    assert len(taps) == 1
+    whole = {m.seq for m in taps[0].sent if isinstance(m, Txn)}
+    parts = {m.seq for m in taps[0].sent if isinstance(m, TxnPart)}
+    assert set(big) <= whole and not parts & set(big), (big, whole, parts)
 
 
 # ---------------------------------------------------------------------------- initial sync

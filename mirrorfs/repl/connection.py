@@ -3,8 +3,9 @@
 ``Connection.run`` starts three tasks and the first failure ends all three:
 
 - the sender: the initial sync or resync the plan asked for, then TXN frames in sequence
-  order within the window (``SourceSession.may_send``; a record larger than a chunk as
-  TXN_PARTs, from where the target holds it: mirrorfs.repl.txn_parts), and VERIFY_REQ once
+  order within the window (``SourceSession.may_send``; the connection's first record, when
+  larger than a chunk, as TXN_PARTs from where the target holds it, later ones whole:
+  mirrorfs.repl.txn_parts.chunk_for), and VERIFY_REQ once
   caught up;
 - the reader: every frame from the target, routed by ``SourceSession.handle`` (ACKs move
   the target's positions and open the window, VERIFY_REPLY goes to the resync or the verify
@@ -39,7 +40,7 @@ from mirrorfs.repl.source_session import (
     TargetPositions,
 )
 from mirrorfs.repl.stream import ConnectionClosed, FramedStream
-from mirrorfs.repl.txn_parts import resume_offset, split_record
+from mirrorfs.repl.txn_parts import chunk_for, resume_offset, split_record
 from mirrorfs.repl.verify import VerifyChannel
 from mirrorfs.repl.wire import Ack, Message, Ping, ReplError, VerifyReply
 from mirrorfs.store.errors import LogError, StoreError
@@ -107,6 +108,7 @@ class Connection:
         self._reader_next = 0
         # What the target holds of a record sent in parts: (seq, offset) from its HELLO_REPLY.
         self.resume: tuple[int, int] = (0, 0)
+        self._carried_one = False  # a record went out on this connection (txn_parts.chunk_for)
         # What an empty target holds of an initial-sync copy: (S, block) from its HELLO_REPLY.
         self.copy_resume: tuple[int, int] = (0, 0)
         self._control_wake = trio.Event()
@@ -237,8 +239,10 @@ class Connection:
                 start,
                 len(rec),
             )
-        for frame in split_record(seq, rec, start=start):
+        chunk = chunk_for(first_of_connection=not self._carried_one)
+        for frame in split_record(seq, rec, start=start, chunk=chunk):
             await self.fs.send(frame)
+        self._carried_one = True
 
     def _read_record(self, seq: int) -> tuple[int, bytes] | None:
         """Record ``seq`` from the log (synchronous); None if it is not committed yet."""

@@ -15,8 +15,9 @@ mirrorfs/INTERNALS.md "Replication session":
   those seqs, and the blocks either side changed since the fork are what differs;
 - then TXN frames in sequence order from the target's received_seq + 1, read verbatim from
   the SAM log, with at most ``window_bytes`` of TXN records not yet acknowledged as received;
-  a record larger than a chunk goes as TXN_PART frames, resumed where the target's
-  HELLO_REPLY says it holds it (mirrorfs.repl.txn_parts).
+  the first record of a connection, when larger than a chunk, goes as TXN_PART frames,
+  resumed where the target's HELLO_REPLY says it holds it, later ones whole
+  (mirrorfs.repl.txn_parts).
 
 Several shippers can serve one volume (fan-out), each at its own pace.
 

@@ -3,9 +3,11 @@
 A link that carries some bytes per connection must carry all of them eventually: a record
 shipped as one TXN frame of 20 MB never arrives over a link that is cut every 256 KiB, and
 the target, which keeps nothing of a torn frame, would be sent the same frame for ever. So
-the source sends a record larger than ``TXN_CHUNK`` as TXN_PART frames of at most
-``TXN_CHUNK`` bytes each (``split_record``); every part carries the record's seq, length and
-crc32, and the frame's own CRC covers the part. The target keeps the parts that arrived
+the source sends the first record of each connection, when it is larger than
+``TXN_CHUNK``, as TXN_PART frames of at most ``TXN_CHUNK`` bytes each (``split_record``;
+later records of a connection go whole while they fit ``WHOLE_RECORD_MAX``: ``chunk_for``);
+every part carries the record's seq, length and crc32, and the frame's own CRC covers the
+part. The target keeps the parts that arrived
 whole, in order (``PartialTxn``, held by the replica store across connections), and tells
 the source in its next HELLO_REPLY where to resume (``partial_seq``, ``partial_offset``):
 the source sends the rest of that record from there (``resume_offset``). A connection that
@@ -37,6 +39,23 @@ log = logging.getLogger(__name__)
 # carries one whole part per connection, plus the handshake and the ACKs), and large enough
 # that the 36 bytes of header per part are noise.
 TXN_CHUNK = 128 << 10
+
+#: The largest record sent as one TXN frame once a connection has carried a record whole
+#: (``chunk_for``); half the frame limit, so a frame's header always fits.
+WHOLE_RECORD_MAX = 32 << 20
+
+
+def chunk_for(first_of_connection: bool) -> int:
+    """The piece size for the next record of a connection.
+
+    Pieces cost a copy and a crc32 of every record on both ends, which a healthy link does
+    not need. So only the FIRST record of each connection goes in pieces (and any record
+    resumed mid-way); once a connection has carried one record, the next ones go whole, up
+    to ``WHOLE_RECORD_MAX``. Convergence holds on a link cut every N bytes: the record a
+    cut interrupted is the first of the next connection, which carries at least one of its
+    pieces, and the target keeps them (so each connection moves that record forward).
+    """
+    return TXN_CHUNK if first_of_connection else WHOLE_RECORD_MAX
 
 
 def split_record(
