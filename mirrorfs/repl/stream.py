@@ -38,6 +38,7 @@ from mirrorfs.repl.wire import (
     ProtocolError,
     Refuse,
     ReplError,
+    Txn,
 )
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ RECEIVE_SIZE = 256 * 1024
 _REFUSE_GRACE = 1.0
 # The most a handshake may buffer: a HELLO with MAX_EPOCHS epochs is about 64 KiB.
 HANDSHAKE_BUFFER = 256 * 1024
+#: Messages whose data is at least this large are framed in a worker thread.
+ENCODE_IN_THREAD = 1 << 20
 
 
 class ConnectionClosed(ReplError):
@@ -72,8 +75,13 @@ class FramedStream:
 
     async def send(self, msg: Message) -> None:
         """Send one message (ConnectionClosed if the peer is gone)."""
-        data = msg.encode()
         async with self._send_lock:
+            if isinstance(msg, Txn) and len(msg.record) >= ENCODE_IN_THREAD:
+                # Framing a whole transaction is a copy and a crc32 of megabytes (zlib lets
+                # go of the GIL for it): in a worker thread, the loop serves FUSE meanwhile.
+                data = await trio.to_thread.run_sync(msg.encode)
+            else:
+                data = msg.encode()
             try:
                 await self.stream.send_all(data)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
