@@ -242,35 +242,51 @@ def test_session_refuses_parts_where_a_txn_is_refused():
 # ---------------------------------------------------------------------------- end to end
 
 
-async def test_large_transactions_through_resets_every_256k(tmp_path, nursery, caplog):
-    """A real shipper and receiver over TCP, every connection reset after 256 KiB and one
-    byte flipped once: two 3 MiB transactions and small ones arrive block-identical, and
-    what the receiver holds of a record grows between reconnects."""
+async def _source_and_receiver(tmp_path, nursery, rng):
+    """A 32 MiB source with one commit, and a receiver served on 127.0.0.1: (src, receiver,
+    port)."""
     from mirrorfs.repl.receiver import Receiver
-    from mirrorfs.repl.shipper import Shipper
-    from tests.netproxy import Direction, FaultProxy
-    from tests.test_shipper import commit_random, make_source, same_blocks, serve_receiver
+    from tests.test_shipper import commit_random, make_source, serve_receiver
 
-    caplog.set_level(logging.INFO, logger="mirrorfs")
-    rng = random.Random(99)
     src = make_source(tmp_path, size=32 * MiB)
     commit_random(src, rng)
     rdir = str(tmp_path / "replica")
     os.makedirs(rdir)
     receiver = Receiver(rdir, None, secret=None, node_id="tgt")
-    port = await serve_receiver(nursery, receiver)
+    return src, receiver, await serve_receiver(nursery, receiver)
+
+
+def _caught_up(receiver, src) -> bool:
+    v = receiver.volume
+    return v is not None and v.consistent and v.last_seq == src.last_seq
+
+
+async def _wait(cond, timeout: float = 30) -> None:
+    with trio.fail_after(timeout):
+        while not cond():
+            await trio.sleep(0.01)
+
+
+async def test_large_transactions_through_resets_every_256k(tmp_path, nursery, caplog):
+    """A real shipper and receiver over TCP, every connection reset after 256 KiB and one
+    byte flipped once: two 3 MiB transactions and small ones arrive block-identical, and
+    what the receiver holds of a record grows between reconnects."""
+    from mirrorfs.repl.shipper import Shipper
+    from tests.netproxy import Direction, FaultProxy
+    from tests.test_shipper import commit_random, same_blocks
+
+    caplog.set_level(logging.INFO, logger="mirrorfs")
+    rng = random.Random(99)
+    src, receiver, port = await _source_and_receiver(tmp_path, nursery, rng)
     proxy = FaultProxy(target=("127.0.0.1", port))
     pport = await nursery.start(proxy.run)
     shipper = Shipper(src, ("127.0.0.1", pport), secret=None, node_id="src")
     await nursery.start(shipper.run)
 
     def done():
-        v = receiver.volume
-        return v is not None and v.consistent and v.last_seq == src.last_seq
+        return _caught_up(receiver, src)
 
-    with trio.fail_after(30):
-        while not done():
-            await trio.sleep(0.01)
+    await _wait(done)
     proxy.reset_every(256 * KiB, Direction.UP)
     proxy.cut_all()  # the connection up now is past 256 KiB already
     # One byte flipped once, inside the first part that the next connection carries.
@@ -327,19 +343,13 @@ class _Tap(trio.abc.Stream):
 async def test_healthy_link_sends_large_records_whole(tmp_path, nursery):
     """Pieces cost a copy and a crc32 on both ends: on a connection that has carried a
     record, the next large records go as one TXN frame each, none in TXN_PARTs."""
-    from mirrorfs.repl.receiver import Receiver
     from mirrorfs.repl.shipper import Shipper
-    from tests.test_shipper import commit_random, make_source, same_blocks, serve_receiver
+    from tests.test_shipper import commit_random, same_blocks
 
     assert chunk_for(first_of_connection=True) == TXN_CHUNK
     assert chunk_for(first_of_connection=False) == WHOLE_RECORD_MAX > 3 * MiB
     rng = random.Random(7)
-    src = make_source(tmp_path, size=32 * MiB)
-    commit_random(src, rng)
-    rdir = str(tmp_path / "replica")
-    os.makedirs(rdir)
-    receiver = Receiver(rdir, None, secret=None, node_id="tgt")
-    port = await serve_receiver(nursery, receiver)
+    src, receiver, port = await _source_and_receiver(tmp_path, nursery, rng)
     taps: list[_Tap] = []
 
     async def connect() -> trio.abc.Stream:
@@ -350,20 +360,15 @@ async def test_healthy_link_sends_large_records_whole(tmp_path, nursery):
     await nursery.start(shipper.run)
 
     def done():
-        v = receiver.volume
-        return v is not None and v.consistent and v.last_seq == src.last_seq
+        return _caught_up(receiver, src)
 
-    with trio.fail_after(30):
-        while not done():
-            await trio.sleep(0.01)
+    await _wait(done)
     commit_random(src, rng)  # the connection's first record (small)
     big = []
     for i in range(2):
         src.write(1000 + i * 1000, rng.randbytes(3 * MiB))
         big.append(src.commit())
-    with trio.fail_after(30):
-        while not done():
-            await trio.sleep(0.01)
+    await _wait(done)
     assert same_blocks(src, receiver.volume)
     assert len(taps) == 1
     whole = {m.seq for m in taps[0].sent if isinstance(m, Txn)}
