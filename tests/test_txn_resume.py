@@ -15,6 +15,7 @@ import zlib
 
 import pytest
 import trio
+import trio.testing
 
 from mirrorfs.repl.auth import AuthRole
 from mirrorfs.repl.handshake import Peer
@@ -485,3 +486,38 @@ def test_a_complete_copy_cut_during_its_replay_streams_on(tmp_path):
         start + 1,
     )
     vol.close()
+
+
+async def test_a_whole_transaction_is_framed_off_the_trio_thread():
+    """Framing a large TXN (a copy and a crc32 of megabytes) runs in a worker thread, so the
+    loop that serves FUSE goes on; small messages are framed inline. Both arrive intact."""
+    import threading
+
+    from mirrorfs.repl.stream import ENCODE_IN_THREAD, FramedStream
+
+    where: list[str] = []
+
+    class SpyTxn(Txn):
+        __slots__ = ()
+
+        def encode(self) -> bytes:
+            where.append(threading.current_thread().name)
+            return Txn.encode(self)
+
+    left, right = trio.testing.memory_stream_pair()
+    sender, receiver = FramedStream(left), FramedStream(right)
+    big = SpyTxn(5, os.urandom(ENCODE_IN_THREAD))
+    small = SpyTxn(6, os.urandom(4096))
+    got = []
+    async with trio.open_nursery() as n:
+
+        async def read_two() -> None:
+            got.append(await receiver.receive())
+            got.append(await receiver.receive())
+
+        n.start_soon(read_two)
+        await sender.send(big)
+        await sender.send(small)
+    main = threading.current_thread().name
+    assert where[0] != main and where[1] == main, where
+    assert [(m.seq, m.record) for m in got] == [(5, big.record), (6, small.record)]
