@@ -48,7 +48,7 @@ RECEIVE_SIZE = 256 * 1024
 _REFUSE_GRACE = 1.0
 # The most a handshake may buffer: a HELLO with MAX_EPOCHS epochs is about 64 KiB.
 HANDSHAKE_BUFFER = 256 * 1024
-#: Messages whose data is at least this large are framed in a worker thread.
+#: TXN records at least this large are framed in a worker thread (``FramedStream.send``).
 ENCODE_IN_THREAD = 1 << 20
 
 
