@@ -1,9 +1,10 @@
 """A full volume with a checkpoint, through a real mount: ENOSPC, and nothing worse.
 
-Overwriting what a checkpoint holds fills the save area; writing new data fills the data
-area. Either way the writer gets ENOSPC (not EIO, not EROFS), the mount stays read-write
-and writes work again once something is deleted, the checkpoint mount still shows the
-tree of the checkpoint, no checkpoint is deleted behind the user's back, and fsck is clean.
+Small overwrites of what a checkpoint holds fill the save area (then go to new blocks);
+writing new data, or large overwrites, fill the data area. Either way the writer gets
+ENOSPC (not EIO, not EROFS), the mount stays read-write and writes work again once
+something is deleted, the checkpoint mount still shows the tree of the checkpoint, no
+checkpoint is deleted behind the user's back, and fsck is clean.
 """
 
 from __future__ import annotations
@@ -24,6 +25,15 @@ def _write(path: str, data: bytes, *, mode: str = "r+b") -> None:
     with open(path, mode) as f:
         f.write(data)
         f.flush()
+        os.fsync(f.fileno())
+
+
+def _overwrite_small(path: str, size: int) -> None:
+    """Overwrite ``size`` bytes of ``path`` 4 KiB at a time (each too small to be moved to
+    new blocks: every one saves the old block), fsync at the end."""
+    with open(path, "r+b", buffering=0) as f:
+        for off in range(0, size, 4096):
+            os.pwrite(f.fileno(), os.urandom(4096), off)
         os.fsync(f.fileno())
 
 
@@ -59,8 +69,13 @@ def test_full_volume_with_a_checkpoint_gives_enospc(tmp_path, area):
         ck = cks.mount(vol, "ck", cluster.path("ck-mnt"))
 
         if area == "save":
-            targets = [os.path.join(root, n) for _ in range(4) for n in names]
-            err, written = _fill(targets, "r+b")  # in place: every block needs a saved copy
+            # Small overwrites save the old blocks until the save area is short of room;
+            # then they go to new blocks like large ones, until the data area is full too.
+            for n in names:
+                _overwrite_small(os.path.join(root, n), MiB)
+            saved = _listing(vol)["ck"]["held_blocks"]
+            assert saved > 512, f"only {saved} blocks held: the save area did not fill"
+            err, written = _fill([os.path.join(root, f"new{i}") for i in range(64)], "wb")
         else:
             err, written = _fill([os.path.join(root, n) for n in names], "r+b")
             assert err is None, err  # the save area takes these
@@ -90,10 +105,9 @@ def test_full_volume_with_a_checkpoint_gives_enospc(tmp_path, area):
                 assert _digest(os.path.join(ck, n)) == held[n], n
             cks.umount(ck)
         else:
-            # A file not yet overwritten needs saved copies the full area cannot take: still
-            # ENOSPC, so no checkpoint was dropped to make room.
+            # Both areas full: still ENOSPC, so no checkpoint was dropped to make room.
             with pytest.raises(OSError) as ei:
-                _write(os.path.join(root, names[-1]), os.urandom(MiB))
+                _write(os.path.join(root, "more"), os.urandom(MiB), mode="wb")
             assert ei.value.errno == errno.ENOSPC, ei.value
             assert set(_listing(vol)) == {"ck"}
             assert _digest(os.path.join(ck, names[-1])) == held[names[-1]]

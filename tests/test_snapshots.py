@@ -168,15 +168,21 @@ def test_full_save_area_gives_enospc_and_keeps_checkpoint(tmp_path):
     vol = Volume.open(path)
     Filesystem.format(vol, inode_count=100, uid=0, gid=0)
     fs = Filesystem(vol)
-    ino = _mkfile(fs, R, b"f", os.urandom(4 * MiB))
+    ino = _mkfile(fs, R, b"f", os.urandom(10 * MiB))
     vol.commit()
     t0 = _tree(fs)
     vol.checkpoint_create("keep")
+    # 64 KiB overwrites go to new blocks while the data area has room (about 5 MiB), then
+    # save the old blocks while the save area has room, then get ENOSPC.
+    written = 0
     with pytest.raises(FsError) as ei:
-        for off in range(0, 4 * MiB, 64 * 1024):
+        for off in range(0, 10 * MiB, 64 * 1024):
             fs.write(ino, off, os.urandom(64 * 1024))
             vol.commit()
+            written += 64 * 1024
     assert ei.value.errno == errno.ENOSPC
+    assert 4 * MiB < written < 10 * MiB, written
+    assert vol.allocator.free_count < 16  # the data area is full, not only the save area
     assert vol.commit() is None  # the refused write left nothing half-done
     assert vol.snapshots.free_slot_count > 0
     assert [c.name for c in vol.snapshots.listing()] == ["keep"]

@@ -7,6 +7,11 @@ Data moves in runs: a write is cut along the extents it touches and each piece g
 volume as one ``volume.write`` of a memoryview slice; only a partial first or last block is
 read-modify-written. A read issues one ``volume.read`` per written extent piece.
 
+Checkpoints: a write over blocks a checkpoint still reads in place
+(``volume.shared_runs``) either moves them (redirect-on-write: new blocks, extent remapped,
+old blocks freed, which the allocator then keeps out of use) or leaves them to the store
+to save (copy-on-first-write), by size and by room: see ``write`` and INTERNALS.md.
+
 Invariants:
 - Bytes of the last block past ``size`` are zero (``truncate`` zeroes them), so a later
   extension reads zeros without touching the block.
@@ -33,6 +38,16 @@ from mirrorfs.store.blockstore import BlockStore
 from mirrorfs.store.errors import NoSpace
 
 log = logging.getLogger(__name__)
+
+# Redirect-on-write for a write that overwrites at least this many blocks a checkpoint
+# holds: a smaller one is cheaper as saved copies than as split extents (random small
+# writes would cut a file into one extent per block). Either way round when the chosen
+# one has no room (INTERNALS.md, "Checkpoints").
+REDIRECT_MIN = 16
+
+# Save slots kept for the metadata blocks a change may save (inode table, bitmap,
+# extent nodes): a change that would need more is refused up front.
+SAVE_HEADROOM = 16
 
 # A piece of the mapping of a block range: (lblk, pblk or None for a hole, length, flags).
 _Piece = tuple[int, int | None, int, int]
@@ -190,15 +205,34 @@ class FileData:
         end = offset + len(mv)
         first, last = offset // bs, (end - 1) // bs
         pieces = self._pieces(inode, first, last + 1)
-        pieces, _ = self._fill_holes(inode, pieces, first, last + 1, 0, convert=True)
+        moved: dict[int, int | None] = {}
+        shared = self._shared(pieces)
+        held = sum(k for runs in shared for _, k in runs)
+        filled = None
+        if held:
+            # Blocks a checkpoint reads in place: a large write goes to new blocks, a small
+            # one saves the old content (cheaper than cutting the file's extents), each
+            # taking the other way when its own space is short.
+            # (Saves of data leave twice the headroom: the rest is for metadata.)
+            room = self.volume.save_room(held + 2 * SAVE_HEADROOM)
+            if held >= REDIRECT_MIN or not room:
+                moved, kept = self._redirect(pieces, shared)
+                try:
+                    filled, _ = self._fill_holes(inode, kept, first, last + 1, 0, convert=True)
+                except OSError as exc:
+                    if exc.errno != errno.ENOSPC or not room:
+                        raise
+                    moved = {}
+        if filled is None:
+            filled, _ = self._fill_holes(inode, pieces, first, last + 1, 0, convert=True)
         head_partial = offset % bs != 0
         tail_partial = end % bs != 0
         write = self.volume.write
-        for lblk, pblk, n, flags in pieces:
+        for lblk, pblk, n, flags in filled:
             i, j = lblk, lblk + n
             old = not flags & UNWRITTEN  # the block holds data worth keeping
             if i == first and head_partial:
-                self._write_partial(mv, pblk, i, offset, end, old)
+                self._write_partial(mv, pblk, i, offset, end, old, moved.get(i))
                 i += 1
             tail = j - 1 == last and tail_partial and j - 1 >= i
             if tail:
@@ -206,17 +240,83 @@ class FileData:
             if j > i:
                 write(pblk + (i - lblk), mv[i * bs - offset : j * bs - offset])
             if tail:
-                self._write_partial(mv, pblk + (j - lblk), j, offset, end, old)
+                self._write_partial(mv, pblk + (j - lblk), j, offset, end, old, moved.get(j))
+        if moved:
+            self._release_moved(inode, pieces, kept)
         if end > inode.size:
             inode.size = end
         return len(mv)
 
+    def _shared(self, pieces: list[_Piece]) -> list[list[tuple[int, int]]]:
+        """For each piece, the runs of its blocks that a checkpoint reads in place."""
+        shared = self.volume.shared_runs
+        return [shared(pblk, n) if pblk is not None else [] for _, pblk, n, _ in pieces]
+
+    def _redirect(
+        self, pieces: list[_Piece], shared: list[list[tuple[int, int]]]
+    ) -> tuple[dict[int, int | None], list[_Piece]]:
+        """Redirect-on-write: the blocks of ``pieces`` that a checkpoint reads in place
+        (``shared``, from ``_shared``) become holes: new blocks, so the checkpoint keeps
+        the old ones untouched and no saved copy is needed. Returns {lblk: old pblk, None
+        when it was unwritten} for the first and last block of each moved run, and the
+        pieces with the holes."""
+        moved: dict[int, int | None] = {}
+        out: list[_Piece] = []
+        for (lblk, pblk, n, flags), runs in zip(pieces, shared, strict=True):
+            if not runs:
+                out.append((lblk, pblk, n, flags))
+                continue
+            assert pblk is not None
+            pos = pblk
+            for s, k in [*runs, (pblk + n, 0)]:
+                if s > pos:
+                    out.append((lblk + pos - pblk, pos, s - pos, flags))
+                if k:
+                    out.append((lblk + s - pblk, None, k, 0))
+                    for b in (s, s + k - 1):
+                        moved[lblk + b - pblk] = None if flags & UNWRITTEN else b
+                pos = s + k
+        return moved, out
+
+    def _release_moved(self, inode: Inode, before: list[_Piece], kept: list[_Piece]) -> None:
+        """Free the old blocks of a redirected write (those of ``before`` that ``kept`` no
+        longer maps): the allocator keeps them out of use while a checkpoint reads them."""
+        free = self.volume.allocator.free
+        mapped = sorted((p, n) for _, p, n, _ in kept if p is not None)
+        for _, p, n, _ in before:
+            if p is None:
+                continue
+            pos, end = p, p + n
+            for q, m in mapped:
+                if q + m <= pos or q >= end:
+                    continue
+                if q > pos:
+                    free(pos, q - pos)
+                    inode.blocks -= q - pos
+                pos = max(pos, q + m)
+            if pos < end:
+                free(pos, end - pos)
+                inode.blocks -= end - pos
+
     def _write_partial(
-        self, mv: memoryview, pblk: int, lblk: int, offset: int, end: int, old: bool
+        self,
+        mv: memoryview,
+        pblk: int,
+        lblk: int,
+        offset: int,
+        end: int,
+        old: bool,
+        src: int | None = None,
     ) -> None:
-        """Read-modify-write of one block that the range [offset, end) covers partly."""
+        """Read-modify-write of one block that the range [offset, end) covers partly
+        (its old content read from ``src`` when the block moved)."""
         bs = self.block_size
-        buf = bytearray(self.volume.read(pblk)) if old else bytearray(bs)
+        if src is not None:
+            buf = bytearray(self.volume.read(src))
+        elif old:
+            buf = bytearray(self.volume.read(pblk))
+        else:
+            buf = bytearray(bs)
         base = lblk * bs
         lo, hi = max(offset, base), min(end, base + bs)
         buf[lo - base : hi - base] = mv[lo - offset : hi - offset]

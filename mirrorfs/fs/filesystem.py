@@ -66,9 +66,7 @@ RELATIME_NS = 24 * 3600 * 10**9
 XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 FALLOC_FL_KEEP_SIZE = 1
 
-
-#: Save-area blocks a metadata change may need (inode, directory, extent, bitmap blocks).
-SAVE_HEADROOM = 16
+SAVE_HEADROOM = filedata.SAVE_HEADROOM
 
 
 class Filesystem(NamespaceOps):
@@ -158,13 +156,13 @@ class Filesystem(NamespaceOps):
     def _now() -> int:
         return time.time_ns()
 
-    def _writable(self, blocks: int = 0) -> None:
+    def _writable(self) -> None:
         if self.read_only:
             raise FsError(errno.EROFS)
-        # Checkpoints: a change may have to save the old content of every block it
-        # overwrites; refuse it up front (ENOSPC, nothing changed) rather than half-way.
-        room = getattr(self.volume, "save_room", None)
-        if room is not None and not room(blocks + SAVE_HEADROOM):
+        # Checkpoints: a change may have to save the old content of the metadata blocks it
+        # rewrites; refuse it up front (ENOSPC, nothing changed) rather than half-way.
+        # (File data: FileData.write decides and checks for itself.)
+        if not self.volume.save_room(SAVE_HEADROOM):
             raise FsError(errno.ENOSPC)
 
     def _get(self, ino: int) -> Inode:
@@ -388,7 +386,7 @@ class Filesystem(NamespaceOps):
 
     def write(self, ino: int, offset: int | None, data: bytes) -> int:
         """Write ``data`` at ``offset`` (None: at the end); zero-fills a gap past EOF."""
-        self._writable(len(data) // self.block_size + 2)
+        self._writable()  # FileData.write checks room for the saved copies it needs
         inode = self._file(ino)
         if offset is None:
             offset = inode.size

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Protocol
 
 from sortedcontainers import SortedDict, SortedList
@@ -152,6 +152,12 @@ class ExtentAllocator:
         self.bitmap_blocks = bitmap_blocks_for(nbits, self.block_size)
         self._units_per_block = self.block_size * 8
         self._bits = bytearray()
+        # Units that a checkpoint still reads in place (store/snapshot_writer.py): free or
+        # not in the bitmap, never handed out. None = none held (no checkpoint).
+        self._held: bytes | bytearray | None = None
+        #: Called before every change and free-count query: lets the holder of ``_held``
+        #: bring it up to date first (a target's checkpoints change under it).
+        self.before_use: Callable[[], None] | None = None
         self._free: SortedDict = SortedDict()  # start -> length, maximal extents
         self._by_len: SortedList = SortedList()  # (length, start)
         self._free_count = 0
@@ -186,10 +192,7 @@ class ExtentAllocator:
         self._bits = bytearray(data)
         # Padding past nbits counts as used whatever the disk says: it can never be handed out.
         _fill_bits(self._bits, self.nbits, size * 8, True)
-        runs = scan_free_runs(self._bits)
-        self._free = SortedDict(runs)
-        self._by_len = SortedList((length, start) for start, length in runs)
-        self._free_count = sum(length for _, length in runs)
+        runs = self._rebuild()
         log.debug(
             "bitmap at block %d: %d units, %d free in %d extents, loaded in %.3f s",
             self.bitmap_start,
@@ -198,6 +201,72 @@ class ExtentAllocator:
             len(runs),
             time.perf_counter() - t0,
         )
+
+    def _avail(self) -> bytes | bytearray:
+        """The bitmap with held units set: what allocation may not hand out."""
+        if self._held is None:
+            return self._bits
+        n = len(self._bits)
+        both = int.from_bytes(self._bits, "little") | int.from_bytes(self._held, "little")
+        return both.to_bytes(n, "little")
+
+    def _rebuild(self) -> list[tuple[int, int]]:
+        """Free extents anew from the bitmap and the held units."""
+        runs = scan_free_runs(self._avail())
+        self._free = SortedDict(runs)
+        self._by_len = SortedList((length, start) for start, length in runs)
+        self._free_count = sum(length for _, length in runs)
+        return runs
+
+    def set_held(self, held: bytes | bytearray | None) -> None:
+        """Units a checkpoint still reads in place (a bitmap like this one's, 1 = held):
+        never handed out, whether this bitmap says free or used; freeing one clears its
+        bit and keeps it out of the free extents. None: nothing is held. Rebuilds the
+        free extents (a checkpoint's deletion gives back what only it held). The mask is
+        kept, not copied: its owner may clear the bit of a USED unit in it afterwards
+        (that changes no free extent); any other change must be followed by set_held."""
+        if held is not None and len(held) != len(self._bits):
+            raise AllocatorError(
+                f"bitmap at block {self.bitmap_start}: held mask of {len(held)} bytes, "
+                f"bitmap of {len(self._bits)}"
+            )
+        if held is None and self._held is None:
+            return
+        self._held = held  # not a copy: its owner may clear bits of used units in it
+        self._rebuild()
+
+    @property
+    def held_count(self) -> int:
+        """Units held by checkpoints that this bitmap says are free."""
+        if self._held is None:
+            return 0
+        free = ~int.from_bytes(self._bits, "little") & int.from_bytes(self._held, "little")
+        return free.bit_count()
+
+    def _unheld(self, start: int, count: int) -> list[tuple[int, int]]:
+        """The parts of [start, start+count) that no checkpoint holds."""
+        held = self._held
+        if held is None:
+            return [(start, count)]
+        end = start + count
+        out = []
+        for s, n in scan_free_runs(held, start >> 3, (end + 7) >> 3):
+            a, b = max(s, start), min(s + n, end)
+            if a < b:
+                out.append((a, b - a))
+        return out
+
+    def _bits_all(self, start: int, count: int, used: bool) -> bool:
+        """Whether the bitmap has every unit of [start, start+count) used (or free)."""
+        end = start + count
+        free = [
+            (max(s, start), min(s + n, end))
+            for s, n in scan_free_runs(self._bits, start >> 3, (end + 7) >> 3)
+            if s < end and s + n > start
+        ]
+        if used:
+            return not free
+        return len(free) == 1 and free[0] == (start, end)
 
     def refresh_blocks(self, block: int, count: int = 1) -> None:
         """Reread the bitmap blocks among absolute blocks [block, block+count) and update.
@@ -235,7 +304,14 @@ class ExtentAllocator:
                 pieces.append((s, min(lo, s + length) - s))
             if s + length > hi:
                 tail.append((max(hi, s), s + length - max(hi, s)))
-        pieces.extend(scan_free_runs(self._bits, first * bs, last * bs))
+        avail = self._bits
+        if self._held is not None:
+            a, b = first * bs, last * bs
+            both = int.from_bytes(self._bits[a:b], "little") | int.from_bytes(
+                self._held[a:b], "little"
+            )
+            avail = bytearray(a) + both.to_bytes(b - a, "little")
+        pieces.extend(scan_free_runs(avail, first * bs, last * bs))
         pieces.extend(tail)
         merged: list[tuple[int, int]] = []
         for s, length in pieces:
@@ -250,7 +326,9 @@ class ExtentAllocator:
 
     @property
     def free_count(self) -> int:
-        """Number of free units."""
+        """Number of units that can be handed out (free and held by no checkpoint)."""
+        if self.before_use is not None:
+            self.before_use()
         return self._free_count
 
     @property
@@ -269,9 +347,11 @@ class ExtentAllocator:
         return iter(list(self._free.items()))
 
     def used_runs(self) -> Iterator[tuple[int, int]]:
-        """Maximal used runs (start, length) in unit order: the gaps between free extents."""
+        """Maximal runs (start, length) the bitmap marks used, in unit order (held units
+        that it marks free are not among them)."""
         pos = 0
-        for start, length in list(self._free.items()):
+        free = list(self._free.items()) if self._held is None else scan_free_runs(self._bits)
+        for start, length in free:
             if start > pos:
                 yield (pos, start - pos)
             pos = start + length
@@ -296,6 +376,8 @@ class ExtentAllocator:
             raise AllocatorError(f"cannot allocate {count} units")
         if count == 0:
             return []
+        if self.before_use is not None:
+            self.before_use()
         if count > self._free_count:
             raise NoSpace(
                 f"bitmap at block {self.bitmap_start}: {count} units wanted, "
@@ -318,6 +400,8 @@ class ExtentAllocator:
         self._check_range(start, count)
         if count == 0:
             return
+        if self.before_use is not None:
+            self.before_use()
         idx = self._free.bisect_left(start + count) - 1
         if idx >= 0:
             s, length = self._free.peekitem(idx)
@@ -327,6 +411,12 @@ class ExtentAllocator:
                     f"bitmap at block {self.bitmap_start}: free of ({start}, {count}) "
                     f"but unit {unit} is already free"
                 )
+        if self._held is not None and not self._bits_all(start, count, used=True):
+            unit = next(u for u in range(start, start + count) if not self.is_used(u))
+            raise AllocatorError(
+                f"bitmap at block {self.bitmap_start}: free of ({start}, {count}) "
+                f"but unit {unit} is already free"
+            )
         self._change([(start, count)], used=False)
 
     def mark_used(self, start: int, count: int) -> None:
@@ -337,7 +427,9 @@ class ExtentAllocator:
         self._check_range(start, count)
         if count == 0:
             return
-        if not self._is_free_range(start, count):
+        if self.before_use is not None:
+            self.before_use()
+        if not self._bits_all(start, count, used=False):
             unit = next(u for u in range(start, start + count) if self.is_used(u))
             raise AllocatorError(
                 f"bitmap at block {self.bitmap_start}: mark_used of ({start}, {count}) "
@@ -368,7 +460,7 @@ class ExtentAllocator:
             raise AllocatorError(f"{where}: free_count {self._free_count}, extents sum {total}")
         if list(self._by_len) != sorted((length, s) for s, length in items):
             raise AllocatorError(f"{where}: length index disagrees with the extents")
-        scanned = scan_free_runs(self._bits)
+        scanned = scan_free_runs(self._avail())
         if scanned != items:
             raise AllocatorError(f"{where}: {self._first_difference(scanned, items)}")
         if against_io:
@@ -398,13 +490,6 @@ class ExtentAllocator:
                 f"bitmap at block {self.bitmap_start}: run ({start}, {count}) "
                 f"out of range 0..{self.nbits}"
             )
-
-    def _is_free_range(self, start: int, count: int) -> bool:
-        idx = self._free.bisect_right(start) - 1
-        if idx < 0:
-            return False
-        s, length = self._free.peekitem(idx)
-        return start + count <= s + length
 
     def _add(self, start: int, length: int) -> None:
         self._free[start] = length
@@ -484,10 +569,12 @@ class ExtentAllocator:
 
     def _apply(self, runs: list[tuple[int, int]], used: bool) -> None:
         for start, count in runs:
-            if used:
-                self._take(start, count)
-            else:
-                self._give(start, count)
+            # Held units are in no free extent: nothing to take, nothing to give back.
+            for s, n in self._unheld(start, count):
+                if used:
+                    self._take(s, n)
+                else:
+                    self._give(s, n)
             _fill_bits(self._bits, start, start + count, used)
 
     def _write_dirty(self, runs: list[tuple[int, int]]) -> None:

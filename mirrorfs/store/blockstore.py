@@ -38,6 +38,14 @@ class BlockStore(Protocol):
     def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
         """Record full blocks at ``block`` in the open transaction."""
 
+    def shared_runs(self, block: int, count: int) -> list[tuple[int, int]]:
+        """Runs of [block, block+count) that a checkpoint still reads in place ([] when
+        none): a file's new data for them goes to fresh blocks (redirect-on-write)."""
+
+    def save_room(self, blocks: int) -> bool:
+        """Whether checkpoints' save area can take ``blocks`` more saved copies (always
+        when there is no checkpoint)."""
+
     def hint(self, hint: Hint) -> None:
         """Attach a file-system hint (what the blocks mean) to the open transaction."""
 

@@ -191,10 +191,25 @@ class VolumeCore:
 
     def load_allocator(self) -> None:
         """(Re)build the allocator from the bitmap blocks of the current superblock."""
-        self.allocator = ExtentAllocator(self, BITMAP_START, self.sb.block_count)
-        self.snapshots = VolumeCheckpoints(
-            self, lambda b, d: self._overlay.put(b, d), lambda: self.allocator.free_count
+        alloc = self.allocator = ExtentAllocator(self, BITMAP_START, self.sb.block_count)
+        snaps = self.snapshots = VolumeCheckpoints(
+            self,
+            lambda b, d: self._overlay.put(b, d),
+            lambda: alloc.free_count,
+            alloc.set_held,
         )
+        # A target's checkpoints change under it (applied runs mark them stale): the
+        # allocator asks for the held blocks afresh before it hands anything out.
+        alloc.before_use = snaps.refresh
+
+    def shared_runs(self, block: int, count: int) -> list[tuple[int, int]]:
+        """Runs of [block, block+count) that a checkpoint reads in place: overwriting one
+        costs a saved copy, so the filesystem writes a file's new data elsewhere."""
+        snaps = self.snapshots
+        if snaps is None or not (snaps.stale or snaps.held is not None):
+            return []
+        snaps.refresh()
+        return snaps.held_runs(block, count)
 
     def save_room(self, blocks: int) -> bool:
         """Whether the save area can take ``blocks`` more saved copies (always, without
@@ -242,6 +257,14 @@ class VolumeCore:
         for _, layer in self._sealed:  # oldest first, so newer layers win
             data = layer.patch(block, count, data)
         return self._overlay.patch(block, count, data)
+
+    def read_committed(self, block: int, count: int = 1) -> bytes:
+        """Content of ``count`` blocks from ``block`` as committed: the open transaction
+        left out (the pre-image that a checkpoint's saved copy takes at seal)."""
+        data = self.device.read(block, count)
+        for _, layer in self._sealed:
+            data = layer.patch(block, count, data)
+        return data
 
     def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
         """Record full blocks at ``block`` in the open transaction. THE write choke point."""

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from mirrorfs.store.allocator import scan_free_runs
 from mirrorfs.store.errors import NoSpace
 from mirrorfs.store.geometry import BITMAP_START, CLIENT_SUPER, VolumeSuper
 from mirrorfs.store.snapshots import (
@@ -27,6 +28,7 @@ from mirrorfs.store.snapshots import (
     SlotSet,
     Table,
     entry_bytes,
+    held_only,
     load_state,
 )
 
@@ -41,16 +43,27 @@ class _Core(Protocol):
 
     def read(self, block: int, count: int = 1) -> bytes: ...
 
+    def read_committed(self, block: int, count: int = 1) -> bytes: ...
+
 
 class VolumeCheckpoints:
     """The checkpoints of an open volume (see the module doc)."""
 
     def __init__(
-        self, core: _Core, put: Callable[[int, bytes], None], free_blocks: Callable[[], int]
+        self,
+        core: _Core,
+        put: Callable[[int, bytes], None],
+        free_blocks: Callable[[], int],
+        set_held: Callable[[bytearray | None], None] = lambda held: None,
     ):
         self.core = core
         self._put = put
         self._free_blocks = free_blocks
+        self._set_held = set_held
+        #: Blocks some checkpoint still reads in place (a bitmap, 1 = held): ``needs_save``
+        #: for every block at once. None without checkpoints. Shared with the allocator,
+        #: which never hands out a held block (see "Checkpoints" in INTERNALS.md).
+        self.held: bytearray | None = None
         self.layout = SaveLayout.of(core.sb)
         self.table = Table()
         self.entries: dict[int, tuple[int, int]] = {}  # slot -> (block, id)
@@ -59,6 +72,10 @@ class VolumeCheckpoints:
         self._bitmaps: dict[int, bytes] = {}  # id -> block bitmap as of that checkpoint
         self._map_bufs: dict[int, bytearray] = {}  # map block index -> its packed entries
         self._dirty: set[int] = set()  # map blocks changed since they were last put
+        # Saves decided but not yet copied: [first block, first slot, count]. The copy is
+        # taken at seal from the committed blocks (the open transaction left out), which
+        # still hold the pre-image: one read and one put per run, not one per write.
+        self._to_copy: list[list[int]] = []
         self._pending = False
         self.stale = True
         self.load()
@@ -79,6 +96,56 @@ class VolumeCheckpoints:
         self._bitmaps = {k: v for k, v in self._bitmaps.items() if k in self.maps}
         self._map_bufs = {}
         self._dirty, self._pending = set(), False
+        self._to_copy = []
+        self._compute_held()
+
+    def _compute_held(self) -> None:
+        """``held`` from the checkpoints' bitmaps and maps, and hand it to the allocator.
+
+        Newest first: checkpoint j reads block b in place when b was used at j and no map
+        entry for b belongs to j or a newer checkpoint (such an entry serves j)."""
+        cks = self.table.checkpoints or []
+        if not cks or self.layout is None:
+            self.held = None
+            self._set_held(None)
+            return
+        n = self.core.sb.bitmap_blocks * self.core.sb.block_size
+        served = bytearray(n)
+        held = 0
+        for ck in reversed(cks):
+            for b in self.maps.get(ck.id, ()):
+                served[b >> 3] |= 1 << (b & 7)
+            bm = self._bitmap(ck.id)
+            held |= int.from_bytes(bm[:n], "little") & ~int.from_bytes(served, "little")
+        self.held = bytearray(held.to_bytes(n, "little"))
+        self._set_held(self.held)
+
+    def is_held(self, block: int) -> bool:
+        held = self.held
+        return held is not None and bool(held[block >> 3] >> (block & 7) & 1)
+
+    def held_runs(self, block: int, count: int) -> list[tuple[int, int]]:
+        """The runs of [block, block+count) that some checkpoint reads in place: a write
+        there would have to save them first (a file's data goes elsewhere instead)."""
+        held = self.held
+        if held is None:
+            return []
+        end = block + count
+        a, b = block >> 3, (end + 7) >> 3
+        if not held[a:b].strip(b"\0"):
+            return []
+        out: list[tuple[int, int]] = []
+        pos = block
+        for s, n in scan_free_runs(held, a, b):
+            s, e = max(s, block), min(s + n, end)
+            if s >= e:
+                continue
+            if s > pos:
+                out.append((pos, s - pos))
+            pos = e
+        if pos < end:
+            out.append((pos, end - pos))
+        return out
 
     def refresh(self) -> None:
         if self.stale:
@@ -98,12 +165,19 @@ class VolumeCheckpoints:
         return len(self.free_slots) if self.layout is not None else 0
 
     def listing(self) -> list[CheckpointInfo]:
-        """The checkpoints, oldest first, each with the slots it owns (``held``)."""
-        out = []
-        for c in self.checkpoints:
-            c.held = len(self.maps.get(c.id, {}))
-            out.append(c)
-        return out
+        """The checkpoints, oldest first, each with what only it holds (``held``: the save
+        slots it owns and the data blocks only it reads in place)."""
+        cks = self.checkpoints
+        ids = [c.id for c in cks]
+        data = {}
+        if ids:
+            self.flush_pending()
+            live = self.core.read(BITMAP_START, self.core.sb.bitmap_blocks)
+            bitmaps = {cid: self._bitmap(cid) for cid in ids}
+            data = held_only(ids, bitmaps, self.maps, live)
+        for c in cks:
+            c.held = len(self.maps.get(c.id, {})) + data.get(c.id, 0)
+        return cks
 
     def find(self, name: str) -> CheckpointInfo:
         for c in self.checkpoints:
@@ -114,6 +188,8 @@ class VolumeCheckpoints:
     # -- frozen bitmaps
     def _resolve(self, cid: int, block: int) -> bytes:
         """Block ``block`` as checkpoint ``cid`` sees it (in-process, merged reads)."""
+        if self._to_copy:
+            self.flush_pending()
         best = None
         for ck in self.table.checkpoints or []:
             if ck.id >= cid:
@@ -160,10 +236,13 @@ class VolumeCheckpoints:
             return
         newest = self.maps[cks[-1].id]
         lo, hi = max(block, BITMAP_START), block + count
+        held = self.held
+        if held is None or lo >= hi or not held[lo >> 3 : (hi + 7) >> 3].strip(b"\0"):
+            return
         need = [
             b
             for b in range(lo, hi)
-            if not (lay.start <= b < lay.end) and b not in newest and self.needs_save(b)
+            if held[b >> 3] >> (b & 7) & 1 and not (lay.start <= b < lay.end)
         ]
         if not need:
             return
@@ -175,7 +254,7 @@ class VolumeCheckpoints:
         cid = cks[-1].id
         dirty: set[int] = set()
         free = self.free_slots
-        runs: list[list[int]] = []  # [first block, first slot, count]: one read, one put
+        runs = self._to_copy  # [first block, first slot, count]: one read, one put
         for b in need:
             last = runs[-1] if runs else None
             if last is not None and last[0] + last[2] == b and last[1] + last[2] in free:
@@ -188,20 +267,48 @@ class VolumeCheckpoints:
             self.table.high = max(self.table.high, slot + 1)
             self.entries[slot] = (b, cid)
             newest[b] = slot
+            held[b >> 3] &= ~(1 << (b & 7)) & 0xFF  # the saved copy serves every checkpoint
             dirty.add(self._set_entry(slot, b, cid))
-        for b, slot, n in runs:
-            self._put(lay.start + slot, self.core.read(b, n))
-        # The map and the table go into this transaction when it is sealed (flush_pending):
-        # once per transaction, not once per write.
+        # The saved copies, the map and the table go into this transaction when it is
+        # sealed (flush_pending): once per transaction, not once per write.
         self._dirty |= dirty
         self._pending = True
 
     def flush_pending(self) -> None:
-        """Put the map blocks and the table that saves since the last call changed into the
-        open transaction (``WritePath.seal`` calls it; so do in-process views)."""
+        """Put the saved copies, the map blocks and the table that saves since the last
+        call changed into the open transaction (``WritePath.seal`` calls it; so do
+        in-process views)."""
         if self._pending:
+            self._copy_saved()
             dirty, self._dirty, self._pending = self._dirty, set(), False
             self._write_map(dirty)
+
+    def _copy_saved(self) -> None:
+        """The pre-images of the saves decided since the last seal, into their slots.
+
+        A saved block is one written for the first time since the newest checkpoint, and
+        a checkpoint is made with nothing open, sealed or unflushed: no committed or sealed
+        transaction wrote it since, so its committed content is the checkpoint's. Runs of
+        adjacent slots go out as one put, whatever blocks they copy."""
+        runs, self._to_copy = self._to_copy, []
+        lay = self.layout
+        if not runs or lay is None:
+            return
+        read = self.core.read_committed
+        bs = lay.block_size
+        i = 0
+        while i < len(runs):
+            first_slot = runs[i][1]
+            parts = []
+            nslots = 0
+            while i < len(runs) and runs[i][1] == first_slot + nslots:
+                b, _, n = runs[i]
+                parts.append(read(b, n))
+                nslots += n
+                i += 1
+            data = parts[0] if len(parts) == 1 else b"".join(parts)
+            assert len(data) == nslots * bs
+            self._put(lay.start + first_slot, data)
 
     def _set_entry(self, slot: int, block: int, cid: int) -> int:
         """Record slot ``slot`` in the packed map; returns its map block index."""
@@ -256,14 +363,24 @@ class VolumeCheckpoints:
         cks.append(info)
         self.table.checkpoints = cks
         self.maps[cid] = {}
+        if self.held is None:
+            self.held = bytearray(self._bitmaps[cid])
+        else:  # what the new checkpoint uses, plus what older ones still read in place
+            n = len(self.held)
+            both = int.from_bytes(self.held, "little") | int.from_bytes(
+                self._bitmaps[cid][:n], "little"
+            )
+            self.held[:] = both.to_bytes(n, "little")
+        self._set_held(self.held)
         self.flush_pending()
         self._write_map(set())
         log.info("checkpoint %r created at seq %d", name, info.seq)
         return info
 
     def delete(self, name: str) -> int:
-        """Remove checkpoint ``name``; returns the save slots freed. A saved copy that an
-        older checkpoint still needs passes to the next older one instead."""
+        """Remove checkpoint ``name``; returns the blocks freed (save slots, and data blocks
+        only it read in place). A saved copy that an older checkpoint still needs passes to
+        the next older one instead."""
         info = self.find(name)
         lay = self.layout
         assert lay is not None
@@ -284,8 +401,16 @@ class VolumeCheckpoints:
                 freed += 1
         del cks[pos]
         self._bitmaps.pop(info.id, None)
+        before = self._free_blocks()
+        self._compute_held()  # what only the deleted checkpoint held is free again
+        data = self._free_blocks() - before
         self._dirty |= dirty
         self._pending = True
         self.flush_pending()
-        log.info("checkpoint %r deleted: %d save block(s) freed", name, freed)
-        return freed
+        log.info(
+            "checkpoint %r deleted: %d save block(s) and %d data block(s) freed",
+            name,
+            freed,
+            data,
+        )
+        return freed + data

@@ -390,6 +390,12 @@ class CheckpointView:
     def write(self, block: int, data: bytes | bytearray | memoryview) -> None:
         raise CheckpointError("a checkpoint is read-only")
 
+    def shared_runs(self, block: int, count: int) -> list[tuple[int, int]]:
+        return []  # never written
+
+    def save_room(self, blocks: int) -> bool:
+        return True
+
     def hint(self, hint: object) -> None:
         return None
 
@@ -397,17 +403,61 @@ class CheckpointView:
         return None
 
 
+def held_only(
+    ids: list[int],
+    bitmaps: dict[int, bytes],
+    saved: dict[int, Iterable[int]],
+    live: bytes,
+) -> dict[int, int]:
+    """id -> blocks of the data area that only that checkpoint still reads in place (it
+    used them, no saved copy serves it, the live volume and the other checkpoints do not
+    read them): what deleting it gives back besides its save slots.
+
+    ``ids`` oldest first; ``bitmaps`` each checkpoint's block bitmap; ``saved`` the blocks
+    of each checkpoint's map; ``live`` the volume's block bitmap now."""
+    n = len(live)
+    served = bytearray(n)
+    in_place: dict[int, int] = {}
+    for cid in reversed(ids):
+        for b in saved.get(cid, ()):
+            if b < n * 8:
+                served[b >> 3] |= 1 << (b & 7)
+        bm = int.from_bytes(bitmaps[cid][:n], "little")
+        in_place[cid] = bm & ~int.from_bytes(served, "little")
+    free = ~int.from_bytes(live, "little")
+    out: dict[int, int] = {}
+    for cid in ids:
+        others = 0
+        for other, mask in in_place.items():
+            if other != cid:
+                others |= mask
+        out[cid] = (in_place[cid] & free & ~others).bit_count()
+    return out
+
+
 def read_listing(read: Callable[[int, int], bytes], sb: VolumeSuper) -> list[CheckpointInfo]:
     """The checkpoints as the blocks read through ``read`` hold them, each with ``held``
-    (save slots it owns). Safe against a process changing the volume meanwhile."""
+    (save slots it owns plus data blocks only it reads). Safe against a process changing
+    the volume meanwhile (the data-block count may be off by the transaction in flight)."""
     layout = SaveLayout.of(sb)
     if layout is None:
         return []
     table, entries = load_state(read, layout)
     counts: dict[int, int] = {}
-    for _, cid in entries.values():
+    saved: dict[int, list[int]] = {}
+    for block, cid in entries.values():
         counts[cid] = counts.get(cid, 0) + 1
+        saved.setdefault(cid, []).append(block)
     out = list(table.checkpoints or [])
+    ids = [c.id for c in out]
+    bitmaps = {}
+    for cid in ids:
+        chain = chain_map(entries, cid)
+        bitmaps[cid] = b"".join(
+            read(layout.start + chain[b], 1) if b in chain else read(b, 1)
+            for b in range(BITMAP_START, BITMAP_START + sb.bitmap_blocks)
+        )
+    data = held_only(ids, bitmaps, saved, read(BITMAP_START, sb.bitmap_blocks)) if ids else {}
     for c in out:
-        c.held = counts.get(c.id, 0)
+        c.held = counts.get(c.id, 0) + data.get(c.id, 0)
     return out

@@ -387,7 +387,7 @@ class Volume(VolumeCore):
         return info
 
     def checkpoint_delete(self, name: str) -> int:
-        """Delete checkpoint ``name`` as a transaction; the save blocks freed."""
+        """Delete checkpoint ``name`` as a transaction; the blocks freed (save slots and data)."""
         snaps = self._snapshots()
         snaps.find(name)
         self.commit()
