@@ -252,26 +252,30 @@ class VolumeCheckpoints:
                 f"{len(need)} needed): delete a checkpoint"
             )
         cid = cks[-1].id
-        dirty: set[int] = set()
+        dirty = self._dirty
         free = self.free_slots
+        entries = self.entries
+        set_entry = self._set_entry
         runs = self._to_copy  # [first block, first slot, count]: one read, one put
+        last = runs[-1] if runs else None
+        top = 0
         for b in need:
-            last = runs[-1] if runs else None
             if last is not None and last[0] + last[2] == b and last[1] + last[2] in free:
                 slot = last[1] + last[2]
                 last[2] += 1
             else:
                 slot = free.first()
-                runs.append([b, slot, 1])
+                last = [b, slot, 1]
+                runs.append(last)
             free.take(slot)
-            self.table.high = max(self.table.high, slot + 1)
-            self.entries[slot] = (b, cid)
+            top = max(top, slot + 1)
+            entries[slot] = (b, cid)
             newest[b] = slot
             held[b >> 3] &= ~(1 << (b & 7)) & 0xFF  # the saved copy serves every checkpoint
-            dirty.add(self._set_entry(slot, b, cid))
+            dirty.add(set_entry(slot, b, cid))
+        self.table.high = max(self.table.high, top)
         # The saved copies, the map and the table go into this transaction when it is
         # sealed (flush_pending): once per transaction, not once per write.
-        self._dirty |= dirty
         self._pending = True
 
     def flush_pending(self) -> None:
