@@ -120,10 +120,6 @@ class VolumeCheckpoints:
         self.held = bytearray(held.to_bytes(n, "little"))
         self._set_held(self.held)
 
-    def is_held(self, block: int) -> bool:
-        held = self.held
-        return held is not None and bool(held[block >> 3] >> (block & 7) & 1)
-
     def held_runs(self, block: int, count: int) -> list[tuple[int, int]]:
         """The runs of [block, block+count) that some checkpoint reads in place: a write
         there would have to save them first (a file's data goes elsewhere instead)."""
