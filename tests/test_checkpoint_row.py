@@ -21,7 +21,7 @@ from mirrorfs.fs.filesystem import ROOT_INO as R
 from mirrorfs.fs.filesystem import Filesystem
 from mirrorfs.store.allocator import ExtentAllocator
 from mirrorfs.store.errors import AllocatorError
-from mirrorfs.store.snapshots import CheckpointView
+from mirrorfs.store.snapshots import CheckpointError, CheckpointView
 from mirrorfs.store.volume import Volume
 
 MiB = 1 << 20
@@ -278,3 +278,64 @@ def test_random_operations_keep_every_checkpoint_exact(tmp_path_factory, ops, se
     finally:
         fs.close()
         vol.close()
+
+
+def test_a_move_that_could_run_out_of_save_slots_is_refused_up_front(tmp_path):
+    """Moving a file's data rewrites bitmap blocks that the checkpoint holds, and each
+    needs a saved copy once: with 512-byte blocks, a file spread over many bitmap regions
+    and the save area nearly full, the write gets ENOSPC before it changes anything
+    (not half-way, which would commit a half-moved file)."""
+    bs = 512
+    path = str(tmp_path / "vol")
+    Volume.create(path, 64 * MiB, block_size=bs, checkpoint_space=0.002)
+    vol = Volume.open(path)
+    Filesystem.format(vol, inode_count=400, uid=0, gid=0)
+    fs = Filesystem(vol)
+    f = fs.create(R, b"F", 0o100644, 0, 0).ino
+    for i in range(24):  # F's extents interleaved with 2 MiB spacers: one per bitmap region
+        _mkfile(fs, b"s%d" % i, b"s" * (2 * MiB - 8192))
+        fs.write(f, fs.getattr(f).size, os.urandom(16 * bs))
+    spare = [fs.create(R, b"m%d" % i, 0o100644, 0, 0).ino for i in range(150)]
+    vol.commit()
+    vol.checkpoint_create("c")
+    snaps = vol.snapshots
+    assert snaps is not None
+    k = 0
+    while snaps.free_slot_count > 40:  # small overwrites of the spacers save blocks
+        spacer = fs.lookup(R, b"s%d" % (k % 24)).ino
+        fs.write(spacer, (k // 24) * bs * 3, b"z" * bs)
+        vol.commit()
+        k += 1
+    for ino in spare:  # each chmod saves an inode-table block: down to 18 free slots
+        if snaps.free_slot_count <= 18:
+            break
+        fs.setattr(ino, SetAttr(mode=0o100600))
+        vol.commit()
+    assert snaps.free_slot_count <= 18
+    size = fs.getattr(f).size
+    old = _read(fs, b"F")
+    blocks = fs.inodes.get(f).blocks
+    with pytest.raises(OSError) as ei:
+        fs.write(f, 0, os.urandom(size))
+    assert ei.value.errno == 28
+    assert fs.inodes.get(f).blocks == blocks
+    assert _read(fs, b"F") == old
+    vol.commit()
+    vol.allocator.check(against_io=True)
+    report = fsck.check(vol)
+    assert report.clean, report.problems
+    assert _read(Filesystem(vol.checkpoint_view("c"), read_only=True), b"F") == old
+    fs.close()
+    vol.close()
+
+
+def test_a_checkpoint_of_uncommitted_changes_is_refused(tmp_path):
+    vol, fs = _volume(tmp_path)
+    _mkfile(fs, b"f", b"x" * BS)
+    assert vol.snapshots is not None
+    with pytest.raises(CheckpointError, match="commit first"):
+        vol.snapshots.create("c")
+    vol.commit()
+    vol.checkpoint_create("c")  # the volume's own create commits first
+    fs.close()
+    vol.close()

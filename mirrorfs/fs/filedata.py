@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from mirrorfs.fs.api import MAX_FILE_SIZE
 from mirrorfs.fs.extents import END_OF_FILE, UNWRITTEN, Extent, ExtentTree
@@ -95,12 +95,15 @@ class FileData:
         flags_new: int,
         *,
         convert: bool,
+        meta_room: Callable[[], bool] | None = None,
     ) -> tuple[list[_Piece], int]:
         """Allocate every hole in ``pieces`` and map [first, end) anew; ENOSPC changes nothing.
 
         New extents get ``flags_new``; with ``convert`` unwritten extents become written.
         Returns the new pieces (pblk known everywhere, flags as before the call so the
         caller knows which blocks hold old data) and the number of data blocks allocated.
+        ``meta_room()``, once the runs are allocated: False refuses (ENOSPC, the runs
+        given back) before the mapping changes.
         """
         need = sum(n for _, p, n, _ in pieces if p is None)
         changes = need or (convert and any(f & UNWRITTEN for _, p, _, f in pieces if p))
@@ -124,6 +127,10 @@ class FileData:
             for s, n in runs:
                 alloc.free(s, n)
             raise fs_error(errno.ENOSPC, f"inode {inode.ino}: no room for extent nodes")
+        if meta_room is not None and not meta_room():
+            for s, n in runs:
+                alloc.free(s, n)
+            raise fs_error(errno.ENOSPC, f"inode {inode.ino}: no room to save metadata")
         filled: list[_Piece] = []
         new: list[Extent] = []
         run_iter = iter(runs)
@@ -217,12 +224,11 @@ class FileData:
             room = self.volume.save_room(held + 2 * SAVE_HEADROOM)
             if held >= REDIRECT_MIN or not room:
                 moved, kept = self._redirect(pieces, shared)
-                try:
-                    filled, _ = self._fill_holes(inode, kept, first, last + 1, 0, convert=True)
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC or not room:
-                        raise
+                filled = self._moved_fill(inode, kept, shared, first, last + 1)
+                if filled is None:
                     moved = {}
+                    if not self.volume.save_room(held + 2 * SAVE_HEADROOM):
+                        raise fs_error(errno.ENOSPC, f"inode {inode.ino}: no room to save")
         if filled is None:
             filled, _ = self._fill_holes(inode, pieces, first, last + 1, 0, convert=True)
         head_partial = offset % bs != 0
@@ -246,6 +252,38 @@ class FileData:
         if end > inode.size:
             inode.size = end
         return len(mv)
+
+    def _moved_fill(
+        self,
+        inode: Inode,
+        kept: list[_Piece],
+        shared: list[list[tuple[int, int]]],
+        first: int,
+        end: int,
+    ) -> list[_Piece] | None:
+        """``_fill_holes`` for a redirected write, or None (nothing changed) when the data
+        area or the save area is short: the metadata that moving rewrites (the bitmap
+        blocks of the old and the new runs, extent nodes, the inode) may need saved copies
+        once, and a write must not run out of them half-way."""
+        upb = self.block_size * 8
+        old_bitmap = {
+            b for runs in shared for s, k in runs for b in range(s // upb, (s + k - 1) // upb + 1)
+        }
+        nodes = 2 * self.tree.nodes_needed(inode, len(kept)) + 4
+        meta = SAVE_HEADROOM + len(old_bitmap) + nodes
+        moving = sum(k for runs in shared for _, k in runs)
+        room = self.volume.save_room
+        if not room(meta + moving // upb + 2):  # + the new runs' bitmap blocks, if contiguous
+            return None
+        try:
+            filled, _ = self._fill_holes(
+                inode, kept, first, end, 0, convert=True, meta_room=lambda: room(meta)
+            )
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            return None
+        return filled
 
     def _shared(self, pieces: list[_Piece]) -> list[list[tuple[int, int]]]:
         """For each piece, the runs of its blocks that a checkpoint reads in place."""

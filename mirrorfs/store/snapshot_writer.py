@@ -45,6 +45,9 @@ class _Core(Protocol):
 
     def read_committed(self, block: int, count: int = 1) -> bytes: ...
 
+    @property
+    def has_local_changes(self) -> bool: ...
+
 
 class VolumeCheckpoints:
     """The checkpoints of an open volume (see the module doc)."""
@@ -87,13 +90,17 @@ class VolumeCheckpoints:
         lay = self.layout
         if lay is None:
             return
+        known = {(c.id, c.seq, c.time_ns) for c in self.table.checkpoints or []}
         self.table, self.entries = load_state(self.core.read, lay)
         ids = [c.id for c in self.table.checkpoints or []]
+        # A cached bitmap stays only for the same checkpoint: after a resync an id may
+        # name another one (the new source's).
+        same = {c.id for c in self.table.checkpoints or [] if (c.id, c.seq, c.time_ns) in known}
         self.maps = {cid: {} for cid in ids}
         for slot, (block, cid) in self.entries.items():
             self.maps.setdefault(cid, {})[block] = slot
         self.free_slots = SlotSet(lay.slots, self.entries)
-        self._bitmaps = {k: v for k, v in self._bitmaps.items() if k in self.maps}
+        self._bitmaps = {k: v for k, v in self._bitmaps.items() if k in same}
         self._map_bufs = {}
         self._dirty, self._pending = set(), False
         self._to_copy = []
@@ -342,6 +349,10 @@ class VolumeCheckpoints:
                 "this volume has no save area for checkpoints (made with --checkpoint-space 0 "
                 "or before checkpoints existed)"
             )
+        if self.core.has_local_changes:
+            # The saved copies are taken from the committed blocks (``_copy_saved``): a
+            # checkpoint of uncommitted changes would save the wrong content.
+            raise CheckpointError("a checkpoint is made with nothing uncommitted: commit first")
         raw = name.encode()
         if not name or len(raw) > MAX_NAME or "/" in name or not name.isprintable():
             raise CheckpointError(f"bad checkpoint name {name!r} (1..{MAX_NAME} bytes, no '/')")

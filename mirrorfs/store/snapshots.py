@@ -121,7 +121,8 @@ def save_area_blocks_for(block_count: int, fraction: float) -> int:
 
 @dataclass(slots=True)
 class CheckpointInfo:
-    """One checkpoint's table record (``held``: save slots only it owns, filled in)."""
+    """One checkpoint's table record (``held``, filled in: save slots only it owns plus data
+    blocks only it reads in place)."""
 
     id: int
     index: int
