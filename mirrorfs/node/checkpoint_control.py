@@ -23,6 +23,8 @@ from mirrorfs.store.volume import Volume
 log = logging.getLogger(__name__)
 
 SETTLE_ROUNDS = 200
+#: How long an unmount waits for a scheduled checkpoint's tick to finish.
+TICK_GRACE = 10.0
 
 
 async def create_live(vol: Volume, name: str) -> dict[str, Any]:
@@ -85,14 +87,27 @@ async def schedule(vol: Volume, every: float, keep: int | None) -> None:
     while True:
         await trio.sleep(every)
         try:
-            if keep is not None:
-                await _retire(vol, keep - 1, mounted_names(vol.path))
-            info = await create_live(vol, auto_name(time.time()))
-            log.info("scheduled checkpoint %s at seq %d", info["name"], info["seq"])
-            if keep is not None:
-                await _retire(vol, keep, mounted_names(vol.path))
+            # A tick as a whole: an unmount waits for it (at most TICK_GRACE) rather than
+            # cutting it between the new checkpoint and the retirement of the oldest.
+            with trio.move_on_after(TICK_GRACE) as scope:
+                scope.shield = True
+                await _tick(vol, keep, mounted_names)
         except ControlError as exc:
             log.warning("scheduled checkpoint not taken: %s", exc)
+
+
+async def _tick(vol: Volume, keep: int | None, mounted_names) -> None:
+    """One scheduled checkpoint, then retention. The oldest go first only when the table
+    has no room for another; otherwise after, so that ``keep`` are there at every moment."""
+    snaps = vol.snapshots
+    lay = snaps.layout if snaps is not None else None
+    full = snaps is not None and lay is not None and len(snaps.checkpoints) >= lay.max_checkpoints
+    if keep is not None and full:
+        await _retire(vol, keep - 1, mounted_names(vol.path))
+    info = await create_live(vol, auto_name(time.time()))
+    log.info("scheduled checkpoint %s at seq %d", info["name"], info["seq"])
+    if keep is not None:
+        await _retire(vol, keep, mounted_names(vol.path))
 
 
 async def _retire(vol: Volume, keep: int, mounted: dict[str, int]) -> None:
