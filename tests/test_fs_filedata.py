@@ -147,6 +147,9 @@ def run_model(env: Env, ops) -> None:
         if model:
             a = (i * 4099) % len(model)
             assert env.fd.read(f, a, 5000) == bytes(model[a : a + 5000])
+            # Inside one block, and from an unaligned offset to EOF (one extent or several).
+            assert env.fd.read(f, a, 1) == bytes(model[a : a + 1])
+            assert env.fd.read(f, a, len(model) - a) == bytes(model[a:])
     env.table.put(f)
     assert env.table.get(f.ino) is f
     for inode in (f, noise):

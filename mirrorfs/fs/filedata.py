@@ -179,8 +179,19 @@ class FileData:
             return bytes(inode.extent_area[offset:end])
         bs = self.block_size
         first, last_end = offset // bs, (end - 1) // bs + 1
+        found = self.tree.lookup(inode, first, last_end)
+        if len(found) == 1:
+            e = found[0]
+            if not e.flags & UNWRITTEN and e.lblk <= first and e.lblk + e.length >= last_end:
+                # One written extent under the whole range (a streaming reader's case):
+                # the blocks as read are the answer, without a zeroed buffer and two copies.
+                raw = self.volume.read(e.pblk + first - e.lblk, last_end - first)
+                skip = offset - first * bs
+                if skip == 0 and len(raw) == end - offset:
+                    return raw
+                return raw[skip : skip + end - offset]
         out = bytearray(end - offset)
-        for e in self.tree.lookup(inode, first, last_end):
+        for e in found:
             if e.flags & UNWRITTEN:
                 continue
             s, t = max(e.lblk, first), min(e.lblk + e.length, last_end)
