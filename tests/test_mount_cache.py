@@ -305,6 +305,36 @@ def test_enospc_on_a_full_volume(tmp_path, args):
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_close_reports_enospc_of_cached_writes(tmp_path):
+    """FLUSH answers ENOSYS (the kernel stops sending it), yet close(2) of a writeback-cache
+    file still writes its dirty pages back and reports their ENOSPC: nothing is lost
+    silently when the application never calls fsync."""
+    vol, mnt = tmp_path / "vol", tmp_path / "mnt"
+    mnt.mkdir()
+    mkfs(vol, "4M")
+    with mounted(vol, mnt, *WRITEBACK):
+        chunk = os.urandom(64 * 1024)
+        for name in ("first", "second"):  # the second close comes after FLUSH was refused
+            p = os.path.join(mnt, name)
+            err = None
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                for _ in range(200):
+                    os.write(fd, chunk)
+            except OSError as exc:
+                err = exc
+            finally:
+                try:
+                    os.close(fd)
+                except OSError as exc:
+                    err = err or exc
+            assert err is not None and err.errno == errno.ENOSPC, (name, err)
+            os.unlink(p)
+            wait_for(lambda: os.statvfs(mnt).f_bavail > 100, 10, "space to come back")
+    proc = fsck(vol)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 # -- a randomized model
 
 

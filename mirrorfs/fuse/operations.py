@@ -419,10 +419,12 @@ class Operations(pyfuse3.Operations):
         await self.committer.throttle()
         return written
 
-    @_boundary()
     async def flush(self, fh: int) -> None:
-        # close(2): durability is fsync's job; the group commit follows within an interval.
-        self._handle(fh)
+        # close(2): durability is fsync's job, the group commit follows within an interval,
+        # so FLUSH has nothing to do. ENOSYS once tells the kernel to stop sending it for
+        # this mount (fc->no_flush): one request less per close. The kernel still writes
+        # back a writeback-cache file's dirty pages at close and reports their errors there.
+        raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_boundary()
     async def release(self, fh: int) -> None:
