@@ -215,8 +215,7 @@ class Filesystem(NamespaceOps):
         if inode.nlink > 0:
             self.inodes.put(inode)
         elif self._in_use(inode.ino):
-            self.inodes.put(inode)
-            self.inodes.add_orphan(inode)
+            self.inodes.add_orphan(inode)  # writes the inode with its list link
         else:
             self._destroy(inode)
 

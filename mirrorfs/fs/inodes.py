@@ -197,7 +197,7 @@ class InodeTable:
         Takes it off the orphan list first if it is on it.
         """
         if inode.flags & FLAG_ORPHAN:
-            self.remove_orphan(inode)
+            self._unlist_orphan(inode)  # its own slot is zeroed below, not written first
         if inode.blocks:
             log.warning("inode %d released with %d blocks still charged", inode.ino, inode.blocks)
         block, off = self._where(inode.ino)
@@ -237,6 +237,7 @@ class InodeTable:
     def add_orphan(self, inode: Inode) -> None:
         """Put ``inode`` at the head of the orphan list (writes it and the superblock)."""
         if inode.flags & FLAG_ORPHAN:
+            self.put(inode)
             return
         inode.orphan_next = self.sb.orphan_head
         inode.flags |= FLAG_ORPHAN
@@ -248,6 +249,11 @@ class InodeTable:
         """Unlink ``inode`` from the orphan list; a no-op if it is not on it."""
         if not inode.flags & FLAG_ORPHAN:
             return
+        self._unlist_orphan(inode)
+        self.put(inode)
+
+    def _unlist_orphan(self, inode: Inode) -> None:
+        """Take ``inode`` (flagged orphan) off the list, in memory for itself."""
         if self.sb.orphan_head == inode.ino:
             self.sb.orphan_head = inode.orphan_next
             self.write_super()
@@ -260,7 +266,6 @@ class InodeTable:
                 log.warning("inode %d flagged orphan but not on the orphan list", inode.ino)
         inode.orphan_next = 0
         inode.flags &= ~FLAG_ORPHAN
-        self.put(inode)
 
     def _find_orphan_predecessor(self, ino: int) -> Inode | None:
         seen: set[int] = set()
