@@ -431,13 +431,22 @@ class DirectoryStore:
         rec_len = unpack(buf, off)[1]
         if prev < 0:
             REC.pack_into(buf, off, 0, rec_len, 0, 0)
+            freed, free = off, rec_len
         else:
             p_ino, p_len, p_name_len, p_dtype = unpack(buf, prev)
             REC.pack_into(buf, prev, p_ino, p_len + rec_len, p_name_len, p_dtype)
+            freed, free = prev, p_len + rec_len - rec_size(p_name_len)
         self._write_block(dinode, idx, block, buf)
         del idx.names[name]
         self._cached_entries -= 1
-        idx.room[block], idx.hint[block] = scan_room(buf)
+        # The record that took the space is the block's only one with slack when no other
+        # had any before: no slack at all (room 0), or the only one was that record or the
+        # removed one. Otherwise walk the headers.
+        room, hint = idx.room[block], idx.hint[block]
+        if room == 0 or hint in (freed, off):
+            idx.room[block], idx.hint[block] = free, freed
+        else:
+            idx.room[block], idx.hint[block] = scan_room(buf)
         return ino, dtype
 
     def retarget(self, dinode: Inode, name: bytes, ino: int, dtype: int) -> tuple[int, int]:
