@@ -167,11 +167,20 @@ class InodeTable:
         self._remember(inode)
 
     def allocate(
-        self, mode: int, uid: int, gid: int, now_ns: int, *, goal: int | None = None
+        self,
+        mode: int,
+        uid: int,
+        gid: int,
+        now_ns: int,
+        *,
+        goal: int | None = None,
+        write: bool = True,
     ) -> Inode:
         """A new inode (lowest free number, or near ``goal``), nlink 0, fresh generation.
 
-        Written to its table block before returning. FsError(ENOSPC) when none is free.
+        Written to its table block before returning, unless ``write`` is false: then the
+        caller ``put``s it (or ``release``s it) within the same filesystem operation.
+        FsError(ENOSPC) when none is free.
         """
         try:
             ino = self.bitmap.allocate_one(goal if goal is not None else 0)
@@ -188,7 +197,10 @@ class InodeTable:
             ctime_ns=now_ns,
             generation=self._next_generation(),
         )
-        self.put(inode)
+        if write:
+            self.put(inode)
+        else:
+            self._remember(inode)
         return inode
 
     def release(self, inode: Inode) -> None:

@@ -125,7 +125,8 @@ class NamespaceOps:
             if is_dir:
                 mode |= stat.S_ISGID
         now = self._now()
-        inode = self.inodes.allocate(mode, uid, gid, now, goal=parent)
+        # Written once, below, with its link count (released instead if the entry fails).
+        inode = self.inodes.allocate(mode, uid, gid, now, goal=parent, write=False)
         try:
             if target is not None:
                 self.data.write_symlink(inode, target)
