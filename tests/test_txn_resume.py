@@ -488,20 +488,29 @@ def test_a_complete_copy_cut_during_its_replay_streams_on(tmp_path):
     vol.close()
 
 
-async def test_a_whole_transaction_is_framed_off_the_trio_thread():
-    """Framing a large TXN (a copy and a crc32 of megabytes) runs in a worker thread, so the
-    loop that serves FUSE goes on; small messages are framed inline. Both arrive intact."""
+async def test_a_whole_transaction_is_framed_off_the_trio_thread(monkeypatch):
+    """A large TXN is not copied into a frame: its header (a crc32 of megabytes) is made in
+    a worker thread, so the loop that serves FUSE goes on, and the record goes out as it
+    lies; small messages are framed inline. Both arrive intact."""
     import threading
 
+    from mirrorfs.repl import stream as stream_module
     from mirrorfs.repl.stream import ENCODE_IN_THREAD, FramedStream
 
-    where: list[str] = []
+    where: list[tuple[str, str]] = []
+    real_header = stream_module.frame_header
+
+    def spy_header(*args):
+        where.append(("header", threading.current_thread().name))
+        return real_header(*args)
+
+    monkeypatch.setattr(stream_module, "frame_header", spy_header)
 
     class SpyTxn(Txn):
         __slots__ = ()
 
         def encode(self) -> bytes:
-            where.append(threading.current_thread().name)
+            where.append(("encode", threading.current_thread().name))
             return Txn.encode(self)
 
     left, right = trio.testing.memory_stream_pair()
@@ -519,5 +528,7 @@ async def test_a_whole_transaction_is_framed_off_the_trio_thread():
         await sender.send(big)
         await sender.send(small)
     main = threading.current_thread().name
-    assert where[0] != main and where[1] == main, where
+    assert [w for w, _ in where] == ["header", "encode"], where
+    assert where[0][1] != main and where[1][1] == main, where
+    assert sender.bytes_sent == receiver.bytes_received
     assert [(m.seq, m.record) for m in got] == [(5, big.record), (6, small.record)]

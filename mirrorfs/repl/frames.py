@@ -11,11 +11,13 @@ from __future__ import annotations
 import logging
 import struct
 import zlib
-from collections.abc import Callable, Container
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | memoryview
 
 MAGIC = b"MFSW"
 FRAME_VERSION = 1
@@ -39,12 +41,22 @@ class ProtocolError(ReplError):
 
 def encode_frame(msg_type: int, payload: bytes) -> bytes:
     """A whole frame: header (with both CRCs) + payload."""
-    if len(payload) > MAX_FRAME:
-        raise ValueError(f"payload of {len(payload)} bytes exceeds MAX_FRAME ({MAX_FRAME})")
-    prefix = _PREFIX.pack(MAGIC, FRAME_VERSION, int(msg_type), 0, len(payload))
+    return frame_header(msg_type, (payload,)) + payload
+
+
+def frame_header(msg_type: int, parts: Sequence[Buffer]) -> bytes:
+    """The 20-byte header of a frame whose payload is ``parts`` joined, without joining
+    them: a large payload goes on the wire from where it lies (zlib's crc32 lets go of the
+    GIL for it)."""
+    length = sum(len(part) for part in parts)
+    if length > MAX_FRAME:
+        raise ValueError(f"payload of {length} bytes exceeds MAX_FRAME ({MAX_FRAME})")
+    prefix = _PREFIX.pack(MAGIC, FRAME_VERSION, int(msg_type), 0, length)
     head = prefix + _U32.pack(zlib.crc32(prefix))
-    crc = zlib.crc32(payload, zlib.crc32(head + b"\0\0\0\0"))
-    return head + _U32.pack(crc) + payload
+    crc = zlib.crc32(head + b"\0\0\0\0")
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return head + _U32.pack(crc)
 
 
 @dataclass(slots=True, frozen=True)
@@ -114,7 +126,8 @@ class FrameReader:
         end = self._start + size
         if len(self._buf) < end:
             return None
-        payload = bytes(self._buf[self._start + HEADER.size : end])
+        with memoryview(self._buf) as view:  # one copy, not a slice and then a copy of it
+            payload = bytes(view[self._start + HEADER.size : end])
         if zlib.crc32(payload, zlib.crc32(hdr.head)) != hdr.crc:
             self._fail(f"CRC mismatch ({self._type_name(hdr.type)}, {hdr.length} bytes)")
         try:

@@ -119,8 +119,13 @@ class Message:
         """Raise ValueError if the fields are inconsistent (checked on encode and decode)."""
 
     def payload(self) -> bytes:
+        return b"".join(self.payload_parts())
+
+    def payload_parts(self) -> list[bytes | memoryview]:
+        """The payload as the pieces it is made of (a large REST field as it is, not
+        copied): what ``FramedStream.send`` puts on the wire without joining them."""
         self.check()
-        out = []
+        out: list[bytes | memoryview] = []
         for seg in self._SEGMENTS:
             if isinstance(seg, _Fixed):
                 values = []
@@ -132,7 +137,7 @@ class Message:
                 out.append(seg.st.pack(*values))
             else:
                 out.append(_WRITERS[seg[1]](getattr(self, seg[0])))
-        return b"".join(out)
+        return out
 
     @classmethod
     def parse(cls, r: _Reader) -> Message:

@@ -34,6 +34,8 @@ MAX_RANGES = 1 << 20
 MAX_SYNC_RAW = 256 * MAX_FRAME
 # Largest SAM record a TXN frame can carry.
 MAX_TXN_RECORD = MAX_FRAME - 8
+#: A trailing REST field at least this large is decoded as a view of the frame's payload.
+REST_VIEW_MIN = 64 << 10
 
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -82,9 +84,13 @@ class _Reader:
         except UnicodeDecodeError:
             raise self.fail("string is not UTF-8")
 
-    def rest(self) -> bytes:
+    def rest(self) -> bytes | memoryview:
+        """The rest of the payload: a view when it is large and lies in immutable bytes
+        (a TXN's record: no copy of megabytes), else bytes."""
         view = self._buf[self._pos :]
         self._pos = len(self._buf)
+        if len(view) >= REST_VIEW_MIN and type(view.obj) is bytes:
+            return view
         return bytes(view)
 
     def convert(self, cls: type[enum.IntEnum] | type[enum.IntFlag], value: int, name: str):
@@ -138,7 +144,7 @@ def _write_rest(value: bytes) -> bytes:
     return value
 
 
-def _read_rest(r: _Reader) -> bytes:
+def _read_rest(r: _Reader) -> bytes | memoryview:
     value = r.rest()
     if not value:
         raise r.fail("empty data")

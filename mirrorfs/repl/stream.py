@@ -39,6 +39,7 @@ from mirrorfs.repl.wire import (
     Refuse,
     ReplError,
     Txn,
+    frame_header,
 )
 
 log = logging.getLogger(__name__)
@@ -77,17 +78,21 @@ class FramedStream:
         """Send one message (ConnectionClosed if the peer is gone)."""
         async with self._send_lock:
             if isinstance(msg, Txn) and len(msg.record) >= ENCODE_IN_THREAD:
-                # Framing a whole transaction is a copy and a crc32 of megabytes (zlib lets
-                # go of the GIL for it): in a worker thread, the loop serves FUSE meanwhile.
-                data = await trio.to_thread.run_sync(msg.encode)
+                # A whole transaction is not copied into a frame: its header (a crc32 of
+                # megabytes, for which zlib lets go of the GIL) is made in a worker thread
+                # while the loop serves FUSE, and the record goes out from where it lies.
+                parts = msg.payload_parts()
+                head = await trio.to_thread.run_sync(frame_header, msg.TYPE, parts)
+                pieces = [head + b"".join(parts[:-1]), parts[-1]]
             else:
-                data = msg.encode()
+                pieces = [msg.encode()]
             try:
-                await self.stream.send_all(data)
+                for piece in pieces:
+                    await self.stream.send_all(piece)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 why = str(exc) or type(exc).__name__
                 raise ConnectionClosed(f"connection lost while sending {msg.TYPE.name}: {why}")
-        self.bytes_sent += len(data)
+        self.bytes_sent += sum(len(piece) for piece in pieces)
 
     async def receive(self) -> Message:
         """The next message; ProtocolError on a bad frame, ConnectionClosed at EOF."""

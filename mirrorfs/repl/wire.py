@@ -111,6 +111,7 @@ from mirrorfs.repl.frames import (
     ProtocolError,
     ReplError,
     encode_frame,
+    frame_header,
 )
 from mirrorfs.repl.messages import (
     _MESSAGES,
@@ -232,5 +233,6 @@ __all__ = [
     "decode_frames",
     "decode_payload",
     "encode_frame",
+    "frame_header",
     "one_line",
 ]

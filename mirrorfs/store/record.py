@@ -480,10 +480,13 @@ def _decode_txn_payload(
         total += n
     if total * bs != size - pos:
         raise bad(f"runs declare {total * bs} data bytes, payload holds {size - pos}")
-    runs = []
+    # Over immutable bytes (a record read or received whole, or inflated by lz4) the runs
+    # are views of it: no copy of the data; over a mutable buffer, copies.
+    share = type(payload.obj) is bytes
+    runs: list[tuple[int, bytes | memoryview]] = []
     for first, n, _ in heads:
         end = pos + n * bs
-        runs.append((first, bytes(payload[pos:end])))
+        runs.append((first, payload[pos:end] if share else bytes(payload[pos:end])))
         pos = end
     return Transaction(hdr.seq, hdr.epoch, hdr.timestamp_ns, runs, hints)
 

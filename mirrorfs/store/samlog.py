@@ -183,11 +183,12 @@ class SamLog:
             raise LogError(f"record carries seq {txn.seq}, expected {seq}", seq=txn.seq)
         return self._append(seq, txn.epoch, bytes(record_bytes))
 
-    def append_validated(self, txn: Transaction, record_bytes: bytes) -> int:
+    def append_validated(self, txn: Transaction, record_bytes: bytes | memoryview) -> int:
         """Append ``record_bytes``, which the caller decoded into ``txn`` with
-        ``record.decode_txn`` (so it is complete and sound): no second decode."""
+        ``record.decode_txn`` (so it is complete and sound): no second decode, no copy."""
         self._check_seq(txn.seq)
-        return self._append(txn.seq, txn.epoch, bytes(record_bytes))
+        data = record_bytes if isinstance(record_bytes, bytes) else [record_bytes]
+        return self._append(txn.seq, txn.epoch, data)
 
     def _check_open(self) -> None:
         if self._closed or self._failed:

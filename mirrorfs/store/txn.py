@@ -36,12 +36,13 @@ class Transaction:
 
     ``runs`` are ``(first_block, data)`` with ``len(data)`` a positive multiple of the block
     size, in the order they must be applied (a later run may overwrite an earlier one).
+    ``data`` is bytes or a read-only view of bytes (a decoded record's runs share it).
     """
 
     seq: int
     epoch: int
     timestamp_ns: int
-    runs: list[tuple[int, bytes]] = field(default_factory=list)
+    runs: list[tuple[int, bytes | memoryview]] = field(default_factory=list)
     hints: list[Hint] = field(default_factory=list)
 
     def data_bytes(self) -> int:
