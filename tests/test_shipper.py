@@ -649,3 +649,42 @@ async def test_end_to_end_through_a_faulty_network(tmp_path, rng, nursery, recei
     await wait_until(done, what="resume after a flipped byte")
     assert shipper.connections >= 5
     assert same_blocks(src, receiver.volume)
+
+
+async def test_large_records_are_read_off_the_trio_thread(
+    tmp_path, rng, nursery, receiver_cls, monkeypatch
+):
+    """A commit of megabytes is read from the log (pread + crc32) in a worker thread, so the
+    loop that serves FUSE goes on; small ones are read inline. All arrive, block for block."""
+    import threading
+
+    from mirrorfs.repl import connection
+
+    where: dict[str, set[int]] = {"loop": set(), "worker": set()}
+    real = connection.Connection._read_record
+
+    def spy(self, seq):
+        thread = "loop" if threading.current_thread() is threading.main_thread() else "worker"
+        where[thread].add(seq)
+        return real(self, seq)
+
+    monkeypatch.setattr(connection.Connection, "_read_record", spy)
+    src = make_source(tmp_path, size=32 * MiB)
+    rdir = str(tmp_path / "replica")
+    os.makedirs(rdir)
+    receiver = receiver_cls(rdir, None, secret=None, node_id="tgt")
+    listener = await receiver_listener(nursery, receiver)
+    shipper = Shipper(src, ("mem", 0), secret=None, node_id="src", connect=listener.connect)
+    await nursery.start(shipper.run)
+
+    def done():
+        v = receiver.volume
+        return v is not None and v.last_seq == src.last_seq and v.consistent
+
+    await wait_until(done, what="initial sync via receiver")
+    small = commit_random(src, rng)
+    src.write(1024, rng.randbytes(connection.READ_IN_THREAD + BS))
+    large = src.commit()
+    await wait_until(done, what="streaming via receiver")
+    assert large in where["worker"] and small in where["loop"], where
+    assert same_blocks(src, receiver.volume)

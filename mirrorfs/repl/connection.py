@@ -47,6 +47,9 @@ from mirrorfs.store.errors import LogError, StoreError
 
 log = logging.getLogger(__name__)
 
+#: A record this large (by its commit's size) is read from the log in a worker thread.
+READ_IN_THREAD = 1 << 20
+
 
 class OutOfSync(ReplError):
     """The target needs transactions this log no longer holds (or diverged from it)."""
@@ -205,9 +208,15 @@ class Connection:
         vol = side.volume
         pending: tuple[int, bytes] | None = None
         while True:
-            # Everything from here to the next await runs without commits in between.
             if pending is None and next_seq <= vol.last_seq:
-                pending = self._read_record(next_seq)
+                size = side.tracker.size_of(next_seq)
+                if size is not None and size >= READ_IN_THREAD:
+                    # Megabytes read and checked (pread, crc32: both let go of the GIL)
+                    # in a worker thread, while the loop serves FUSE.
+                    pending = await trio.to_thread.run_sync(self._read_record, next_seq)
+                if pending is None:
+                    pending = self._read_record(next_seq)
+            # Everything from here to the next await runs without commits in between.
             if pending is not None:
                 seq, rec = pending
                 if m.may_send(len(rec)):

@@ -91,6 +91,11 @@ class CommitTracker:
             return entries[i]
         return None
 
+    def size_of(self, seq: int) -> int | None:
+        """The size noted for ``seq`` (its data bytes until the record's is known), if held."""
+        entry = self._find(seq)
+        return entry.size if entry is not None else None
+
     def set_size(self, seq: int, size: int) -> None:
         """The exact record size of ``seq`` (known once the shipper read it from the log)."""
         entry = self._find(seq)
