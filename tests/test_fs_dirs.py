@@ -267,12 +267,50 @@ def test_room_map_stays_exact_under_random_adds_and_removes(fs):
             name = b"%d-" % step + b"x" * rnd.choice([1, 5, 30, 100, 250])
             touch(fs, d, name)
             present.append(name)
-        dinode = fs.inodes.get(d)
-        idx = fs.dirs._index(dinode)
-        for block in range(len(idx.room)):
-            buf = fs.dirs._read_block(dinode, idx, block)
-            assert (idx.room[block], idx.hint[block]) == scan_room(buf), (step, block)
+        assert_rooms_exact(fs, d, step)
     assert sorted(n for n, _, _ in listing(fs, d)[2:]) == sorted(present)
+
+
+def assert_rooms_exact(fs: Filesystem, d: int, where) -> None:
+    dinode = fs.inodes.get(d)
+    idx = fs.dirs._index(dinode)
+    for block in range(len(idx.room)):
+        buf = fs.dirs._read_block(dinode, idx, block)
+        assert (idx.room[block], idx.hint[block]) == scan_room(buf), (where, block)
+
+
+def test_room_map_after_removals_at_the_front_and_exact_fits(fs):
+    """The cases a random run reaches only by chance: the first record of a block removed
+    (it becomes a free record), then the one after it (merged into that free record); and
+    an insertion that fills the only slack exactly."""
+    d = fs.mkdir(R, b"d", 0o755, 0, 0).ino
+    names = [b"n%03d-" % i + b"y" * 51 for i in range(120)]  # 64-byte records
+    for name in names:
+        touch(fs, d, name)
+    assert_rooms_exact(fs, d, "filled")
+    idx = fs.dirs._index(fs.inodes.get(d))
+    assert idx.room[0] == 0  # 64 records fill the first block exactly: no slack in it
+    fs.unlink(d, names[0])
+    assert_rooms_exact(fs, d, "first removed")
+    fs.unlink(d, names[1])
+    assert_rooms_exact(fs, d, "second merged into the free first")
+    touch(fs, d, b"z" * 100)
+    assert_rooms_exact(fs, d, "reused")
+    # Fill the one slack of a block exactly: the room left is 0 and no record has slack.
+    # (Long names first, until the tail slack of the last block fits one name.)
+    for i in range(20):
+        idx = fs.dirs._index(fs.inodes.get(d))
+        last = len(idx.room) - 1
+        if idx.hint[last] >= 0 and rec_size(1) <= idx.room[last] <= rec_size(255):
+            break
+        touch(fs, d, b"%02d" % i + b"L" * 198)
+    else:
+        raise AssertionError("no block with one small slack")
+    before = len(idx.room)
+    touch(fs, d, b"e" * (idx.room[last] - REC.size))
+    idx = fs.dirs._index(fs.inodes.get(d))
+    assert len(idx.room) == before and idx.room[last] == 0 and idx.hint[last] == -1
+    assert_rooms_exact(fs, d, "exact fit")
 
 
 def test_cost_of_one_create_and_unlink(fs):

@@ -397,8 +397,10 @@ class DirectoryStore:
                 REC.pack_into(buf, at, ino, new_len, len(name), dtype)
                 buf[at + REC_HEAD : at + REC_HEAD + len(name)] = name
                 if hint >= 0:
-                    # The hinted record was the only one with slack; now the new one is.
-                    return at, new_len - need, at
+                    # The hinted record was the only one with slack; now the new one is
+                    # (or none is, after an exact fit).
+                    left = new_len - need
+                    return at, left, at if left else -1
                 room, new_hint = scan_room(buf)
                 return at, room, new_hint
             if hint >= 0:
@@ -435,7 +437,7 @@ class DirectoryStore:
         else:
             p_ino, p_len, p_name_len, p_dtype = unpack(buf, prev)
             REC.pack_into(buf, prev, p_ino, p_len + rec_len, p_name_len, p_dtype)
-            freed, free = prev, p_len + rec_len - rec_size(p_name_len)
+            freed, free = prev, p_len + rec_len - (rec_size(p_name_len) if p_ino else 0)
         self._write_block(dinode, idx, block, buf)
         del idx.names[name]
         self._cached_entries -= 1
