@@ -421,10 +421,12 @@ class Operations(pyfuse3.Operations):
 
     async def flush(self, fh: int) -> None:
         # close(2): durability is fsync's job, the group commit follows within an interval,
-        # so FLUSH has nothing to do. ENOSYS once tells the kernel to stop sending it for
-        # this mount (fc->no_flush): one request less per close. The kernel still writes
-        # back a writeback-cache file's dirty pages at close and reports their errors there.
-        raise pyfuse3.FUSEError(errno.ENOSYS)
+        # so FLUSH has nothing to do. Without the writeback cache, ENOSYS once tells the
+        # kernel to stop sending it for this mount (fc->no_flush): one request less per
+        # close. With it, FLUSH is answered: kernels before 5.8 skip writing a file's dirty
+        # pages back at close (and reporting their ENOSPC or EIO) once no_flush is set.
+        if not self.enable_writeback_cache:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
 
     @_boundary()
     async def release(self, fh: int) -> None:
