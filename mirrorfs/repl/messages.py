@@ -288,7 +288,7 @@ class Txn(Message):
     """
 
     seq: int
-    record: bytes
+    record: bytes | memoryview  # a view of the frame payload once decoded (large)
 
 
 @_message(MsgType.TXN_PART, "seq:Q total:I crc:I offset:I -:I data:REST")
@@ -303,7 +303,7 @@ class TxnPart(Message):
     total: int
     crc: int
     offset: int
-    data: bytes
+    data: bytes | memoryview
 
     def check(self) -> None:
         if not self.data:
@@ -365,7 +365,7 @@ class SyncBlocks(Message):
 
     first_block: int
     nblocks: int
-    data: bytes
+    data: bytes | memoryview
     flags: SyncFlags = SyncFlags.NONE
 
     def check(self) -> None:

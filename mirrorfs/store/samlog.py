@@ -29,8 +29,11 @@ overwrite bytes the file already has, and their ``fdatasync`` writes just them. 
 tail is no record: recovery drops an all-zero tail silently, ``close`` and the roll to a
 new segment cut it off first.
 
-Not thread-safe: callers serialize every call (``sync`` may run in a worker thread
-as long as no other method of the same log runs meanwhile).
+Not thread-safe for writers: callers serialize every call that changes the log (``sync``
+may run in a worker thread as long as no other such call runs meanwhile). A scan
+(``scan``/``scan_encoded``, the shipper's, in a worker thread for large records) may run
+beside them: it works on a snapshot of the segment list and reads only complete records;
+a segment retired before it opened it is a LogError ("retired while being read").
 """
 
 from __future__ import annotations
@@ -377,8 +380,11 @@ class SamLog:
 
     def _iter(self, want: int, decode: bool) -> Iterator[tuple[int, object]]:
         while want <= self.last_seq:
-            i = bisect.bisect_right([s.first_seq for s in self._segments], want) - 1
-            seg = self._segments[max(i, 0)]
+            # A snapshot of the list: a reader in a worker thread (the shipper's) may run
+            # while the trio thread retires segments from its front.
+            segments = list(self._segments)
+            i = bisect.bisect_right([s.first_seq for s in segments], want) - 1
+            seg = segments[max(i, 0)]
             try:
                 if i < 0:
                     raise FileNotFoundError
