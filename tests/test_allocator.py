@@ -489,3 +489,30 @@ TestAllocatorMachine.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_write_failing_part_way_leaves_the_written_blocks_as_memory() -> None:
+    """A change touching two bitmap blocks apart, whose second write fails (a full save
+    area, a failed volume): memory goes back, and so does the block already written, so
+    the transaction's bitmap and the allocator still agree (a free that half landed would
+    otherwise let a later mount hand out blocks a file still holds)."""
+    io, alloc = make(4 * UPB, used=[(0, 4 * UPB)])
+    alloc.free(10, 5)  # block 0 of the bitmap
+    alloc.free(3 * UPB + 7, 5)  # block 3: the free space is now two runs, blocks apart
+    before = snapshot(io, alloc)[:3]  # what is stored and what is free (not the count of writes)
+    real_write = io.write
+    calls = []
+
+    def second_write_fails(block, data):
+        calls.append(block)
+        if len(calls) == 2:
+            raise OSError("injected failure of the second bitmap write")
+        real_write(block, data)
+
+    io.write = second_write_fails
+    with pytest.raises(OSError):
+        alloc.allocate(10)  # both runs: two writes, the second one fails
+    assert len(calls) >= 2
+    io.write = real_write
+    assert snapshot(io, alloc)[:3] == before
+    alloc.check(against_io=True)

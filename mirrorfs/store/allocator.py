@@ -557,14 +557,16 @@ class ExtentAllocator:
     def _change(self, runs: list[tuple[int, int]], *, used: bool) -> None:
         """Apply runs to the extents and the bitmap, then write the changed bitmap blocks.
 
-        If a write fails (the volume could not record it), memory is put back as it was, so
-        the allocator keeps agreeing with what the transaction holds of the bitmap.
-        """
+        If a write fails (the volume could not record it), memory is put back as it was, and
+        the blocks already written are written again from it: the allocator keeps agreeing
+        with what the transaction holds of the bitmap."""
         self._apply(runs, used)
+        written: list[tuple[int, int]] = []
         try:
-            self._write_dirty(runs)
+            self._write_dirty(runs, written)
         except BaseException:
             self._apply(runs, not used)
+            self._write_dirty(written, [], blocks=True)
             raise
 
     def _apply(self, runs: list[tuple[int, int]], used: bool) -> None:
@@ -577,18 +579,20 @@ class ExtentAllocator:
                     self._give(s, n)
             _fill_bits(self._bits, start, start + count, used)
 
-    def _write_dirty(self, runs: list[tuple[int, int]]) -> None:
-        upb = self._units_per_block
+    def _write_dirty(self, runs: list, written: list, *, blocks: bool = False) -> None:
+        # The bitmap blocks that (start, count) unit runs touch (with blocks: the given
+        # [first, last) block ranges), adjacent ones in one write; each range into written.
+        upb, bs = self._units_per_block, self.block_size
         dirty: set[int] = set()
-        for start, count in runs:
-            dirty.update(range(start // upb, (start + count - 1) // upb + 1))
-        blocks = sorted(dirty)
-        bs = self.block_size
+        for a, b in runs:
+            dirty.update(range(a, b) if blocks else range(a // upb, (a + b - 1) // upb + 1))
+        todo = sorted(dirty)
         i = 0
-        while i < len(blocks):
+        while i < len(todo):
             j = i
-            while j + 1 < len(blocks) and blocks[j + 1] == blocks[j] + 1:
+            while j + 1 < len(todo) and todo[j + 1] == todo[j] + 1:
                 j += 1
-            first, last = blocks[i], blocks[j] + 1
+            first, last = todo[i], todo[j] + 1
             self.io.write(self.bitmap_start + first, bytes(self._bits[first * bs : last * bs]))
+            written.append((first, last))
             i = j + 1
