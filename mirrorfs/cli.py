@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_INODE_RATIO = 16384
 
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default, when it has one worth saying."""
 

@@ -44,9 +44,7 @@ def _mkfile(fs: Filesystem, name: bytes, data: bytes) -> int:
 
 
 def _blocks(fs: Filesystem, ino: int) -> set[int]:
-    return {
-        e.pblk + i for e in fs.data.extents(fs.inodes.get(ino)) for i in range(e.length)
-    }
+    return {e.pblk + i for e in fs.data.extents(fs.inodes.get(ino)) for i in range(e.length)}
 
 
 def _read(fs: Filesystem, name: bytes) -> bytes:

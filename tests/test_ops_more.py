@@ -25,9 +25,7 @@ from tests.util import REPO, _env, mkfs, pid_alive, run_cli
 def test_detached_replica_warns_of_a_weak_secret_once(tmp_path):
     key = write_secret(tmp_path / "key", "short")
     rep_dir = tmp_path / "rep"
-    proc = run_cli(
-        "replica", rep_dir, "--listen", f"127.0.0.1:{free_port()}", "--secret-file", key
-    )
+    proc = run_cli("replica", rep_dir, "--listen", f"127.0.0.1:{free_port()}", "--secret-file", key)
     pid = 0
     try:
         assert proc.returncode == 0, proc.stderr
@@ -53,8 +51,8 @@ def test_bash_completion_script_is_valid_and_completes(tmp_path):
     # Sourced, its function offers the commands and a command's options.
     probe = (
         f"source {script}; "
-        "COMP_WORDS=(mirrorfs mo); COMP_CWORD=1; _shtab_mirrorfs; echo \"${COMPREPLY[*]}\"; "
-        "COMP_WORDS=(mirrorfs status --); COMP_CWORD=2; _shtab_mirrorfs; echo \"${COMPREPLY[*]}\""
+        'COMP_WORDS=(mirrorfs mo); COMP_CWORD=1; _shtab_mirrorfs; echo "${COMPREPLY[*]}"; '
+        'COMP_WORDS=(mirrorfs status --); COMP_CWORD=2; _shtab_mirrorfs; echo "${COMPREPLY[*]}"'
     )
     out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True)
     commands, options = out.stdout.splitlines()

@@ -48,6 +48,8 @@ PROGRESS_EVERY = 1024  # inodes between two progress calls of a phase
 
 def _no_progress(phase: str, done: int, total: int) -> None:
     pass
+
+
 _TYPES = (
     stat.S_IFREG,
     stat.S_IFDIR,

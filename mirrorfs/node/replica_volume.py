@@ -36,7 +36,6 @@ _NODE_LOCAL = {
 }
 
 
-
 class ReplicaError(Exception):
     """The replica cannot start (one-line message for the user)."""
 

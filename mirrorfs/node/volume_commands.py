@@ -219,6 +219,8 @@ def quiet_auth() -> Iterator[None]:
         yield
     finally:
         auth_log.disabled = disabled
+
+
 def _check_metrics(args: Any) -> None:
     from mirrorfs.node.metrics import MetricsAddressError, check_metrics_policy
 

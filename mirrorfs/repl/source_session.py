@@ -340,9 +340,7 @@ class TargetPositions:
         (``source_rounds.resync_resume``); the resync goes on from it only if S+1 stayed
         pinned since (``Plan.resumed``), else a new one starts at our last seq.
         """
-        resume = (
-            resume_seq is not None and not self.pin_dropped and self.sync_pin == resume_seq + 1
-        )
+        resume = resume_seq is not None and not self.pin_dropped and self.sync_pin == resume_seq + 1
         start = resume_seq if resume and resume_seq is not None else view.last_seq
         verdict = judge(view.epochs, epochs, received) if epochs is not None else None
         if verdict is not None and verdict.diverged:
