@@ -581,11 +581,10 @@ async def receiver_listener(nursery, receiver) -> MemoryListener:
     return listener
 
 
-async def test_end_to_end_with_receiver(tmp_path, rng, nursery, receiver_cls):
-    from mirrorfs.repl.verify import verify_target
-
-    src = make_source(tmp_path)
-    fill(src, rng)
+async def ship_to_receiver(tmp_path, nursery, receiver_cls, src: Volume):
+    """A Receiver on a new replica directory and a Shipper of ``src`` to it, running; waits
+    for the initial sync. Returns (receiver, shipper, done) where ``done()`` says whether
+    the replica has applied everything ``src`` committed."""
     rdir = str(tmp_path / "replica")
     os.makedirs(rdir)
     receiver = receiver_cls(rdir, None, secret=None, node_id="tgt")
@@ -593,11 +592,20 @@ async def test_end_to_end_with_receiver(tmp_path, rng, nursery, receiver_cls):
     shipper = Shipper(src, ("mem", 0), secret=None, node_id="src", connect=listener.connect)
     await nursery.start(shipper.run)
 
-    def done():
+    def done() -> bool:
         v = receiver.volume
         return v is not None and v.last_seq == src.last_seq and v.consistent
 
     await wait_until(done, what="initial sync via receiver")
+    return receiver, shipper, done
+
+
+async def test_end_to_end_with_receiver(tmp_path, rng, nursery, receiver_cls):
+    from mirrorfs.repl.verify import verify_target
+
+    src = make_source(tmp_path)
+    fill(src, rng)
+    receiver, shipper, done = await ship_to_receiver(tmp_path, nursery, receiver_cls, src)
     for _ in range(25):
         commit_random(src, rng)
         await trio.sleep(0)
@@ -670,18 +678,7 @@ async def test_large_records_are_read_off_the_trio_thread(
 
     monkeypatch.setattr(connection.Connection, "_read_record", spy)
     src = make_source(tmp_path, size=32 * MiB)
-    rdir = str(tmp_path / "replica")
-    os.makedirs(rdir)
-    receiver = receiver_cls(rdir, None, secret=None, node_id="tgt")
-    listener = await receiver_listener(nursery, receiver)
-    shipper = Shipper(src, ("mem", 0), secret=None, node_id="src", connect=listener.connect)
-    await nursery.start(shipper.run)
-
-    def done():
-        v = receiver.volume
-        return v is not None and v.last_seq == src.last_seq and v.consistent
-
-    await wait_until(done, what="initial sync via receiver")
+    receiver, _, done = await ship_to_receiver(tmp_path, nursery, receiver_cls, src)
     small = commit_random(src, rng)
     src.write(1024, rng.randbytes(connection.READ_IN_THREAD + BS))
     large = src.commit()
