@@ -201,6 +201,24 @@ def test_decode_txn_wants_exactly_one_txn_record():
         record.decode_txn(seal)
 
 
+def test_decoded_runs_share_an_immutable_record_and_copy_a_mutable_one():
+    """Runs decoded from bytes are views of them (no copy of megabytes on the apply path);
+    from a bytearray, which its owner may change later, they are copies."""
+    data = random.Random(5).randbytes(64 * 4096)  # incompressible: the payload stays raw
+    buf = record.encode_txn(Transaction(7, 0, 0, [(10, data), (500, data[:4096])]), block_size=4096)
+    shared = record.decode_txn(buf)
+    assert [type(d) for _, d in shared.runs] == [memoryview, memoryview]
+    assert all(d.obj is buf for _, d in shared.runs)
+    assert [(s, bytes(d)) for s, d in shared.runs] == [(10, data), (500, data[:4096])]
+    owned = bytearray(buf)
+    copied = record.decode_txn(owned)
+    owned[:] = bytes(len(owned))
+    assert [(s, type(d), d) for s, d in copied.runs] == [
+        (10, bytes, data),
+        (500, bytes, data[:4096]),
+    ]
+
+
 def test_seal_round_trip():
     seal = Seal(10, 42, 123456, bytes(range(16)))
     buf = record.encode_seal(seal, epoch=3, timestamp_ns=99)

@@ -413,3 +413,16 @@ async def test_framed_stream_eof_inside_frame_and_bad_frame():
     await a.send_all(b"GET / HTTP/1.1\r\n\r\n")
     with pytest.raises(ProtocolError, match="bad magic"):
         await FramedStream(b).receive()
+
+
+def test_a_large_txn_record_is_decoded_as_a_view_of_the_frame_and_a_small_one_as_bytes():
+    """The REST field of a large TXN is a view of the payload (immutable bytes), not one
+    more copy of megabytes; small fields stay bytes. Both decode to what was sent."""
+    from mirrorfs.repl.payload import REST_VIEW_MIN
+
+    big = os.urandom(REST_VIEW_MIN + 100)
+    small = os.urandom(100)
+    got = wire.decode_frames(wire.Txn(1, big).encode() + wire.Txn(2, small).encode())
+    assert isinstance(got[0].record, memoryview) and isinstance(got[0].record.obj, bytes)
+    assert type(got[1].record) is bytes
+    assert (bytes(got[0].record), got[1].record) == (big, small)
