@@ -141,6 +141,18 @@ async def test_adapter_read_only():
     assert not [c for c in fs.calls if c[0] == "mkdir"]
 
 
+async def test_adapter_flush_is_refused_once_without_writeback_and_answered_with_it():
+    """FLUSH has nothing to do: without the writeback cache it answers ENOSYS, which makes
+    the kernel stop sending it (one request less per close); with the cache it is answered,
+    so that close(2) writes dirty pages back and reports their errors on any kernel."""
+    ops, fs, _ = make_ops()
+    fi = await ops.open(5, os.O_RDONLY, CTX)
+    assert await fuse_errno(ops.flush(fi.fh)) == errno.ENOSYS
+    wb, _, _ = make_ops(writeback_cache=True)
+    fi = await wb.open(5, os.O_WRONLY, CTX)
+    assert await wb.flush(fi.fh) is None
+
+
 async def test_adapter_efbig_before_the_filesystem():
     ops, fs, vol = make_ops()
     attr = pyfuse3.EntryAttributes()
